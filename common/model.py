@@ -1,0 +1,453 @@
+"""One tensor-parallel decoder for LLaMA-1/2/3, Mistral, Qwen2 and Mixtral, on fairscale layers.
+
+Native layout: Meta parameter names and interleaved (complex) RoPE, as the Meta reference `model.py`.
+Hugging Face checkpoints are renamed and q/k-permuted into it by `common.checkpoint`.
+
+Per layer: x (replicated) -> wq/wk/wv give this rank's heads -> attention -> wo all-reduce ->
+w1/w3 this rank's FFN slice -> w2 all-reduce. Norms, residuals and the router are replicated.
+LoRA adapters (fp32, B = 0 at init) sit beside every projection and the output head, laid out so
+each TP shard merges on its own as W_shard + s * B_shard @ A_shard.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    vocab_size: int = 32000
+    n_kv_heads: Optional[int] = None  # None: multi-head attention
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    hidden_dim: Optional[int] = None  # FFN width; None: Meta's rule from multiple_of / ffn_dim_multiplier
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # LLaMA-3.1 "llama3" frequency rescaling
+    qkv_bias: bool = False  # Qwen2
+    sliding_window: Optional[int] = None  # Mistral
+    n_experts: int = 0  # Mixtral: > 0 makes every FFN a top-k mixture of experts
+    n_experts_per_tok: int = 2
+    tie_word_embeddings: bool = False  # recorded for export; `output` holds its own copy
+    # runtime, not part of a checkpoint
+    max_seq_len: int = field(default=2048, metadata={"runtime": True})
+    max_batch_size: int = field(default=32, metadata={"runtime": True})
+    lora_rank: int = field(default=-1, metadata={"runtime": True})
+    lora_alpha: Optional[float] = field(default=None, metadata={"runtime": True})  # None: scale 1 (the original)
+    lora_init: str = field(default="xavier_normal", metadata={"runtime": True})  # or "kaiming_uniform"
+    lora_dtype: str = field(default="float32", metadata={"runtime": True})
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            hidden = int((self.ffn_dim_multiplier or 1.0) * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    def checkpoint_dict(self) -> dict:
+        """What params.json holds: the architecture, without runtime fields."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
+
+    @classmethod
+    def from_params_json(cls, path: str, **runtime) -> "ModelArgs":
+        try:
+            with open(path) as f:
+                params = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} not found: a checkpoint folder needs params.json (write one with "
+                                    "`python -m common.checkpoint_split`, or pass --model_type)") from None
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+        if missing:
+            raise ValueError(f"{path} is missing the field(s) {missing}; add them (Meta params.json names: dim, "
+                             "n_layers, n_heads, n_kv_heads, vocab_size, norm_eps, ...)")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in known}, **runtime)
+
+    @classmethod
+    def from_hf_config(cls, config: dict, path: str = "config.json", **runtime) -> "ModelArgs":
+        """Map a Hugging Face config.json (llama, mistral, qwen2, mixtral) to our fields."""
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise ValueError(f"{path} is missing the field(s) {missing} that a llama/mistral/qwen2/mixtral config has")
+        model_type = config.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2", "mixtral"):
+            raise ValueError(f"{path}: model_type {model_type!r} is not supported (llama, mistral, qwen2, mixtral)")
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})  # transformers 5 / 4 names
+        theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{path}: rope type {rope_type!r} is not supported (default, llama3)")
+        window = config.get("sliding_window")
+        if model_type == "qwen2" and not config.get("use_sliding_window", False):
+            window = None
+        return cls(
+            dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+            n_kv_heads=config.get("num_key_value_heads"), head_dim=config.get("head_dim"),
+            vocab_size=config["vocab_size"], hidden_dim=config["intermediate_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            qkv_bias=model_type == "qwen2", sliding_window=window,
+            n_experts=config.get("num_local_experts", 0) if model_type == "mixtral" else 0,
+            n_experts_per_tok=config.get("num_experts_per_tok", 2),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), **runtime)
+
+
+# The seed's model types (values from each family's released params.json / config.json), plus tiny ones.
+MODEL_TYPES = {
+    "llama-1-7b": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-6),
+    "llama-1-13b": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-6),
+    "llama-1-33b": dict(dim=6656, n_layers=60, n_heads=52, norm_eps=1e-6),  # 52 heads: tp in {1, 2, 4}
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-5),
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-5),
+    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                       rope_theta=500000.0),
+    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                         rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                         high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, sliding_window=4096),
+    "mistral-7b-instruct-v0.2": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                                     rope_theta=1e6),
+    "mixtral-8x7b-instruct-v0.1": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                                       rope_theta=1e6, n_experts=8, n_experts_per_tok=2),
+    "qwen-7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=151936, norm_eps=1e-6,
+                    rope_theta=1e6, qkv_bias=True),
+    "qwen-14b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13696, vocab_size=152064, norm_eps=1e-6,
+                     rope_theta=1e6, qkv_bias=True),
+    "qwen-72b": dict(dim=8192, n_layers=80, n_heads=64, hidden_dim=24576, vocab_size=152064, norm_eps=1e-6,
+                     rope_theta=1e6, qkv_bias=True),
+    # tests and demos
+    "tiny-llama": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=512),
+    "tiny-mistral": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=512, sliding_window=8),
+    "tiny-qwen": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=512, qkv_bias=True),
+    "tiny-mixtral": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=512, n_experts=4),
+}
+for _name in ("qwen-7b", "qwen-14b", "qwen-72b"):
+    MODEL_TYPES[_name + "-chat"] = MODEL_TYPES[_name]
+
+
+def model_args(model_type: str, **runtime) -> ModelArgs:
+    """Registry lookup; a `lora-` prefix names the same architecture trained with LoRA."""
+    base = model_type[len("lora-"):] if model_type.startswith("lora-") else model_type
+    if base not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(MODEL_TYPES)} (optionally 'lora-' prefixed)")
+    if model_type.startswith("lora-") and runtime.get("lora_rank", -1) <= 0:
+        raise ValueError(f"model_type {model_type!r} needs --lora_rank > 0")
+    return ModelArgs(**MODEL_TYPES[base], **runtime)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling:  # LLaMA-3.1: long wavelengths divided by `factor`, a smooth ramp in between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / freqs
+        smooth = (old_len / wavelen - low) / (high - low)
+        ramp = (1 - smooth) * freqs / factor + smooth * freqs
+        freqs = torch.where(wavelen > old_len / low, freqs / factor, freqs)
+        middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        freqs = torch.where(middle, ramp, freqs)
+    return freqs
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
+    freqs = rope_frequencies(head_dim, theta, scaling)
+    t = torch.arange(end, dtype=torch.float32)
+    return torch.polar(torch.ones(end, head_dim // 2), torch.outer(t, freqs))  # complex64 [end, head_dim/2]
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, hd]; adjacent dims (2i, 2i+1) form one complex number (Meta convention)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
+
+
+def attention_mask(seq_len: int, start_pos: int, sliding_window: Optional[int], device) -> torch.Tensor:
+    """Bool [S, start_pos+S]: query i (absolute start_pos+i) sees key j iff j <= i and j > i - window."""
+    q = torch.arange(start_pos, start_pos + seq_len, device=device)[:, None]
+    k = torch.arange(start_pos + seq_len, device=device)[None, :]
+    allowed = k <= q
+    if sliding_window:  # transformers: W keys including the query's own
+        allowed &= k > q - sliding_window
+    return allowed
+
+
+# ---- LoRA: y = W x + s * B(A(x)), adapters in fp32 (lora_dtype); names lora_a_<target>, lora_b_<target> ----
+
+def _lora_init(weight: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "xavier_normal":  # the paper-era original
+        return nn.init.xavier_normal_(weight)
+    if how == "kaiming_uniform":  # nn.Linear's default, used by the later framework
+        return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    raise ValueError(f"lora_init must be 'xavier_normal' or 'kaiming_uniform', got {how!r}")
+
+
+def add_lora(module: nn.Module, target: str, in_features: int, out_features: int, kind: str, args: ModelArgs):
+    """Attach the A/B pair for `module.<target>`; `kind` is the base layer's parallel style.
+
+    column (and the gathered output head): A replicated, B column-parallel -> B's shard pairs with W's rows.
+    row: A row-parallel on the local input slice (its output all-reduced), B replicated.
+    """
+    r, dtype = args.lora_rank, getattr(torch, args.lora_dtype)
+    init_a = lambda w: _lora_init(w, args.lora_init)  # noqa: E731 (fairscale inits the full matrix, keeps a slice)
+    if kind == "row":
+        a = RowParallelLinear(in_features, r, bias=False, input_is_parallel=True, init_method=init_a)
+        b = nn.Linear(r, out_features, bias=False)
+    else:
+        a = nn.Linear(in_features, r, bias=False)
+        init_a(a.weight.data)
+        b = ColumnParallelLinear(r, out_features, bias=False, gather_output=False, init_method=nn.init.zeros_)
+    nn.init.zeros_(b.weight)
+    setattr(module, f"lora_a_{target}", a.to(dtype))
+    setattr(module, f"lora_b_{target}", b.to(dtype))
+
+
+def lora_scale(args: ModelArgs) -> float:
+    return 1.0 if args.lora_alpha is None else args.lora_alpha / args.lora_rank
+
+
+def project(module: nn.Module, target: str, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """module.<target>(x), plus the LoRA update when the module has one."""
+    y = getattr(module, target)(x)
+    a = getattr(module, f"lora_a_{target}", None)
+    if a is not None:
+        b = getattr(module, f"lora_b_{target}")
+        y = y + (scale * b(a(x.to(a.weight.dtype)))).to(y.dtype)
+    return y
+
+
+def _identity(w):
+    return w  # base weights come from the checkpoint
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        tp = fs_init.get_model_parallel_world_size()
+        self.args, self.scale = args, lora_scale(args)
+        self.n_local_heads, self.n_local_kv_heads = args.n_heads // tp, args.n_kv_heads // tp
+        self.head_dim = args.head_dim
+        q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        col = dict(gather_output=False, init_method=_identity, bias=args.qkv_bias)
+        self.wq = ColumnParallelLinear(args.dim, q_out, **col)
+        self.wk = ColumnParallelLinear(args.dim, kv_out, **col)
+        self.wv = ColumnParallelLinear(args.dim, kv_out, **col)
+        self.wo = RowParallelLinear(q_out, args.dim, bias=False, input_is_parallel=True, init_method=_identity)
+        if args.lora_rank > 0:
+            for t, n_in, n_out in (("wq", args.dim, q_out), ("wk", args.dim, kv_out), ("wv", args.dim, kv_out)):
+                add_lora(self, t, n_in, n_out, "column", args)
+            add_lora(self, "wo", q_out, args.dim, "row", args)
+        self.cache_k = self.cache_v = None  # [max_batch, n_local_kv_heads, max_seq_len, head_dim]
+
+    def forward(self, x, freqs_cis, start_pos: int, use_cache: bool, mask: Optional[torch.Tensor]):
+        B, S, _ = x.shape
+        q = project(self, "wq", x, self.scale).view(B, S, self.n_local_heads, self.head_dim)
+        k = project(self, "wk", x, self.scale).view(B, S, self.n_local_kv_heads, self.head_dim)
+        v = project(self, "wv", x, self.scale).view(B, S, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
+        if use_cache:
+            if self.cache_k is None:
+                shape = (self.args.max_batch_size, self.n_local_kv_heads, self.args.max_seq_len, self.head_dim)
+                self.cache_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+                self.cache_v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            self.cache_k[:B, :, start_pos:start_pos + S] = k
+            self.cache_v[:B, :, start_pos:start_pos + S] = v
+            k, v = self.cache_k[:B, :, :start_pos + S], self.cache_v[:B, :, :start_pos + S]
+        # GQA: query head h reads KV head h // (n_heads / n_kv_heads); softmax accumulates in fp32
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                                             enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+        return project(self, "wo", out.transpose(1, 2).reshape(B, S, -1), self.scale)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.scale = lora_scale(args)
+        self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_identity)
+        self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_identity)
+        self.w2 = RowParallelLinear(args.hidden_dim, args.dim, bias=False, input_is_parallel=True, init_method=_identity)
+        if args.lora_rank > 0:
+            add_lora(self, "w1", args.dim, args.hidden_dim, "column", args)
+            add_lora(self, "w3", args.dim, args.hidden_dim, "column", args)
+            add_lora(self, "w2", args.hidden_dim, args.dim, "row", args)
+
+    def forward(self, x):
+        h = F.silu(project(self, "w1", x, self.scale)) * project(self, "w3", x, self.scale)
+        return project(self, "w2", h, self.scale)
+
+
+class MoEFeedForward(nn.Module):
+    """Mixtral: a replicated router picks the top-k experts per token; weights = softmax over those k logits."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.n_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(args) for _ in range(args.n_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        router = F.softmax(self.gate(x).float(), dim=-1)  # fp32, as transformers
+        weights, chosen = router.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        # Routing is identical on every TP rank (replicated router and input), so all ranks call the same
+        # experts in the same order and each expert's w2 all-reduce lines up.
+        for e in chosen.unique().tolist():
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
+        return out.view(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, freqs_cis, start_pos, use_cache, mask):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, use_cache, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        tp = fs_init.get_model_parallel_world_size()
+        for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("hidden_dim", args.hidden_dim),
+                        ("vocab_size", args.vocab_size), ("dim", args.dim)):
+            if n % tp:
+                raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {tp}; use a tp_size "
+                                 f"that divides it")
+        self.args = args
+        self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_identity)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, gather_output=False,
+                                           init_method=_identity)
+        if args.lora_rank > 0:
+            add_lora(self, "output", args.dim, args.vocab_size, "column", args)
+        self.scale = lora_scale(args)
+        # a plain attribute, not a buffer: Module.to(float16) would cast the complex table to real
+        self.freqs_cis = precompute_freqs_cis(args.head_dim, 2 * args.max_seq_len, args.rope_theta, args.rope_scaling)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = False,
+                return_hidden: bool = False, gather_logits: bool = True):
+        """tokens [B, S] -> logits [B, S, V] (this rank's vocabulary slice if not gather_logits).
+
+        With use_cache, K/V of these positions are written at [start_pos, start_pos + S) and attention reads
+        the cache up to start_pos + S. return_hidden adds the transformers-convention hidden states:
+        the embedding output, each layer's output, the last one replaced by the final-normed output.
+        """
+        B, S = tokens.shape
+        if use_cache and (B > self.args.max_batch_size or start_pos + S > self.args.max_seq_len):
+            raise ValueError(f"batch {B} x positions {start_pos + S} exceed the cache "
+                             f"({self.args.max_batch_size} x {self.args.max_seq_len}); raise max_batch_size / max_seq_len")
+        h = self.tok_embeddings(tokens)
+        if self.freqs_cis.device != tokens.device:
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
+        freqs_cis = self.freqs_cis[start_pos:start_pos + S]
+        window = self.args.sliding_window
+        needs_mask = (start_pos > 0 and S > 1) or (window is not None and start_pos + S > window)
+        mask = attention_mask(S, start_pos, window, tokens.device) if needs_mask else None
+        hidden = [h]
+        for layer in self.layers:
+            h = layer(h, freqs_cis, start_pos, use_cache, mask)
+            hidden.append(h)
+        h = self.norm(h)
+        logits = project(self, "output", h, self.scale)
+        if gather_logits:
+            logits = gather_from_model_parallel_region(logits)
+        if return_hidden:
+            hidden[-1] = h
+            return logits, hidden
+        return logits
+
+    def flush_cache(self):
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+
+
+def load_model(ckpt_dir: str, model_type: Optional[str] = None, lora_rank: int = -1, dtype=None,
+               max_seq_len: int = 2048, max_batch_size: int = 32, lora_alpha: Optional[float] = None,
+               lora_init: str = "xavier_normal", device=None) -> Transformer:
+    """Build the model for this rank's TP slot and load its shard `consolidated.{tp_rank:02d}.pth`.
+
+    The architecture comes from `ckpt_dir/params.json` when `model_type` is None, else from the registry.
+    LoRA adapters (lora_rank > 0) are freshly initialised and the only trainable parameters.
+    """
+    from common.checkpoint import load_shard  # checkpoint imports ModelArgs from here
+    from common.parallel import to_dtype
+    runtime = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, lora_rank=lora_rank,
+                   lora_alpha=lora_alpha, lora_init=lora_init)
+    if model_type is None:
+        args = ModelArgs.from_params_json(os.path.join(ckpt_dir, "params.json"), **runtime)
+    else:
+        args = model_args(model_type, **runtime)
+    state = load_shard(ckpt_dir, fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size())
+    if args.vocab_size <= 0:  # Meta's llama-1/2 params.json leaves it to the tokenizer (-1)
+        args.vocab_size = state["tok_embeddings.weight"].shape[0]
+    dtype = to_dtype(dtype) if dtype is not None else torch.get_default_dtype()
+    device = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    with torch.device(device):
+        model = Transformer(args)
+    model.to(dtype)
+    for name, module in model.named_modules():  # adapters stay fp32 (lora_dtype) under an fp16/bf16 base
+        if name.rsplit(".", 1)[-1].startswith("lora_"):
+            module.to(getattr(torch, args.lora_dtype))
+    load_state(model, state, os.path.join(ckpt_dir, f"consolidated.{fs_init.get_model_parallel_rank():02d}.pth"))
+    if args.lora_rank > 0:
+        mark_only_lora_trainable(model)
+    return model
+
+
+def load_state(model: Transformer, state: dict, source: str) -> None:
+    """Strict load of base weights (LoRA adapters may be absent); errors list what is wrong."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and "lora_" not in k]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+                         f"shape mismatches {wrong[:8]}. Check params.json / --model_type and that the shards were "
+                         f"split for this tensor-parallel size")
+    model.load_state_dict(state, strict=False)
