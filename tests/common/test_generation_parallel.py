@@ -1,0 +1,35 @@
+"""common.generation over our model split across 2 tensor-parallel processes (gloo)."""
+import torch
+
+from common.generation import generate
+from common.parallel import setup
+from tests.common.hf_oracle import ours_from_hf, tiny_hf_model
+from tests.common.test_generation import an_eos_that_stops_some_rows, hf_greedy, random_prompts
+from tests.distributed import run_distributed
+
+
+def _tp2_generate(prompts, eos):
+    setup(tp_size=2)
+    model = ours_from_hf(tiny_hf_model("llama"), max_seq_len=64, max_batch_size=8)
+    sampled = generate(model, prompts, 12, temperature=1.0, top_p=0.9, seed=7, return_logprobs=True)
+    return {
+        "greedy": list(generate(model, prompts, 16, eos_id=eos)),
+        "sampled": list(sampled),
+        "logprobs": sampled.logprobs,
+        "default_generator": list(generate(model, prompts, 12, temperature=1.0)),  # seeded from the global RNG
+    }
+
+
+def test_tp2_greedy_equals_transformers_and_sampling_is_identical_across_ranks():
+    hf = tiny_hf_model("llama")
+    prompts = random_prompts(vocab=hf.config.vocab_size)
+    eos = an_eos_that_stops_some_rows(hf, prompts, 16)
+    ranks = run_distributed(_tp2_generate, 2, prompts, eos)
+    reference = hf_greedy(hf, prompts, 16, eos)
+    for rank in ranks:
+        assert rank["greedy"] == reference
+    assert ranks[0]["sampled"] == ranks[1]["sampled"]
+    assert ranks[0]["logprobs"] == ranks[1]["logprobs"]
+    assert ranks[0]["default_generator"] == ranks[1]["default_generator"]
+    # the same seed through the transformers model (same weights, its own cache) draws the same tokens
+    assert ranks[0]["sampled"] == generate(hf, prompts, 12, temperature=1.0, top_p=0.9, seed=7)
