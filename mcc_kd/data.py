@@ -1,0 +1,207 @@
+"""MCC-KD task files: loading with validation, and the prompt / target / label convention (mcc_kd.md §2-3).
+
+Files (JSON lists, `data/<TASK>/`):
+    eval (dev/test)   {instruction, output: str, label: str}            load_task_file(path)
+    SFT train         {instruction, output: [str, ...] | str, label}     load_task_file(path, train=True)
+    MCC train         the above + indices: [[start, end], ...]           load_task_file(path, multi_cot=True,
+                                                                                        tokenizer=tok)
+Malformed data raises DataError naming the file, the item (0-based index) and the field.
+
+Token convention (no template, §2.2 / §3.1):
+    prompt   = encode(instruction, bos=True, eos=False)          # [BOS] + instruction (ends with "\n")
+    target   = encode(rationale, bos=False, eos=True)            # rationale + EOS
+    tokens   = prompt + target                                   # L_i + L_o tokens
+    labels[t]= tokens[t + 1] for t in [L_i - 1, L_i - 1 + L_o), IGNORE_INDEX (-100) elsewhere
+             -> labels are aligned with the logits: CE(logits[:, t], labels[:, t]), no further shift.
+    indices  = [start, end) logit positions predicting the answer tokens, absolute in `tokens`,
+               inside [L_i - 1, L_i - 1 + L_o - 1) (never the EOS prediction); all spans of an item have
+               equal length, so any pair (i, j) can be compared position by position.
+
+    ex = encode_example(tok, instruction, rationale, max_seq_len)   # Example(tokens, labels, prompt_len)
+    tokens, labels = collate([ex, ...], pad_id=tok.pad_id)          # right-padded LongTensors [B, S]
+"""
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+REQUIRED_FIELDS = ("instruction", "output", "label")
+
+
+class DataError(ValueError):
+    pass
+
+
+def _error(path, msg, item=None, field=None):
+    where = str(path)
+    if item is not None:
+        where += f": item {item}"
+    if field is not None:
+        where += f": field '{field}'"
+    return DataError(f"{where}: {msg}")
+
+
+def rationales(item) -> list[str]:
+    """The item's rationales as a list (`output` may be one string)."""
+    return [item["output"]] if isinstance(item["output"], str) else list(item["output"])
+
+
+def prompt_ids(tokenizer, instruction: str) -> list[int]:
+    return tokenizer.encode(instruction, bos=True, eos=False)
+
+
+def target_ids(tokenizer, rationale: str) -> list[int]:
+    return tokenizer.encode(rationale, bos=False, eos=True)
+
+
+@dataclass
+class Example:
+    tokens: list[int]
+    labels: list[int]  # aligned with logits: labels[t] is the token that logits[t] must predict
+    prompt_len: int  # L_i (after truncation)
+
+
+def encode_example(tokenizer, instruction: str, output: str, max_seq_len: int) -> Example:
+    """[BOS] + instruction + output + EOS with labels on the output and EOS only (§3.1).
+
+    Truncation as the original: an instruction longer than max_seq_len is cut (with a warning); then the
+    excess is dropped from the end of the output (the EOS may be cut)."""
+    prompt = prompt_ids(tokenizer, instruction)
+    if len(prompt) > max_seq_len:
+        warnings.warn(f"instruction of {len(prompt)} tokens cut to max_seq_len={max_seq_len}")
+        prompt = prompt[:max_seq_len]
+    target = target_ids(tokenizer, output)[: max_seq_len - len(prompt)]
+    tokens = prompt + target
+    labels = [IGNORE_INDEX] * len(tokens)
+    labels[len(prompt) - 1: len(prompt) - 1 + len(target)] = target
+    return Example(tokens, labels, len(prompt))
+
+
+def collate(examples, pad_id: int, pad_to: int = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row (or `pad_to`): tokens with pad_id, labels with IGNORE_INDEX."""
+    width = max(len(e.tokens) for e in examples) if pad_to is None else pad_to
+    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for b, e in enumerate(examples):
+        tokens[b, : len(e.tokens)] = torch.tensor(e.tokens, dtype=torch.long)
+        labels[b, : len(e.labels)] = torch.tensor(e.labels, dtype=torch.long)
+    return tokens, labels
+
+
+def span_bounds(tokenizer, instruction: str, rationale: str) -> tuple[int, int]:
+    """(lowest start, highest end) an answer span may have: the logit positions that predict rationale tokens."""
+    n_prompt = len(prompt_ids(tokenizer, instruction))
+    n_target = len(target_ids(tokenizer, rationale))
+    return n_prompt - 1, n_prompt - 1 + n_target - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def sidecar_path(path) -> Path:
+    """`train-multi-cots.json` -> `train-multi-cots.meta.json` (tokenizer fingerprint and filter report)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".meta.json")
+
+
+def load_task_file(path, multi_cot: bool = False, train: bool = False, tokenizer=None) -> list[dict]:
+    """Read and validate a task file; returns the list of items.
+
+    multi_cot: an MCC training file (>= 2 rationales and `indices` per item); train: an SFT training file
+    (>= 1 non-empty rationale per item). With `tokenizer` (and multi_cot), the spans are range-checked
+    against the tokenised sequence and the sidecar's tokenizer fingerprint, if any, must match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such task file")
+    try:
+        with open(path) as f:
+            items = json.load(f)
+    except json.JSONDecodeError as e:
+        raise _error(path, f"not valid JSON ({e})") from None
+    if not isinstance(items, list):
+        raise _error(path, f"expected a JSON list of items, got {type(items).__name__}")
+    if not items:
+        raise _error(path, "no items")
+    if multi_cot and tokenizer is not None:
+        check_tokenizer_fingerprint(path, tokenizer)
+    for i, item in enumerate(items):
+        validate_item(item, path, i, multi_cot=multi_cot, train=train, tokenizer=tokenizer)
+    return items
+
+
+def validate_item(item, path, i: int, multi_cot: bool = False, train: bool = False, tokenizer=None):
+    if not isinstance(item, dict):
+        raise _error(path, f"expected an object, got {type(item).__name__}", i)
+    for field in REQUIRED_FIELDS + (("indices",) if multi_cot else ()):
+        if field not in item:
+            raise _error(path, "missing field", i, field)
+    for field in ("instruction", "label"):
+        if not isinstance(item[field], str):
+            raise _error(path, f"expected a string, got {type(item[field]).__name__}", i, field)
+    output = item["output"]
+    if multi_cot and not isinstance(output, list):
+        raise _error(path, "expected a list of rationales", i, "output")
+    if not isinstance(output, (str, list)) or (isinstance(output, list) and not all(isinstance(r, str) for r in output)):
+        raise _error(path, "expected a string or a list of strings", i, "output")
+    if isinstance(output, list) and not output:
+        raise _error(path, "empty rationale list", i, "output")
+    if (train or multi_cot) and any(not r.strip() for r in rationales(item)):
+        raise _error(path, "empty rationale", i, "output")
+    if multi_cot:
+        if len(output) < 2:
+            raise _error(path, f"MCC needs at least 2 rationales per item, got {len(output)}", i, "output")
+        validate_indices(item, path, i, tokenizer)
+
+
+def validate_indices(item, path, i: int, tokenizer=None):
+    spans = item["indices"]
+    n = len(item["output"])
+    if not isinstance(spans, list) or len(spans) != n:
+        got = len(spans) if isinstance(spans, list) else type(spans).__name__
+        raise _error(path, f"expected one [start, end] span per rationale ({n}), got {got}", i, "indices")
+    for k, span in enumerate(spans):
+        if (not isinstance(span, list) or len(span) != 2 or not all(type(x) is int for x in span)
+                or not 0 <= span[0] < span[1]):
+            raise _error(path, f"span {k} is {span!r}; expected [start, end] with 0 <= start < end", i, "indices")
+    lengths = [end - start for start, end in spans]
+    if len(set(lengths)) > 1:
+        raise _error(path, f"spans of unequal length {lengths} (spans {spans}); a pair must have equal lengths",
+                     i, "indices")
+    if tokenizer is not None:
+        for k, (start, end) in enumerate(spans):
+            lo, hi = span_bounds(tokenizer, item["instruction"], item["output"][k])
+            if start < lo or end > hi:
+                raise _error(path, f"span {k} [{start}, {end}) out of range: the logit positions predicting "
+                                   f"rationale {k}'s tokens are [{lo}, {hi})", i, "indices")
+
+
+def write_sidecar(path, tokenizer, **info):
+    from common.tokenizer import tokenizer_sha256
+
+    meta = {"tokenizer": str(tokenizer.path), "tokenizer_sha256": tokenizer_sha256(tokenizer.path), **info}
+    with open(sidecar_path(path), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+
+
+def check_tokenizer_fingerprint(path, tokenizer):
+    """The indices depend on the tokenizer: refuse a file whose sidecar names another tokenizer.
+    A file without a sidecar (prepared elsewhere) is accepted with a warning; its spans are still range-checked."""
+    from common.tokenizer import tokenizer_sha256
+
+    meta_file = sidecar_path(path)
+    if not meta_file.is_file():
+        warnings.warn(f"{path}: no {meta_file.name}; cannot check that its indices match tokenizer {tokenizer.path}")
+        return
+    with open(meta_file) as f:
+        meta = json.load(f)
+    expected, actual = meta.get("tokenizer_sha256"), tokenizer_sha256(tokenizer.path)
+    if expected != actual:
+        raise _error(path, f"indices were computed with tokenizer {meta.get('tokenizer')} (sha256 {expected}); "
+                           f"this run uses {tokenizer.path} (sha256 {actual}): rerun mcc_kd/prepare_data.py filter",
+                     field="indices")
