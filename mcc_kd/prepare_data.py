@@ -111,7 +111,7 @@ STEPS = ("1. correct answer", "2. Jaccard diversity", "3. answer span found", "4
          "5. span < max_seq_len, >= min", "max_rationales")
 
 
-def filter(task: str, input_file: str, output_file: str, tokenizer_file: str, max_seq_len: int = 512,
+def filter_file(task: str, input_file: str, output_file: str, tokenizer_file: str, max_seq_len: int = 512,
            jaccard_threshold: float = 0.8, max_rationales: int = None, min_rationales: int = 2):
     """Write the MCC training file (`instruction, output, label, indices`) and its sidecar; print the report."""
     check_task(task)
@@ -153,4 +153,4 @@ def build(source: str = "../shared/data", output: str = "data", tasks: str = "GS
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"filter": filter, "build": build})
+    fire.Fire({"filter": filter_file, "build": build})

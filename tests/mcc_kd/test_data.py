@@ -20,7 +20,7 @@ from mcc_kd.prepare_data import (
     answer_indices,
     correct_rationales,
     diverse_rationales,
-    filter as prepare_filter,
+    filter_file,
     jaccard,
     prepare_item,
 )
@@ -173,7 +173,7 @@ def test_max_rationales_keeps_the_first_survivors(sp_tok, standin):
 
 def test_filter_writes_a_loadable_file_and_reports_each_step(sp_tok, tmp_path, capsys):
     out = tmp_path / "train-multi-cots.json"
-    prepare_filter("SVAMP", str(STANDIN), str(out), sp_tok.path)
+    filter_file("SVAMP", str(STANDIN), str(out), sp_tok.path)
     report = capsys.readouterr().out
     for step in ("raw", "1. correct answer", "2. Jaccard diversity", "4. equal span tokens"):
         assert step in report
@@ -262,7 +262,7 @@ def test_indices_out_of_range_are_reported(sp_tok, tmp_path):
 
 def test_indices_from_another_tokenizer_are_refused(sp_tok, standin, tmp_path):
     out = tmp_path / "multi.json"
-    prepare_filter("SVAMP", str(STANDIN), str(out), sp_tok.path)
+    filter_file("SVAMP", str(STANDIN), str(out), sp_tok.path)
     other = load_tokenizer(train_sentencepiece([r for x in standin[:5] for r in x["output"]],
                                                str(tmp_path / "other"), vocab_size=400))
     with pytest.raises(DataError, match=r"multi.json: field 'indices': indices were computed with tokenizer"):
