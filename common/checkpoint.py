@@ -392,3 +392,11 @@ def export_hf(ckpt_dir: str, out_dir: str, lora_scale: float = 1.0) -> str:
     atomic_save(hf, os.path.join(out_dir, "model.safetensors"))
     copy_tokenizer_files(ckpt_dir, out_dir)
     return out_dir
+
+
+def random_checkpoint(args: ModelArgs, seed: int = 0) -> dict:
+    """A randomly initialised state dict in our layout (transformers' init, std 0.02), for tests and demos."""
+    import transformers
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(args))
+    return hf_to_meta(hf.state_dict(), args)

@@ -3,6 +3,7 @@
     python -m common.checkpoint_split --ckpt_file PATH --save_path DIR --n N       # the original's command
     python -m common.checkpoint_split merge_lora --ckpt_dir DIR --save_path OUT [--lora_alpha A --lora_rank R]
     python -m common.checkpoint_split export_hf --ckpt_dir DIR --save_path HF_DIR
+    python -m common.checkpoint_split init --model_type tiny-llama --save_path DIR [--tokenizer T --n N]
 
 PATH: a Hugging Face model folder (config.json + safetensors/bin, tokenizer files), one of our shard
 folders (re-split N -> M; --n 1 merges), one weights file, or several (comma-separated). Under torchrun
@@ -14,6 +15,8 @@ import sys
 import fire
 
 from common import checkpoint as ckpt
+from common.model import model_args
+from common.tokenizer import load_tokenizer
 
 
 def _is_rank0() -> bool:
@@ -56,7 +59,20 @@ def export_hf(ckpt_dir: str, save_path: str, lora_rank: int = None, lora_alpha: 
     print(f"exported to {ckpt.export_hf(ckpt_dir, save_path, lora_scale=scale)}")
 
 
-COMMANDS = {"split": split, "merge_lora": merge_lora, "export_hf": export_hf}
+def init(model_type: str, save_path: str, tokenizer: str = None, n: int = 1, seed: int = 0):
+    """A randomly initialised checkpoint of a registry type (vocabulary sized to `tokenizer` when given)."""
+    if not _is_rank0():
+        return
+    args = model_args(model_type)
+    if tokenizer is not None:
+        args.vocab_size = load_tokenizer(tokenizer).vocab_size
+    state = ckpt.random_checkpoint(args, seed)
+    ckpt.write_checkpoint(ckpt.split_state_dict(state, int(n), args, source=model_type), args, save_path,
+                          tokenizer_from=tokenizer)
+    print(f"wrote a random {model_type} ({sum(t.numel() for t in state.values()):,} parameters) to {save_path}")
+
+
+COMMANDS = {"split": split, "merge_lora": merge_lora, "export_hf": export_hf, "init": init}
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:

@@ -147,8 +147,12 @@ def model_args(model_type: str, **runtime) -> ModelArgs:
     base = model_type[len("lora-"):] if model_type.startswith("lora-") else model_type
     if base not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(MODEL_TYPES)} (optionally 'lora-' prefixed)")
-    if model_type.startswith("lora-") and runtime.get("lora_rank", -1) <= 0:
+    lora = runtime.get("lora_rank", -1) > 0
+    if model_type.startswith("lora-") and not lora:
         raise ValueError(f"model_type {model_type!r} needs --lora_rank > 0")
+    if lora and not model_type.startswith("lora-"):
+        raise ValueError(f"lora_rank={runtime['lora_rank']} with model_type {model_type!r}: use 'lora-{model_type}' "
+                         "for LoRA, or --lora_rank -1 for full fine-tuning")
     return ModelArgs(**MODEL_TYPES[base], **runtime)
 
 
