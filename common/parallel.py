@@ -61,11 +61,12 @@ def setup(tp_size=None, seed=1, dtype="float32") -> Layout:
     Backend: nccl when CUDA is present, gloo otherwise. `tp_size` defaults to the whole world, as the
     original framework; the remaining factor is data parallel.
     """
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python script.py`: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if "RANK" in os.environ:  # torchrun
+            dist.init_process_group(backend)
+        else:  # plain `python script.py`: a world of one, with an in-memory store (no port to race for)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world = dist.get_world_size()
     tp_size = int(tp_size or world)
     if world % tp_size:
