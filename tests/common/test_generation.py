@@ -195,6 +195,39 @@ def test_generation_restores_train_mode():
     assert model.training
 
 
+# ---- command line ----
+
+def test_generate_cli_writes_what_generate_returns_in_input_order(tmp_path):
+    import json
+
+    from common import generate as cli
+    from common.checkpoint_split import split
+    from common.parallel import setup
+    from common.tokenizer import load_tokenizer, train_sentencepiece
+    from tests.common.hf_oracle import ours_from_hf, tiny_hf_model
+    texts = ["Mary has 3 apples.", "Paco buys 15 more pears and 7 plums, so he has", "So", "Allan"]
+    sp = train_sentencepiece(texts * 4, str(tmp_path / "tok"), vocab_size=300)
+    tok = load_tokenizer(sp)
+    hf = tiny_hf_model("llama", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+    hf.save_pretrained(tmp_path / "hf")
+    split(str(tmp_path / "hf"), str(tmp_path / "ckpt"), n=1, tokenizer=sp)
+    items = [{"prompt": t, "id": i} for i, t in enumerate(texts)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    cli.main(str(tmp_path / "ckpt"), sp, str(tmp_path / "p.jsonl"), str(tmp_path / "o.jsonl"), max_new_tokens=6,
+             max_batch_size=3, max_seq_len=64)
+    written = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    setup()
+    expected = generate(ours_from_hf(hf, max_seq_len=64, max_batch_size=4),
+                        [tok.encode(t, bos=True, eos=False) for t in texts], 6, eos_id=tok.eos_id)
+    assert [r["id"] for r in written] == list(range(len(texts)))
+    assert [r["output_ids"] for r in written] == list(expected)
+    assert [r["output"] for r in written] == [tok.decode(ids) for ids in expected]
+
+    (tmp_path / "p.json").write_text(json.dumps(["Mary " * 70]))
+    with pytest.raises(ValueError, match="item 0 has"):
+        cli.main(str(tmp_path / "ckpt"), sp, str(tmp_path / "p.json"), str(tmp_path / "o2.jsonl"), max_seq_len=64)
+
+
 # ---- mixed sampling hooks ----
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
