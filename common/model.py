@@ -184,7 +184,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> to
 def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
     freqs = rope_frequencies(head_dim, theta, scaling)
     t = torch.arange(end, dtype=torch.float32)
-    return torch.polar(torch.ones(end, head_dim // 2), torch.outer(t, freqs))  # complex64 [end, head_dim/2]
+    return torch.polar(torch.ones(end, head_dim // 2, dtype=torch.float32), torch.outer(t, freqs))  # complex64 [end, hd/2]
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:

@@ -141,3 +141,14 @@ def test_lora_weights_are_refused_by_split(tmp_path):
     torch.save({"layers.0.attention.lora_a_wq.weight": torch.zeros(2, 4)}, tmp_path / "consolidated.00.pth")
     with pytest.raises(ValueError, match="merge LoRA first"):
         split(str(tmp_path / "consolidated.00.pth"), str(tmp_path / "out"), n=1)
+
+
+def test_sharded_hf_folder_and_several_files_read_like_one(tmp_path):
+    hf = tiny_hf_model("qwen2")
+    hf.save_pretrained(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    parts = sorted(str(p) for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(parts) > 1
+    whole = ckpt.read_checkpoint(str(tmp_path / "one"))[0]
+    assert same(ckpt.read_checkpoint(str(tmp_path / "sharded"))[0], whole)
+    assert same(ckpt.read_checkpoint(",".join(parts))[0], whole)  # several files, config.json beside them

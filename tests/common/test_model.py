@@ -122,3 +122,15 @@ def test_meta_ffn_width_rule_and_registry():
         model_args("lora-llama-1-7b")
     with pytest.raises(ValueError, match="unknown model_type"):
         model_args("llama-9-1b")
+
+
+def test_bfloat16_model_with_fp32_adapters_tracks_float32(checkpoints):
+    setup()
+    _, root = checkpoints["llama"]
+    tokens = batch()
+    reference = load_model(str(root / "tp1"), max_seq_len=32, max_batch_size=4)(tokens)
+    low = load_model(str(root / "tp1"), dtype="bfloat16", lora_rank=4, max_seq_len=32, max_batch_size=4)
+    assert low.tok_embeddings.weight.dtype == torch.bfloat16 and low.lora_a_output.weight.dtype == torch.float32
+    logits = low(tokens)
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.checkpoint import read_tensors
-from common.checkpoint_split import init
+from common.checkpoint import merge_state_dicts, read_tensors
+from common.checkpoint_split import init, split
 from common.model import load_model
 from common.parallel import layout, setup
 from common.tokenizer import load_tokenizer, train_sentencepiece
@@ -175,3 +175,41 @@ def test_killed_training_resumes_to_the_same_final_weights(tiny, tmp_path):
     assert s1["step"] == s2["step"] and s1["history"] == s2["history"]
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert any(w1[k].abs().sum() > 0 for k in w1 if "lora_b_" in k)  # it trained
+
+
+def train_kwargs(tiny, train_file, save_dir, **kw):
+    kw.setdefault("ckpt_dir", str(tiny / "ckpt"))
+    return dict(task="SVAMP", save_dir=str(save_dir), log_dir=str(save_dir / "log"),
+                train_file=str(train_file), dev_file=str(tiny / "dev.json"), label_file=str(tiny / "dev.json"),
+                model_type="lora-tiny-llama", lora_rank=4, lr=3e-3, epochs=1, max_seq_len=96, eval_batch_size=3,
+                **kw)
+
+
+def _train_worker(kwargs):
+    from mcc_kd.train_mcc import main
+    main(**kwargs)
+    return {}
+
+
+def test_tp2_and_dp2_training_equal_one_process(tiny, tmp_path):
+    """The same global batch per step, whatever the layout: TP 2 (one DP group) and DP 2 (micro-batches of one
+    question on each rank, normalised over both) end with the weights of one process doing it all."""
+    items = json.load(open(tiny / "mcc.json"))[:8]  # even, so DP shards need no padding
+    train_file = tmp_path / "mcc8.json"
+    json.dump(items, open(train_file, "w"))
+    (tmp_path / "mcc8.meta.json").write_text((tiny / "mcc.meta.json").read_text())
+    _train_worker(train_kwargs(tiny, train_file, tmp_path / "one", max_batch_size=1, accumulation_steps=2))
+    split(str(tiny / "ckpt"), str(tmp_path / "ckpt-tp2"), n=2)
+    run_distributed(_train_worker, 2, train_kwargs(tiny, train_file, tmp_path / "tp2", tp_size=2, max_batch_size=1,
+                                                   accumulation_steps=2, ckpt_dir=str(tmp_path / "ckpt-tp2")))
+    run_distributed(_train_worker, 2, train_kwargs(tiny, train_file, tmp_path / "dp2", tp_size=1,
+                                                   max_batch_size=1, accumulation_steps=1))
+    _, one = final_checkpoint(tmp_path / "one")
+    folders = sorted((tmp_path / "tp2" / "checkpoints").glob("step-*"))
+    tp2 = merge_state_dicts([read_tensors(str(folders[-1] / f"consolidated.0{r}.pth")) for r in range(2)])
+    _, dp2 = final_checkpoint(tmp_path / "dp2")
+    assert any(one[k].abs().sum() > 0 for k in one if "lora_b_" in k)
+    for other in (tp2, dp2):
+        assert other.keys() == one.keys()
+        for k in one:
+            torch.testing.assert_close(other[k], one[k], atol=2e-4, rtol=1e-3, msg=k)
