@@ -220,35 +220,34 @@ def hf_to_meta(state: dict, args: ModelArgs) -> dict:
     return out
 
 
+META_TO_HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                    "ffn_norm": "post_attention_layernorm"}
+META_TO_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}
+
+
 def meta_to_hf(state: dict, args: ModelArgs) -> dict:
     """Inverse of hf_to_meta, in the names `save_pretrained` writes (per-expert Mixtral names)."""
     out = {}
     for name, t in state.items():
         moe = re.fullmatch(r"layers\.(\d+)\.feed_forward\.(gate\.weight|experts\.\d+\.w[123]\.weight)", name)
+        layer = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", name)
         if moe:
             out[f"model.layers.{moe.group(1)}.block_sparse_moe.{moe.group(2)}"] = t
-            continue
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-        layer_names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                       "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                       "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-                       "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-                       "ffn_norm": "post_attention_layernorm"}
-        if m:
-            module, param = m.group(2).rsplit(".", 1)
-            if module not in layer_names:
-                raise ValueError(f"cannot export parameter {name!r} (merge LoRA first)")
+        elif layer and layer.group(2) in META_TO_HF_LAYER:
+            i, module, param = layer.groups()
             if module == "attention.wq":
                 t = permute_meta_to_hf(t, args.n_heads, args.head_dim)
             elif module == "attention.wk":
                 t = permute_meta_to_hf(t, args.n_kv_heads, args.head_dim)
-            out[f"model.layers.{m.group(1)}.{layer_names[module]}.{param}"] = t.contiguous()
+            out[f"model.layers.{i}.{META_TO_HF_LAYER[module]}.{param}"] = t.contiguous()
+        elif name in META_TO_HF_TOP:
+            out[META_TO_HF_TOP[name]] = t
         else:
-            top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                   "output.weight": "lm_head.weight"}
-            if name not in top:
-                raise ValueError(f"cannot export parameter {name!r} (merge LoRA first)")
-            out[top[name]] = t
+            raise ValueError(f"cannot export parameter {name!r} (merge LoRA first)")
     return out
 
 
