@@ -15,6 +15,12 @@ Pairwise token divergences
 * Teacher and student vocabularies must match; `vocab_slice=k` compares the first k entries only
   (padding mismatches such as Qwen 151936 vs 152064).
 
+§2 pairwise: forward_kl, reverse_kl, soft_cross_entropy, generalized_jsd, fkl_rkl_mix, symmetric_kl, tvd,
+skew_forward_kl, skew_reverse_kl. §3 with `target_ids` [B, S]: dkd, atkd (and cross_entropy, token_log_probs).
+§4: mcc_span_kl; fdd_loss with distill_layer_indices; velocity_field_loss, contra_loss; minillm_importance_weights,
+minillm_rewards, minillm_advantages, minillm_whiten, minillm_policy_loss (L_reg is reverse_kl); hidden_mse,
+hidden_l2, attention_output_l2.
+
 Gradient accumulation and data parallel (README.md "Reductions"): a training loop passes
 `normalizer = number of counted tokens in the whole optimiser step` (all micro-batches, summed over the DP
 ranks). Then each micro-batch returns `Σ_{its tokens} d_t / N`, and the sum of the micro-batch losses (and of
@@ -26,7 +32,9 @@ Chunking (`chunk_size=k`): the counted rows are processed k at a time. The value
 chunk are computed together during the forward (a custom autograd.Function), so at most k rows of fp32
 vocabulary-sized intermediates exist at any time, forward and backward; the only full-size tensor is the
 gradient of the logits themselves, in their own dtype. The backward scales that buffer in place, so a
-chunked loss supports one backward (a second raises). Values and gradients equal the unchunked path.
+chunked loss supports one backward (a second raises), and computes gradients whenever grad mode is on and
+the logits require grad: evaluate logged-only losses under torch.no_grad(). Values and gradients equal the
+unchunked path.
 
 Vocab-parallel (`group=<process group>`): the logits are this rank's shard of the vocabulary, as
 fairscale's `ColumnParallelLinear(..., gather_output=False)` returns them for the output head: rank r of the
