@@ -275,6 +275,16 @@ def test_tckd_plus_uncertainty_times_nckd_is_kl_per_token(reverse):
             torch.testing.assert_close(tckd + unc * nckd, kl_t, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tckd_stays_finite_when_fp32_probabilities_saturate(reverse):
+    zs, zt, mask, g = make_inputs(seed=27, dtype=torch.float32)
+    zt = zt.scatter(-1, g[..., None], 200.0)  # p(g) == 1 and 1 - p(g) == 0 in fp32
+    zs = zs.detach().scatter(-1, g[..., None], 150.0).requires_grad_()
+    out = L.dkd(zs, zt, mask, g, reverse=reverse)
+    (grad,) = torch.autograd.grad(out, zs)
+    assert torch.isfinite(out) and torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("name", ["forward_kl", "tvd", "generalized_jsd_0.1", "skew_reverse_kl", "dkd", "atkd"])
 def test_loss_at_temperature_equals_loss_at_one_on_scaled_logits(name):
     zs, zt, mask, g = make_inputs(seed=11)
