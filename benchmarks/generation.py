@@ -5,12 +5,13 @@
 
 Rows: greedy decoding of `new_tokens` tokens after `prompt_len`-token prompts at each batch size
 (ours: right padding and the static cache; transformers: its default dynamic cache), then a batch whose
-prompt lengths are spread evenly over `spread` (ours: the Meta-style loop, forced prompt tokens;
-transformers: left padding + attention mask). Tokens/s counts new tokens, prefill included.
+prompt lengths are spread evenly over `spread` (ours: the Meta-style right-padded loop with forced prompt
+tokens, or left padding once our model takes a key mask; transformers: left padding + attention mask). Tokens/s counts new tokens, prefill included.
 "matmul-only" times just the weight matrix multiplies of the same decode work with the same weights
 (the prefill over every prompt position, then one position per step; the output head only where a
 token is chosen): what this machine needs at the least, so ours / it is our efficiency.
-Each time is the best of `repeats` runs, ours and transformers interleaved (shared machines are noisy).
+Each time is the best of `repeats` runs, ours and transformers interleaved (shared machines are noisy;
+on a CPU shared with other jobs, `--threads 1` avoids OpenMP threads waiting on each other).
 """
 import time
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import hf_to_meta
-from common.generation import generate
+from common.generation import TPDecoder, generate
 from common.model import ModelArgs, Transformer
 from common.parallel import setup, to_dtype
 
@@ -103,8 +104,10 @@ def as_ints(value) -> list:
 
 
 def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_tokens=64, spread="16,128",
-         spread_batch_sizes="16,64", repeats=3, seed=0):
+         spread_batch_sizes="16,64", repeats=3, seed=0, threads=None):
     device, dtype = resolve(device, dtype)
+    if threads:  # CPU: one thread is the stable choice on a machine shared with other jobs
+        torch.set_num_threads(int(threads))
     batch_sizes, spread_batch_sizes = as_ints(batch_sizes), as_ints(spread_batch_sizes)
     lo, hi = as_ints(spread)
     hf, ours = build_models(device, dtype, max_seq_len=max(prompt_len, hi) + new_tokens,
@@ -131,12 +134,14 @@ def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_toke
             t = best_times(fns, repeats, device)
             rows.append((f"prompt {prompt_len}", batch, t))
             print_row(*rows[-1], batch * new_tokens, flush=True)
+        # ours: left padding when our model takes a key mask, else the right-padded Meta loop
+        padding = "left" if TPDecoder(ours).supports_padding_mask else "right"
         for batch in spread_batch_sizes:
             lens = torch.linspace(lo, hi, batch).round().long().tolist()
             prompts = [torch.randint(3, ours.args.vocab_size, (n,), generator=g).tolist() for n in lens]
-            fns = {"ours": lambda: generate(ours, prompts, new_tokens), "hf": hf_generate(prompts)}
+            fns = {"ours": lambda: generate(ours, prompts, new_tokens, padding=padding), "hf": hf_generate(prompts)}
             t = best_times(fns, repeats, device)
-            rows.append((f"prompts {lo}..{hi}", batch, t))
+            rows.append((f"prompts {lo}..{hi} (ours {padding}-padded)", batch, t))
             print_row(*rows[-1], batch * new_tokens, flush=True)
     print()
     print_table(rows, new_tokens)

@@ -85,8 +85,10 @@ def hf_step(model, tokens):
     return loss
 
 
-def main(device=None, dtype=None, batch=8, seq_len=256, repeats=3, seed=0):
+def main(device=None, dtype=None, batch=8, seq_len=256, repeats=3, seed=0, threads=None):
     device, dtype = resolve(device, dtype)
+    if threads:  # CPU: one thread is the stable choice on a machine shared with other jobs
+        torch.set_num_threads(int(threads))
     hf, ours = build_models(device, dtype, max_seq_len=seq_len + 1, max_batch_size=batch, seed=seed)
     hf.train()
     ours.train()

@@ -8,7 +8,9 @@ a real token, so no padding mask is needed. Each row stops at its first EOS / st
 
 A decoder adapter hides the model: `TPDecoder` calls our `Transformer` with its static cache,
 `HFDecoder` drives a transformers causal LM through `past_key_values` (and, for the optional left
-padding, an attention mask and position ids). A second model (`teacher`) runs in lock-step with its
+padding, an attention mask and position ids). With left padding every row starts generating at the
+same column, so nothing is forced; RoPE scores depend only on position differences, so our model
+needs just a key mask for it (positions stay the shared columns). A second model (`teacher`) runs in lock-step with its
 own cache for the two mixed-sampling hooks:
   * MiniLLM teacher-mixed sampling: y ~ (1 - a) q + a p, recording w = q(y) / mix(y) (losses.md §4.4);
   * ATKD `mix_token`: per token, the student (probability `student_token_ratio`) or the teacher emits.
@@ -39,25 +41,37 @@ class Generations(list):
 # ---- decoders: (tokens [B, S] at positions [start_pos, start_pos + S)) -> last-position logits [B, V] ----
 
 class TPDecoder:
-    """Our `common.model.Transformer` with its preallocated cache (right padding only)."""
+    """Our `common.model.Transformer` with its preallocated cache.
 
-    supports_padding_mask = False
+    Right padding always; left padding when the model's forward takes `key_mask` ([B, keys] bool, False
+    on padding columns). `logits_to_keep=1` is passed when the forward takes it (no output head on the
+    prefill positions whose logits are never used).
+    """
 
     def __init__(self, model):
         self.model = model
         self.max_seq_len = model.args.max_seq_len
         self.max_batch_size = model.args.max_batch_size
         self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        self._keep_last = "logits_to_keep" in params
+        self.supports_padding_mask = "key_mask" in params
+        self.mask = None
 
     def begin(self, batch_size: int, attention_mask: Optional[torch.Tensor]) -> None:
-        if attention_mask is not None:
-            raise ValueError("our Transformer has no padding mask: use padding='right'")
+        if attention_mask is not None and not self.supports_padding_mask:
+            raise ValueError("this Transformer takes no padding mask (no `key_mask` argument): use padding='right'")
+        self.mask = attention_mask
         self.model.flush_cache()
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        return self.model(tokens, start_pos=start_pos, use_cache=True)[:, -1]
+        kwargs = dict(logits_to_keep=1) if self._keep_last else {}
+        if self.mask is not None:
+            kwargs["key_mask"] = self.mask[:, :start_pos + tokens.shape[1]]
+        return self.model(tokens, start_pos=start_pos, use_cache=True, **kwargs)[:, -1]
 
     def end(self) -> None:
+        self.mask = None
         self.model.flush_cache()
 
 
@@ -153,7 +167,8 @@ def _pick_teacher_mixed(student, teacher, alpha, temperature, top_p, top_k, gene
 
 def _pick_mix_token(student, teacher, ratio, temperature, top_p, top_k, generator, want_logprobs):
     """ATKD mix_token: per row, the student emits with probability `ratio`, else the teacher."""
-    from_student = torch.rand(student.shape[0], generator=generator, device=generator.device).to(student.device) < ratio
+    draw = torch.rand(student.shape[0], generator=generator, device=generator.device, dtype=torch.float32)
+    from_student = draw.to(student.device) < ratio
     s_tok, s_lp = _pick_one(student, temperature, top_p, top_k, generator, want_logprobs)
     t_tok, t_lp = _pick_one(teacher, temperature, top_p, top_k, generator, want_logprobs)
     lp = torch.where(from_student, s_lp, t_lp) if want_logprobs else None
@@ -183,10 +198,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
     Returns a `Generations` list: per prompt the new ids, ending with the EOS / stop id when one was
     produced. temperature 0 is greedy; otherwise softmax(logits / T) filtered by top_k then top_p, drawn
     with `generator` (or one seeded with `seed`; by default seeded from the global RNG, which
-    `common.parallel.setup` seeds identically on every TP rank). `logits_processor(logits [B, V],
-    tokens [B, cur]) -> logits` runs on each model's logits before sampling. `max_seq_len` caps prompt +
-    new tokens (default: the model's own limit). `padding="left"` (transformers models only) aligns
-    prompt ends, so one prefill covers every prompt.
+    `common.parallel.setup` seeds identically on every TP rank). `logits_processor(logits [B, V] fp32,
+    tokens [B, cur]) -> logits` runs on each model's logits before sampling; `tokens` is the grid so far
+    (prompt and generated tokens; left pads first with padding="left"). `max_seq_len` caps prompt +
+    new tokens (default: the model's own limit). `padding="left"` (models that take a padding mask)
+    aligns prompt ends, so one prefill covers every prompt: much faster than the right-padded loop
+    when prompt lengths spread widely (each forced prompt position costs a full decode step).
 
     With `teacher` (a second model of the same vocabulary, fed the same tokens with its own cache):
     `teacher_mixed_alpha > 0` samples from (1 - a) q + a p and records `weights`; `student_token_ratio`
@@ -226,31 +243,34 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
             raise ValueError(f"{B} prompts exceed the model's max_batch_size={d.max_batch_size}; split the batch "
                              "or build the model with a larger max_batch_size")
         if padding == "left" and not d.supports_padding_mask:
-            raise ValueError("padding='left' needs an attention mask, which our Transformer does not take: "
-                             "use padding='right'")
+            raise ValueError("padding='left' needs a model that takes a padding mask (a transformers model, "
+                             "or our Transformer once its forward takes `key_mask`): use padding='right'")
+    if max_new_tokens is None and limit is None:
+        raise ValueError("give max_new_tokens or max_seq_len: this model declares no length limit")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        return Generations([[] for _ in prompts], [[] for _ in prompts] if return_logprobs else None,
+                           [[] for _ in prompts] if mixed else None, [[] for _ in prompts] if token_mix else None)
     longest = max(lens)
     budget = limit if max_new_tokens is None else longest + max_new_tokens
     total = budget if limit is None else min(limit, budget)
     max_new = total if max_new_tokens is None else max_new_tokens
 
     device = decoders[0].device
-    tokens = torch.full((B, total), pad_id, dtype=torch.long, device=device)
     if padding == "right":
         starts = lens
-        for b, p in enumerate(prompts):
-            tokens[b, :lens[b]] = torch.tensor(p, dtype=torch.long)
+        grid = [list(p) + [pad_id] * (total - len(p)) for p in prompts]
         attention_mask = None
     else:
         starts = [longest] * B
-        attention_mask = torch.ones((B, total), dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            tokens[b, longest - lens[b]:longest] = torch.tensor(p, dtype=torch.long)
-            attention_mask[b, :longest - lens[b]] = False
+        grid = [[pad_id] * (longest - len(p)) + list(p) + [pad_id] * (total - longest) for p in prompts]
+        attention_mask = torch.tensor([[0] * (longest - n) + [1] * (total - longest + n) for n in lens],
+                                      dtype=torch.bool, device=device)
+    tokens = torch.tensor(grid, dtype=torch.long, device=device)
     start = torch.tensor(starts, device=device)
     stops = torch.tensor(sorted({*stop_ids, *([eos_id] if eos_id is not None else [])}) or [-1], device=device)
     want_lp = return_logprobs or mixed
-    logprobs = torch.zeros((B, total), device=device) if want_lp else None
-    weights = torch.ones((B, total), device=device) if mixed else None
+    logprobs = torch.zeros((B, total), dtype=torch.float32, device=device) if want_lp else None  # whatever the
+    weights = torch.ones((B, total), dtype=torch.float32, device=device) if mixed else None  # default dtype
     sources = torch.zeros((B, total), dtype=torch.long, device=device) if token_mix else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     gen = _make_generator(generator, seed, device)
@@ -266,6 +286,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
         for cur in range(min(starts), total):
             # prefill of the shared prefix on the first step, then one position per step
             logits = [d(tokens[:, prev:cur].to(d.device), prev).to(device).float() for d in decoders]
+            if len(logits) == 2 and logits[0].shape[-1] != logits[1].shape[-1]:
+                raise ValueError(f"the student's vocabulary ({logits[0].shape[-1]}) and the teacher's "
+                                 f"({logits[1].shape[-1]}) differ: mixing needs one vocabulary")
             if logits_processor is not None:
                 logits = [logits_processor(lg, tokens[:, :cur]) for lg in logits]
             if mixed:

@@ -9,6 +9,15 @@ V = 97
 PROMPT_LENS = (5, 9, 3, 12)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second OpenMP thread only adds waiting, badly so on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_causal_lm(family: str, seed: int = 0):
     torch.manual_seed(seed)
     if family == "opt":
@@ -98,6 +107,34 @@ def test_tp1_greedy_equals_transformers_generate(family):
     assert any(row[-1] == eos and len(row) < 16 for row in out)
 
 
+def _our_model_takes_a_key_mask() -> bool:
+    import inspect
+
+    from common.model import Transformer
+    return "key_mask" in inspect.signature(Transformer.forward).parameters
+
+
+@pytest.mark.skipif(not _our_model_takes_a_key_mask(), reason="common.model.Transformer.forward has no key_mask yet")
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_tp1_left_padded_greedy_equals_transformers_generate(family):
+    from common.parallel import setup
+    from tests.common.hf_oracle import ours_from_hf, tiny_hf_model
+    setup(tp_size=1)
+    hf = tiny_hf_model(family)
+    ours = ours_from_hf(hf, max_seq_len=64, max_batch_size=8)
+    prompts = random_prompts(vocab=hf.config.vocab_size)
+    eos = an_eos_that_stops_some_rows(hf, prompts, 16)
+    assert generate(ours, prompts, 16, eos_id=eos, padding="left") == hf_greedy(hf, prompts, 16, eos)
+
+
+def test_left_padding_needs_a_model_that_takes_a_mask():
+    class NoMask(FixedDecoder):
+        supports_padding_mask = False
+
+    with pytest.raises(ValueError, match="padding='left' needs"):
+        generate(NoMask(torch.zeros(V)), [[1, 2], [3]], 2, padding="left")
+
+
 # ---- sampling ----
 
 def test_sampling_with_a_fixed_seed_is_reproducible():
@@ -174,6 +211,9 @@ def test_max_new_tokens_and_max_seq_len_cap_each_row():
     assert [len(r) for r in out] == [8, 5]  # 15 + 5 = max_seq_len
     out = generate(decoder, [[1] * 3, [1] * 15], None)
     assert [len(r) for r in out] == [17, 5]
+    assert [len(r) for r in generate(decoder, [[1] * 3, [1] * 6], 8, max_seq_len=10)] == [7, 4]
+    calls = len(decoder.calls)
+    assert generate(decoder, [[1] * 3], 0) == [[]] and len(decoder.calls) == calls  # no model call at all
 
 
 def test_the_loop_exits_once_every_row_has_stopped():
