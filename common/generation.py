@@ -10,16 +10,15 @@ A decoder adapter hides the model: `TPDecoder` calls our `Transformer` with its 
 `HFDecoder` drives a transformers causal LM through `past_key_values` (and, for the optional left
 padding, an attention mask and position ids). With left padding every row starts generating at the
 same column, so nothing is forced; RoPE scores depend only on position differences, so our model
-needs just a key mask for it (positions stay the shared columns). A second model (`teacher`) runs in lock-step with its
-own cache for the two mixed-sampling hooks:
+needs just a key mask for it (positions stay the shared columns). A second model (`teacher`) runs in
+lock-step with its own cache for the two mixed-sampling hooks:
   * MiniLLM teacher-mixed sampling: y ~ (1 - a) q + a p, recording w = q(y) / mix(y) (losses.md §4.4);
   * ATKD `mix_token`: per token, the student (probability `student_token_ratio`) or the teacher emits.
 """
 import inspect
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
