@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import hf_to_meta
-from common.generation import TPDecoder, generate
+from common.generation import generate
 from common.model import ModelArgs, Transformer
 from common.parallel import setup, to_dtype
 
@@ -134,8 +134,7 @@ def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_toke
             t = best_times(fns, repeats, device)
             rows.append((f"prompt {prompt_len}", batch, t))
             print_row(*rows[-1], batch * new_tokens, flush=True)
-        # ours: left padding when our model takes a key mask, else the right-padded Meta loop
-        padding = "left" if TPDecoder(ours).supports_padding_mask else "right"
+        padding = "left"  # one prefill for every prompt, as transformers; right padding forces prompt positions
         for batch in spread_batch_sizes:
             lens = torch.linspace(lo, hi, batch).round().long().tolist()
             prompts = [torch.randint(3, ours.args.vocab_size, (n,), generator=g).tolist() for n in lens]

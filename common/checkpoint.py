@@ -251,7 +251,7 @@ def meta_to_hf(state: dict, args: ModelArgs) -> dict:
     return out
 
 
-def hf_config(args: ModelArgs, max_position_embeddings: int = 4096) -> "transformers.PretrainedConfig":
+def hf_config(args: ModelArgs, max_position_embeddings: int = 4096):
     import transformers
     common = dict(hidden_size=args.dim, intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
                   num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,

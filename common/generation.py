@@ -40,34 +40,23 @@ class Generations(list):
 # ---- decoders: (tokens [B, S] at positions [start_pos, start_pos + S)) -> last-position logits [B, V] ----
 
 class TPDecoder:
-    """Our `common.model.Transformer` with its preallocated cache.
-
-    Right padding always; left padding when the model's forward takes `key_mask` ([B, keys] bool, False
-    on padding columns). `logits_to_keep=1` is passed when the forward takes it (no output head on the
-    prefill positions whose logits are never used).
-    """
+    """Our `common.model.Transformer` with its preallocated cache; left padding through its `key_mask`."""
 
     def __init__(self, model):
         self.model = model
         self.max_seq_len = model.args.max_seq_len
         self.max_batch_size = model.args.max_batch_size
         self.device = next(model.parameters()).device
-        params = inspect.signature(model.forward).parameters
-        self._keep_last = "logits_to_keep" in params
-        self.supports_padding_mask = "key_mask" in params
         self.mask = None
 
     def begin(self, batch_size: int, attention_mask: Optional[torch.Tensor]) -> None:
-        if attention_mask is not None and not self.supports_padding_mask:
-            raise ValueError("this Transformer takes no padding mask (no `key_mask` argument): use padding='right'")
         self.mask = attention_mask
         self.model.flush_cache()
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        kwargs = dict(logits_to_keep=1) if self._keep_last else {}
-        if self.mask is not None:
-            kwargs["key_mask"] = self.mask[:, :start_pos + tokens.shape[1]]
-        return self.model(tokens, start_pos=start_pos, use_cache=True, **kwargs)[:, -1]
+        key_mask = None if self.mask is None else self.mask[:, :start_pos + tokens.shape[1]]
+        # only the last position's logits are used: skip the head on the rest of the prefill
+        return self.model(tokens, start_pos=start_pos, use_cache=True, logits_to_keep=1, key_mask=key_mask)[:, -1]
 
     def end(self) -> None:
         self.mask = None
@@ -80,8 +69,6 @@ class HFDecoder:
     With right padding every position fed is a real token: no mask, positions from the cache. With left
     padding the mask marks real tokens and position ids count them (as `transformers.generate` does).
     """
-
-    supports_padding_mask = True
 
     def __init__(self, model):
         self.model = model
@@ -241,9 +228,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
         if d.max_batch_size is not None and B > d.max_batch_size:
             raise ValueError(f"{B} prompts exceed the model's max_batch_size={d.max_batch_size}; split the batch "
                              "or build the model with a larger max_batch_size")
-        if padding == "left" and not d.supports_padding_mask:
-            raise ValueError("padding='left' needs a model that takes a padding mask (a transformers model, "
-                             "or our Transformer once its forward takes `key_mask`): use padding='right'")
     if max_new_tokens is None and limit is None:
         raise ValueError("give max_new_tokens or max_seq_len: this model declares no length limit")
     if max_new_tokens is not None and max_new_tokens <= 0:

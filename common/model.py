@@ -11,7 +11,7 @@ each TP shard merges on its own as W_shard + s * B_shard @ A_shard.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -278,10 +278,10 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if use_cache:
-            if self.cache_k is None:
+            if self.cache_k is None:  # empty: every position read below was written first
                 shape = (self.args.max_batch_size, self.n_local_kv_heads, self.args.max_seq_len, self.head_dim)
-                self.cache_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-                self.cache_v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+                self.cache_k = torch.empty(shape, dtype=k.dtype, device=k.device)
+                self.cache_v = torch.empty(shape, dtype=v.dtype, device=v.device)
             self.cache_k[:B, :, start_pos:start_pos + S] = k
             self.cache_v[:B, :, start_pos:start_pos + S] = v
             k, v = self.cache_k[:B, :, :start_pos + S], self.cache_v[:B, :, :start_pos + S]
@@ -369,12 +369,16 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(args.head_dim, 2 * args.max_seq_len, args.rope_theta, args.rope_scaling)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = False,
-                return_hidden: bool = False, gather_logits: bool = True):
+                return_hidden: bool = False, gather_logits: bool = True, logits_to_keep: int = 0,
+                key_mask: Optional[torch.Tensor] = None):
         """tokens [B, S] -> logits [B, S, V] (this rank's vocabulary slice if not gather_logits).
 
         With use_cache, K/V of these positions are written at [start_pos, start_pos + S) and attention reads
         the cache up to start_pos + S. return_hidden adds the transformers-convention hidden states:
         the embedding output, each layer's output, the last one replaced by the final-normed output.
+        logits_to_keep=k computes the head for the last k positions only (generation needs one).
+        key_mask [B, start_pos + S] (False on padding) lets left-padded rows ignore their padding; positions
+        stay the shared columns, which RoPE does not mind (scores depend on position differences only).
         """
         B, S = tokens.shape
         if use_cache and (B > self.args.max_batch_size or start_pos + S > self.args.max_seq_len):
@@ -386,13 +390,17 @@ class Transformer(nn.Module):
         freqs_cis = self.freqs_cis[start_pos:start_pos + S]
         window = self.args.sliding_window
         needs_mask = (start_pos > 0 and S > 1) or (window is not None and start_pos + S > window)
-        mask = attention_mask(S, start_pos, window, tokens.device) if needs_mask else None
+        mask = attention_mask(S, start_pos, window, tokens.device) if needs_mask or key_mask is not None else None
+        if key_mask is not None:  # [B, 1, S, L]; a padding query sees itself, so no row is fully masked (NaN)
+            own = torch.arange(start_pos + S, device=tokens.device)[None, :] == \
+                torch.arange(start_pos, start_pos + S, device=tokens.device)[:, None]
+            mask = (mask[None] & (key_mask[:, None, :].bool() | own[None]))[:, None]
         hidden = [h]
         for layer in self.layers:
             h = layer(h, freqs_cis, start_pos, use_cache, mask)
             hidden.append(h)
         h = self.norm(h)
-        logits = project(self, "output", h, self.scale)
+        logits = project(self, "output", h[:, -logits_to_keep:] if logits_to_keep else h, self.scale)
         if gather_logits:
             logits = gather_from_model_parallel_region(logits)
         if return_hidden:

@@ -6,7 +6,6 @@ choices, so data order and sampling are keyed on the DP rank, never the global r
 """
 import os
 import random
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +29,6 @@ class Layout:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def to_dtype(dtype) -> torch.dtype:
@@ -76,12 +69,8 @@ def setup(tp_size=None, seed=1, dtype="float32") -> Layout:
             raise RuntimeError(f"model parallel already initialised with tp_size={fs_init.get_model_parallel_world_size()}, asked for {tp_size}")
     else:
         fs_init.initialize_model_parallel(tp_size)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     set_seed(seed)  # the same seed on every rank: TP shards of LoRA init and sampling agree
     torch.set_default_dtype(to_dtype(dtype))
     return layout()

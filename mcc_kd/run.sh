@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 TASK=${TASK:-SVAMP}
 NPROC=${NPROC:-1}
 if [ -z "${CKPT_DIR:-}" ]; then  # tiny demo
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model gains nothing from a second thread, only waiting
   OUT=${OUT:-runs/mcc_kd-tiny}
   CKPT_DIR=$OUT/ckpt
   MODEL_TYPE=${MODEL_TYPE:-lora-tiny-llama}

@@ -1,16 +1,22 @@
 """Run a function in N real processes (gloo), as torchrun would, and collect what each returns."""
 import os
+import socket
 import tempfile
 
 import torch
 import torch.multiprocessing as mp
 
-from common.parallel import free_port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, out_dir, fn, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result = fn(*args)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

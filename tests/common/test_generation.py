@@ -9,15 +9,6 @@ V = 97
 PROMPT_LENS = (5, 9, 3, 12)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds waiting, badly so on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_causal_lm(family: str, seed: int = 0):
     torch.manual_seed(seed)
     if family == "opt":
@@ -64,7 +55,7 @@ def an_eos_that_stops_some_rows(model, prompts, max_new_tokens):
 class FixedDecoder:
     """A decoder whose next-token logits are fixed; counts its calls."""
 
-    supports_padding_mask, max_batch_size, device = True, None, torch.device("cpu")
+    max_batch_size, device = None, torch.device("cpu")
 
     def __init__(self, logits, max_seq_len=None):
         self.logits, self.max_seq_len, self.calls = logits, max_seq_len, []
@@ -107,14 +98,6 @@ def test_tp1_greedy_equals_transformers_generate(family):
     assert any(row[-1] == eos and len(row) < 16 for row in out)
 
 
-def _our_model_takes_a_key_mask() -> bool:
-    import inspect
-
-    from common.model import Transformer
-    return "key_mask" in inspect.signature(Transformer.forward).parameters
-
-
-@pytest.mark.skipif(not _our_model_takes_a_key_mask(), reason="common.model.Transformer.forward has no key_mask yet")
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_tp1_left_padded_greedy_equals_transformers_generate(family):
     from common.parallel import setup
@@ -125,14 +108,6 @@ def test_tp1_left_padded_greedy_equals_transformers_generate(family):
     prompts = random_prompts(vocab=hf.config.vocab_size)
     eos = an_eos_that_stops_some_rows(hf, prompts, 16)
     assert generate(ours, prompts, 16, eos_id=eos, padding="left") == hf_greedy(hf, prompts, 16, eos)
-
-
-def test_left_padding_needs_a_model_that_takes_a_mask():
-    class NoMask(FixedDecoder):
-        supports_padding_mask = False
-
-    with pytest.raises(ValueError, match="padding='left' needs"):
-        generate(NoMask(torch.zeros(V)), [[1, 2], [3]], 2, padding="left")
 
 
 # ---- sampling ----

@@ -1,5 +1,4 @@
 """common.generation over our model split across 2 tensor-parallel processes (gloo)."""
-import torch
 
 from common.generation import generate
 from common.parallel import setup

@@ -156,7 +156,7 @@ def final_checkpoint(save_dir):
 
 
 def test_killed_training_resumes_to_the_same_final_weights(tiny, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ)
     run(train_command(tiny, tmp_path / "straight"), env)
 
     killed = tmp_path / "killed"
