@@ -111,8 +111,8 @@ def load_latest_checkpoint(save_dir: str, model, optimizer, lay: Layout) -> Opti
         raise ValueError(f"{folder} was saved at tensor-parallel size {state.get('tp_size')}, this run uses "
                          f"{lay.tp_size}: resume with the same layout, or start from a fresh --save_dir")
     load_weights(folder, model, lay)
-    optimizer.load_state_dict(torch.load(os.path.join(folder, f"optimizer.{lay.tp_rank:02d}.pth"),
-                                         map_location="cpu", weights_only=True))
+    optimizer_file = os.path.join(folder, f"optimizer.{lay.tp_rank:02d}.pth")
+    optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     return state
 
