@@ -52,9 +52,10 @@ def hf_without_bos(tmp_path_factory):
     return _hf_folder(tmp_path_factory.mktemp("hf_nobos"), with_bos=False)
 
 
+@pytest.mark.parametrize("kind", ["sp_model", "hf_with_bos"])
 @pytest.mark.parametrize("text", TRICKY)
-def test_sentencepiece_round_trip_any_text(sp_model, text):
-    tok = load_tokenizer(sp_model)
+def test_round_trip_any_text(kind, text, request):
+    tok = load_tokenizer(request.getfixturevalue(kind))
     assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
 
 
@@ -97,12 +98,6 @@ def test_bad_path_names_path_and_expected_files(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_tokenizer(tmp_path / "nowhere")
     assert "nowhere" in str(err.value) and "tokenizer.model" in str(err.value) and "tokenizer.json" in str(err.value)
-
-
-@pytest.mark.parametrize("text", TRICKY)
-def test_hf_round_trip_any_text(hf_with_bos, text):
-    tok = load_tokenizer(hf_with_bos)
-    assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
 
 
 def test_hf_with_bos_adds_bos_and_eos(hf_with_bos):
