@@ -23,6 +23,11 @@ def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def lora_scale(lora_rank, lora_alpha) -> float:
+    """1 (the original) unless an alpha is given, then alpha / rank, as common.model.lora_scale."""
+    return 1.0 if lora_alpha is None else float(lora_alpha) / int(lora_rank)
+
+
 def split(ckpt_file, save_path: str, n: int = 1, tokenizer: str = None):
     """Write `n` tensor-parallel shards of PATH to DIR, with params.json and the tokenizer files."""
     if not _is_rank0():
@@ -43,8 +48,7 @@ def merge_lora(ckpt_dir: str, save_path: str, lora_rank: int = None, lora_alpha:
     """Fold LoRA adapters into the base weights shard by shard (scale 1, or alpha / rank when alpha is given)."""
     if not _is_rank0():
         return
-    scale = 1.0 if lora_alpha is None else float(lora_alpha) / int(lora_rank)
-    shards = [ckpt.merge_lora(ckpt.read_tensors(p), scale) for p in ckpt.shard_paths(ckpt_dir)]
+    shards = [ckpt.merge_lora(ckpt.read_tensors(p), lora_scale(lora_rank, lora_alpha)) for p in ckpt.shard_paths(ckpt_dir)]
     params = os.path.join(ckpt_dir, "params.json")
     args = ckpt.ModelArgs.from_params_json(params) if os.path.exists(params) else None
     ckpt.write_checkpoint(shards, args, save_path, tokenizer_from=ckpt_dir)
@@ -55,8 +59,7 @@ def export_hf(ckpt_dir: str, save_path: str, lora_rank: int = None, lora_alpha: 
     """Write a folder that transformers.AutoModelForCausalLM.from_pretrained loads."""
     if not _is_rank0():
         return
-    scale = 1.0 if lora_alpha is None else float(lora_alpha) / int(lora_rank)
-    print(f"exported to {ckpt.export_hf(ckpt_dir, save_path, lora_scale=scale)}")
+    print(f"exported to {ckpt.export_hf(ckpt_dir, save_path, lora_scale=lora_scale(lora_rank, lora_alpha))}")
 
 
 def init(model_type: str, save_path: str, tokenizer: str = None, n: int = 1, seed: int = 0):
