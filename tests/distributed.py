@@ -4,6 +4,7 @@ import socket
 import tempfile
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -20,6 +21,9 @@ def _worker(rank, world_size, port, out_dir, fn, args):
     torch.set_num_threads(1)
     result = fn(*args)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if dist.is_initialized():  # exiting with live gloo threads can abort ("terminate called without ...")
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_distributed(fn, world_size=2, *args):
