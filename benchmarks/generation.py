@@ -4,7 +4,8 @@
     python -m benchmarks.generation --batch_sizes 1,16 --repeats 1
 
 Rows: greedy decoding of `new_tokens` tokens after `prompt_len`-token prompts at each batch size
-(ours: right padding and the static cache; transformers: its default dynamic cache), then a batch whose
+(ours: right padding and the static cache, eager and with `compile=True`, which replays each decode step
+as a torch.compile graph, CUDA graphs on a GPU; transformers: its default dynamic cache), then a batch whose
 prompt lengths are spread evenly over `spread` (ours: the Meta-style right-padded loop with forced prompt
 tokens, or left padding once our model takes a key mask; transformers: left padding + attention mask). Tokens/s counts new tokens, prefill included.
 "matmul-only" times just the weight matrix multiplies of the same decode work with the same weights
@@ -13,6 +14,7 @@ token is chosen): what this machine needs at the least, so ours / it is our effi
 Each time is the best of `repeats` runs, ours and transformers interleaved (shared machines are noisy;
 on a CPU shared with other jobs, `--threads 1` avoids OpenMP threads waiting on each other).
 """
+import copy
 import time
 
 import fire
@@ -104,7 +106,7 @@ def as_ints(value) -> list:
 
 
 def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_tokens=64, spread="16,128",
-         spread_batch_sizes="16,64", repeats=3, seed=0, threads=None):
+         spread_batch_sizes="16,64", repeats=3, seed=0, threads=None, compile=True):
     device, dtype = resolve(device, dtype)
     if threads:  # CPU: one thread is the stable choice on a machine shared with other jobs
         torch.set_num_threads(int(threads))
@@ -112,6 +114,7 @@ def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_toke
     lo, hi = as_ints(spread)
     hf, ours = build_models(device, dtype, max_seq_len=max(prompt_len, hi) + new_tokens,
                             max_batch_size=max(batch_sizes + spread_batch_sizes))
+    compiled = copy.deepcopy(ours) if compile else None  # its own cache: the compiled step keeps it between calls
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {device}",
           f"dtype {dtype}, {n_params / 1e6:.1f}M parameters, {new_tokens} new tokens, greedy, "
@@ -131,6 +134,8 @@ def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_toke
             prompts = torch.randint(3, ours.args.vocab_size, (batch, prompt_len), generator=g).tolist()
             fns = {"ours": lambda: generate(ours, prompts, new_tokens), "hf": hf_generate(prompts),
                    "matmul": matmul_only(ours, batch, prompt_len, new_tokens, device, dtype)}
+            if compile:
+                fns["compiled"] = lambda: generate(compiled, prompts, new_tokens, compile=True)
             t = best_times(fns, repeats, device)
             rows.append((f"prompt {prompt_len}", batch, t))
             print_row(*rows[-1], batch * new_tokens, flush=True)
@@ -139,6 +144,8 @@ def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_toke
             lens = torch.linspace(lo, hi, batch).round().long().tolist()
             prompts = [torch.randint(3, ours.args.vocab_size, (n,), generator=g).tolist() for n in lens]
             fns = {"ours": lambda: generate(ours, prompts, new_tokens, padding=padding), "hf": hf_generate(prompts)}
+            if compile:
+                fns["compiled"] = lambda: generate(compiled, prompts, new_tokens, padding=padding, compile=True)
             t = best_times(fns, repeats, device)
             rows.append((f"prompts {lo}..{hi} (ours {padding}-padded)", batch, t))
             print_row(*rows[-1], batch * new_tokens, flush=True)
@@ -152,13 +159,15 @@ def print_row(label, batch, t, n_tokens, **kw):
 
 
 def print_table(rows, new_tokens):
-    print("| prompts | batch | ours tok/s | transformers tok/s | ours / transformers | matmul-only tok/s | ours % of matmul-only |")
-    print("|---|---|---|---|---|---|---|")
+    print("| prompts | batch | ours tok/s | ours compiled tok/s | transformers tok/s | best ours / transformers "
+          "| matmul-only tok/s | best ours % of matmul-only |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, batch, t in rows:
         n = batch * new_tokens
-        ours, hf = n / t["ours"], n / t["hf"]
-        mm = f"{n / t['matmul']:.1f} | {100 * t['matmul'] / t['ours']:.0f}%" if "matmul" in t else "- | -"
-        print(f"| {label} | {batch} | {ours:.1f} | {hf:.1f} | {ours / hf:.2f}x | {mm} |")
+        best = min(t["ours"], t.get("compiled", float("inf")))
+        compiled = f"{n / t['compiled']:.1f}" if "compiled" in t else "-"
+        mm = f"{n / t['matmul']:.1f} | {100 * t['matmul'] / best:.0f}%" if "matmul" in t else "- | -"
+        print(f"| {label} | {batch} | {n / t['ours']:.1f} | {compiled} | {n / t['hf']:.1f} | {t['hf'] / best:.2f}x | {mm} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m common.generate --ckpt_dir DIR --tokenizer PATH --prompts_file F.jsonl --out_file O.jsonl \
         [--max_new_tokens 256 --temperature 0 --top_p 1 --top_k 0 --max_batch_size 16 --max_seq_len 1024]
+        [--compile]   # decode steps as a compiled graph (CUDA graphs on a GPU); the first batch compiles
     torchrun --nproc_per_node 4 -m common.generate ... --tp_size 2     # 2 TP groups of 2, prompts split over them
 
 Prompts: JSONL (one item per line) or a JSON list; an item is a string or an object whose `--prompt_key`
@@ -57,7 +58,7 @@ def write_jsonl(records, path: str) -> None:
 def main(ckpt_dir: str, tokenizer: str, prompts_file: str, out_file: str, max_new_tokens: int = 256,
          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, max_batch_size: int = 16,
          max_seq_len: int = 1024, tp_size: int = None, dtype: str = None, model_type: str = None,
-         prompt_key: str = "prompt", bos: bool = True, seed: int = 1):
+         prompt_key: str = "prompt", bos: bool = True, seed: int = 1, compile: bool = False):
     """Generate for every prompt; returns the output records on global rank 0 (None elsewhere)."""
     dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     lay = setup(tp_size=tp_size, seed=seed, dtype=dtype)
@@ -78,7 +79,7 @@ def main(ckpt_dir: str, tokenizer: str, prompts_file: str, out_file: str, max_ne
     mine = {}
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not lay.is_main):
         out = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=temperature, top_p=top_p,
-                       top_k=top_k, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=generator)
+                       top_k=top_k, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=generator, compile=compile)
         mine.update(zip(batch, out))
 
     if lay.world_size > 1:  # one copy per TP group is enough: gather from TP rank 0 of each group

@@ -39,28 +39,61 @@ class Generations(list):
 
 # ---- decoders: (tokens [B, S] at positions [start_pos, start_pos + S)) -> last-position logits [B, V] ----
 
-class TPDecoder:
-    """Our `common.model.Transformer` with its preallocated cache; left padding through its `key_mask`."""
+def _decode_step(model, tokens: torch.Tensor, position: torch.Tensor, key_mask: Optional[torch.Tensor]):
+    return model(tokens, start_pos=position, use_cache=True, logits_to_keep=1, key_mask=key_mask)[:, -1]
 
-    def __init__(self, model):
+
+_compiled_steps = {}  # torch.compile mode -> compiled `_decode_step`; dynamo keeps one graph per model and shape
+
+
+class TPDecoder:
+    """Our `common.model.Transformer` with its preallocated cache; left padding through its `key_mask`.
+
+    compile=True runs each one-position step as a static-shape graph (the model's tensor-position step,
+    which reads the whole cache under a mask): torch.compile, with CUDA graphs on a GPU, which removes the
+    per-kernel launch cost that dominates decoding. The prefill stays eager. The first call compiles
+    (seconds to a minute); the cache is then kept across calls so its address stays fixed for the graphs.
+    """
+
+    def __init__(self, model, compile: bool = False):
         self.model = model
         self.max_seq_len = model.args.max_seq_len
         self.max_batch_size = model.args.max_batch_size
         self.device = next(model.parameters()).device
+        self.compile = compile
         self.mask = None
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            if mode not in _compiled_steps:
+                _compiled_steps[mode] = torch.compile(_decode_step, mode=mode)
+            self.step = _compiled_steps[mode]
+            self.positions = torch.arange(self.max_seq_len, device=self.device)
 
     def begin(self, batch_size: int, attention_mask: Optional[torch.Tensor]) -> None:
         self.mask = attention_mask
-        self.model.flush_cache()
+        if not self.compile:
+            self.model.flush_cache()
+        elif attention_mask is not None:  # the static step reads max_seq_len keys; columns past the grid are future
+            self.mask = torch.ones(batch_size, self.max_seq_len, dtype=torch.bool, device=self.device)
+            self.mask[:, :attention_mask.shape[1]] = attention_mask
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        if self.compile and tokens.shape[1] == 1 and self.model.layers[0].attention.cache_k is not None:
+            torch.compiler.cudagraph_mark_step_begin()  # a new replay; its output buffer is reused by the next
+            return self.step(self.model, tokens, self.positions[start_pos], self.mask).clone()
         key_mask = None if self.mask is None else self.mask[:, :start_pos + tokens.shape[1]]
         # only the last position's logits are used: skip the head on the rest of the prefill
-        return self.model(tokens, start_pos=start_pos, use_cache=True, logits_to_keep=1, key_mask=key_mask)[:, -1]
+        logits = self.model(tokens, start_pos=start_pos, use_cache=True, logits_to_keep=1, key_mask=key_mask)[:, -1]
+        if self.compile:  # CUDA graphs write into a graph input only at a fixed address (re-recorded if it moves)
+            for layer in self.model.layers:
+                torch._dynamo.mark_static_address(layer.attention.cache_k)
+                torch._dynamo.mark_static_address(layer.attention.cache_v)
+        return logits
 
     def end(self) -> None:
         self.mask = None
-        self.model.flush_cache()
+        if not self.compile:
+            self.model.flush_cache()
 
 
 class HFDecoder:
@@ -97,12 +130,15 @@ class HFDecoder:
         self.cache = self.mask = self.positions = None
 
 
-def as_decoder(model):
+def as_decoder(model, compile: bool = False):
     """Wrap a model in its adapter (a decoder passes through)."""
     if hasattr(model, "begin") and hasattr(model, "end") and callable(model):
         return model
     if hasattr(model, "flush_cache") and hasattr(model, "args"):
-        return TPDecoder(model)
+        return TPDecoder(model, compile=compile)
+    if compile:
+        raise ValueError(f"compile=True applies to common.model.Transformer, not {type(model).__name__} (for a "
+                         "transformers model, use its own static cache and torch.compile)")
     if hasattr(model, "config") and hasattr(model, "generation_config"):
         return HFDecoder(model)
     raise TypeError(f"cannot generate with {type(model).__name__}: expected common.model.Transformer, a "
@@ -178,7 +214,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
              generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
              logits_processor: Optional[LogitsProcessor] = None, return_logprobs: bool = False,
              teacher=None, teacher_mixed_alpha: float = 0.0, student_token_ratio: Optional[float] = None,
-             ) -> Generations:
+             compile: bool = False) -> Generations:
     """Generate continuations of `prompts` (token-id lists of any lengths; the caller adds BOS).
 
     Returns a `Generations` list: per prompt the new ids, ending with the EOS / stop id when one was
@@ -194,12 +230,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
     With `teacher` (a second model of the same vocabulary, fed the same tokens with its own cache):
     `teacher_mixed_alpha > 0` samples from (1 - a) q + a p and records `weights`; `student_token_ratio`
     makes each token come from the student with that probability, else the teacher (`sources`).
+
+    `compile=True` (our Transformer only) replays each decode step as a compiled static-shape graph, with
+    CUDA graphs on a GPU; see `TPDecoder`.
     """
     if padding not in ("right", "left"):
         raise ValueError(f"padding must be 'right' or 'left', got {padding!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    decoders = [as_decoder(model)]
+    decoders = [as_decoder(model, compile)]
     mixed = teacher is not None and teacher_mixed_alpha > 0
     token_mix = teacher is not None and student_token_ratio is not None
     if teacher is not None:
@@ -208,7 +247,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
                              "student_token_ratio (ATKD mix_token)")
         if mixed and temperature == 0:
             raise ValueError("teacher-mixed sampling draws from a mixture: use temperature > 0")
-        decoders.append(as_decoder(teacher))
+        decoders.append(as_decoder(teacher, compile and hasattr(teacher, "flush_cache")))
     elif teacher_mixed_alpha > 0 or student_token_ratio is not None:
         raise ValueError("teacher_mixed_alpha / student_token_ratio need a teacher model")
 

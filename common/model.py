@@ -193,10 +193,10 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
 
 
-def attention_mask(seq_len: int, start_pos: int, sliding_window: Optional[int], device) -> torch.Tensor:
-    """Bool [S, start_pos+S]: query i (absolute start_pos+i) sees key j iff j <= i and j > i - window."""
-    q = torch.arange(start_pos, start_pos + seq_len, device=device)[:, None]
-    k = torch.arange(start_pos + seq_len, device=device)[None, :]
+def attention_mask(seq_len: int, start_pos, kv_len: int, sliding_window: Optional[int], device) -> torch.Tensor:
+    """Bool [S, kv_len]: query i (absolute start_pos+i) sees key j iff j <= i and j > i - window."""
+    q = (start_pos + torch.arange(seq_len, device=device))[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
     allowed = k <= q
     if sliding_window:  # transformers: W keys including the query's own
         allowed &= k > q - sliding_window
@@ -237,13 +237,24 @@ def lora_scale(args: ModelArgs) -> float:
     return 1.0 if args.lora_alpha is None else args.lora_alpha / args.lora_rank
 
 
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x). Without autograd a RowParallelLinear runs as matmul + all-reduce directly: fairscale's
+    reduce is an autograd Function calling ctx.mark_dirty, which torch.compile cannot trace."""
+    if torch.is_grad_enabled() or not isinstance(layer, RowParallelLinear):
+        return layer(x)
+    y = F.linear(x, layer.weight)  # input_is_parallel everywhere here: x is this rank's slice
+    if fs_init.get_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(y, group=fs_init.get_model_parallel_group())
+    return y if layer.bias is None else y + layer.bias
+
+
 def project(module: nn.Module, target: str, x: torch.Tensor, scale: float) -> torch.Tensor:
     """module.<target>(x), plus the LoRA update when the module has one."""
-    y = getattr(module, target)(x)
+    y = linear(getattr(module, target), x)
     a = getattr(module, f"lora_a_{target}", None)
     if a is not None:
         b = getattr(module, f"lora_b_{target}")
-        y = y + (scale * b(a(x.to(a.weight.dtype)))).to(y.dtype)
+        y = y + (scale * linear(b, linear(a, x.to(a.weight.dtype)))).to(y.dtype)
     return y
 
 
@@ -270,7 +281,7 @@ class Attention(nn.Module):
             add_lora(self, "wo", q_out, args.dim, "row", args)
         self.cache_k = self.cache_v = None  # [max_batch, n_local_kv_heads, max_seq_len, head_dim]
 
-    def forward(self, x, freqs_cis, start_pos: int, use_cache: bool, mask: Optional[torch.Tensor]):
+    def forward(self, x, freqs_cis, start_pos, use_cache: bool, mask: Optional[torch.Tensor]):
         B, S, _ = x.shape
         q = project(self, "wq", x, self.scale).view(B, S, self.n_local_heads, self.head_dim)
         k = project(self, "wk", x, self.scale).view(B, S, self.n_local_kv_heads, self.head_dim)
@@ -278,13 +289,20 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if use_cache:
-            if self.cache_k is None:  # empty: every position read below was written first
+            if self.cache_k is None:  # zeros: a static step reads unwritten positions (masked, but 0 * NaN = NaN)
                 shape = (self.args.max_batch_size, self.n_local_kv_heads, self.args.max_seq_len, self.head_dim)
-                self.cache_k = torch.empty(shape, dtype=k.dtype, device=k.device)
-                self.cache_v = torch.empty(shape, dtype=v.dtype, device=v.device)
-            self.cache_k[:B, :, start_pos:start_pos + S] = k
-            self.cache_v[:B, :, start_pos:start_pos + S] = v
-            k, v = self.cache_k[:B, :, :start_pos + S], self.cache_v[:B, :, :start_pos + S]
+                self.cache_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+                self.cache_v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            if isinstance(start_pos, torch.Tensor):  # static step: write at a tensor position, read the whole cache
+                at = start_pos + torch.arange(S, device=x.device)
+                self.cache_k[:B].index_copy_(2, at, k)
+                self.cache_v[:B].index_copy_(2, at, v)
+                kv_len = self.args.max_seq_len
+            else:
+                self.cache_k[:B, :, start_pos:start_pos + S] = k
+                self.cache_v[:B, :, start_pos:start_pos + S] = v
+                kv_len = start_pos + S
+            k, v = self.cache_k[:B, :, :kv_len], self.cache_v[:B, :, :kv_len]
         # GQA: query head h reads KV head h // (n_heads / n_kv_heads); softmax accumulates in fp32
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
                                              enable_gqa=self.n_local_heads != self.n_local_kv_heads)
@@ -379,21 +397,30 @@ class Transformer(nn.Module):
         logits_to_keep=k computes the head for the last k positions only (generation needs one).
         key_mask [B, start_pos + S] (False on padding) lets left-padded rows ignore their padding; positions
         stay the shared columns, which RoPE does not mind (scores depend on position differences only).
+
+        Static shapes (what torch.compile and CUDA graphs replay): with `start_pos` a 0-d long tensor
+        (use_cache only) attention reads the whole cache, masked past start_pos + S, so every decode step
+        has the same shapes; key_mask then has max_seq_len columns. The caller keeps start_pos + S in range.
         """
         B, S = tokens.shape
-        if use_cache and (B > self.args.max_batch_size or start_pos + S > self.args.max_seq_len):
+        static = isinstance(start_pos, torch.Tensor)
+        if static and not use_cache:
+            raise ValueError("a tensor start_pos is the static cached step: pass use_cache=True")
+        if use_cache and (B > self.args.max_batch_size or (not static and start_pos + S > self.args.max_seq_len)):
             raise ValueError(f"batch {B} x positions {start_pos + S} exceed the cache "
                              f"({self.args.max_batch_size} x {self.args.max_seq_len}); raise max_batch_size / max_seq_len")
         h = self.tok_embeddings(tokens)
         if self.freqs_cis.device != tokens.device:
             self.freqs_cis = self.freqs_cis.to(tokens.device)
-        freqs_cis = self.freqs_cis[start_pos:start_pos + S]
+        freqs_cis = self.freqs_cis[start_pos + torch.arange(S, device=tokens.device)] if static else \
+            self.freqs_cis[start_pos:start_pos + S]
         window = self.args.sliding_window
-        needs_mask = (start_pos > 0 and S > 1) or (window is not None and start_pos + S > window)
-        mask = attention_mask(S, start_pos, window, tokens.device) if needs_mask or key_mask is not None else None
+        kv_len = self.args.max_seq_len if static else start_pos + S
+        needs_mask = static or (start_pos > 0 and S > 1) or (window is not None and start_pos + S > window)
+        mask = attention_mask(S, start_pos, kv_len, window, tokens.device) if needs_mask or key_mask is not None else None
         if key_mask is not None:  # [B, 1, S, L]; a padding query sees itself, so no row is fully masked (NaN)
-            own = torch.arange(start_pos + S, device=tokens.device)[None, :] == \
-                torch.arange(start_pos, start_pos + S, device=tokens.device)[:, None]
+            own = torch.arange(kv_len, device=tokens.device)[None, :] == \
+                (start_pos + torch.arange(S, device=tokens.device))[:, None]
             mask = (mask[None] & (key_mask[:, None, :].bool() | own[None]))[:, None]
         hidden = [h]
         for layer in self.layers:

@@ -110,6 +110,35 @@ def test_tp1_left_padded_greedy_equals_transformers_generate(family):
     assert generate(ours, prompts, 16, eos_id=eos, padding="left") == hf_greedy(hf, prompts, 16, eos)
 
 
+def test_compiled_decode_equals_transformers_and_has_no_graph_break():
+    """compile=True: the torch.compile'd static step (CUDA graphs on a GPU) decodes what transformers does."""
+    from common.generation import _decode_step
+    from common.parallel import setup
+    from tests.common.hf_oracle import ours_from_hf, tiny_hf_model
+    setup(tp_size=1)
+    hf = tiny_hf_model("mistral")  # a sliding window shorter than the sequences
+    ours = ours_from_hf(hf, max_seq_len=64, max_batch_size=8)
+    prompts = random_prompts(vocab=hf.config.vocab_size)
+    eos = an_eos_that_stops_some_rows(hf, prompts, 16)
+    reference = hf_greedy(hf, prompts, 16, eos)
+    eager = generate(ours, prompts, 16, eos_id=eos, return_logprobs=True)
+    for padding in ("right", "left"):
+        compiled = generate(ours, prompts, 16, eos_id=eos, padding=padding, compile=True, return_logprobs=True)
+        assert compiled == reference
+        for a, b in zip(compiled.logprobs, eager.logprobs):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
+    # the kept cache holds the last call's keys: a smaller batch after it must not see them
+    assert generate(ours, prompts[2:], 16, eos_id=eos, compile=True) == reference[2:]
+    with torch.no_grad():  # one graph: a break would split the CUDA graph and bring launches back
+        step = torch._dynamo.explain(_decode_step)(ours, torch.tensor([[5], [6]]), torch.tensor(20), None)
+    assert step.graph_break_count == 0, step.break_reasons
+
+
+def test_compile_is_refused_for_a_transformers_model():
+    with pytest.raises(ValueError, match="compile=True applies to common.model.Transformer"):
+        generate(tiny_causal_lm("llama"), random_prompts(), 4, compile=True)
+
+
 # ---- sampling ----
 
 def test_sampling_with_a_fixed_seed_is_reproducible():
@@ -237,6 +266,9 @@ def test_generate_cli_writes_what_generate_returns_in_input_order(tmp_path):
     assert [r["id"] for r in written] == list(range(len(texts)))
     assert [r["output_ids"] for r in written] == list(expected)
     assert [r["output"] for r in written] == [tok.decode(ids) for ids in expected]
+    cli.main(str(tmp_path / "ckpt"), sp, str(tmp_path / "p.jsonl"), str(tmp_path / "c.jsonl"), max_new_tokens=6,
+             max_batch_size=3, max_seq_len=64, compile=True)
+    assert (tmp_path / "c.jsonl").read_text() == (tmp_path / "o.jsonl").read_text()
 
     (tmp_path / "p.json").write_text(json.dumps(["Mary " * 70]))
     with pytest.raises(ValueError, match="item 0 has"):

@@ -13,6 +13,7 @@ def _tp2_generate(prompts, eos):
     sampled = generate(model, prompts, 12, temperature=1.0, top_p=0.9, seed=7, return_logprobs=True)
     return {
         "greedy": list(generate(model, prompts, 16, eos_id=eos)),
+        "compiled": list(generate(model, prompts, 16, eos_id=eos, compile=True)),  # all-reduce inside the graph
         "sampled": list(sampled),
         "logprobs": sampled.logprobs,
         "default_generator": list(generate(model, prompts, 12, temperature=1.0)),  # seeded from the global RNG
@@ -27,6 +28,7 @@ def test_tp2_greedy_equals_transformers_and_sampling_is_identical_across_ranks()
     reference = hf_greedy(hf, prompts, 16, eos)
     for rank in ranks:
         assert rank["greedy"] == reference
+        assert rank["compiled"] == reference
     assert ranks[0]["sampled"] == ranks[1]["sampled"]
     assert ranks[0]["logprobs"] == ranks[1]["logprobs"]
     assert ranks[0]["default_generator"] == ranks[1]["default_generator"]

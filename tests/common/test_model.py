@@ -100,9 +100,32 @@ def test_cached_prefill_then_decode_equals_full_forward(family):
     with torch.no_grad():
         full = model(tokens)
         parts = [model(tokens[:, :6], start_pos=0, use_cache=True), model(tokens[:, 6:10], start_pos=6, use_cache=True)]
-        parts += [model(tokens[:, t:t + 1], start_pos=t, use_cache=True) for t in range(10, 14)]
+        parts += [model(tokens[:, t:t + 1], start_pos=t, use_cache=True) for t in range(10, 12)]
+        # the static-shape step: tensor positions, the whole cache read under a mask
+        parts += [model(tokens[:, t:t + 1], start_pos=torch.tensor(t), use_cache=True) for t in range(12, 14)]
         model.flush_cache()
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=ATOL, rtol=0)
+
+
+def test_static_step_ignores_stale_cache_and_honours_the_key_mask():
+    """Positions past start_pos hold another sequence's keys; left padding masks the first columns."""
+    setup()
+    model = ours_from_hf(tiny_hf_model("llama"), max_seq_len=16, max_batch_size=2)
+    tokens = torch.randint(3, 128, (2, 8))
+    with torch.no_grad():
+        model(torch.randint(3, 128, (2, 16)), start_pos=0, use_cache=True)  # fills every position
+        model(tokens[:, :7], start_pos=0, use_cache=True)
+        static = model(tokens[:, 7:], start_pos=torch.tensor(7), use_cache=True)
+        model.flush_cache()
+        full = model(tokens)[:, 7:]
+        key_mask = torch.ones(2, 16, dtype=torch.bool)
+        key_mask[1, :3] = False  # row 1: three padding tokens first
+        model(tokens[:, :7], start_pos=0, use_cache=True, key_mask=key_mask[:, :7])
+        padded = model(tokens[:, 7:], start_pos=torch.tensor(7), use_cache=True, key_mask=key_mask)
+        model.flush_cache()
+        unpadded = model(tokens[1:, 3:])[:, -1]
+    torch.testing.assert_close(static, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(padded[1:, -1], unpadded, atol=ATOL, rtol=0)
 
 
 def test_cache_overflow_is_a_clear_error():
