@@ -295,6 +295,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
     weights = torch.ones((B, total), dtype=torch.float32, device=device) if mixed else None  # default dtype
     sources = torch.zeros((B, total), dtype=torch.long, device=device) if token_mix else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    can_stop_early, longest_start = bool(stop_ids) or eos_id is not None, max(starts)
     gen = _make_generator(generator, seed, device)
 
     models = [getattr(d, "model", None) for d in decoders]  # eval for the call (no dropout), restored after
@@ -326,8 +327,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
             if want_lp:
                 logprobs[:, cur] = lp
             prev = cur
-            done |= ~forced & (torch.isin(nxt, stops) | (cur + 1 - start >= max_new))
-            if bool(done.all()):
+            if can_stop_early:  # a host sync per step, needed only when a stop id can end a row early
+                done |= ~forced & (torch.isin(nxt, stops) | (cur + 1 - start >= max_new))
+                if bool(done.all()):
+                    break
+            elif cur + 1 - longest_start >= max_new:
                 break
     finally:
         for d, m, training in zip(decoders, models, was_training):

@@ -225,6 +225,9 @@ def test_the_loop_exits_once_every_row_has_stopped():
     out = generate(decoder, [[1, 2], [1, 2, 3, 5]], 50, eos_id=4)
     assert out == [[4], [4]]
     assert decoder.calls == [(2, 0), (1, 2), (1, 3)]  # prefill, then one position per step, no more
+    decoder.calls = []  # no stop id: the loop ends when the longest prompt has its max_new_tokens (no host sync)
+    assert generate(decoder, [[1] * 3, [1] * 6], 4) == [[4] * 4, [4] * 4]
+    assert decoder.calls == [(3, 0)] + [(1, p) for p in range(3, 9)]
 
 
 def test_an_overlong_prompt_is_an_error_naming_the_item():
