@@ -1,6 +1,6 @@
 """One tensor-parallel decoder for LLaMA-1/2/3, Mistral, Qwen2 and Mixtral, on fairscale layers.
 
-Native layout: Meta parameter names and interleaved (complex) RoPE, as the Meta reference `model.py`.
+Native layout: Meta parameter names and interleaved RoPE pairs, as the Meta reference `model.py`.
 Hugging Face checkpoints are renamed and q/k-permuted into it by `common.checkpoint`.
 
 Per layer: x (replicated) -> wq/wk/wv give this rank's heads -> attention -> wo all-reduce ->
@@ -181,16 +181,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> to
     return freqs
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
-    freqs = rope_frequencies(head_dim, theta, scaling)
-    t = torch.arange(end, dtype=torch.float32)
-    return torch.polar(torch.ones(end, head_dim // 2, dtype=torch.float32), torch.outer(t, freqs))  # complex64 [end, hd/2]
+def rope_table(head_dim: int, end: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
+    """[end, hd/2, 2]: cos and sin of each position's angle per frequency (fp32)."""
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), rope_frequencies(head_dim, theta, scaling))
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, hd]; adjacent dims (2i, 2i+1) form one complex number (Meta convention)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
+def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, hd]; adjacent dims (2i, 2i+1) rotate as one complex number (Meta convention) by rope [S, hd/2, 2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():  # real arithmetic: inductor fuses it, and generates no code for complex ops
+        (x0, x1), (cos, sin) = pairs.unbind(-1), rope[None, :, None].unbind(-1)
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3).type_as(x)
+    # eager: one complex multiply, the fewest kernels per call
+    rotated = torch.view_as_complex(pairs) * torch.view_as_complex(rope)[None, :, None]
+    return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
 def attention_mask(seq_len: int, start_pos, kv_len: int, sliding_window: Optional[int], device) -> torch.Tensor:
@@ -281,12 +286,12 @@ class Attention(nn.Module):
             add_lora(self, "wo", q_out, args.dim, "row", args)
         self.cache_k = self.cache_v = None  # [max_batch, n_local_kv_heads, max_seq_len, head_dim]
 
-    def forward(self, x, freqs_cis, start_pos, use_cache: bool, mask: Optional[torch.Tensor]):
+    def forward(self, x, rope, start_pos, use_cache: bool, mask: Optional[torch.Tensor]):
         B, S, _ = x.shape
         q = project(self, "wq", x, self.scale).view(B, S, self.n_local_heads, self.head_dim)
         k = project(self, "wk", x, self.scale).view(B, S, self.n_local_kv_heads, self.head_dim)
         v = project(self, "wv", x, self.scale).view(B, S, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if use_cache:
             if self.cache_k is None:  # zeros: a static step reads unwritten positions (masked, but 0 * NaN = NaN)
@@ -360,8 +365,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, start_pos, use_cache, mask):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, use_cache, mask)
+    def forward(self, x, rope, start_pos, use_cache, mask):
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, use_cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -383,8 +388,8 @@ class Transformer(nn.Module):
         if args.lora_rank > 0:
             add_lora(self, "output", args.dim, args.vocab_size, "column", args)
         self.scale = lora_scale(args)
-        # a plain attribute, not a buffer: Module.to(float16) would cast the complex table to real
-        self.freqs_cis = precompute_freqs_cis(args.head_dim, 2 * args.max_seq_len, args.rope_theta, args.rope_scaling)
+        # a plain attribute, not a buffer: Module.to(bfloat16) would round the angles' cos / sin
+        self.rope = rope_table(args.head_dim, 2 * args.max_seq_len, args.rope_theta, args.rope_scaling)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, use_cache: bool = False,
                 return_hidden: bool = False, gather_logits: bool = True, logits_to_keep: int = 0,
@@ -410,10 +415,10 @@ class Transformer(nn.Module):
             raise ValueError(f"batch {B} x positions {start_pos + S} exceed the cache "
                              f"({self.args.max_batch_size} x {self.args.max_seq_len}); raise max_batch_size / max_seq_len")
         h = self.tok_embeddings(tokens)
-        if self.freqs_cis.device != tokens.device:
-            self.freqs_cis = self.freqs_cis.to(tokens.device)
-        freqs_cis = self.freqs_cis[start_pos + torch.arange(S, device=tokens.device)] if static else \
-            self.freqs_cis[start_pos:start_pos + S]
+        if self.rope.device != tokens.device:
+            self.rope = self.rope.to(tokens.device)
+        rope = self.rope[start_pos + torch.arange(S, device=tokens.device)] if static else \
+            self.rope[start_pos:start_pos + S]
         window = self.args.sliding_window
         kv_len = self.args.max_seq_len if static else start_pos + S
         needs_mask = static or (start_pos > 0 and S > 1) or (window is not None and start_pos + S > window)
@@ -424,7 +429,7 @@ class Transformer(nn.Module):
             mask = (mask[None] & (key_mask[:, None, :].bool() | own[None]))[:, None]
         hidden = [h]
         for layer in self.layers:
-            h = layer(h, freqs_cis, start_pos, use_cache, mask)
+            h = layer(h, rope, start_pos, use_cache, mask)
             hidden.append(h)
         h = self.norm(h)
         logits = project(self, "output", h[:, -logits_to_keep:] if logits_to_keep else h, self.scale)
