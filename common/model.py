@@ -299,9 +299,11 @@ class Attention(nn.Module):
                 self.cache_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
                 self.cache_v = torch.zeros(shape, dtype=v.dtype, device=v.device)
             if isinstance(start_pos, torch.Tensor):  # static step: write at a tensor position, read the whole cache
-                at = start_pos + torch.arange(S, device=x.device)
-                self.cache_k[:B].index_copy_(2, at, k)
-                self.cache_v[:B].index_copy_(2, at, v)
+                # index_put_ on the whole cache: a write into the [:B] view would make torch.compile copy that view
+                at = (torch.arange(B, device=x.device)[:, None, None], torch.arange(k.shape[1], device=x.device)[:, None],
+                      start_pos + torch.arange(S, device=x.device))
+                self.cache_k.index_put_(at, k)
+                self.cache_v.index_put_(at, v)
                 kv_len = self.args.max_seq_len
             else:
                 self.cache_k[:B, :, start_pos:start_pos + S] = k
