@@ -2,12 +2,13 @@
 
     python -m benchmarks.generation                       # CPU fp32; on a CUDA machine: cuda bf16
     python -m benchmarks.generation --batch_sizes 1,16 --repeats 1
+    python -m benchmarks.generation --small               # a model where per-step overhead, not matmuls, bounds
 
 Rows: greedy decoding of `new_tokens` tokens after `prompt_len`-token prompts at each batch size
 (ours: right padding and the static cache, eager and with `compile=True`, which replays each decode step
 as a torch.compile graph, CUDA graphs on a GPU; transformers: its default dynamic cache), then a batch whose
-prompt lengths are spread evenly over `spread` (ours: the Meta-style right-padded loop with forced prompt
-tokens, or left padding once our model takes a key mask; transformers: left padding + attention mask). Tokens/s counts new tokens, prefill included.
+prompt lengths are spread evenly over `spread` (ours: left padding with a key mask, one prefill;
+transformers: left padding + attention mask). Tokens/s counts new tokens, prefill included.
 "matmul-only" times just the weight matrix multiplies of the same decode work with the same weights
 (the prefill over every prompt position, then one position per step; the output head only where a
 token is chosen): what this machine needs at the least, so ours / it is our efficiency.
@@ -30,6 +31,10 @@ from common.parallel import setup, to_dtype
 BENCH_CONFIG = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                     intermediate_size=1376, vocab_size=32000, max_position_embeddings=512, rms_norm_eps=1e-5,
                     pad_token_id=0, bos_token_id=1, eos_token_id=None)
+# --small: the same 8 layers at hidden 64, FFN 172, 4 heads, vocabulary 1000 (~0.4M parameters). Matmuls no
+# longer bound decoding, the cost per step does: on a CPU the role kernel launches play on a GPU.
+SMALL_CONFIG = dict(BENCH_CONFIG, hidden_size=64, intermediate_size=172, num_attention_heads=4,
+                    num_key_value_heads=4, vocab_size=1000)
 
 
 def resolve(device, dtype):
@@ -38,11 +43,11 @@ def resolve(device, dtype):
     return device, dtype
 
 
-def build_models(device, dtype, max_seq_len=512, max_batch_size=64, seed=0):
+def build_models(device, dtype, max_seq_len=512, max_batch_size=64, seed=0, config=BENCH_CONFIG):
     """A random transformers Llama and our Transformer holding the same (converted) weights."""
     import transformers
     setup(tp_size=1, seed=seed)
-    config = transformers.LlamaConfig(**BENCH_CONFIG)
+    config = transformers.LlamaConfig(**config)
     torch.manual_seed(seed)
     with torch.device(device):
         hf = transformers.LlamaForCausalLM(config).to(dtype)
@@ -106,14 +111,15 @@ def as_ints(value) -> list:
 
 
 def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_tokens=64, spread="16,128",
-         spread_batch_sizes="16,64", repeats=3, seed=0, threads=None, compile=True):
+         spread_batch_sizes="16,64", repeats=3, seed=0, threads=None, compile=True, small=False):
     device, dtype = resolve(device, dtype)
     if threads:  # CPU: one thread is the stable choice on a machine shared with other jobs
         torch.set_num_threads(int(threads))
     batch_sizes, spread_batch_sizes = as_ints(batch_sizes), as_ints(spread_batch_sizes)
     lo, hi = as_ints(spread)
     hf, ours = build_models(device, dtype, max_seq_len=max(prompt_len, hi) + new_tokens,
-                            max_batch_size=max(batch_sizes + spread_batch_sizes))
+                            max_batch_size=max(batch_sizes + spread_batch_sizes),
+                            config=SMALL_CONFIG if small else BENCH_CONFIG)
     compiled = copy.deepcopy(ours) if compile else None  # its own cache: the compiled step keeps it between calls
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {device}",
