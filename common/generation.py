@@ -231,8 +231,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
     `teacher_mixed_alpha > 0` samples from (1 - a) q + a p and records `weights`; `student_token_ratio`
     makes each token come from the student with that probability, else the teacher (`sources`).
 
-    `compile=True` (our Transformer only) replays each decode step as a compiled static-shape graph, with
-    CUDA graphs on a GPU; see `TPDecoder`.
+    `compile=True` (the model must be our Transformer; a transformers teacher stays eager) replays each
+    decode step as a compiled static-shape graph, with CUDA graphs on a GPU; see `TPDecoder`.
     """
     if padding not in ("right", "left"):
         raise ValueError(f"padding must be 'right' or 'left', got {padding!r}")
