@@ -134,6 +134,26 @@ def test_compiled_decode_equals_transformers_and_has_no_graph_break():
     assert step.graph_break_count == 0, step.break_reasons
 
 
+def test_compiled_bfloat16_step_is_as_close_to_float32_as_the_eager_one():
+    """On a GPU the compiled step runs in bf16: its rounding may differ from eager's, its accuracy may not."""
+    from common.generation import _compiled_steps, _decode_step, as_decoder
+    from common.parallel import setup
+    from tests.common.hf_oracle import ours_from_hf, tiny_hf_model
+    setup(tp_size=1)
+    hf = tiny_hf_model("qwen2")  # q/k/v biases
+    reference = ours_from_hf(hf, max_seq_len=32, max_batch_size=4)
+    low = ours_from_hf(hf, max_seq_len=32, max_batch_size=4).to(torch.bfloat16)
+    tokens = torch.randint(3, hf.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+    as_decoder(low, compile=True)  # builds the compiled step
+    with torch.no_grad():
+        exact = reference(tokens)[:, -1]
+        low(tokens[:, :11], start_pos=0, use_cache=True)
+        eager = _decode_step(low, tokens[:, 11:], 11, None).float()
+        compiled = _compiled_steps[None](low, tokens[:, 11:], torch.tensor(11), None).float()
+    eager_error, compiled_error = (eager - exact).abs().max(), (compiled - exact).abs().max()
+    assert 0 < eager_error < 0.5 and compiled_error < 2 * eager_error
+
+
 def test_compile_is_refused_for_a_transformers_model():
     with pytest.raises(ValueError, match="compile=True applies to common.model.Transformer"):
         generate(tiny_causal_lm("llama"), random_prompts(), 4, compile=True)
