@@ -9,7 +9,7 @@ a real token, so no padding mask is needed. Each row stops at its first EOS / st
     grid = token_grid(...)                      # validation; prompts (or decoder start tokens) in the grid
     logits = prefill(decoders, grid)            # encoder, then the shared prefix, one call per model
     for cur in range(grid.first, grid.total):
-        token = choose(logits)                  # greedy / sampled / teacher-mixed / mix_token
+        token = choose(logits, cur)             # greedy / sampled / teacher-mixed / mix_token
         ...write it, stop rows...
         logits = decode_one_token(decoders, grid.tokens[:, cur:cur + 1], cur)
 
@@ -52,7 +52,7 @@ class Generations(list):
         self.logprobs, self.weights, self.sources = logprobs, weights, sources
 
 
-# ---- decoders: (tokens [B, S] at positions [start_pos, start_pos + S)) -> last-position logits [B, V] ----
+# ---- adapters: (tokens [B, S] at positions [start_pos, start_pos + S)) -> last-position logits [B, V] ----
 
 def _decode_step(model, tokens: torch.Tensor, position: torch.Tensor, key_mask: Optional[torch.Tensor]):
     return model(tokens, start_pos=position, use_cache=True, logits_to_keep=1, key_mask=key_mask)[:, -1]
@@ -111,9 +111,15 @@ class TPDecoder:
             self.model.flush_cache()
 
 
+def _forward_parameters(model) -> set:
+    """The named arguments of the transformers model's forward (through a peft wrapper, which takes **kwargs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
 def _cache_argument(model) -> str:
     """The forward argument that takes a Cache object: `cache` (transformers >= 5.24) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
 class HFDecoder:
@@ -129,7 +135,7 @@ class HFDecoder:
         self.max_seq_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.max_batch_size = None
         self.device = next(model.parameters()).device
-        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._keep_last = "logits_to_keep" in _forward_parameters(model)
         self._cache_arg = _cache_argument(model)
         self.cache = self.mask = self.positions = None
 
@@ -452,9 +458,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
     B = len(prompts)
     grid = token_grid(decoders, prompts, max_new_tokens, max_seq_len, pad_id, padding) if B else None
     if grid is None:  # no prompt, or max_new_tokens <= 0: no model call at all
-        empty = [[] for _ in prompts]
-        return Generations(empty, list(empty) if return_logprobs else None, list(empty) if mixed else None,
-                           list(empty) if token_mix else None)
+        def empty():
+            return [[] for _ in prompts]
+        return Generations(empty(), empty() if return_logprobs else None, empty() if mixed else None,
+                           empty() if token_mix else None)
 
     device, tokens, total, max_new = decoders[0].device, grid.tokens, grid.total, grid.max_new
     start = torch.tensor(grid.starts, device=device)

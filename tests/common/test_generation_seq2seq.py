@@ -214,3 +214,13 @@ def test_pad_rollouts_scores_each_sampled_token_at_its_logits_position(family):
     scored = torch.log_softmax(logits, -1).gather(-1, r.targets[..., None])[..., 0]
     torch.testing.assert_close(scored[r.response_mask], r.logprobs[r.response_mask], atol=1e-5, rtol=1e-5)
     assert int(r.response_mask.sum()) == sum(map(len, out))
+
+
+def test_t5_with_peft_lora_generates_what_the_merged_model_does():
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny_t5(), LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False)).eval()
+    prompts = random_prompts(PROMPT_LENS, vocab=100)
+    adapted = generate(model, prompts, 10, eos_id=EOS)
+    merged = model.merge_and_unload()
+    assert adapted == generate(merged, prompts, 10, eos_id=EOS)
+    assert adapted != generate(tiny_t5(), prompts, 10, eos_id=EOS)  # the adapters change the output
