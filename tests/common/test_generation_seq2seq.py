@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.generation import generate, pad_rollouts, sampling_probs
-from tests.common.test_generation import chi_square_p_value, cut_at, random_prompts
+from tests.common.test_generation import assert_stop_ids_end_rows, chi_square_p_value, cut_at, random_prompts
 from tests.tiny import tiny_model
 
 PROMPT_LENS = (5, 9, 3, 12, 7)
@@ -98,12 +98,7 @@ def test_t5_seeded_sampling_is_reproducible_and_seeds_differ():
 def test_t5_stop_ids_and_eos_end_a_row_and_are_kept():
     model = tiny_t5()
     prompts = random_prompts(PROMPT_LENS, vocab=100)
-    free = generate(model, prompts, 12)
-    stop_a, stop_b = free[1][2], free[3][5]
-    out = generate(model, prompts, 12, eos_id=stop_a, stop_ids=[stop_b])
-    for row, ref in zip(out, free):
-        cut = next((i for i, t in enumerate(ref) if t in (stop_a, stop_b)), None)
-        assert row == (ref if cut is None else ref[:cut + 1])
+    assert_stop_ids_end_rows(model, prompts, 12)
     # max_seq_len caps the decoder sequence (start token included), whatever the prompt lengths
     assert [len(r) for r in generate(model, prompts, 12, max_seq_len=5)] == [4] * len(prompts)
     assert [len(r) for r in generate(model, prompts, None, max_seq_len=7)] == [6] * len(prompts)
