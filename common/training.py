@@ -1,5 +1,9 @@
 """Training utilities every method's loop uses: data-parallel sharding, the whole-step loss normaliser,
-gradient averaging, resumable atomic checkpoints, throughput logging.
+gradient averaging, resumable atomic checkpoints of the TP model, throughput logging.
+
+Imports neither fairscale nor the TP model (the DP group comes from common.distributed), so transformers
+runs use dp_shard / global_count / Throughput too; their DDP, schedules and save_pretrained checkpoints
+live in common/hf_training.py.
 
 Checkpoints (one folder per save, so a crash never mixes two steps):
 
@@ -23,8 +27,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import atomic_save, atomic_write_json, read_tensors
-from common.parallel import Layout, all_reduce_dp, dp_group
+from common.distributed import Layout, all_reduce_dp, dp_group
+from common.io import atomic_save, atomic_write_json, read_tensors
 
 
 def dp_shard(items: list, dp_rank: int, dp_size: int) -> list:
