@@ -92,20 +92,21 @@ def save_checkpoint(save_dir: str, model, optimizer, lay: Layout, state: dict, k
     if lay.is_main:
         state = dict(state, tp_size=lay.tp_size, torch_rng=torch.get_rng_state().tolist())
         atomic_write_json(state, os.path.join(folder, "state.json"))
-        for old in sorted(_complete_checkpoints(save_dir))[:-keep]:
+        for old in complete_checkpoints(save_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return folder
 
 
-def _complete_checkpoints(save_dir: str) -> list:
-    return [os.path.dirname(p) for p in glob.glob(os.path.join(save_dir, "checkpoints", "step-*", "state.json"))]
+def complete_checkpoints(save_dir: str) -> list:
+    """Checkpoint folders under save_dir that hold their commit marker (state.json), oldest first."""
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(save_dir, "checkpoints", "step-*", "state.json")))
 
 
 def load_latest_checkpoint(save_dir: str, model, optimizer, lay: Layout) -> Optional[dict]:
     """Restore the newest complete checkpoint under save_dir; None when there is none (a fresh run)."""
-    folders = sorted(_complete_checkpoints(save_dir))
+    folders = complete_checkpoints(save_dir)
     if not folders:
         return None
     folder = folders[-1]
