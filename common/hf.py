@@ -13,6 +13,7 @@ as a teacher should. Everything loads from local folders only (nothing from the 
 import copy
 import json
 import os
+import sys
 
 import torch
 
@@ -101,9 +102,8 @@ def add_lora(model, r: int, alpha: float, dropout: float = 0.0, target_modules=N
 
 
 def is_lora(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    peft = sys.modules.get("peft")  # without peft imported nothing can be a PeftModel (and it is slow to import)
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def merge_lora(model):
