@@ -37,7 +37,6 @@ e.g. LoRA init, so the restored RNG states continue the interrupted run exactly)
 """
 import contextlib
 import glob
-import json
 import os
 import random
 import shutil
@@ -51,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import hf
 from common.distributed import Layout, to_dtype
 from common.io import atomic_folder, atomic_save, atomic_write_json, read_tensors
-from common.training import complete_checkpoints
+from common.training import complete_checkpoints, latest_checkpoint
 
 # ---------------------------------------------------------------------------- data parallel
 
@@ -239,12 +238,9 @@ def _load_weights(model, folder: str) -> None:
 def load_checkpoint(save_dir: str, lay: Layout, model, optimizer, scheduler=None, scaler=None) -> Optional[dict]:
     """Restore the newest complete checkpoint under save_dir (weights, optimiser, schedule, scaler, this rank's
     RNG) and return its state; None when there is none (a fresh run)."""
-    folders = complete_checkpoints(save_dir)
-    if not folders:
+    folder, state = latest_checkpoint(save_dir)
+    if folder is None:
         return None
-    folder = folders[-1]
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
     if state["dp_size"] != lay.dp_size:
         raise ValueError(f"{folder} was saved by {state['dp_size']} data-parallel processes, this run has {lay.dp_size} "
                          f"(data order and RNG states are per rank): relaunch with --nproc_per_node {state['dp_size']}, "

@@ -104,14 +104,20 @@ def complete_checkpoints(save_dir: str) -> list:
     return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(save_dir, "checkpoints", "step-*", "state.json")))
 
 
-def load_latest_checkpoint(save_dir: str, model, optimizer, lay: Layout) -> Optional[dict]:
-    """Restore the newest complete checkpoint under save_dir; None when there is none (a fresh run)."""
+def latest_checkpoint(save_dir: str) -> tuple:
+    """(folder, its state.json) of the newest complete checkpoint under save_dir, or (None, None)."""
     folders = complete_checkpoints(save_dir)
     if not folders:
+        return None, None
+    with open(os.path.join(folders[-1], "state.json")) as f:
+        return folders[-1], json.load(f)
+
+
+def load_latest_checkpoint(save_dir: str, model, optimizer, lay: Layout) -> Optional[dict]:
+    """Restore the newest complete checkpoint under save_dir; None when there is none (a fresh run)."""
+    folder, state = latest_checkpoint(save_dir)
+    if folder is None:
         return None
-    folder = folders[-1]
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
     if state.get("tp_size") != lay.tp_size:
         raise ValueError(f"{folder} was saved at tensor-parallel size {state.get('tp_size')}, this run uses "
                          f"{lay.tp_size}: resume with the same layout, or start from a fresh --save_dir")
