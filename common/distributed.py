@@ -77,9 +77,9 @@ def init_process_group() -> None:
 def setup(seed: int = 1) -> Layout:
     """Data parallel over every process (tp_size 1), the same `seed` on every rank (identical initial
     weights, e.g. LoRA); returns the Layout. Model dtypes are left to the caller (no default dtype set)."""
-    init_process_group()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # before the process group, so nccl binds each rank to its own GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    init_process_group()
     set_seed(seed)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
