@@ -31,10 +31,15 @@ def check_model_folder(path, flag: str = "--model_path") -> str:
     if not os.path.exists(config):
         if os.path.exists(os.path.join(path, "params.json")) or any(f.startswith("consolidated.") for f in os.listdir(path)):
             fix = f"this is a native consolidated.*.pth checkpoint; convert it with `python -m common.checkpoint_split export_hf --ckpt_dir {path} --save_path HF_DIR`"
+        elif os.path.exists(os.path.join(path, "adapter_config.json")):
+            fix = "this is a LoRA adapter alone; pass the merged model that common.hf_training.export_model writes"
         raise ValueError(f"{flag} {path} is not a transformers model folder (no config.json): {fix}")
     with open(config) as f:
         if "model_type" not in json.load(f):
             raise ValueError(f"{flag} {path} is not a transformers model folder ({config} has no model_type): {fix}")
+    if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+        raise ValueError(f"{flag} {path} is not a transformers model folder (config.json but no *.safetensors or "
+                         f"pytorch_model*.bin weights): {fix}")
     return path
 
 

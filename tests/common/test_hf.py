@@ -32,8 +32,11 @@ def test_a_path_that_is_not_a_transformers_folder_gets_one_line_naming_flag_path
     (tmp_path / "native").mkdir()
     (tmp_path / "native" / "params.json").write_text("{}")
     (tmp_path / "file.bin").write_text("x")
+    (tmp_path / "config_only").mkdir()
+    tiny_model("gpt2").config.save_pretrained(tmp_path / "config_only")
     cases = {"missing": r"does not exist", "empty": r"no config\.json\): pass a folder written by save_pretrained",
-             "native": r"native consolidated.*checkpoint_split export_hf", "file.bin": r"a file, not a folder"}
+             "native": r"native consolidated.*checkpoint_split export_hf", "file.bin": r"a file, not a folder",
+             "config_only": r"config\.json but no \*\.safetensors"}
     for name, reason in cases.items():
         with pytest.raises(ValueError, match=rf"^--teacher_model_path .*{name} is not a transformers model folder.*{reason}") as e:
             hf.load_model(tmp_path / name, flag="--teacher_model_path")
