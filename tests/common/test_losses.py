@@ -4,6 +4,7 @@
 Micro-batch convention under test: with normalizer = counted tokens of the whole step, the sum of the
 micro-batch losses (and gradients) equals the whole-batch loss.
 """
+import inspect
 import math
 import warnings
 from functools import partial
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from common import losses as L
+from common.labels import causal_lm_batch, targets_and_mask
 
 B, S, V = 3, 6, 13
 
@@ -445,6 +447,120 @@ def test_chunked_loss_without_grad_computes_only_the_value():
         out = L.forward_kl(zs, zt, mask=mask, chunk_size=2)
     assert not out.requires_grad
     torch.testing.assert_close(out, L.forward_kl(zs, zt, mask=mask).detach(), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full (unshifted) logits with targets from Hugging Face labels, and non-contiguous views: chunks read only
+# their own rows (losses.md §1 "Chunking"; issue 9: no caller slices logits[:, :-1], and a view is not copied)
+
+def allocations(fn):
+    """Sizes in bytes of the CPU allocations made while fn runs, largest first. The profiler's memory events
+    include allocations inside kernels (a contiguous copy made by reshape, index or to)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sorted((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), reverse=True)
+
+
+def labelled_logits(seed, b=4, v=512):
+    """Student and teacher logits [b, T, v] of a right-padded causal batch, with its (targets, mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [(5, 27), (9, 3), (1, 20), (14, 12)][:b]  # the first is the longest: T = 32
+    ids = [torch.randint(0, v, (p + r,), generator=gen).tolist() for p, r in lengths]
+    batch = causal_lm_batch([x[:p] for x, (p, _) in zip(ids, lengths)], [x[p:] for x, (p, _) in zip(ids, lengths)],
+                            pad_id=0)
+    targets, mask = targets_and_mask(batch["labels"], shift=True)
+    shape = (*targets.shape, v)
+    zs = (2 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    zt = 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    return zs, zt, targets, mask
+
+
+def scalar_loss(name, zs, zt, targets, mask, chunk_size):
+    if name == "token_log_probs":  # a weighted sum, so that each position (b, t) gets its own incoming gradient
+        batch, seq = targets.shape
+        weights = torch.arange(1.0, batch + 1, dtype=torch.float64)[:, None] * torch.cos(torch.arange(seq))
+        return (L.token_log_probs(zs, target_ids=targets, temperature=1.3, chunk_size=chunk_size) * weights).sum()
+    if name == "cross_entropy":
+        return L.cross_entropy(zs, target_ids=targets, mask=mask, chunk_size=chunk_size)
+    return call(name, zs, zt, mask, targets, temperature=1.3, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("view", [False, True])
+@pytest.mark.parametrize("name", ["forward_kl", "generalized_jsd_0.5", "dkd", "atkd", "cross_entropy",
+                                  "token_log_probs"])
+def test_chunked_loss_on_unshifted_logits_equals_plain_and_never_copies_the_logits(name, view):
+    zs, zt, targets, mask = labelled_logits(seed=sum(map(ord, name)))
+    plain = scalar_loss(name, zs, zt, targets, mask, None)
+    (plain_grad,) = torch.autograd.grad(plain, zs)
+    # the last position counts nothing, so the view logits[:, :-1] (not contiguous) must give the same loss
+    x, y, tg, m = (zs[:, :-1], zt[:, :-1], targets[:, :-1], mask[:, :-1]) if view else (zs, zt, targets, mask)
+    assert x.is_contiguous() != view
+    logits_bytes = x.numel() * x.element_size()
+    out = {}
+
+    def forward_backward():
+        out["loss"] = scalar_loss(name, x, y, tg, m, 8)
+        out["grad"] = torch.autograd.grad(out["loss"], zs)[0]
+    big = [n for n in allocations(forward_backward) if n >= logits_bytes / 4]
+    # the only logits-sized tensors: the gradient itself, plus autograd's slice backward into the base of a view
+    assert len(big) == 1 + view, (big, logits_bytes)
+    torch.testing.assert_close(out["loss"], plain, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out["grad"], plain_grad, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():  # the value alone allocates nothing of the logits' size
+        assert max(allocations(lambda: scalar_loss(name, x, y, tg, m, 8))) < logits_bytes / 4
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+def test_token_log_probs_give_zero_at_minus_100_without_reading_those_logits(chunk_size):
+    zs, _, mask, g = make_inputs(seed=28)
+    targets = torch.where(mask, g, -100)
+    junk = zs.detach().clone()
+    junk[~mask] = float("nan")  # never read
+    junk.requires_grad_()
+    got = L.token_log_probs(junk, target_ids=targets, temperature=1.5, chunk_size=chunk_size)
+    want = torch.where(mask, torch.log(probs(zs, 1.5)).gather(-1, g[..., None])[..., 0], 0.0)
+    assert got.shape == (B, S) and (got[~mask] == 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    weights = torch.randn(B, S, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((got * weights).sum(), junk)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), zs)
+    torch.testing.assert_close(grad, grad_want, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="target ids"):
+        L.token_log_probs(zs, target_ids=torch.where(mask, g, -1), chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masks, targets and spans are keyword-only
+
+def test_every_mask_target_and_span_parameter_is_keyword_only():
+    checked = 0
+    for name, fn in vars(L).items():
+        if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != L.__name__:
+            continue
+        for param in inspect.signature(fn).parameters.values():
+            if param.name in ("mask", "target_ids", "spans_a", "spans_b"):
+                assert param.kind is inspect.Parameter.KEYWORD_ONLY, f"{name}({param.name})"
+                checked += 1
+    assert checked >= 25
+
+
+def test_mask_or_targets_passed_positionally_raise_type_error():
+    zs, zt, mask, g = make_inputs(seed=29)
+    h = [torch.zeros(B, S, 4)]
+    positional_calls = [lambda fn=fn: fn(zs, zt, mask) for fn in (
+        L.forward_kl, L.reverse_kl, L.soft_cross_entropy, L.generalized_jsd, L.fkl_rkl_mix, L.symmetric_kl, L.tvd,
+        L.skew_forward_kl, L.skew_reverse_kl, L.hidden_mse, L.hidden_l2, L.attention_output_l2)] + [
+        lambda: L.dkd(zs, zt, mask, g), lambda: L.atkd(zs, zt, mask, g),
+        lambda: L.dkd(zs, zt, g, mask=mask),  # the old dkd order: targets where the mask was
+        lambda: L.cross_entropy(zs, g, mask), lambda: L.token_log_probs(zs, g),
+        lambda: L.mcc_span_kl(zs, zt, SPANS_A[:B], SPANS_B[:B]),
+        lambda: L.fdd_loss(h, h, None, None, mask), lambda: L.velocity_field_loss(None, None, h, h, mask),
+        lambda: L.contra_loss(None, None, h, mask, k=1.0), lambda: L.minillm_advantages(zs[..., 0], mask),
+        lambda: L.minillm_whiten(zs[..., 0], mask),
+        lambda: L.minillm_policy_loss(zs[..., 0], zs[..., 0], zs[..., 0], zs[..., 0], mask)]
+    for positional in positional_calls:
+        with pytest.raises(TypeError, match="positional argument"):
+            positional()
 
 
 # ---------------------------------------------------------------------------------------------------------
