@@ -73,15 +73,17 @@ def _vocab_parallel_worker():
                                            grad_sharded=torch.cat([sa, sb]),
                                            grad_gathered=torch.cat([ga[..., cols], gb[..., cols]]))
 
-    # token log-probs (MiniLLM's log q(y_t)) through the sharded log-normaliser
-    local = zs[..., cols].clone().requires_grad_()
-    full_input = zs.clone().requires_grad_()
+    # token log-probs (MiniLLM's log q(y_t)) through the sharded log-normaliser; -100 targets give 0
     weights = torch.randn(B, S, generator=gen, dtype=torch.float64)
-    sharded = (L.token_log_probs(local, target_ids=g, group=group) * weights).sum()
-    gathered = (L.token_log_probs(full_input, target_ids=g) * weights).sum()
-    out["token_log_probs/None"] = dict(sharded=sharded.detach(), gathered=gathered.detach(),
-                                       grad_sharded=torch.autograd.grad(sharded, local)[0],
-                                       grad_gathered=torch.autograd.grad(gathered, full_input)[0][..., cols])
+    targets = torch.where(mask, g, -100)
+    for chunk in CHUNKS:
+        local = zs[..., cols].clone().requires_grad_()
+        full_input = zs.clone().requires_grad_()
+        sharded = (L.token_log_probs(local, target_ids=targets, group=group, chunk_size=chunk) * weights).sum()
+        gathered = (L.token_log_probs(full_input, target_ids=targets) * weights).sum()
+        out[f"token_log_probs/{chunk}"] = dict(sharded=sharded.detach(), gathered=gathered.detach(),
+                                               grad_sharded=torch.autograd.grad(sharded, local)[0],
+                                               grad_gathered=torch.autograd.grad(gathered, full_input)[0][..., cols])
 
     # FDD with heads that return vocabulary shards
     hs = [torch.randn(B, S, D, generator=gen, dtype=torch.float64) for _ in range(3)]
@@ -118,8 +120,8 @@ def per_rank():
     return run_distributed(_vocab_parallel_worker, 2)
 
 
-CASES = [f"{n}/{c}" for n in PAIRWISE + TARGET_AWARE + ["mcc_span_kl"] for c in CHUNKS] + \
-    ["token_log_probs/None", "fdd_loss/None", "column_parallel_head/None", "column_parallel_head/2"]
+CASES = [f"{n}/{c}" for n in PAIRWISE + TARGET_AWARE + ["mcc_span_kl", "token_log_probs"] for c in CHUNKS] + \
+    ["fdd_loss/None", "column_parallel_head/None", "column_parallel_head/2"]
 
 
 @pytest.mark.parametrize("case", CASES)
