@@ -44,6 +44,23 @@ tp2_chunked    8.72817           0.464    0.119            0.220    0.060    6.1
 generalized_jsd (beta 0.5), float32 logits, chunk_size 128, --tp=False
 plain          0.64583          13.677    1.000           12.700    1.000   45.58    1.000
 chunked        0.64583           1.656    0.121            0.679    0.053   17.64    0.387
+
+chunked_view: the same loss on logits[:, :-1] of a batch of 8 sequences (a non-contiguous view, as callers
+wrote before targets came aligned with the full logits). "allocated GiB" is the total of every allocation in one
+forward + backward (torch.profiler memory events on CPU), so each copy counts. Measured 2026-12-01, 2048 tokens
+x 32000, fp32, chunk_size 64, --tp=False --repeats 2, load average 13-17 on the 2 cores (times are rough):
+
+before (da8d430: rows selected by reshaping the whole tensor, a full copy per chunk and side)
+variant          value  peak extra GiB  x plain  beyond grad GiB  x plain  allocated GiB  time s  x plain
+plain          8.74634           1.713    1.000            1.468    1.000           2.81    9.61    1.000
+chunked        8.74634           0.435    0.254            0.190    0.129           2.81   17.81    1.854
+chunked_view   8.74634           0.678    0.396            0.433    0.295          18.68   56.96    5.928
+after (rows gathered by (batch, position) index)
+plain          8.74634           1.745    1.000            1.500    1.000           2.81   13.52    1.000
+chunked        8.74634           0.447    0.256            0.202    0.135           2.81   15.83    1.171
+chunked_view   8.74634           0.681    0.390            0.435    0.290           3.05   22.91    1.694
+The view's extra 0.24 GiB (peak and allocated) is autograd's slice backward writing the gradient into the
+full [8, 257, 32000] base; passing the full logits with targets_and_mask (the chunked row) avoids it.
 """
 import os
 import statistics
