@@ -1,6 +1,7 @@
 """Accuracy per ANLI round on every dev / test item, two ways, plus Rouge-L of the reasons (spec §4).
 
-    python anli_reverse_kl/eval.py --model_path runs/student --data_dir processed_data/anli --save runs/eval
+    python anli_reverse_kl/eval.py run --model_path runs/minillm/model --data_dir processed/anli --save runs/eval
+    python anli_reverse_kl/eval.py compare --sft runs/eval_sft --minillm runs/eval_minillm     # one table
 
 * label-constrained: for each label word, Σ_t log q(word_t | prompt, word_<t) teacher-forced from the decoder
   start (no ":" and no EOS); the prediction is the most likely of the three;
@@ -27,7 +28,13 @@ import torch
 from tqdm import tqdm
 
 from anli_reverse_kl.prepare_data import LABEL_WORDS
+from common import hf
+from common.distributed import gather_object, print0, rank_seed, setup, shutdown
+from common.generation import generate
+from common.io import atomic_write_json, atomic_write_text, read_jsonl
+from common.labels import seq2seq_batch, targets_and_mask
 from common.losses import token_log_probs
+from common.training import dp_shard
 
 _ROUGE = None
 
@@ -51,35 +58,26 @@ def rouge_l(prediction: str, reference: str) -> float:
     return _ROUGE.score(reference, prediction)["rougeL"].fmeasure
 
 
-def pad(sequences, value: int) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    return torch.tensor([list(s) + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
-
-
-def encoder_batch(prompts, pad_id: int, device) -> tuple:
-    ids = pad(prompts, pad_id).to(device)
-    mask = torch.tensor([[1] * len(p) + [0] * (ids.shape[1] - len(p)) for p in prompts], device=device)
-    return ids, mask
-
-
 @torch.no_grad()
 def label_scores(model, prompts, word_ids, pad_id: int, batch_size: int = 16) -> tuple:
-    """Per prompt the summed decoder log-probs [N, K] of the K label words (token id lists) and the argmax
-    of the first decoder position [N] (the fork's token-level prediction)."""
-    from anli_reverse_kl.minillm import decoder_logits
-
-    device = next(model.parameters()).device
-    k = len(word_ids)
-    words = pad(word_ids, -100).to(device)
+    """Per prompt the summed decoder log-probs [N, K] of the K label words (token-id lists, teacher-forced from
+    the decoder start) and the argmax at the first decoder position [N] (the fork's token-level prediction).
+    The encoder runs once per prompt; its output is shared by the K words."""
+    device, k = next(model.parameters()).device, len(word_ids)
+    start = model.config.decoder_start_token_id
     scores, first = [], []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="label scores", leave=False):
-        ids, mask = encoder_batch(prompts[start:start + batch_size], pad_id, device)
-        labels = words.repeat(ids.shape[0], 1)
-        encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+    for s in tqdm(range(0, len(prompts), batch_size), desc="label scores", leave=False):
+        chunk = prompts[s:s + batch_size]
+        batch = seq2seq_batch([p for p in chunk for _ in range(k)], list(word_ids) * len(chunk), pad_id=pad_id,
+                              decoder_start_id=start)
+        batch = {name: t.to(device) for name, t in batch.items()}
+        encoded = model.get_encoder()(input_ids=batch["input_ids"][::k], attention_mask=batch["attention_mask"][::k])
         encoded.last_hidden_state = encoded.last_hidden_state.repeat_interleave(k, 0)
-        logits = decoder_logits(model, None, mask.repeat_interleave(k, 0), labels, encoder_outputs=encoded)
-        logp = token_log_probs(logits, labels.clamp_min(0)).masked_fill(labels < 0, 0.0)
-        scores.append(logp.sum(-1).view(-1, k).cpu())
+        logits = model(encoder_outputs=encoded, attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"],
+                       decoder_attention_mask=batch["decoder_attention_mask"]).logits
+        targets, _ = targets_and_mask(batch["labels"], shift=False)
+        scores.append(token_log_probs(logits, target_ids=targets).sum(-1).view(-1, k).cpu())
         first.append(logits[::k, 0].argmax(-1).cpu())
     return torch.cat(scores), torch.cat(first)
 
@@ -129,3 +127,74 @@ def format_table(metrics: dict, name: str = "") -> str:
                  for c in cols]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def main(model_path: str = None, data_dir: str = None, save: str = None, rounds: str = "r1,r2,r3",
+         splits: str = "dev,test", batch_size: int = 16, max_new_tokens: int = 180, do_sample: bool = False,
+         temperature: float = 0.7, top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int = 10):
+    """Evaluate `model_path` on `{data_dir}/{round}/{split}.jsonl` (prepare_data.py's output); items are
+    sharded over data-parallel ranks under torchrun."""
+    for flag, value in (("--model_path", model_path), ("--data_dir", data_dir), ("--save", save)):
+        if value is None:
+            raise ValueError(f"{flag} is required")
+    lay = setup(seed)
+    os.makedirs(save, exist_ok=True)
+    tok = hf.load_tokenizer(model_path)
+    model = hf.load_model(model_path, device=lay.device, frozen=True)
+    if not hf.is_seq2seq(model):
+        raise ValueError(f"--model_path {model_path} is a decoder-only model ({type(model).__name__}); ANLI "
+                         f"evaluation here scores encoder-decoder models: pass a T5 / Flan-T5 folder")
+    word_ids = [tok.encode(w, add_special_tokens=False) for w in LABEL_WORDS]
+    processor = repetition_penalty_processor(repetition_penalty) if repetition_penalty != 1.0 else None
+    rounds = rounds.split(",") if isinstance(rounds, str) else list(rounds)
+    splits = splits.split(",") if isinstance(splits, str) else list(splits)
+    all_metrics = {}
+    for r in rounds:
+        for split in splits:
+            path = os.path.join(data_dir, r, f"{split}.jsonl")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is missing: run anli_reverse_kl/prepare_data.py --rounds {r} "
+                                        f"--splits {split} first (or pass --rounds / --splits)")
+            records = read_jsonl(path)
+            mine = dp_shard(list(range(len(records))), lay.dp_rank, lay.dp_size)
+            prompts = [records[i]["prompt_tokens"] for i in mine]
+            scores, first = label_scores(model, prompts, word_ids, tok.pad_token_id, batch_size)
+            texts = []
+            for s in tqdm(range(0, len(prompts), batch_size), desc=f"{r} {split} generate", leave=False,
+                          disable=not lay.is_main):
+                gens = generate(model, prompts[s:s + batch_size], max_new_tokens, temperature if do_sample else 0.0,
+                                top_p if do_sample else 1.0, tok.eos_token_id, logits_processor=processor,
+                                seed=rank_seed(seed, s, lay.dp_rank))
+                texts += [tok.decode(g, skip_special_tokens=True) for g in gens]
+            parts = gather_object([(i, scores[k], first[k], texts[k]) for k, i in enumerate(mine)], lay)
+            if lay.is_main:
+                by_index = {i: rest for part in parts for i, *rest in part}
+                ordered = [by_index[i] for i in range(len(records))]
+                predictions, metrics = split_metrics(records, torch.stack([o[0] for o in ordered]),
+                                                     torch.stack([o[1] for o in ordered]), [o[2] for o in ordered])
+                atomic_write_json(predictions, os.path.join(save, f"{r}-{split}-predictions.json"))
+                all_metrics[f"{r}/{split}"] = metrics
+    if lay.is_main:
+        atomic_write_json(all_metrics, os.path.join(save, "metrics.json"))
+        table = format_table(all_metrics)
+        atomic_write_text(table + "\n", os.path.join(save, "metrics.md"))
+        print0(table)
+    shutdown()
+
+
+def compare(**runs):
+    """One table over several evaluations: `compare --teacher runs/eval_teacher --minillm runs/eval_minillm`
+    (each a --save folder of `main`); rows are run x round/split."""
+    rows = {}
+    for name, folder in runs.items():
+        for key, m in json.load(open(os.path.join(folder, "metrics.json"))).items():
+            rows[f"{name} {key}"] = m
+    table = format_table(rows, "run round/split")
+    print(table)
+    return None
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"run": main, "compare": compare})

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a file
 import numpy as np
 
 from common.binarized import best_dtype, read_split, write_indexed
+from common.io import write_jsonl
 
 LABEL_WORDS = ("entailment", "neutral", "contradiction")  # ANLI's label ids 0, 1, 2
 OPTIONS = "OPTIONS:\n- entailment\n- contradiction\n- neutral"  # one plain string for every split (the fork's
@@ -140,7 +141,6 @@ def encode(tokenizer, text: str, eos: bool = False) -> list:
 
 def write_split(items: list, tokenizer, folder: str, split: str, max_prompt_length: Optional[int]) -> int:
     """Tokenise and write `{folder}/{split}_0.{bin,idx}` + `{split}.jsonl`; returns the overlong items dropped."""
-    os.makedirs(folder, exist_ok=True)
     sequences, records, overlong = [], [], 0
     for item in items:
         prompt, target = encode(tokenizer, item["prompt"], eos=True), encode(tokenizer, item["target"], eos=True)
@@ -151,13 +151,15 @@ def write_split(items: list, tokenizer, folder: str, split: str, max_prompt_leng
         sequences.append([t for k, part in enumerate(parts) for t in ([-1] if k else []) + part])
         records.append(dict(uid=item["uid"], prompt=item["prompt"], target=item["target"], label=item["label"],
                             reason=item["reason"], prompt_tokens=prompt, target_tokens=target))
-    write_indexed(os.path.join(folder, f"{split}_0"), sequences, best_dtype(len(tokenizer)))
-    tmp = os.path.join(folder, f"{split}.jsonl.tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, os.path.join(folder, f"{split}.jsonl"))
+    write_tokenized(folder, split, sequences, records, len(tokenizer))
     return overlong
+
+
+def write_tokenized(folder: str, split: str, sequences: list, records: list, vocab_size: int) -> None:
+    """`{folder}/{split}_0.{bin,idx}` from the items' token sequences (⟂ written as -1) and `{split}.jsonl`."""
+    os.makedirs(folder, exist_ok=True)
+    write_indexed(os.path.join(folder, f"{split}_0"), sequences, best_dtype(vocab_size))
+    write_jsonl(records, os.path.join(folder, f"{split}.jsonl"))
 
 
 def read_items(folder: str, split: str) -> list:

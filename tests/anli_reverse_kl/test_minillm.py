@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from anli_reverse_kl.minillm import decoder_logits, rollout_quantities, score_rollout
+from anli_reverse_kl.minillm import STORE_FIELDS, minillm_loss, rollout_quantities, sample_responses, score_rollouts
 from tests.tiny import tiny_model
 
 # two prompts of unequal length (right-padded) and sampled decoder tokens: 4 and 2 real tokens (EOS = 1)
@@ -13,10 +13,7 @@ TOKENS = [[40, 41, 42, 1], [50, 1, 0, 0]]
 MASK = [[1, 1, 1, 1], [1, 1, 0, 0]]
 
 
-def batch():
-    ids = torch.tensor([p + [0] * (5 - len(p)) for p in PROMPTS])
-    attn = torch.tensor([[1] * len(p) + [0] * (5 - len(p)) for p in PROMPTS])
-    return ids, attn, torch.tensor(TOKENS), torch.tensor(MASK, dtype=torch.bool)
+RESPONSES = [[t for t, m in zip(ts, ms) if m] for ts, ms in zip(TOKENS, MASK)]
 
 
 @torch.no_grad()
@@ -53,8 +50,7 @@ def hand_quantities(lq, lp, alpha, gamma, scaling=0.5, clip=100.0):
 @pytest.mark.parametrize("alpha, gamma", [(0.2, 0.95), (0.5, 0.8)])
 def test_rollout_quantities_on_tiny_t5_match_hand_computation(alpha, gamma):
     student, teacher = tiny_model("t5", seed=0), tiny_model("t5", seed=1)
-    ids, attn, tokens, mask = batch()
-    got = score_rollout(student, teacher, ids, attn, tokens, mask, alpha=alpha, gamma=gamma)
+    got = score_rollouts(student, teacher, PROMPTS, RESPONSES, pad_id=0, batch_size=1, alpha=alpha, gamma=gamma)
     lq, lp = hand_log_probs(student, None), hand_log_probs(teacher, None)
     w, r, raw, adv = hand_quantities(lq, lp, alpha, gamma)
     for b, n in enumerate([4, 2]):
@@ -86,10 +82,49 @@ def test_rewards_are_clipped_at_the_reward_clip():
     assert q["rewards"].tolist() == [[-100.0, 100.0]]
 
 
-def test_decoder_logits_position_t_predicts_token_t_like_transformers_labels():
-    model = tiny_model("t5", seed=3)
-    ids, attn, tokens, mask = batch()
-    labels = tokens.masked_fill(~mask, -100)
-    ours = decoder_logits(model, ids, attn, labels)
-    theirs = model(input_ids=ids, attention_mask=attn, labels=labels).logits
-    assert torch.equal(ours, theirs)
+def test_recomputed_importance_weights_equal_those_the_sampler_recorded():
+    student, teacher = tiny_model("t5", seed=0), tiny_model("t5", seed=1)
+    prompts = [[10, 11, 12, 13, 1], [20, 21, 1], [30, 1]]
+    generations = sample_responses(student, teacher, prompts, max_new_tokens=6, alpha=0.2, eos_id=1, seed=0)
+    store = score_rollouts(student, teacher, prompts, generations, pad_id=0, alpha=0.2)
+    for b, recorded in enumerate(generations.weights):
+        assert store["weights"][b, :len(recorded)].tolist() == pytest.approx(recorded, rel=1e-4)
+        assert store["mask"][b].sum() == len(recorded) == len(generations[b])
+    assert any(w != 1.0 for ws in generations.weights for w in ws)
+
+
+@torch.no_grad()
+def exact_reverse_kl(student, teacher, prompts, vocab=128):
+    """KL[q ‖ p] over all two-token decoder outputs, exactly: Σ_y1 q(y1) [log q(y1)/p(y1) + KL(q(·|y1) ‖ p(·|y1))]."""
+    total = 0.0
+    for prompt in prompts:
+        dec = torch.stack([torch.zeros(vocab, dtype=torch.long), torch.arange(vocab)], 1)  # [start, y1] for every y1
+        ids = torch.tensor([prompt] * vocab)
+        lq = torch.log_softmax(student(input_ids=ids, decoder_input_ids=dec).logits.double(), -1)
+        lp = torch.log_softmax(teacher(input_ids=ids, decoder_input_ids=dec).logits.double(), -1)
+        q1 = lq[0, 0].exp()
+        total += float((q1 * (lq[0, 0] - lp[0, 0])).sum() + (q1 * (lq[:, 1].exp() * (lq[:, 1] - lp[:, 1])).sum(-1)).sum())
+    return total / len(prompts)
+
+
+@pytest.mark.parametrize("single_step_reg", [False, True])
+def test_minillm_updates_lower_the_exact_reverse_kl_to_the_teacher_on_a_toy_problem(single_step_reg):
+    student, teacher = tiny_model("t5", seed=0), tiny_model("t5", seed=1)
+    for m in (student, teacher):  # a random T5 head makes near one-hot distributions; soften both
+        m.lm_head.weight.data *= 0.1
+    prompts = [[10, 11, 12, 1], [20, 21, 22, 23, 1]]
+    before = exact_reverse_kl(student, teacher, prompts)
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    for it in range(10):
+        rollout_prompts = [p for p in prompts for _ in range(32)]
+        responses = sample_responses(student, teacher, rollout_prompts, max_new_tokens=2, alpha=0.2, eos_id=None,
+                                     seed=it)
+        store = score_rollouts(student, teacher, rollout_prompts, responses, pad_id=0)
+        for _ in range(2):  # PPO epochs
+            terms = minillm_loss(student, teacher, {k: store[k] for k in STORE_FIELDS},
+                                 single_step_reg=single_step_reg)
+            optimizer.zero_grad()
+            terms["loss"].backward()
+            optimizer.step()
+    after = exact_reverse_kl(student, teacher, prompts)
+    assert after < 0.5 * before, (before, after)
