@@ -38,7 +38,7 @@ from common import hf
 from common.distributed import all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
 from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
                                 optimizer_step, save_checkpoint, unwrap, wrap_ddp)
-from common.io import append_jsonl, atomic_write_json
+from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from common.labels import seq2seq_batch, targets_and_mask
 from common.losses import cross_entropy, soft_cross_entropy
 from common.training import Throughput, dp_shard, global_count
@@ -180,8 +180,6 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
 
     accum, per_rank = cfg["gradient_accumulation_steps"], cfg["batch_size"]
     if type == "minillm":
-        store = math.ceil(num_rollouts / lay.dp_size)
-        steps_per_iter = ppo_epochs * math.ceil(store / (per_rank * accum))
         total_steps = cfg["total_iters"]
     else:
         per_step = per_rank * accum * lay.dp_size
@@ -199,6 +197,8 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
            f"{state['step']}")
     ddp = wrap_ddp(model, lay)
     log_path = os.path.join(save, "log.jsonl")
+    if lay.is_main and os.path.exists(log_path):  # a resumed run redoes the steps after its checkpoint
+        write_jsonl([r for r in read_jsonl(log_path, drop_partial_last=True) if r["step"] <= state["step"]], log_path)
     group = dp_group() if lay.dp_size > 1 else None
 
     def log(step, values):
