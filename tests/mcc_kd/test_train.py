@@ -42,7 +42,8 @@ def tiny(tmp_path_factory):
 
 
 def cfg(**kw):
-    base = dict(seed=1, max_seq_len=192, max_batch_size=3, accumulation_steps=2, shuffle=False, T=1.3, alpha=0.01)
+    base = dict(seed=1, max_seq_len=192, max_batch_size=3, accumulation_steps=2, shuffle=False, T=1.3, alpha=0.01,
+                chat_template=False, indices="logits")
     return SimpleNamespace(**{**base, **kw})
 
 
