@@ -14,7 +14,7 @@ Output: `output_file` (JSONL) gets one line per question, {"index", "instruction
 rationales]}, appended by rank 0 as soon as the question's K samples are done; rerunning the same command
 skips the questions already there (a line cut by a kill is dropped and redone), so a killed run neither
 repeats nor loses a question. At the end `train_file` (default: output_file with .json) holds the list
-{instruction, output, label} in input order: the train-file schema of mcc_kd/prepare_data.py.
+{instruction, output, label} in input order, empty samples dropped: the train-file schema of prepare_data.py.
 """
 import json
 import os
@@ -132,13 +132,16 @@ def main(task: str, input_file: str, teacher: str, output_file: str, train_file:
         if missing:
             raise UserError(f"{output_file}: questions {missing[:10]} have no rationales; rerun the same command")
         train_file = train_file or str(Path(output_file).with_suffix(".json"))
+        train = [{"instruction": done[i]["instruction"], "output": [r for r in done[i]["output"] if r.strip()],
+                  "label": done[i]["label"]} for i in range(len(items))]
+        train = [x for x in train if x["output"]]  # an empty sample (EOS first) is no rationale
         tmp = f"{train_file}.tmp"
         with open(tmp, "w") as f:
-            json.dump([{k: done[i][k] for k in ("instruction", "output", "label")} for i in range(len(items))], f,
-                      indent=1, ensure_ascii=False)
+            json.dump(train, f, indent=1, ensure_ascii=False)
         os.replace(tmp, train_file)
-        print(f"wrote {train_file}: {len(items)} questions x {samples} rationales "
-              f"(next: python mcc_kd/prepare_data.py filter --task {task} --input_file {train_file} ...)")
+        print(f"wrote {train_file}: {len(train)} of {len(items)} questions with {sum(len(x['output']) for x in train)} "
+              f"non-empty rationales (next: python mcc_kd/prepare_data.py filter --task {task} --input_file "
+              f"{train_file} ...)")
 
 
 if __name__ == "__main__":
