@@ -35,9 +35,12 @@ from mcc_kd.data import UserError, load_task_file, prompt_ids
 
 
 def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max_seq_len, max_batch_size,
-                tp_size, use_float16, use_bfloat16, seed):
-    """Process setup, tokenizer and this rank's model shard (architecture from ckpt_dir/params.json if present).
+                tp_size, use_float16, use_bfloat16, seed, config_file=None):
+    """Process setup, tokenizer and this rank's model shard. The architecture comes from `config_file` (a
+    params.json, as the original's --config_file), else ckpt_dir/params.json if present, else `model_type`.
     The tokenizer is `tokenizer_file`, else the checkpoint folder's own (tokenizer.model or an HF tokenizer.json)."""
+    if config_file is not None and not os.path.isfile(config_file):
+        raise UserError(f"--config_file {config_file}: no such file (a params.json)")
     if not os.path.isdir(ckpt_dir):
         raise UserError(f"--ckpt_dir {ckpt_dir}: no such checkpoint folder (convert one with "
                         f"`python -m common.checkpoint_split --ckpt_file MODEL --save_path {ckpt_dir}`)")
@@ -51,9 +54,10 @@ def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max
         tokenizer = load_tokenizer(tokenizer_file or ckpt_dir)
     except FileNotFoundError as e:
         raise UserError(f"{e}; pass --tokenizer_file" if tokenizer_file is None else str(e)) from None
-    has_params = os.path.exists(os.path.join(ckpt_dir, "params.json"))
+    has_params = config_file is not None or os.path.exists(os.path.join(ckpt_dir, "params.json"))
     model = load_model(ckpt_dir, model_type=None if has_params else model_type, lora_rank=lora_rank, dtype=dtype,
-                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, lora_alpha=lora_alpha)
+                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, lora_alpha=lora_alpha,
+                       params_file=config_file)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise UserError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model in {ckpt_dir} "
                         f"only {model.args.vocab_size}: pass the checkpoint's own --tokenizer_file")
@@ -131,12 +135,13 @@ def run_cli(main) -> None:
 def main(task: str, ckpt_dir: str, label_file: str, model_type: str = None, lora_dir: str = None,
          lora_rank: int = -1, lora_alpha: float = None, tokenizer_file: str = None, eval_batch_size: int = 24,
          max_seq_len: int = 512, log_dir: str = "log", tp_size: int = None, use_float16: bool = False,
-         use_bfloat16: bool = False, seed: int = None, chat_template: bool = False):
+         use_bfloat16: bool = False, seed: int = None, chat_template: bool = False, config_file: str = None):
     """Evaluate a base checkpoint, optionally with trained weights from `lora_dir` (a train.py save folder)."""
     check_task(task)
     items = load_task_file(label_file)
     lay, model, tokenizer = build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file,
-                                        max_seq_len, eval_batch_size, tp_size, use_float16, use_bfloat16, seed)
+                                        max_seq_len, eval_batch_size, tp_size, use_float16, use_bfloat16, seed,
+                                        config_file)
     if lora_dir is not None:
         load_weights(lora_dir, model, lay)
     records, metrics = evaluate(model, tokenizer, items, task, eval_batch_size, max_seq_len, lay, chat_template)

@@ -93,7 +93,7 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
             load_task_file(f, train=f == cfg.train_file)
     lay, model, tokenizer = build_model(cfg.ckpt_dir, cfg.model_type, cfg.lora_rank, cfg.lora_alpha, cfg.tokenizer_file,
                                         cfg.max_seq_len, cfg.eval_batch_size, cfg.tp_size, cfg.use_float16,
-                                        cfg.use_bfloat16, cfg.seed)
+                                        cfg.use_bfloat16, cfg.seed, cfg.config_file)
     items = load_task_file(cfg.train_file, multi_cot=multi_cot, train=True, tokenizer=tokenizer if multi_cot else None,
                            chat=cfg.chat_template, indices=getattr(cfg, "indices", "logits"))
     dev = load_task_file(cfg.dev_file) if cfg.dev_file else None
@@ -172,7 +172,7 @@ def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: s
          max_batch_size: int = 1, accumulation_steps: int = 4, eval_batch_size: int = 24, lr: float = 1e-5,
          epochs: int = 12, lora_rank: int = 64, lora_alpha: float = None, use_float16: bool = False,
          use_bfloat16: bool = False, seed: int = None, tp_size: int = None, save_steps: int = 7200,
-         shuffle: bool = False, chat_template: bool = False):
+         shuffle: bool = False, chat_template: bool = False, config_file: str = None):
     """Std-CoT fine-tuning; flags as the original's train.py, defaults as the author's SFT script (mcc_kd.md §3.3)."""
     run_training(SimpleNamespace(**locals()), sft_batch, sft_loss, multi_cot=False)
 

@@ -43,7 +43,7 @@ def tiny(tmp_path_factory):
 
 def cfg(**kw):
     base = dict(seed=1, max_seq_len=192, max_batch_size=3, accumulation_steps=2, shuffle=False, T=1.3, alpha=0.01,
-                chat_template=False, indices="logits")
+                chat_template=False, indices="logits", config_file=None)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -245,3 +245,18 @@ def test_each_indices_convention_trains_the_span_kl_on_the_logits_predicting_the
     with pytest.raises(DataError, match=rf"indices are '{indices}' positions but this run reads them as '{other}': "
                                         rf"pass --indices {indices}"):
         load_task_file(str(tmp_path / "mcc.json"), multi_cot=True, tokenizer=tok, indices=other)
+
+
+def test_config_file_gives_the_architecture_as_the_originals_flag(tiny, tmp_path):
+    import shutil
+
+    from mcc_kd.eval import build_model
+
+    bare = tmp_path / "bare"  # shards and tokenizer, params.json elsewhere
+    shutil.copytree(tiny / "ckpt", bare)
+    shutil.move(bare / "params.json", tmp_path / "params.json")
+    _, model, tok = build_model(str(bare), None, 4, None, None, 64, 2, None, False, False, 1,
+                                config_file=str(tmp_path / "params.json"))
+    reference = load_model(str(tiny / "ckpt"), max_seq_len=64, max_batch_size=2)
+    assert model.args.n_layers == reference.args.n_layers and model.args.lora_rank == 4
+    assert tok.vocab_size == reference.args.vocab_size
