@@ -83,13 +83,13 @@ def epoch_plan(n_items: int, epoch: int, cfg, lay) -> list:
 
 
 def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
-    check_task(cfg.task)
+    check_task(cfg.task)  # --dev_file "": no dev file, the test file scored every epoch (HEAD)
     cfg.seed = 1 if cfg.seed is None else cfg.seed
     if cfg.dev_file is None:
         beside = os.path.join(os.path.dirname(cfg.label_file), "dev.json")
         cfg.dev_file = beside if os.path.exists(beside) and os.path.abspath(beside) != os.path.abspath(cfg.label_file) else None
     for f in (cfg.train_file, cfg.label_file, cfg.dev_file):  # a bad file fails before the model loads
-        if f is not None:
+        if f:
             load_task_file(f, train=f == cfg.train_file)
     lay, model, tokenizer = build_model(cfg.ckpt_dir, cfg.model_type, cfg.lora_rank, cfg.lora_alpha, cfg.tokenizer_file,
                                         cfg.max_seq_len, cfg.eval_batch_size, cfg.tp_size, cfg.use_float16,
