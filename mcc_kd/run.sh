@@ -42,7 +42,7 @@ elif [ -z "${CKPT_DIR:-}" ]; then  # the main job: a real 135M instruct model on
   MODEL_TYPE=${MODEL_TYPE:-}
   TRAIN_FILE=${TRAIN_FILE:-data/SVAMP/train.json}
   LABEL_FILE=$OUT/data/test.json  # the first N_TEST items of data/SVAMP/test.json
-  : "${N_TRAIN:=64}" "${N_TEST:=40}" "${MAX_SEQ_LEN:=256}" "${LORA_RANK:=16}" "${LR:=1e-3}" "${EPOCHS:=1}"
+  : "${N_TRAIN:=32}" "${N_TEST:=30}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}" "${EPOCHS:=1}"
   : "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=30}" "${PRECISION:=--use_bfloat16 True}"
   : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=2}" "${MCC_ACCUM:=1}"
   CHAT="--chat_template True" BASE_EVAL=1
