@@ -260,3 +260,12 @@ def test_config_file_gives_the_architecture_as_the_originals_flag(tiny, tmp_path
     reference = load_model(str(tiny / "ckpt"), max_seq_len=64, max_batch_size=2)
     assert model.args.n_layers == reference.args.n_layers and model.args.lora_rank == 4
     assert tok.vocab_size == reference.args.vocab_size
+
+
+def test_a_converted_hf_model_brings_its_own_tokenizer_so_no_tokenizer_file_is_needed(smollm2_dir, tmp_path):
+    from common.tokenizer import HFTokenizer
+    from mcc_kd.eval import build_model
+
+    split(smollm2_dir, str(tmp_path / "ckpt"), n=1)
+    _, model, tok = build_model(str(tmp_path / "ckpt"), None, 4, None, None, 64, 1, None, False, False, 1)
+    assert isinstance(tok, HFTokenizer) and tok.has_chat_template and tok.vocab_size == model.args.vocab_size == 49152
