@@ -46,6 +46,22 @@ class DataError(UserError):
     pass
 
 
+def run_cli(main) -> None:
+    """fire.Fire(main); a UserError (bad data file, unknown task, missing folder) ends the run with its one line,
+    printed by rank 0 only, and exit code 1 instead of a traceback from every rank."""
+    import os
+    import sys
+
+    import fire
+
+    try:
+        fire.Fire(main)
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def _error(path, msg, item=None, field=None):
     where = str(path)
     if item is not None:

@@ -20,7 +20,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/eval.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -31,7 +30,7 @@ from common.parallel import Layout, dp_group, print0, setup
 from common.tokenizer import load_tokenizer
 from common.training import load_weights
 from mcc_kd.answers import check_task, extract_answer, is_correct
-from mcc_kd.data import UserError, load_task_file, prompt_ids
+from mcc_kd.data import UserError, load_task_file, prompt_ids, run_cli
 
 
 def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max_seq_len, max_batch_size,
@@ -119,17 +118,6 @@ def write_results(log_dir: str, task: str, split: str, records: list, metrics: d
 
 def split_name(path: str) -> str:
     return Path(path).stem
-
-
-def run_cli(main) -> None:
-    """fire.Fire(main); a UserError (bad data file, unknown task, missing folder) ends the run with its one line,
-    printed by rank 0 only, and exit code 1 instead of a traceback from every rank."""
-    try:
-        fire.Fire(main)
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def main(task: str, ckpt_dir: str, label_file: str, model_type: str = None, lora_dir: str = None,

@@ -32,8 +32,7 @@ from common.generation import generate
 from common.parallel import dp_group, setup
 from common.tokenizer import load_tokenizer
 from mcc_kd.answers import check_task
-from mcc_kd.data import UserError, load_task_file
-from mcc_kd.eval import run_cli
+from mcc_kd.data import UserError, load_task_file, run_cli
 
 
 def load_teacher(teacher: str, dtype: str, max_seq_len: int, max_batch_size: int):

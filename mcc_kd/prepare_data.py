@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from common.tokenizer import load_tokenizer
 from mcc_kd.answers import check_task, find_answer, is_correct
-from mcc_kd.data import INDICES, load_task_file, prompt_ids, rationales, write_sidecar
+from mcc_kd.data import INDICES, load_task_file, prompt_ids, rationales, run_cli, write_sidecar
 
 
 def correct_rationales(outputs: list[str], label: str, task: str) -> list[int]:
@@ -160,6 +160,4 @@ def build(source: str = "../shared/data", output: str = "data", tasks: str = "GS
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"filter": filter_file, "build": build})
+    run_cli({"filter": filter_file, "build": build})
