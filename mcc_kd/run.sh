@@ -77,10 +77,14 @@ COMMON=(--task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lr "$LR" --epoch
 [ -n "$DEV_FILE" ] && COMMON+=(--dev_file "$DEV_FILE")
 TIMES=$OUT/times.txt
 : > "$TIMES" 2>/dev/null || { mkdir -p "$OUT"; : > "$TIMES"; }
-child_cpu() { times | awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }'; }
+child_cpu() {  # CPU seconds of this shell's finished children -> CPU_NOW (`times` must run in this shell)
+  times > "$TIMES.cpu"
+  CPU_NOW=$(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.cpu")
+}
 timed() {  # timed NAME command...: wall and CPU seconds of one stage -> $TIMES (CPU shows how loaded the machine was)
-  local start=$SECONDS cpu; cpu=$(child_cpu); "${@:2}"
-  echo "$1 $((SECONDS - start)) $(awk -v a="$cpu" -v b="$(child_cpu)" 'BEGIN { printf "%.0f", b - a }')" >> "$TIMES"
+  local start=$SECONDS cpu
+  child_cpu; cpu=$CPU_NOW; "${@:2}"; child_cpu
+  echo "$1 $((SECONDS - start)) $(awk -v a="$cpu" -v b="$CPU_NOW" 'BEGIN { printf "%.0f", b - a }')" >> "$TIMES"
 }
 
 MCC_FILE=$OUT/$TASK-train-multi-cots.json
