@@ -357,9 +357,10 @@ def all_hidden_states(model, input_ids, attention_mask=None, **kwargs):
     """(logits, hidden): hidden = cat(outputs of decoder layers 0..n-2, final-normed output) [n*B, L, D] —
     transformers' `hidden_states[1:]`, also for hybrids whose RWKV blocks its output hooks do not see."""
     outputs = []
+    inner = getattr(model, "module", model).model           # through a DDP wrapper
     hooks = [layer.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.model.layers[:-1]]
-    hooks.append(model.model.norm.register_forward_hook(lambda m, a, o: outputs.append(o)))
+             for layer in inner.layers[:-1]]
+    hooks.append(inner.norm.register_forward_hook(lambda m, a, o: outputs.append(o)))
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
     finally:
