@@ -54,7 +54,8 @@ def chat_example(messages: list, tokenizer, max_len: int = 4096, pad_id: Optiona
     """UltraChat format (spec §5): [BOS] then per message "Role : " + content + "\\n\\n", prefixes and user/system
     content masked, assistant content learnt; truncated to max_len, labels shifted left with EOS last."""
     eos = tokenizer.eos_token_id
-    ids, labels = [tokenizer.bos_token_id], [IGNORE]
+    bos = tokenizer.bos_token_id
+    ids, labels = ([bos], [IGNORE]) if bos is not None else ([], [])
     for m in messages:
         role, content = m["role"], m["content"]
         if not content.endswith("\n\n"):
