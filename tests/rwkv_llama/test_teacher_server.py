@@ -73,12 +73,12 @@ def serve_main(model_dir, id_file, size, hiddens):
                  pad_id=1, backend="gloo", connect_timeout_s=CONNECT_TIMEOUT, request_timeout_s=TIMEOUT)
 
 
-def run_group(tmp_path, behaviours, server_hiddens=1, client_hiddens=1, server_cli=False):
+def run_group(tmp_path, behaviours, server_hiddens=1, client_hiddens=1, server_cli=False, **teacher_overrides):
     """Start one server and len(behaviours) clients; wait for all (bounded); return exit codes and logs.
     With server_cli the server is `python -m rwkv_llama.teacher_server` with the original's flags."""
     import multiprocessing as mp
     fork = mp.get_context("fork")
-    model_dir = save_tiny("llama", tmp_path / "teacher")
+    model_dir = save_tiny("llama", tmp_path / "teacher", **teacher_overrides)
     id_file = str(tmp_path / "nccl.txt_0")
     size = len(behaviours) + 1
     logs = [tmp_path / "server.log"] + [tmp_path / f"client{r}.log" for r in range(len(behaviours))]
@@ -160,6 +160,12 @@ def test_handshake_mismatch_names_the_field_and_the_flag(tmp_path):
     assert codes == [1, 3, 3], logs
     assert "output_all_hiddens 1 but the teacher server has 0" in logs[1]
     assert "--output_all_hiddens" in logs[1]
+
+
+def test_a_teacher_with_another_vocabulary_stops_the_handshake_with_both_sizes(tmp_path):
+    codes, logs, _ = run_group(tmp_path, ["normal"], vocab_size=256)
+    assert codes == [1, 3], logs
+    assert "student vocabulary 128 != teacher vocabulary 256" in logs[1]
 
 
 def test_a_rendezvous_file_from_another_run_is_a_clear_error(tmp_path):

@@ -170,3 +170,14 @@ def test_rwkv_parameter_groups_and_learning_rate_schedule():
     assert train.rwkv_lr(109, 1e-3, 1e-5, 10, 110) == pytest.approx(1e-5)
     assert train.rwkv_lr(59, 1e-3, 1e-5, 10, 110) == pytest.approx(1e-4)
     assert train.rwkv_lr(59, 1e-3, 0.0, 10, 110) == pytest.approx(0.5e-3)
+
+
+def test_shipped_llama31_configs_load(tmp_path):
+    folder = os.path.join(ROOT, "rwkv_llama/scripts/configs")
+    layers = {}
+    for name in sorted(os.listdir(folder)):
+        text = open(os.path.join(folder, name)).read().replace("${MODEL_ID}", "/models/llama-3.1-8b-instruct")
+        (tmp_path / name).write_text(text)
+        layers[name] = train.load_config(str(tmp_path / name), {})["layers"]
+    assert layers["hybrid_full_logits.yaml"] == list(range(32)) and layers["hybrid_tiny.yaml"] == [24]
+    assert layers["hybrid.yaml"] == list(range(0, 32, 4)) and layers["hybrid_half.yaml"] == list(range(0, 32, 2))
