@@ -8,36 +8,29 @@ uses them without a second shift.
     text:  per-language C4 folders, interleaved round-robin (c4 en/zh)  -> load_and_interleave_c4 + text_batch
 """
 import glob
-import gzip
 import json
 import os
 from typing import Optional
 
 import torch
 
+from common.io import read_jsonl
+
 IGNORE = -100
 
 
 def read_rows(path: str) -> list:
-    """All rows of a .jsonl / .jsonl.gz / .json (list) / .parquet file as dicts."""
+    """All rows of a .jsonl / .jsonl.gz / .json (a list) / .parquet file as dicts."""
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert to JSONL")
         return pq.read_table(path).to_pylist()
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if path.endswith(".json"):
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-        rows = []
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
-        return rows
+    return read_jsonl(path)
 
 
 def _tokens(tokenizer, text: str) -> list:

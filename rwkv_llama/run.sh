@@ -77,20 +77,23 @@ stage stage1 true "$STEPS1" "$LR1"
 echo "== stage 2: 0.1 KL + 1 CE from stage 1 -> $OUT/stage2"
 stage stage2 false "$STEPS2" "$LR2" --ckpt_file "$OUT/stage1/student.safetensors"
 
-echo "== held-out perplexity"
-EVAL=(--model_id "$TEACHER" "${EVAL_DATA[@]}" --max_seq_length "$LEN" --micro_bsz "$BSZ" --max_batches "$VAL_BATCHES"
-      --head_size "$HEAD_SIZE")
-python -m rwkv_llama.eval "${EVAL[@]}" --label teacher --output_dir "$OUT/eval/teacher"
-python -m rwkv_llama.eval "${EVAL[@]}" --layers "$LAYERS" --label "hybrid before distillation" --output_dir "$OUT/eval/init"
-python -m rwkv_llama.eval "${EVAL[@]}" --ckpt_file "$OUT/stage1/student.safetensors" --label "after stage 1" --output_dir "$OUT/eval/stage1"
-python -m rwkv_llama.eval "${EVAL[@]}" --ckpt_file "$OUT/stage2/student.safetensors" --label "after stage 2" --output_dir "$OUT/eval/stage2"
-
-python - "$OUT" <<'PY'
+echo "== held-out perplexity (one process: teacher, hybrid before distillation, after stage 1, after stage 2)"
+python - "$OUT" "$TEACHER" "$LAYERS" "$LEN" "$BSZ" "$VAL_BATCHES" "$HEAD_SIZE" "${EVAL_DATA[@]}" <<'PY'
 import json, os, sys
-out = sys.argv[1]
-print(f"\n| model | held-out perplexity | training time |\n|---|---|---|")
-for name, train in (("teacher", None), ("init", None), ("stage1", "stage1"), ("stage2", "stage2")):
-    m = json.load(open(os.path.join(out, "eval", name, "metrics.json")))
-    secs = open(os.path.join(out, train, "seconds")).read().strip() + " s" if train else "-"
-    print(f"| {m['label']} | {m['perplexity']:.3f} | {secs} |")
+from rwkv_llama.eval import main as evaluate
+out, teacher, layers, length, bsz, batches, head_size, *data = sys.argv[1:]
+data = dict(zip([d.lstrip("-") for d in data[::2]], data[1::2]))
+if "languages" in data:
+    data["languages"] = data["languages"].strip("[]").split(",")
+runs = [("teacher", "teacher", {}), ("init", "hybrid before distillation", dict(layers=json.loads(layers))),
+        ("stage1", "after stage 1", dict(ckpt_file=f"{out}/stage1/student.safetensors")),
+        ("stage2", "after stage 2", dict(ckpt_file=f"{out}/stage2/student.safetensors"))]
+lines = ["| model | held-out perplexity | training time |", "|---|---|---|"]
+for name, label, extra in runs:
+    evaluate(teacher, **extra, **data, max_seq_length=int(length), micro_bsz=int(bsz), max_batches=int(batches),
+             head_size=int(head_size), label=label, output_dir=f"{out}/eval/{name}")
+    m = json.load(open(f"{out}/eval/{name}/metrics.json"))
+    secs = open(f"{out}/{name}/seconds").read().strip() + " s" if name.startswith("stage") else "-"
+    lines.append(f"| {label} | {m['perplexity']:.3f} | {secs} |")
+print("\n" + "\n".join(lines))
 PY

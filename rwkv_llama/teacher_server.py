@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import atomic_write_json
+from common.io import atomic_write_json
 
 PROTOCOL = "kdzoo-rwkv-teacher/1"
 MAGIC, VERSION = 0x52574B56, 1

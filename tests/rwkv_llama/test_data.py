@@ -79,5 +79,5 @@ def test_shipped_standins_load_as_fixed_shape_rows():
 def test_a_bad_jsonl_line_names_the_file_and_line(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"messages": []}\nnot json\n')
-    with pytest.raises(ValueError, match=r"x.jsonl:2: not a JSON line"):
+    with pytest.raises(ValueError, match=r"x.jsonl:2 is not valid JSON"):
         read_rows(str(p))
