@@ -14,6 +14,7 @@ A reader never sees half a file: each write goes to `<path>.tmp.<pid>` and is re
 drops a last line cut short by a crash.
 """
 import contextlib
+import gzip
 import json
 import os
 import pickle
@@ -99,9 +100,9 @@ def atomic_folder(path: str):
 
 
 def read_jsonl(path: str, drop_partial_last: bool = False) -> list:
-    """One JSON value per non-empty line. `drop_partial_last`: ignore an unparsable last line (an append cut
-    short by a crash) instead of raising."""
-    with open(path) as f:
+    """One JSON value per non-empty line (a .gz path is read through gzip). `drop_partial_last`: ignore an
+    unparsable last line (an append cut short by a crash) instead of raising."""
+    with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path)) as f:
         lines = f.read().split("\n")
     rows = []
     for i, line in enumerate(lines, 1):

@@ -82,3 +82,11 @@ def test_bad_jsonl_line_names_file_and_line_and_a_cut_last_line_can_be_dropped(t
     with pytest.raises(ValueError, match=r"preds\.jsonl:2"):
         read_jsonl(str(path))
     assert read_jsonl(str(path), drop_partial_last=True) == [{"id": 0}]
+
+
+def test_read_jsonl_reads_gzip_files(tmp_path):
+    import gzip
+    path = str(tmp_path / "rows.jsonl.gz")
+    with gzip.open(path, "wt") as f:
+        f.write('{"id": 0}\n\n{"id": 1}\n')
+    assert read_jsonl(path) == [{"id": 0}, {"id": 1}]

@@ -1,0 +1,106 @@
+"""Held-out perplexity of a teacher or hybrid student, and greedy generation through the recurrent path.
+
+    python -m rwkv_llama.eval --model_id TEACHER --ckpt_file out/stage2/student.safetensors \
+        --val_data data/rwkv_llama/ultrachat_standin/validation.jsonl --output_dir out/eval_stage2
+    python -m rwkv_llama.eval --model_id TEACHER --layers '[0,2]' ...   # the hybrid before distillation
+    python -m rwkv_llama.eval --model_id TEACHER ...                      # the teacher itself
+
+Writes {output_dir}/metrics.json (perplexity, CE, tokens, seconds) and predictions.jsonl (prompt, greedy
+continuation). Perplexity is exp of the token-mean CE over the rows' pre-shifted labels (no second shift).
+"""
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from common import hf
+from common.io import atomic_write_json, write_jsonl
+from common.losses import cross_entropy
+from rwkv_llama.data import IGNORE, collate, read_rows
+from rwkv_llama.model import build_hybrid, greedy_generate, head_size_for
+from rwkv_llama.train import load_rows, load_student
+
+
+def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str = "block",
+                head_size: int = 64, kv_layout: str = "tile", seed: int = 0):
+    """The teacher (no layers, no ckpt_file), a freshly initialised hybrid (layers), or a trained student
+    (ckpt_file; its layers and mode come from the .json written beside it)."""
+    teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
+    if ckpt_file:
+        with open(ckpt_file + ".json") as f:
+            meta = json.load(f)
+        layers, mode, head_size, kv_layout = meta["layers"], meta["mode"], meta["head_size"], meta["kv_layout"]
+    if layers is None:
+        return teacher
+    torch.manual_seed(seed)
+    student = build_hybrid(teacher, list(layers), mode, head_size=head_size_for(teacher.config.hidden_size, head_size),
+                           kv_layout=kv_layout)
+    if ckpt_file:
+        load_student(student, ckpt_file)
+    return student.eval()
+
+
+@torch.no_grad()
+def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = None) -> dict:
+    from tqdm import tqdm
+
+    total, count = 0.0, 0
+    batches = [collate(rows[s:s + micro_bsz]) for s in range(0, len(rows), micro_bsz)][:max_batches]
+    for b in tqdm(batches, desc="perplexity", file=sys.stdout):
+        attn = (torch.arange(b["input_ids"].shape[1])[None] < b["lengths"][:, None]).long()
+        logits = model(input_ids=b["input_ids"], attention_mask=attn).logits
+        mask = b["labels"] != IGNORE
+        total += float(cross_entropy(logits, target_ids=b["labels"].clamp(min=0), mask=mask, normalizer=1.0))
+        count += int(mask.sum())
+    ce = total / max(count, 1)
+    return dict(perplexity=math.exp(ce), ce=ce, tokens=count)
+
+
+def chat_prompts(path: str, n: int) -> list:
+    """The first user turn of each conversation, in the training format, ready for "Assistant : "."""
+    out = []
+    for row in read_rows(path)[:n]:
+        user = row["messages"][0]["content"]
+        out.append(f"User : {user}" + ("" if user.endswith("\n\n") else "\n\n") + "Assistant : ")
+    return out
+
+
+def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str = "block", head_size: int = 64,
+         kv_layout: str = "tile", val_data: Optional[str] = None, c4_data: Optional[str] = None,
+         languages=("en", "zh"), max_seq_length: int = 512, micro_bsz: int = 4, max_batches: Optional[int] = None,
+         n_prompts: int = 4, max_new_tokens: int = 32, output_dir: str = "out/rwkv_llama_eval", label: str = ""):
+    if bool(val_data) == bool(c4_data):
+        raise ValueError("pass exactly one of --val_data (UltraChat-style JSONL) or --c4_data DIR (validation split)")
+    t0 = time.perf_counter()
+    tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
+    tokenizer.pad_token = tokenizer.eos_token
+    model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout)
+    rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
+    metrics = dict(label=label, **perplexity(model, rows, micro_bsz, max_batches))
+    predictions = []
+    if val_data and n_prompts:
+        for prompt in chat_prompts(val_data, n_prompts):
+            bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+            ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            out = greedy_generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_token_id)
+            predictions.append(dict(prompt=prompt, prediction=tokenizer.decode(out, skip_special_tokens=True)))
+    metrics["seconds"] = time.perf_counter() - t0
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_json(metrics, os.path.join(output_dir, "metrics.json"))
+    write_jsonl(predictions, os.path.join(output_dir, "predictions.jsonl"))
+    print(f"{label or model_id}: perplexity {metrics['perplexity']:.3f} over {metrics['tokens']} tokens "
+          f"({metrics['seconds']:.1f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    import fire
+
+    try:
+        fire.Fire(main)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,228 @@
+"""rwkv_llama/teacher_server.py for real: a server process and client processes on gloo over loopback, each
+bounded in time and killed in the end. The in-process teacher is the oracle."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rwkv_llama.teacher_server import InProcessTeacher, TeacherClient, TeacherError, teacher_outputs
+from tests.tiny import save_tiny, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+B, L, ROUNDS, TIMEOUT = 2, 8, 3, 20
+CONNECT_TIMEOUT = 120    # a fresh interpreter may take a minute to import torch on a busy machine
+
+
+def client_inputs(rank: int, round_: int):
+    g = torch.Generator().manual_seed(100 * rank + round_)
+    ids = torch.randint(4, 100, (B, L), generator=g)
+    lengths = torch.tensor([L, L - 3 - rank])
+    return ids, lengths
+
+
+def client_main(id_file: str, rank: int, size: int, out: str, behaviour: str = "normal", hiddens: int = 1):
+    """One trainer: ROUNDS requests, results saved to `out`, then SHUTDOWN. Run as its own process."""
+    model = tiny_model("llama")
+    try:
+        client = TeacherClient(id_file, rank, size, batch=B, length=L, vocab=model.config.vocab_size,
+                               hidden=model.config.hidden_size, n_layers=model.config.num_hidden_layers,
+                               pad_id=1, output_all_hiddens=bool(hiddens), backend="gloo",
+                               connect_timeout_s=CONNECT_TIMEOUT, reply_timeout_s=TIMEOUT)
+        results = []
+        for r in range(ROUNDS):
+            ids, lengths = client_inputs(rank, r)
+            if behaviour == "die" and r == 1:
+                os._exit(9)                                   # as a kill -9 would: no goodbye
+            if behaviour == "wrong_shape" and r == 1:
+                ids, lengths = ids[:, :-1], lengths           # one position short
+            logits, hidden = client.forward(ids, lengths)
+            results.append(dict(logits=logits, hidden=hidden))
+        client.shutdown()
+        torch.save(results, out)
+    except TeacherError as e:
+        print(f"TeacherError: {e}", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+def _in_child(fn, log_path, *args):
+    """Run fn(*args) in a forked process (torch is already imported: starts in milliseconds, unlike a fresh
+    interpreter on a busy machine), its output to log_path; the exit code is fn's."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+    try:
+        code = fn(*args)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    os._exit(code or 0)
+
+
+def serve_main(model_dir, id_file, size, hiddens):
+    from transformers import AutoModelForCausalLM
+    from rwkv_llama.teacher_server import serve
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return serve(model, batch=B, length=L, size=size, nccl_id_file=id_file, output_all_hiddens=bool(hiddens),
+                 pad_id=1, backend="gloo", connect_timeout_s=CONNECT_TIMEOUT, request_timeout_s=TIMEOUT)
+
+
+def run_group(tmp_path, behaviours, server_hiddens=1, client_hiddens=1, server_cli=False, **teacher_overrides):
+    """Start one server and len(behaviours) clients; wait for all (bounded); return exit codes and logs.
+    With server_cli the server is `python -m rwkv_llama.teacher_server` with the original's flags."""
+    import multiprocessing as mp
+    fork = mp.get_context("fork")
+    model_dir = save_tiny("llama", tmp_path / "teacher", **teacher_overrides)
+    id_file = str(tmp_path / "nccl.txt_0")
+    size = len(behaviours) + 1
+    logs = [tmp_path / "server.log"] + [tmp_path / f"client{r}.log" for r in range(len(behaviours))]
+    if server_cli:
+        flags = ["--model_id", model_dir, "--batch", B, "--length", L, "--size", size, "--nccl_id_file", id_file,
+                 "--device_id", 0, "--backend", "gloo", "--request_timeout_s", TIMEOUT, "--connect_timeout_s",
+                 CONNECT_TIMEOUT] + (["--output_all_hiddens"] if server_hiddens else [])
+        server = subprocess.Popen([sys.executable, "-m", "rwkv_llama.teacher_server", *map(str, flags)], cwd=ROOT,
+                                  stdout=open(logs[0], "w"), stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    else:
+        server = fork.Process(target=_in_child, args=(serve_main, logs[0], model_dir, id_file, size, server_hiddens))
+        server.start()
+    clients = [fork.Process(target=_in_child, args=(client_main, logs[1 + r], id_file, r, size,
+                                                     str(tmp_path / f"out{r}.pt"), behaviour, client_hiddens))
+               for r, behaviour in enumerate(behaviours)]
+    for c in clients:
+        c.start()
+    deadline = time.monotonic() + CONNECT_TIMEOUT + 3 * TIMEOUT
+    try:
+        if server_cli:
+            codes = [server.wait(timeout=max(1, deadline - time.monotonic()))]
+        else:
+            server.join(max(1, deadline - time.monotonic()))
+            codes = [server.exitcode]
+        for c in clients:
+            c.join(max(1, deadline - time.monotonic()))
+            codes.append(c.exitcode)
+    finally:
+        for p in [server, *clients]:            # nothing is left running, whatever happened
+            if (p.poll() if server_cli and p is server else p.exitcode) is None:
+                p.kill()
+                p.wait() if p is server and server_cli else p.join()
+    return codes, [open(f).read() for f in logs], model_dir
+
+
+def test_two_clients_get_exactly_what_the_in_process_teacher_gives_and_all_exit_0(tmp_path):
+    codes, logs, model_dir = run_group(tmp_path, ["normal", "normal"], server_cli=True)
+    assert codes == [0, 0, 0], logs
+    from transformers import AutoModelForCausalLM
+    teacher = InProcessTeacher(AutoModelForCausalLM.from_pretrained(model_dir), output_all_hiddens=True)
+    n = teacher.model.config.num_hidden_layers
+    got = [torch.load(tmp_path / f"out{r}.pt", weights_only=True) for r in range(2)]
+    for r_ in range(ROUNDS):
+        # the server's batched forward over the gathered group, computed in-process: equal bit for bit
+        inputs = [client_inputs(rank, r_) for rank in range(2)]
+        logits, hidden = teacher.forward(torch.cat([x for x, _ in inputs]), torch.cat([n_ for _, n_ in inputs]))
+        hidden = hidden.view(n, 2 * B, L, -1)
+        for rank in range(2):
+            rows = slice(rank * B, (rank + 1) * B)
+            torch.testing.assert_close(got[rank][r_]["logits"], logits[rows], atol=0, rtol=0)
+            torch.testing.assert_close(got[rank][r_]["hidden"], hidden[:, rows].reshape(n * B, L, -1), atol=0,
+                                       rtol=0)
+            # and what the client's own batch gives in-process (same maths, another batch size)
+            own_logits, own_hidden = teacher.forward(*inputs[rank])
+            torch.testing.assert_close(got[rank][r_]["logits"], own_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[rank][r_]["hidden"], own_hidden, atol=1e-5, rtol=1e-5)
+    assert "all clients shut down" in logs[0]
+
+
+def test_a_client_that_disconnects_stops_the_server_and_the_other_client(tmp_path):
+    t0 = time.monotonic()
+    codes, logs, _ = run_group(tmp_path, ["normal", "die"])
+    assert time.monotonic() - t0 < 2 * TIMEOUT + 30
+    assert codes[0] == 1 and codes[1] == 3 and codes[2] == 9, logs
+    assert "client 1 failed" in logs[0]
+    assert "TeacherError" in logs[1] and "client 1 failed" in logs[1]
+
+
+def test_a_client_sending_a_wrong_shape_stops_everyone_with_the_field_named(tmp_path):
+    codes, logs, _ = run_group(tmp_path, ["wrong_shape", "normal"])
+    assert codes == [1, 3, 3], logs
+    for log in logs:
+        assert "client 0 sent a request with length 7, but 8 was agreed" in log
+
+
+def test_handshake_mismatch_names_the_field_and_the_flag(tmp_path):
+    codes, logs, _ = run_group(tmp_path, ["normal", "normal"], server_hiddens=0)
+    assert codes == [1, 3, 3], logs
+    assert "output_all_hiddens 1 but the teacher server has 0" in logs[1]
+    assert "--output_all_hiddens" in logs[1]
+
+
+def test_a_teacher_with_another_vocabulary_stops_the_handshake_with_both_sizes(tmp_path):
+    codes, logs, _ = run_group(tmp_path, ["normal"], vocab_size=256)
+    assert codes == [1, 3], logs
+    assert "student vocabulary 128 != teacher vocabulary 256" in logs[1]
+
+
+def test_a_rendezvous_file_from_another_run_is_a_clear_error(tmp_path):
+    stale = tmp_path / "nccl.txt_0"
+    from tests.distributed import free_port
+    stale.write_text(json.dumps(dict(protocol="kdzoo-rwkv-teacher/1", host="127.0.0.1", port=free_port(), size=2,
+                                     backend="gloo", nonce=123, pid=1)))
+    with pytest.raises(TeacherError, match="a rendezvous file from another run"):
+        TeacherClient(str(stale), 0, 2, batch=B, length=L, vocab=128, hidden=32, n_layers=2, pad_id=1,
+                      backend="gloo", connect_timeout_s=2)
+    stale.write_text('{"nccl_id": [1, 2, 3]}')      # the original cupy server's file
+    with pytest.raises(ValueError, match="protocol None"):
+        TeacherClient(str(stale), 0, 2, batch=B, length=L, vocab=128, hidden=32, n_layers=2, pad_id=1,
+                      backend="gloo", connect_timeout_s=2)
+
+
+def test_in_process_teacher_masks_by_length_not_by_eos():
+    model = tiny_model("llama")
+    ids = torch.full((1, 6), 1)                       # every id is eos: the original would mask all of them
+    logits, _ = teacher_outputs(model, ids, torch.tensor([6]), False)
+    torch.testing.assert_close(logits, model(ids).logits)
+
+
+def grouped_client_main(prefix: str, rank: int, out: str):
+    from rwkv_llama.teacher_server import client_for_rank
+    model = tiny_model("llama")
+    client = client_for_rank(prefix, rank, 2, 2, batch=B, length=L, vocab=model.config.vocab_size,
+                             hidden=model.config.hidden_size, n_layers=model.config.num_hidden_layers, pad_id=1,
+                             backend="gloo", connect_timeout_s=CONNECT_TIMEOUT, reply_timeout_s=TIMEOUT)
+    logits, _ = client.forward(*client_inputs(rank, 0))
+    client.shutdown()
+    torch.save(logits, out)
+    return 0
+
+
+def test_two_servers_serve_two_groups_as_the_original_layout(tmp_path):
+    import multiprocessing as mp
+    fork = mp.get_context("fork")
+    model_dir = save_tiny("llama", tmp_path / "teacher")
+    prefix = str(tmp_path / "nccl.txt")
+    procs = [fork.Process(target=_in_child, args=(serve_main, tmp_path / f"server{g}.log", model_dir,
+                                                   f"{prefix}_{g}", 2, 0)) for g in range(2)]
+    procs += [fork.Process(target=_in_child, args=(grouped_client_main, tmp_path / f"client{r}.log", prefix, r,
+                                                    str(tmp_path / f"out{r}.pt"))) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(CONNECT_TIMEOUT + TIMEOUT)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+    from transformers import AutoModelForCausalLM
+    teacher = InProcessTeacher(AutoModelForCausalLM.from_pretrained(model_dir))
+    for r in range(2):
+        logits, _ = teacher.forward(*client_inputs(r, 0))
+        torch.testing.assert_close(torch.load(tmp_path / f"out{r}.pt", weights_only=True), logits, atol=0, rtol=0)

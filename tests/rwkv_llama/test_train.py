@@ -1,0 +1,192 @@
+"""rwkv_llama/train.py end to end on a tiny Llama teacher: both stages learn, kill -9 + rerun is exact, the
+served teacher trains like the in-process one, and bad configuration is one clear line."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from common.io import read_tensors
+from rwkv_llama import train
+from tests.tiny import save_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+C4 = os.path.join(ROOT, "data/rwkv_llama/c4_standin")
+CONFIG = """RWKV:
+  layers: [0, 1]
+  grad_cp: 1
+Llama:
+  model_id: {teacher}
+kl_weight: 0.1
+ce_weight: 1
+model_file: tiny
+teach_mode:
+  is_client: False
+  nccl_file: {nccl}
+  is_hidden_align: True
+  num_groups: 1
+is_sft: False
+is_llama_ffn: False
+is_rwkv_att_only: False
+is_all_labels_kl: False
+"""
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rwkv_train")
+    teacher = save_tiny("llama", d / "teacher")
+    (d / "hybrid.yaml").write_text(CONFIG.format(teacher=teacher, nccl=d / "nccl.txt"))
+    return d
+
+
+def run(d, out, **flags):
+    args = dict(config_file=str(d / "hybrid.yaml"), output_dir=str(out), c4_data=C4, languages=["en", "gsm8k"],
+                max_seq_length=32, micro_bsz=4, head_size=8, chunk_len=8, lr_init=3e-3, lr_final=3e-3,
+                log_every_n_steps=1000, max_val_batches=2, grad_cp=1)
+    args.update(flags)
+    train.main(**args)
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_stage1_then_stage2_reduce_their_losses(setup_dir, tmp_path):
+    s1 = run(setup_dir, tmp_path / "s1", max_steps=24)
+    assert [r["hidden_mse"] for r in s1][-1] < 0.8 * s1[0]["hidden_mse"]
+    s2 = run(setup_dir, tmp_path / "s2", max_steps=24, is_hidden_align=False,
+             ckpt_file=str(tmp_path / "s1/student.safetensors"))
+    first, last = (sum(r["loss"] for r in rows) / 4 for rows in (s2[:4], s2[-4:]))
+    assert last < first and {"kl", "ce"} <= set(s2[0])
+    # stage 2 started from stage 1's student, not from a fresh one
+    w1 = read_tensors(str(tmp_path / "s1/student.safetensors"))
+    assert set(read_tensors(str(tmp_path / "s2/student.safetensors"))) == set(w1)
+
+
+def _killed_run(d, out):
+    """Stage 2 that SIGKILLs itself after its 5th optimiser step (checkpoint at 3): no cleanup of any kind."""
+    real = train.optimizer_step
+    calls = []
+
+    def step_then_die(*a, **k):
+        norm = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return norm
+    train.optimizer_step = step_then_die
+    run(d, out, max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1)
+    os._exit(0)
+
+
+def test_kill_9_during_stage_2_then_rerun_gives_the_weights_of_an_uninterrupted_run(setup_dir, tmp_path):
+    import multiprocessing as mp
+    run(setup_dir, tmp_path / "whole", max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1)
+    child = mp.get_context("fork").Process(target=_killed_run, args=(setup_dir, tmp_path / "cut"))
+    child.start()
+    child.join(300)
+    assert child.exitcode == -signal.SIGKILL
+    assert not (tmp_path / "cut/student.safetensors").exists()
+    assert os.path.exists(tmp_path / "cut/checkpoints/step-00000003/state.json")
+    run(setup_dir, tmp_path / "cut", max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1)
+    a = read_tensors(str(tmp_path / "whole/student.safetensors"))
+    b = read_tensors(str(tmp_path / "cut/student.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def _trainer(d, out, rank, port, served=True):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    run(d, out, max_steps=4, is_client=served, is_hidden_align=True, connect_timeout_s=120, reply_timeout_s=60)
+    os._exit(0)
+
+
+def _server(d, id_file):
+    from transformers import AutoModelForCausalLM
+    from rwkv_llama.teacher_server import serve
+    model = AutoModelForCausalLM.from_pretrained(str(d / "teacher")).eval()
+    os._exit(serve(model, batch=4, length=32, size=3, nccl_id_file=id_file, output_all_hiddens=True, pad_id=1,
+                   backend="gloo", connect_timeout_s=120, request_timeout_s=60))
+
+
+def _run_all(procs):
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(300)
+        assert [p.exitcode for p in procs] == [0] * len(procs)
+    finally:
+        for p in procs:            # nothing is left running
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+
+
+def test_two_ddp_trainers_on_a_teacher_server_train_as_with_the_in_process_teacher(setup_dir, tmp_path):
+    import multiprocessing as mp
+    from tests.distributed import free_port
+    fork = mp.get_context("fork")
+    port = free_port()
+    _run_all([fork.Process(target=_server, args=(setup_dir, str(setup_dir / "nccl.txt_0")))] +
+             [fork.Process(target=_trainer, args=(setup_dir, tmp_path / "served", r, port)) for r in range(2)])
+    port = free_port()
+    _run_all([fork.Process(target=_trainer, args=(setup_dir, tmp_path / "local", r, port, False)) for r in range(2)])
+    served = read_tensors(str(tmp_path / "served/student.safetensors"))
+    local = read_tensors(str(tmp_path / "local/student.safetensors"))
+    for k in served:   # the server's batched forward over both trainers' rows differs from each rank's own in ulps
+        torch.testing.assert_close(served[k], local[k], atol=1e-4, rtol=1e-4)
+    rows = [json.loads(line) for line in open(tmp_path / "served/metrics.jsonl")]
+    assert len(rows) == 4 and all(r["hidden_mse"] > 0 for r in rows)
+    final = json.load(open(tmp_path / "served/final_metrics.json"))
+    assert final["val_hidden_mse"] > 0
+
+
+def test_config_field_of_the_wrong_type_is_one_clear_line(setup_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((setup_dir / "hybrid.yaml").read_text().replace("num_groups: 1", "num_groups: '2'"))
+    with pytest.raises(ValueError, match=r"bad.yaml: field teach_mode.num_groups must be int, got str '2'"):
+        train.load_config(str(bad), {})
+    with pytest.raises(ValueError, match=r"--kl_weight must be float, got str 'high'"):
+        train.load_config(str(setup_dir / "hybrid.yaml"), {"kl_weight": "high"})
+    with pytest.raises(ValueError, match=r"unknown field 'teach_mode.num_group'"):
+        bad.write_text((setup_dir / "hybrid.yaml").read_text().replace("num_groups:", "num_group:"))
+        train.load_config(str(bad), {})
+    cfg = train.load_config(str(setup_dir / "hybrid.yaml"), {"layers": (1,), "is_client": "true"})
+    assert cfg["layers"] == [1] and cfg["is_client"] is True and cfg["kl_weight"] == 0.1
+
+
+def test_a_layer_index_outside_the_teacher_stops_training_with_the_field_named(setup_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"RWKV.layers: layer index \[7\] is outside the model"):
+        run(setup_dir, tmp_path / "x", max_steps=1, layers=[0, 7])
+
+
+def test_rwkv_parameter_groups_and_learning_rate_schedule():
+    from rwkv_llama.model import build_hybrid
+    from tests.tiny import tiny_model
+    student = build_hybrid(tiny_model("llama"), [1], head_size=8)
+    groups = {g["name"]: g for g in train.param_groups(student, 0.1)}
+    assert groups["time_decay"]["lr"] == 2.0 and groups["time_decay"]["weight_decay"] == 0.0
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["lora"]["weight_decay"] == 0.0
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert {names[id(p)].split(".")[-1] for p in groups["lora"]["params"]} == {
+        "time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"}
+    assert {names[id(p)].split(".")[-1] for p in groups["time_decay"]["params"]} == {"time_decay"}
+    # warmup from 1 %, exponential from lr_init to lr_final, linear when one end is 0
+    assert train.rwkv_lr(0, 1e-3, 1e-5, 10, 110) == pytest.approx(1e-3 * 0.01)
+    assert train.rwkv_lr(5, 1e-3, 1e-5, 10, 110) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+    assert train.rwkv_lr(109, 1e-3, 1e-5, 10, 110) == pytest.approx(1e-5)
+    assert train.rwkv_lr(59, 1e-3, 1e-5, 10, 110) == pytest.approx(1e-4)
+    assert train.rwkv_lr(59, 1e-3, 0.0, 10, 110) == pytest.approx(0.5e-3)
+
+
+def test_shipped_llama31_configs_load(tmp_path):
+    folder = os.path.join(ROOT, "rwkv_llama/scripts/configs")
+    layers = {}
+    for name in sorted(os.listdir(folder)):
+        text = open(os.path.join(folder, name)).read().replace("${MODEL_ID}", "/models/llama-3.1-8b-instruct")
+        (tmp_path / name).write_text(text)
+        layers[name] = train.load_config(str(tmp_path / name), {})["layers"]
+    assert layers["hybrid_full_logits.yaml"] == list(range(32)) and layers["hybrid_tiny.yaml"] == [24]
+    assert layers["hybrid.yaml"] == list(range(0, 32, 4)) and layers["hybrid_half.yaml"] == list(range(0, 32, 2))
