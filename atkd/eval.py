@@ -138,9 +138,9 @@ def load_model(model_path: str, bf16: bool):
 
 
 def predict(model, tokenizer, prompts: list, *, max_new_tokens: int = 256, batch_size: int = 16,
-            desc: str = "generate") -> tuple:
+            desc: str | None = "generate") -> tuple:
     """Greedy continuations, left-padded batches, cut at EOS and stripped. Prompts longer than the model's
-    context minus max_new_tokens keep their last tokens (their count is returned)."""
+    context minus max_new_tokens keep their last tokens (their count is returned). desc=None: no progress bar."""
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     room = None if limit is None else limit - max_new_tokens
     if room is not None and room < 1:
@@ -148,7 +148,7 @@ def predict(model, tokenizer, prompts: list, *, max_new_tokens: int = 256, batch
                          f"of {limit} tokens; lower --max_new_tokens")
     eos = tokenizer.eos_token_id
     predictions, truncated = [], 0
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
         ids = [tokenizer(p).input_ids for p in prompts[start:start + batch_size]]
         if room is not None:
             truncated += sum(len(x) > room for x in ids)
