@@ -341,8 +341,8 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
         if save_strategy == "epoch" and (step + 1) % steps_per_epoch == 0 and lay.is_main:
             student.save_pretrained(out / f"epoch-{(step + 1) // steps_per_epoch}")
     if lay.is_main:
-        student.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        student.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
     _interim.shutdown()
 
 

@@ -114,7 +114,7 @@ def test_a_short_run_of_each_kl_method_reduces_its_loss(tmp_path, kl_method):
                lr_scheduler_type="constant", model_max_length=64)
     loss = [r["loss"] for r in _metrics(out)]  # the same 4 items every step
     assert len(loss) == 12 and loss[-1] < 0.7 * loss[0], loss
-    assert (out / "model.safetensors").exists()
+    assert (out / "model" / "model.safetensors").exists()
 
 
 def test_step_record_holds_loss_terms_lr_grad_norm_and_throughput(tmp_path):
@@ -157,10 +157,10 @@ def test_kill_9_during_an_on_policy_run_and_rerun_gives_the_uninterrupted_weight
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "b" / "model.safetensors").exists()
+    assert not (tmp_path / "b" / "model" / "model.safetensors").exists()
     done = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     assert "resumed from" in done.stdout
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    a, b = load_file(tmp_path / "a" / "model" / "model.safetensors"), load_file(tmp_path / "b" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in _metrics(tmp_path / "b")] == [1, 2, 3, 4]
 
@@ -182,7 +182,7 @@ def test_torchrun_with_the_released_flags_matches_one_process(tmp_path):
     single = _run_cmd(student, teacher, data, str(tmp_path / "one"), per_device_train_batch_size=1,
                       gradient_accumulation_steps=4, **released)
     subprocess.run(single, check=True, env=env, capture_output=True)
-    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    a, b = load_file(tmp_path / "ddp" / "model" / "model.safetensors"), load_file(tmp_path / "one" / "model" / "model.safetensors")
     # equal up to float summation order (Adam turns 1e-7 gradient differences into ~1e-6 weight differences)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     ra, rb = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "one")
