@@ -1,4 +1,4 @@
-"""ATKD data: the Alpaca-GPT4 loader, the offline teacher JSONL, the evaluation sets and their prompts (atkd.md §4, §7).
+"""ATKD data: the Alpaca-GPT4 loader, the offline teacher JSONL, the evaluation sets, their prompts (atkd.md §4, §7).
 
 Files
     Alpaca-GPT4 JSON list   {instruction, input, output}                 load_training_data(path)
@@ -12,6 +12,8 @@ Templates (kept as released; training and evaluation differ):
                (the "### Input" block dropped when input is empty or absent)
 """
 import json
+import os
+import sys
 from pathlib import Path
 
 TRAIN_PROMPT = "Human:\n{input}\n\nAssistant:\n"
@@ -21,6 +23,19 @@ EVAL_PROMPT_NO_INPUT = "Human:\n### Instruction:\n{instruction}\n\nAssistant:\n"
 
 class DataError(ValueError):
     pass
+
+
+def run_cli(fn) -> None:
+    """fire.Fire(fn); bad input (a ValueError: unknown flag value, malformed data, mismatched models, missing
+    folder) ends the run with its one line on stderr, from rank 0 only, and exit code 1."""
+    import fire
+
+    try:
+        fire.Fire(fn)
+    except (ValueError, FileNotFoundError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _read_records(path) -> list:
@@ -41,7 +56,8 @@ def _read_records(path) -> list:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a .jsonl file needs that suffix") from None
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a .jsonl file needs that "
+                        "suffix") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records

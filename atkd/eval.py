@@ -20,15 +20,16 @@ import re
 import sys
 from pathlib import Path
 
-import fire
 import torch
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atkd.data import load_eval_set  # noqa: E402
+from atkd.data import load_eval_set, run_cli  # noqa: E402
+from common import hf  # noqa: E402
 from common.generation import generate  # noqa: E402
+from common.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl  # noqa: E402
 
 EVAL_SETS = ("dolly", "self-inst", "vicuna", "koala", "wizardlm")
 JUDGE_MODEL = "gpt-3.5-turbo-1106"  # what the released code called (its file is named after GPT-4)
@@ -109,7 +110,7 @@ def load_judge(spec: str):
 
 
 def _read_jsonl(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(str(path), drop_partial_last=True) if path.exists() else []
 
 
 def run_judge(folder: Path, judge) -> None:
@@ -117,24 +118,16 @@ def run_judge(folder: Path, judge) -> None:
     so an interrupted run of a paid API resumes where it stopped)."""
     requests = _read_jsonl(folder / "judge_requests.jsonl")
     done = {r["id"] for r in _read_jsonl(folder / "judge_replies.jsonl")}
-    with open(folder / "judge_replies.jsonl", "a") as f:
-        for request in tqdm([r for r in requests if r["id"] not in done], desc=f"judge {folder.name}"):
-            f.write(json.dumps(dict(id=request["id"], reply=judge(request)), ensure_ascii=False) + "\n")
-            f.flush()
+    for request in tqdm([r for r in requests if r["id"] not in done], desc=f"judge {folder.name}"):
+        append_jsonl(str(folder / "judge_replies.jsonl"), dict(id=request["id"], reply=judge(request)))
 
 
 # ---- generation ----
 
-def load_model(model_path: str, bf16: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_model(model_path: str, bf16: bool, flag: str = "--model_path"):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    model = hf.load_model(model_path, dtype="bfloat16" if bf16 else "float32", device=device, frozen=True, flag=flag)
+    return model, hf.load_tokenizer(model_path, flag)
 
 
 def predict(model, tokenizer, prompts: list, *, max_new_tokens: int = 256, batch_size: int = 16,
@@ -194,11 +187,10 @@ def main(model_path: str = None, output_dir: str = "runs/atkd/eval", data_dir: s
             scores = rouge_l(preds, [x["references"] for x in items])
             records = [dict(instruction=x["instruction"], input=x["input"], reference=x["references"][0],
                             prediction=p, rougeL=s) for x, p, s in zip(items, preds, scores)]
-            (folder / "predictions.json").write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+            atomic_write_json(records, str(folder / "predictions.json"))
             requests = [judge_request(i, r["instruction"], r["prediction"], r["reference"], judge_model)
                         for i, r in enumerate(records)]
-            (folder / "judge_requests.jsonl").write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in requests))
+            write_jsonl(requests, str(folder / "judge_requests.jsonl"))
             (folder / "judge_replies.jsonl").unlink(missing_ok=True)  # replies to older predictions
             if truncated:
                 print(f"{name}: {truncated} prompts longer than the context were cut to their last tokens")
@@ -212,11 +204,11 @@ def main(model_path: str = None, output_dir: str = "runs/atkd/eval", data_dir: s
         if replies:
             result.update(judge_score([r.get("reply") for r in replies]))
         results[name] = result
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_json(results, str(out / "results.json"))
     table = _results_table(results)
-    (out / "results.md").write_text(table)
+    atomic_write_text(table, str(out / "results.md"))
     print(table, end="")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -9,41 +9,34 @@ teacher_output: the teacher's greedy continuation (cut at EOS, stripped), output
 Lines are appended and flushed batch by batch: rerun the same command after an interruption and it continues
 after the last complete line, having checked that the lines already there belong to this data file.
 """
-import json
-import os
 import sys
 from pathlib import Path
 
-import fire
 from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atkd.data import DataError, load_training_data  # noqa: E402
+from atkd.data import DataError, load_training_data, run_cli  # noqa: E402
 from atkd.eval import load_model, predict  # noqa: E402
+from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
 
 
 def _done_lines(path: Path, items: list, data_path) -> int:
-    """Complete lines already written (a torn last line is cut off), each checked against its data item."""
+    """Complete lines already written (a torn last line is dropped), each checked against its data item."""
     if not path.exists():
         return 0
-    raw = path.read_bytes()
-    complete = raw[:raw.rfind(b"\n") + 1]
-    if len(complete) != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    lines = complete.decode().splitlines()
-    if len(lines) > len(items):
-        raise DataError(f"{path}: {len(lines)} lines but {data_path} has {len(items)} items; it was generated from "
+    rows = read_jsonl(str(path), drop_partial_last=True)
+    if len(rows) > len(items):
+        raise DataError(f"{path}: {len(rows)} lines but {data_path} has {len(items)} items; it was generated from "
                         "another data file: delete it or choose another --output_path")
-    for i, line in enumerate(lines):
-        record = json.loads(line)
+    for i, record in enumerate(rows):
         for field, expected in (("instruction", items[i]["prompt"]), ("output", items[i]["output"])):
             if record.get(field) != expected:
                 raise DataError(f"{path}: line {i + 1}: field '{field}' does not match item {i} of {data_path}; it "
                                 "was generated from another data file: delete it or choose another --output_path")
-    return len(lines)
+    write_jsonl(rows, str(path))  # without the torn line, so that appends start on a fresh line
+    return len(rows)
 
 
 def main(teacher_model_path: str, data_path: str, output_path: str, max_new_tokens: int = 256,
@@ -55,20 +48,17 @@ def main(teacher_model_path: str, data_path: str, output_path: str, max_new_toke
     if start == len(items):
         print(f"{path}: complete ({len(items)} lines)")
         return
-    model, tokenizer = load_model(teacher_model_path, bf16)
+    model, tokenizer = load_model(teacher_model_path, bf16, flag="--teacher_model_path")
     bar = tqdm(total=len(items), initial=start, desc="teacher outputs")
-    with open(path, "a") as f:
-        for begin in range(start, len(items), batch_size):
-            batch = items[begin:begin + batch_size]
-            outputs, _ = predict(model, tokenizer, [x["prompt"] for x in batch], max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, desc=None)
-            f.write("".join(json.dumps(dict(instruction=x["prompt"], teacher_output=o, output=x["output"]),
-                                       ensure_ascii=False) + "\n" for x, o in zip(batch, outputs)))
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
+    for begin in range(start, len(items), batch_size):
+        batch = items[begin:begin + batch_size]
+        outputs, _ = predict(model, tokenizer, [x["prompt"] for x in batch], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, desc=None)
+        append_jsonl(str(path), *(dict(instruction=x["prompt"], teacher_output=o, output=x["output"])
+                                   for x, o in zip(batch, outputs)))
+        bar.update(len(batch))
     bar.close()
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -26,8 +26,8 @@ DATA=${DATA:-data/atkd/alpaca_gpt4_standin.json}
 SAMPLE=${SAMPLE:-teacher}
 if [ -z "${REAL:-}" ]; then
   OUT=${OUT:-runs/atkd-tiny}
-  : "${N_ITEMS:=256}" "${N_GEN:=96}" "${MAX_LEN:=256}" "${GEN_TOKENS:=48}" "${EVAL_ITEMS:=16}" "${EVAL_SETS:=dolly,vicuna}"
-  : "${SFT_EPOCHS:=2}" "${SFT_LR:=2e-3}" "${KD_EPOCHS:=3}" "${KD_LR:=2e-3}" "${BSZ:=8}"
+  : "${N_ITEMS:=128}" "${N_GEN:=96}" "${MAX_LEN:=256}" "${GEN_TOKENS:=48}" "${EVAL_ITEMS:=16}" "${EVAL_SETS:=dolly,vicuna}"
+  : "${SFT_EPOCHS:=6}" "${SFT_LR:=3e-3}" "${KD_EPOCHS:=3}" "${KD_LR:=2e-3}" "${BSZ:=8}"
   METHODS=${METHODS:-atkd}
   if [ ! -f "$OUT/student-init/config.json" ]; then
     echo "== tokenizer and random tiny OPT teacher / student -> $OUT"

@@ -15,21 +15,23 @@ One optimiser step:
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import fire
 import torch
+from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atkd import _interim  # noqa: E402
-from atkd.data import encode, load_training_data  # noqa: E402
-from common import losses  # noqa: E402
+from atkd.data import encode, load_training_data, run_cli  # noqa: E402
+from common import hf, losses  # noqa: E402
+from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown  # noqa: E402
 from common.generation import generate  # noqa: E402
+from common.hf_training import (autocast, enable_gradient_checkpointing, export_model, grad_sync,  # noqa: E402
+                                load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, wrap_ddp)
+from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
+from common.labels import IGNORE_INDEX, causal_lm_batch, targets_and_mask  # noqa: E402
 
-IGNORE_INDEX = -100
 KL_METHODS = ("forward", "reverse", "jsd", "gjsd", "dkd", "tvd", "atkd", "seqkd")
 SAMPLE_SOURCES = ("gt", "teacher", "student", "mix_token", "mix_request_teacher", "mix_request_gt")
 JSD_FORWARD_WEIGHT = 0.9  # OSD's fwd_loss_ratio: what the release's `jsd` ran (losses.md §2.4)
@@ -44,10 +46,10 @@ def check_choice(flag: str, value: str, valid: tuple) -> None:
 
 # ---- losses (atkd.md §2) ----
 
-def kd_loss(kl_method: str, student_logits, teacher_logits, labels, *, alpha: float = 0.2, beta: float = 1.0,
+def kd_loss(kl_method: str, student_logits, teacher_logits, targets, *, alpha: float = 0.2, beta: float = 1.0,
             gjsd_beta: float = 0.5, setting: str = "vanilla", normalizer=None):
-    """The `kl_method` objective on logits [B, S, V] and labels aligned with them (-100 = not a target)."""
-    mask, targets = labels != IGNORE_INDEX, labels.clamp(min=0)
+    """The `kl_method` objective on logits [B, S, V] and the targets aligned with them (-100: not counted)."""
+    mask = targets != IGNORE_INDEX
     kw = dict(mask=mask, normalizer=normalizer)
     if kl_method == "forward":
         return losses.forward_kl(student_logits, teacher_logits, **kw)
@@ -70,13 +72,13 @@ def kd_loss(kl_method: str, student_logits, teacher_logits, labels, *, alpha: fl
 
 
 @torch.no_grad()
-def loss_terms(kl_method: str, student_logits, teacher_logits, labels, *, setting: str = "vanilla") -> dict:
+def loss_terms(kl_method: str, student_logits, teacher_logits, targets, *, setting: str = "vanilla") -> dict:
     """The parts of a compound loss, each a token mean over this micro-batch, for the log.
 
     jsd: fkl, rkl. dkd: tckd, nckd. atkd: the teacher-uncertainty split (losses.md §3.2), n_easy / n_hard and
     nckd_easy, tckd_hard, nckd_hard (so loss = λ·nckd_easy + (1-λ)·(tckd_hard + nckd_hard)).
     """
-    mask, targets = labels != IGNORE_INDEX, labels.clamp(min=0)
+    mask = targets != IGNORE_INDEX
     s, t = student_logits, teacher_logits
     reverse = setting == "reverse"
     if kl_method == "jsd":
@@ -84,9 +86,11 @@ def loss_terms(kl_method: str, student_logits, teacher_logits, labels, *, settin
     if kl_method == "dkd":
         return dict(tckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=1.0, beta=0.0).item(),
                     nckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=0.0, beta=1.0).item())
-    if kl_method != "atkd" or not mask.any():
+    if kl_method != "atkd":
         return {}
-    uncertainty = -torch.expm1(losses.token_log_probs(t, targets))  # UnC_t = 1 - p_t(g_t)
+    if not mask.any():
+        return dict(n_easy=0, n_hard=0, nckd_easy=0.0, tckd_hard=0.0, nckd_hard=0.0)
+    uncertainty = -torch.expm1(losses.token_log_probs(t, target_ids=targets))  # UnC_t = 1 - p_t(g_t)
     hard = mask & (uncertainty >= torch.median(uncertainty[mask]))
     easy = mask & ~hard
 
@@ -133,35 +137,30 @@ def sample_responses(sample_source: str, prompts: list, *, gt: list, teacher_out
 
 
 def collate(prompts: list, responses: list, pad_id: int, max_len: int) -> dict:
-    """Right-padded input_ids / attention_mask, and labels aligned with the logits: labels[t] = x_{t+1} where
-    x_{t+1} is a response token (EOS included), -100 elsewhere; the prompt is masked by its length."""
-    seqs = [(p + r)[:max_len] for p, r in zip(prompts, responses)]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for b, (p, s) in enumerate(zip(prompts, seqs)):
-        input_ids[b, :len(s)] = torch.tensor(s)
-        attention_mask[b, :len(s)] = 1
-        labels[b, len(p) - 1:len(s) - 1] = torch.tensor(s[len(p):], dtype=torch.long)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    """common.labels.causal_lm_batch of prompt + response cut at `max_len` tokens (the response's end goes):
+    labels hold the response tokens, EOS included, and -100 on the prompt (masked by its length) and padding."""
+    responses = [list(r)[:max(0, max_len - len(p))] for p, r in zip(prompts, responses)]
+    return causal_lm_batch(prompts, responses, pad_id=pad_id)
 
 
-def micro_batch_loss(student, teacher, batch: dict, kl_method: str, *, bf16: bool = False, normalizer=None,
-                     **loss_options) -> tuple:
-    """Teacher logits (no_grad), student logits, the kl_method loss -> (loss, student_logits, teacher_logits)."""
+def micro_batch_loss(student, teacher, batch: dict, kl_method: str, *, dtype="float32", normalizer=None,
+                     vocab: int = None, **loss_options) -> tuple:
+    """Teacher logits (no_grad), student logits, the kl_method loss -> (loss, student_logits, teacher_logits,
+    targets); targets are aligned with the logits (position t predicts token t + 1). `vocab`: compare the first
+    `vocab` logits only (vocabularies padded to different widths, e.g. Pythia sizes)."""
     device = next(student.parameters()).device
-    ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
+    targets, _ = targets_and_mask(batch["labels"].to(device), shift=True)
     teacher_logits = None
-    with autocast:
+    with autocast(dtype, device):
         if kl_method != "seqkd":
             with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids, attention_mask=attention).logits
-        student_logits = student(input_ids=ids, attention_mask=attention).logits
-    loss = kd_loss(kl_method, student_logits, teacher_logits, labels, normalizer=normalizer, **loss_options)
-    return loss, student_logits, teacher_logits
+                teacher_logits = teacher(**inputs).logits[..., :vocab]
+        student_logits = student(**inputs).logits
+    if teacher_logits is not None:
+        student_logits = student_logits[..., :vocab]
+    loss = kd_loss(kl_method, student_logits, teacher_logits, targets, normalizer=normalizer, **loss_options)
+    return loss, student_logits, teacher_logits, targets
 
 
 # ---- the run ----
@@ -188,6 +187,16 @@ def _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strat
                          "accepted); evaluate the saved model with atkd/eval.py")
 
 
+def _log_step(record: dict, total_steps: int, metrics_path: Path) -> None:
+    skip = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "targets", "generation_share", "sources"}
+    parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                     if k not in skip)
+    tqdm.write(f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} {parts} | lr {record['lr']:.3e} | "
+           f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+           f"source {'+'.join(record['sources'])}")
+    append_jsonl(str(metrics_path), record)
+
+
 def main(student_model_path: str, teacher_model_path: str, data_path: str, output_dir: str,
          task: str = "alpaca", setting: str = "vanilla", sample_source: str = "gt", kl_method: str = "atkd",
          alpha: float = 0.2, beta: float = 1.0, gjsd_beta: float = 0.5, student_request_ratio: float = 0.5,
@@ -196,28 +205,32 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
          weight_decay: float = 0.0, warmup_ratio: float = 0.03, lr_scheduler_type: str = "cosine",
          max_grad_norm: float = 1.0, model_max_length: int = 512, bf16: bool = False, tf32: bool = False,
          gradient_checkpointing: bool = False, seed: int = 42, logging_steps: int = 1, save_strategy: str = "no",
-         save_steps: int = 500, lazy_preprocess: bool = True, max_propose_num: int = 5,
-         evaluation_strategy: str = "no", per_device_eval_batch_size: int = 1, run_name: str = None):
+         save_steps: int = 500, lazy_preprocess: bool = True, allow_padded_vocab: bool = False,
+         max_propose_num: int = 5, evaluation_strategy: str = "no", per_device_eval_batch_size: int = 1,
+         run_name: str = None):
     """Distil `teacher_model_path` into `student_model_path` (flags and defaults of the release, atkd.md §6).
 
+    output_dir gets model/ (the student, from_pretrained), metrics.jsonl, checkpoints/ (resume; the last one).
     Extras of ours: --gjsd_beta, --student_request_ratio / --student_token_ratio (the release's hidden 0.5s),
-    --max_steps, --max_grad_norm, --seed, --save_steps (resume checkpoints, kept under output_dir/checkpoint).
+    --max_steps, --max_grad_norm, --seed, --save_steps (resume checkpoints), --allow_padded_vocab (teacher and
+    student vocabularies padded to different widths: the first min(widths) logits are compared).
     Accepted for compatibility, no effect: --max_propose_num (OSD's draft length), --per_device_eval_batch_size.
     """
     _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strategy, save_strategy,
                  lr_scheduler_type)
-    lay = _interim.setup(seed)
+    lay = setup(seed)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _interim.print0(f"run {run_name or out.name}: kl_method={kl_method} sample_source={sample_source} "
-                    f"setting={setting}; --max_propose_num {max_propose_num} has no effect (OSD's draft length)")
-    if torch.cuda.is_available():
+    print0(f"run {run_name or out.name}: kl_method={kl_method} sample_source={sample_source} setting={setting}; "
+           f"--max_propose_num {max_propose_num} has no effect (OSD's draft length)")
+    if lay.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
+    dtype = "bfloat16" if bf16 else "float32"
 
-    # data: the teacher JSONL for the offline teacher sources; prompts that leave no room for a target dropped
+    # data: the teacher JSONL for the offline teacher sources; prompts that leave no room for a target left out
     items = load_training_data(data_path, teacher_output=sample_source in ("teacher", "mix_request_teacher"))
-    tokenizer = _interim.load_tokenizer(student_model_path if kl_method == "seqkd" else teacher_model_path,
-                                        model_max_length)
+    tokenizer = hf.load_tokenizer(student_model_path if kl_method == "seqkd" else teacher_model_path,
+                                  "--student_model_path" if kl_method == "seqkd" else "--teacher_model_path")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def encoded(item):
@@ -227,10 +240,10 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     prompt_lengths = [len(x) for x in tokenizer([x["prompt"] for x in items]).input_ids]
     kept = [x for x, n in zip(items, prompt_lengths) if n < model_max_length]
     if len(kept) < len(items):
-        _interim.print0(f"{data_path}: {len(items) - len(kept)} of {len(items)} prompts fill --model_max_length "
-                        f"{model_max_length} (no room for a target): left out")
+        print0(f"{data_path}: {len(items) - len(kept)} of {len(items)} prompts fill --model_max_length "
+               f"{model_max_length} (no room for a target): left out")
     items = kept if lazy_preprocess else [encoded(x) for x in kept]
-    step_size = lay.world_size * per_device_train_batch_size * gradient_accumulation_steps
+    step_size = lay.dp_size * per_device_train_batch_size * gradient_accumulation_steps
     steps_per_epoch = len(items) // step_size
     if steps_per_epoch == 0:
         raise ValueError(f"{data_path}: {len(items)} items do not fill one optimiser step of {step_size} "
@@ -238,113 +251,100 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     total_steps = math.ceil(num_train_epochs * steps_per_epoch)
     if max_steps > 0:
         total_steps = min(total_steps, max_steps)
-    warmup_steps = math.ceil(warmup_ratio * total_steps)
 
-    # models: student fp32 (bf16 autocast), teacher frozen in bf16 with --bf16
-    student = _interim.load_causal_lm(student_model_path, torch.float32, lay.device)
-    needs_teacher = kl_method != "seqkd" or sample_source == "mix_token"
-    teacher = None
-    if needs_teacher:
-        teacher = _interim.load_causal_lm(teacher_model_path, torch.bfloat16 if bf16 else torch.float32, lay.device,
-                                          frozen=True)
-        _interim.check_vocab(student, teacher, student_model_path, teacher_model_path)
+    # models: the student in fp32 (bf16 autocast with --bf16); the teacher frozen, in bf16 with --bf16
+    student = hf.load_model(student_model_path, dtype="float32", device=lay.device, flag="--student_model_path")
+    teacher, vocab = None, None
+    if kl_method != "seqkd" or sample_source == "mix_token":
+        teacher = hf.load_model(teacher_model_path, dtype=dtype, device=lay.device, frozen=True,
+                                flag="--teacher_model_path")
+        vocab = hf.check_vocab(student, teacher, tokenizer, allow_padded=allow_padded_vocab)
     student.config.use_cache = False
     if gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    decay = [p for p in student.parameters() if p.dim() >= 2]
+        enable_gradient_checkpointing(student)
+    decay = [p for p in student.parameters() if p.dim() >= 2]  # biases and norms without weight decay, as HF
     no_decay = [p for p in student.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
                                    dict(params=no_decay, weight_decay=0.0)], lr=learning_rate, betas=(0.9, 0.999))
-    ckpt = str(out / "checkpoint")
-    state = _interim.load_checkpoint(ckpt, student, optimizer) or dict(step=0)
+    scheduler = lr_schedule(optimizer, lr_scheduler_type, math.ceil(warmup_ratio * total_steps), total_steps)
+    state = load_checkpoint(str(out), lay, student, optimizer, scheduler) or dict(step=0)
     metrics_path = out / "metrics.jsonl"
     if state["step"]:
-        _interim.print0(f"resumed from {ckpt} at step {state['step']}")
-    if lay.is_main and metrics_path.exists():  # records of steps after the checkpoint are about to be redone
-        import json
-        rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state["step"]))
-    model = student
-    if lay.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[lay.device] if lay.device.type == "cuda" else None)
+        print0(f"resumed from {out}/checkpoints at step {state['step']}")
+    if lay.is_main and metrics_path.exists():  # records after the checkpoint are about to be redone
+        write_jsonl([r for r in read_jsonl(str(metrics_path), drop_partial_last=True) if r["step"] <= state["step"]],
+                    str(metrics_path))
+    model = wrap_ddp(student, lay)
     model.train()
-    loss_options = dict(alpha=alpha, beta=beta, gjsd_beta=gjsd_beta, setting=setting)
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"{kl_method}/{sample_source}", disable=not lay.is_main)
+    loss_options = dict(alpha=alpha, beta=beta, gjsd_beta=gjsd_beta, setting=setting, vocab=vocab)
 
     for step in range(state["step"], total_steps):
         t0 = time.perf_counter()
-        torch.manual_seed(_interim.rank_seed(seed, step, lay.rank))  # dropout: the same on a resumed run
+        # 1. this rank's micro-batches, each from its sample source (generated by the current student if asked)
         chosen = _step_items(len(items), step, steps_per_epoch, step_size, seed, shuffle=mode == "offline")
-        micro_batches, gen_time = [], 0.0
+        micro_batches, generating = [], 0.0
         for m in range(gradient_accumulation_steps):
-            first = (m * lay.world_size + lay.rank) * per_device_train_batch_size
-            rows = [items[i] if not lazy_preprocess else encoded(items[i])
+            first = (m * lay.dp_size + lay.dp_rank) * per_device_train_batch_size
+            rows = [encoded(items[i]) if lazy_preprocess else items[i]
                     for i in chosen[first:first + per_device_train_batch_size]]
             prompts = [r[0] for r in rows]
             g0 = time.perf_counter()
-            generator = torch.Generator().manual_seed(
-                _interim.rank_seed(seed, step * gradient_accumulation_steps + m, lay.rank))
-            responses, origin, sources = sample_responses(
+            generator = torch.Generator().manual_seed(rank_seed(seed, step * gradient_accumulation_steps + m,
+                                                                lay.dp_rank))
+            responses, origin, _ = sample_responses(
                 sample_source, prompts, gt=[r[1] for r in rows], teacher_outputs=[r[2] for r in rows],
                 student=student, teacher=teacher, generator=generator, eos_id=eos, pad_id=pad,
                 max_seq_len=model_max_length, student_request_ratio=student_request_ratio,
                 student_token_ratio=student_token_ratio)
-            gen_time += time.perf_counter() - g0
-            micro_batches.append((collate(prompts, responses, pad, model_max_length), origin, sources))
-        counts = torch.tensor([float(sum((b["labels"] != IGNORE_INDEX).sum() for b, _, _ in micro_batches)),
-                               float(sum(b["attention_mask"].sum() for b, _, _ in micro_batches))],
-                              device=lay.device)
-        n_targets, n_tokens = _interim.all_reduce_sum(counts).tolist()
-
-        step_loss, terms, weight = 0.0, {}, 0
-        for m, (batch, origin, sources) in enumerate(micro_batches):
-            sync = nullcontext() if m == gradient_accumulation_steps - 1 or model is student else model.no_sync()
-            with sync:
-                loss, s_logits, t_logits = micro_batch_loss(model, teacher, batch, kl_method, bf16=bf16,
-                                                            normalizer=max(n_targets, 1.0), **loss_options)
-                (loss * lay.world_size).backward()  # DDP averages over ranks; the normaliser is already global
-            step_loss += loss.item()
-            if (step + 1) % logging_steps == 0 and kl_method in ("jsd", "dkd", "atkd"):
-                n = int((batch["labels"] != IGNORE_INDEX).sum())
-                for k, v in loss_terms(kl_method, s_logits.float(), t_logits.float(), batch["labels"].to(lay.device),
-                                       setting=setting).items():
-                    terms[k] = terms.get(k, 0) + (v if k.startswith("n_") else v * n)
-                weight += n
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm).item()
-        lr = _interim.lr_at(step, total_steps, warmup_steps, lr_scheduler_type, learning_rate)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = _interim.all_reduce_sum(torch.tensor(step_loss, device=lay.device)).item()
+            generating += time.perf_counter() - g0
+            micro_batches.append((collate(prompts, responses, pad, model_max_length), origin))
+        # 2. the whole step's target count (all micro-batches, all ranks) normalises every micro-batch loss
+        counts = torch.tensor([float(sum((b["labels"] != IGNORE_INDEX).sum() for b, _ in micro_batches)),
+                               float(sum(b["attention_mask"].sum() for b, _ in micro_batches))], device=lay.device)
+        n_targets, n_tokens = all_reduce_dp(counts).tolist()
+        # 3. forward, loss, backward per micro-batch; DDP sums gradients once, at the last one
+        log_now = (step + 1) % logging_steps == 0
+        step_loss, terms = torch.zeros((), device=lay.device, dtype=torch.float64), {}
+        for m, (batch, _) in enumerate(micro_batches):
+            with grad_sync(model, m == gradient_accumulation_steps - 1):
+                loss, s_logits, t_logits, targets = micro_batch_loss(model, teacher, batch, kl_method, dtype=dtype,
+                                                                     normalizer=max(n_targets, 1.0), **loss_options)
+                loss.backward()
+            step_loss += loss.detach()
+            if log_now and kl_method in ("jsd", "dkd", "atkd"):
+                n = int((targets != IGNORE_INDEX).sum())
+                for k, v in loss_terms(kl_method, s_logits, t_logits, targets, setting=setting).items():
+                    terms[k] = terms.get(k, 0.0) + (v if k.startswith("n_") else v * n)
+                terms["_weight"] = terms.get("_weight", 0.0) + n
+        # 4. clip, AdamW, schedule
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = optimizer_step(optimizer, scheduler, max_grad_norm=max_grad_norm)
+        step_loss = all_reduce_dp(step_loss).item()
         elapsed = time.perf_counter() - t0
-
-        if terms:  # token-weighted over micro-batches and ranks
-            keys = sorted(terms)
-            sums = _interim.all_reduce_sum(torch.tensor([terms[k] for k in keys] + [weight], device=lay.device,
-                                                        dtype=torch.float64)).tolist()
-            terms = {k: int(v) if k.startswith("n_") else v / max(sums[-1], 1) for k, v in zip(keys, sums)}
-        if (step + 1) % logging_steps == 0 and lay.is_main:
-            record = dict(step=step + 1, epoch=(step + 1) / steps_per_epoch, loss=step_loss, **terms, lr=lr,
-                          grad_norm=grad_norm, tokens_per_s=n_tokens / elapsed, targets=int(n_targets),
-                          generation_share=gen_time / elapsed,
-                          sources=sorted({origin for _, origin, _ in micro_batches}))
-            parts = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in terms.items())
-            _interim.print0(f"step {step + 1}/{total_steps} | loss {step_loss:.4f} {parts} | lr {lr:.3e} | "
-                            f"grad_norm {grad_norm:.3f} | {n_tokens / elapsed:.0f} tok/s | "
-                            f"source {'+'.join(record['sources'])}")
-            with open(metrics_path, "a") as f:
-                import json
-                f.write(json.dumps(record) + "\n")
-        if lay.is_main and (step + 1) % save_steps == 0 and step + 1 < total_steps:
-            _interim.save_checkpoint(ckpt, student, optimizer, dict(step=step + 1))
-        if save_strategy == "epoch" and (step + 1) % steps_per_epoch == 0 and lay.is_main:
-            student.save_pretrained(out / f"epoch-{(step + 1) // steps_per_epoch}")
-    if lay.is_main:
-        student.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-    _interim.shutdown()
+        if log_now:
+            if terms:  # token-weighted over micro-batches and ranks
+                keys = sorted(terms)
+                sums = dict(zip(keys, all_reduce_dp(torch.tensor([terms[k] for k in keys], device=lay.device,
+                                                                 dtype=torch.float64)).tolist()))
+                weight = max(sums.pop("_weight"), 1.0)
+                terms = {k: int(v) if k.startswith("n_") else v / weight for k, v in sums.items()}
+            if lay.is_main:
+                _log_step(dict(step=step + 1, epoch=(step + 1) / steps_per_epoch, loss=step_loss, **terms, lr=lr,
+                               grad_norm=grad_norm, tokens_per_s=n_tokens / elapsed, targets=int(n_targets),
+                               generation_share=generating / elapsed,
+                               sources=sorted({origin for _, origin in micro_batches})), total_steps, metrics_path)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        state["step"] = step + 1
+        if state["step"] % save_steps == 0 and state["step"] < total_steps:
+            save_checkpoint(str(out), state, lay, student, optimizer, scheduler)
+        if save_strategy == "epoch" and state["step"] % steps_per_epoch == 0:
+            export_model(student, tokenizer, str(out / f"epoch-{state['step'] // steps_per_epoch}"), lay)
+    bar.close()
+    export_model(student, tokenizer, str(out / "model"), lay)
+    shutdown()
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

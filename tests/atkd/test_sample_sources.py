@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from atkd.train import SAMPLE_SOURCES, collate, sample_responses
+from common.labels import targets_and_mask
 from tests.tiny import char_tokenizer, tiny_model
 
 EOS, PAD = 1, 0
@@ -54,11 +55,11 @@ def test_student_source_is_the_students_greedy_continuation_stopping_at_eos():
 def test_on_policy_mask_is_exactly_the_generated_tokens():
     prompts, responses = _prompts(), [[11, 12, EOS], [13, EOS]]
     batch = collate(prompts, responses, PAD, 512)
+    targets, mask = targets_and_mask(batch["labels"], shift=True)  # aligned with the logits
     for b, (p, r) in enumerate(zip(prompts, responses)):
-        labels = batch["labels"][b]
-        counted = (labels != -100).nonzero().squeeze(1).tolist()
+        counted = mask[b].nonzero().squeeze(1).tolist()
         assert counted == list(range(len(p) - 1, len(p) - 1 + len(r)))  # the last prompt position predicts r[0]
-        assert labels[counted].tolist() == r and r[-1] == EOS  # the EOS that ends the response is a target
+        assert targets[b, counted].tolist() == r and r[-1] == EOS  # the EOS that ends the response is a target
         assert batch["input_ids"][b, :len(p) + len(r)].tolist() == p + r
         assert batch["attention_mask"][b].sum() == len(p) + len(r)
 
@@ -66,7 +67,7 @@ def test_on_policy_mask_is_exactly_the_generated_tokens():
 def test_truncation_at_model_max_length_cuts_the_response():
     batch = collate([[5, 6, 7]], [[8, 9, 10, EOS]], PAD, 5)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-    assert batch["labels"].tolist() == [[-100, -100, 8, 9, -100]]
+    assert targets_and_mask(batch["labels"], shift=True)[0].tolist() == [[-100, -100, 8, 9, -100]]
 
 
 @pytest.mark.parametrize("source,fallback", [("mix_request_teacher", "teacher"), ("mix_request_gt", "gt")])
