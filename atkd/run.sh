@@ -116,7 +116,7 @@ for KL in $METHODS; do
   python atkd/train.py --student_model_path "$STUDENT_INIT" --teacher_model_path "$TEACHER" --data_path "$GEN" \
     --output_dir "$OUT/$KL" --kl_method "$KL" --sample_source "$SAMPLE" --num_train_epochs "$KD_EPOCHS" \
     --learning_rate "$KD_LR" --per_device_train_batch_size "$BSZ" --gradient_accumulation_steps 1 \
-    --model_max_length "$MAX_LEN" --logging_steps 4
+    --model_max_length "$MAX_LEN" --logging_steps "${LOG_STEPS:-4}"
   python atkd/eval.py --model_path "$OUT/$KL/model" --output_dir "$OUT/eval/$KL" "${EVAL_FLAGS[@]}"
 done
 
