@@ -62,7 +62,7 @@ PY
   EVAL_FLAGS=(--max_new_tokens "$GEN_TOKENS" --max_items "$EVAL_ITEMS" --sets "$EVAL_SETS")
 else
   OUT=${OUT:-runs/atkd-smollm2}
-  : "${N_ITEMS:=256}" "${N_GEN:=128}" "${MAX_LEN:=512}" "${GEN_TOKENS:=96}" "${EVAL_ITEMS:=50}" "${EVAL_SETS:=dolly}"
+  : "${N_ITEMS:=256}" "${N_GEN:=64}" "${MAX_LEN:=384}" "${GEN_TOKENS:=64}" "${EVAL_ITEMS:=32}" "${EVAL_SETS:=dolly}"
   : "${SFT_EPOCHS:=0}" "${KD_EPOCHS:=1}" "${KD_LR:=1e-4}" "${BSZ:=4}" "${STUDENT_LAYERS:=10}"
   METHODS=${METHODS:-atkd forward}
   TEACHER_INIT=$OUT/smollm2-135m-instruct
