@@ -1,0 +1,45 @@
+"""Copy ATKD's evaluation sets into data/ and write the Alpaca-GPT4 stand-in (atkd.md §4, §7).
+
+    python atkd/build_data.py --source ../shared/data --output data
+
+Writes
+  data/instruct/<set>/valid.jsonl   the five generation sets (dolly, self-inst, vicuna, koala, wizardlm),
+                                    byte-identical copies (WHU-ZQH/ATKD data/<set>/valid.jsonl)
+  data/atkd/alpaca_gpt4_standin.json  a STAND-IN for Alpaca-GPT4 (not shipped: CC BY-NC 4.0, users download
+                                    `alpaca_gpt4_data.json` themselves): the Dolly dev set
+                                    (`instruct/dolly/dev.jsonl`) in Alpaca's `{instruction, input, output}`
+                                    schema, minus any item whose instruction is also in the Dolly test set.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import fire
+
+EVAL_SETS = ("dolly", "self-inst", "vicuna", "koala", "wizardlm")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(source: str = "../shared/data", output: str = "data"):
+    src, out = Path(source), Path(output)
+    for name in EVAL_SETS:
+        (out / "instruct" / name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "instruct" / name / "valid.jsonl", out / "instruct" / name / "valid.jsonl")
+        print(f"instruct/{name}/valid.jsonl: {len(read_jsonl(out / 'instruct' / name / 'valid.jsonl'))} items")
+    test = {x["instruction"] for x in read_jsonl(src / "instruct/dolly/valid.jsonl")}
+    dev = read_jsonl(src / "instruct/dolly/dev.jsonl")
+    standin = [{"instruction": x["instruction"], "input": x.get("input", ""), "output": x["output"]}
+               for x in dev if x["instruction"] not in test]
+    path = out / "atkd" / "alpaca_gpt4_standin.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(standin, indent=1, ensure_ascii=False) + "\n")
+    print(f"atkd/alpaca_gpt4_standin.json: {len(standin)} items ({len(dev) - len(standin)} Dolly-test overlaps "
+          "dropped)")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
