@@ -5,7 +5,7 @@ layer pairing they were trained for, so a field is never reused for another stud
     field = VelocityField(d_teacher, width=1024, num_distill_layers=6)
     v = field(z, t, j)                                               # z [n, d_T], t [n] in [0, 1], j [n] layer id
     save_flow(path_field, path_projector, field, projector, pairing)
-    load_flow(path_field, path_projector, field, projector, pairing) # clear error on any mismatch
+    field, projector = load_flow(path_field, path_projector, expected) # clear error on any mismatch
 """
 import json
 import math
@@ -91,24 +91,36 @@ def save_flow(field_path: str, projector_path: str, field: VelocityField, projec
     _save(field_path, field, config)
 
 
-def _load(path, module, want, flag):
+def read_flow_config(path: str, flag: str) -> dict:
     from safetensors import safe_open
-    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path} does not exist; train one with contra_kd/train_velocity_field.py")
     with safe_open(path, "pt") as f:
         meta = (f.metadata() or {}).get("contra_kd")
     if meta is None:
-        raise ValueError(f"{path}: no contra_kd metadata; {flag} must be a file written by "
+        raise ValueError(f"{flag} {path} has no contra_kd metadata; pass a file written by "
                          f"contra_kd/train_velocity_field.py")
-    have = json.loads(meta)
-    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-    if diff:
-        said = ", ".join(f"{k} {a} (this run: {b})" for k, (a, b) in diff.items())
-        raise ValueError(f"{path}: {flag} was trained for {said}; train one for this pair with "
-                         f"contra_kd/train_velocity_field.py")
-    module.load_state_dict(load_file(path))
+    return json.loads(meta)
 
 
-def load_flow(field_path: str, projector_path: str, field: VelocityField, projector: Projector, pairing: dict):
-    want = flow_config(field, projector, pairing)
-    _load(projector_path, projector, want, "--projector")
-    _load(field_path, field, want, "--velocity-field")
+def load_flow(field_path: str, projector_path: str, expected: dict, dropout: float = 0.1):
+    """(VelocityField, Projector) built from the files' own config, after checking every key of `expected`
+    (hidden sizes, layer pairing) against it: a field trained for another pair is refused in one line."""
+    from safetensors.torch import load_file
+    configs = {}
+    for path, flag in ((field_path, "--velocity-field"), (projector_path, "--projector")):
+        have = configs[flag] = read_flow_config(path, flag)
+        diff = {k: (have.get(k), v) for k, v in expected.items() if have.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k} {a} (this run: {b})" for k, (a, b) in diff.items())
+            raise ValueError(f"{flag} {path} was trained for {said}; train one for this pair with "
+                             f"contra_kd/train_velocity_field.py")
+    if configs["--velocity-field"] != configs["--projector"]:
+        raise ValueError(f"--velocity-field {field_path} and --projector {projector_path} come from different "
+                         f"trainings; pass the pair written together")
+    c = configs["--velocity-field"]
+    field = VelocityField(c["d_teacher"], c["width"], c["num_distill_layers"], c["num_blocks"], dropout)
+    projector = Projector(c["d_student"], c["d_teacher"])
+    field.load_state_dict(load_file(field_path))
+    projector.load_state_dict(load_file(projector_path))
+    return field, projector

@@ -52,7 +52,7 @@ def test_trained_field_transports_student_cloud_onto_teacher_cloud_ten_times_clo
     opt = torch.optim.AdamW(list(field.parameters()) + list(projector.parameters()), lr=3e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(1)
     for _ in range(200):
-        loss = velocity_field_loss(field, projector, student, teacher, mask, generator=g)
+        loss = velocity_field_loss(field, projector, student, teacher, mask=mask, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -65,18 +65,18 @@ def test_contra_loss_is_zero_when_the_student_sits_on_the_euler_target():
     student, _, mask = _clouds()
     projector = Projector(4, 6)
     field = VelocityField(6, width=16, num_distill_layers=2, num_blocks=1, dropout=0.0)
-    assert contra_loss(field, projector, student, mask, k=0.5).item() > 1e-3
+    assert contra_loss(field, projector, student, mask=mask, k=0.5).item() > 1e-3
     # a field whose Euler step only rescales a (v = c·a): a + k·v is parallel to a, the cosine is 1
     with torch.no_grad():
         field.out.weight.zero_()
         field.out.bias.zero_()
-    assert contra_loss(field, projector, student, mask, k=0.5).item() == pytest.approx(0.0, abs=1e-6)
+    assert contra_loss(field, projector, student, mask=mask, k=0.5).item() == pytest.approx(0.0, abs=1e-6)
 
     class Scaling(torch.nn.Module):
         def forward(self, z, t, j):
             return 0.7 * z
 
-    assert contra_loss(Scaling(), projector, student, mask, k=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert contra_loss(Scaling(), projector, student, mask=mask, k=1.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_contra_step_moves_the_student_towards_its_euler_target():
@@ -85,11 +85,11 @@ def test_contra_step_moves_the_student_towards_its_euler_target():
     h = student[0].clone().requires_grad_(True)
     projector = Projector(4, 6)
     field = VelocityField(6, width=16, num_distill_layers=1, num_blocks=1, dropout=0.0)
-    loss = contra_loss(field, projector, [h], mask, k=1.0)
+    loss = contra_loss(field, projector, [h], mask=mask, k=1.0)
     loss.backward()
     with torch.no_grad():
         h2 = h - 0.05 * h.grad / h.grad.norm() * h.norm()
-    assert contra_loss(field, projector, [h2], mask, k=1.0) < loss
+    assert contra_loss(field, projector, [h2], mask=mask, k=1.0) < loss
 
 
 def test_saved_flow_reloads_and_refuses_other_hidden_sizes_or_layer_pairing(tmp_path):
@@ -97,13 +97,14 @@ def test_saved_flow_reloads_and_refuses_other_hidden_sizes_or_layer_pairing(tmp_
     projector, field = Projector(4, 6), VelocityField(6, width=16, num_distill_layers=2, num_blocks=1)
     paths = str(tmp_path / "vf.safetensors"), str(tmp_path / "proj.safetensors")
     save_flow(*paths, field, projector, pairing)
-    p2, f2 = Projector(4, 6), VelocityField(6, width=16, num_distill_layers=2, num_blocks=1)
-    load_flow(*paths, f2, p2, pairing)
+    expected = {"d_student": 4, "d_teacher": 6, **pairing}
+    f2, p2 = load_flow(*paths, expected, dropout=0.0)
     for a, b in zip(list(field.state_dict().values()) + list(projector.state_dict().values()),
                     list(f2.state_dict().values()) + list(p2.state_dict().values())):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match=r"proj\.safetensors: --projector was trained for d_student 4 \(this run: 8\)"):
-        load_flow(*paths, VelocityField(6, 16, 2, 1), Projector(8, 6), pairing)
+    assert f2.width == 16 and len(f2.blocks) == 1
+    with pytest.raises(ValueError, match=r"--velocity-field .*vf\.safetensors was trained for d_student 4 \(this run: 8\)"):
+        load_flow(*paths, dict(expected, d_student=8))
     with pytest.raises(ValueError, match=r"teacher_layers \[3, 5\] \(this run: \[3, 4\]\)") as e:
-        load_flow(*paths, f2, p2, {"student_layers": [1, 2], "teacher_layers": [3, 4]})
+        load_flow(*paths, dict(expected, teacher_layers=[3, 4]))
     assert "\n" not in str(e.value)
