@@ -8,6 +8,7 @@ On disk (common/binarized.py, byte-compatible with MiniLLM / DistiLLM processed 
 """
 import json
 import os
+import random
 
 import numpy as np
 
@@ -109,3 +110,35 @@ class ChunkSplit:
 
     def __getitem__(self, i):
         return self.tokens[i].astype(np.int64).tolist()
+
+
+# ---- batching: one global batch per optimiser step, split over DP ranks, then into micro-batches ----
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """A permutation of range(n) that depends only on (seed, epoch): the same on every rank and on resume."""
+    order = list(range(n))
+    random.Random(f"{seed}-order-{epoch}").shuffle(order)
+    return order
+
+
+def rank_micro_batches(global_items: list, dp_rank: int, dp_size: int, batch_size: int) -> list:
+    """This rank's micro-batches of one global batch: [(offset in the global batch, items), ...]. Rank r takes
+    the r-th contiguous share; 1 process x GA 2 and 2 processes x GA 1 see the same global batch."""
+    share = len(global_items) // dp_size
+    mine = global_items[dp_rank * share:(dp_rank + 1) * share]
+    return [(dp_rank * share + i, mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
+
+
+def collate(pairs, pad_id: int, max_length: int, device="cpu") -> dict:
+    """Right-padded causal-LM batch of (prompt ids, response ids) pairs, each cut to max_length tokens (the
+    response loses its tail); labels on the response only. Adds target_ids / mask aligned with the logits."""
+    from common.labels import causal_lm_batch, targets_and_mask  # TODO(merge main): top-level import
+    prompts = [list(p)[:max_length] for p, _ in pairs]
+    responses = [list(r)[:max_length - len(p)] for p, (_, r) in zip(prompts, pairs)]
+    batch = causal_lm_batch(prompts, responses, pad_id=pad_id)
+    batch["target_ids"], batch["mask"] = targets_and_mask(batch["labels"], shift=True)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}

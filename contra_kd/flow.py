@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.losses import velocity_field_loss
+
 
 class Projector(nn.Module):
     """f_proj(h) = Linear(d_S → d_T)(LayerNorm(d_S)(h))."""
@@ -68,6 +70,18 @@ class VelocityField(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.out(x)
+
+
+class Flow(nn.Module):
+    """Field and projector as one module (one optimiser, one DDP wrapper); calling it gives L_RF (losses.md §4.3)."""
+
+    def __init__(self, field: VelocityField, projector: Projector):
+        super().__init__()
+        self.field, self.projector = field, projector
+
+    def forward(self, student_states, teacher_states, *, mask, t, normalizer=None):
+        return velocity_field_loss(self.field, self.projector, student_states, teacher_states, mask=mask, t=t,
+                                   normalizer=normalizer)
 
 
 def flow_config(field: VelocityField, projector: Projector, pairing: dict) -> dict:
