@@ -39,7 +39,10 @@ def normalise_record(record: dict, source: str) -> dict:
     if output is None:
         raise ValueError(f"{source}: record without an 'output' (or 'response') field (keys {sorted(record)})")
     prompt = record.get("prompt") or build_prompt(record["instruction"], input_)
-    return {"instruction": record["instruction"], "prompt": prompt, "input": input_, "output": output}
+    out = {"instruction": record["instruction"], "prompt": prompt, "input": input_, "output": output}
+    if "reference" in record:  # sampled data (generate_data.py) keeps the ground truth beside its output
+        out["reference"] = record["reference"]
+    return out
 
 
 def read_records(path: str) -> list:

@@ -169,3 +169,30 @@ def test_lora_on_a_model_peft_cannot_wrap_is_one_clear_line(workspace, tmp_path)
         main(type="sft", model_path=str(folder), data_dir=str(workspace / "dolly/full/tiny"),
              save=str(tmp_path / "x"), peft="lora")
     assert "\n" not in str(e.value)
+
+
+def test_generated_tgo_sgo_pair_up_and_train_distillm2_contra(workspace, tmp_path):
+    from common.binarized import IndexedTokens
+    from contra_kd.data import InstructionSplit
+    from contra_kd.generate_data import main as generate_data
+
+    src = str(workspace / "dolly/full/tiny")
+    for name, model in (("tgo", "teacher"), ("sgo", "student")):
+        generate_data(str(workspace / model), src, str(tmp_path / "d2" / name), max_length=232, max_prompt_length=200,
+                      batch_size=8, seed=1)
+    tok = char_tokenizer()
+    source, tgo, sgo = (InstructionSplit(p, "train") for p in (src, tmp_path / "d2/tgo", tmp_path / "d2/sgo"))
+    assert len(tgo) == len(sgo) == len(source) == 16
+    for i in range(len(source)):
+        assert tgo[i][0] == sgo[i][0] == source[i][0]                      # same prompts, in order
+        assert 0 < len(tgo[i][1]) <= 32 and tgo.records[i]["reference"] == source.records[i]["output"]
+        assert tgo.records[i]["output"] == tok.decode(tgo[i][1], skip_special_tokens=True).strip()
+    assert IndexedTokens(str(tmp_path / "d2/tgo/valid_0")).sizes.tolist() == \
+        IndexedTokens(src + "/valid_0").sizes.tolist()
+    out = _run(_args(workspace, tmp_path / "run", **{"type": "distillm2-v2-contra", "data-dir": tmp_path / "d2",
+                                                     "gt-data-dir": src, "batch-size": 4, "epochs": 1,
+                                                     "gradual-beta": True}))
+    rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert len(steps) == 4 and all(r["loss_tgo_skl"] > 0 and r["loss_sgo_srkl"] > 0 for r in steps)
+    assert "best epoch 0" in out
