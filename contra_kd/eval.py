@@ -82,6 +82,9 @@ def references(record) -> list:
 
 
 def clean_response(tokenizer, ids) -> str:
+    ids = list(ids)
+    if tokenizer.eos_token_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_token_id)]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if tokenizer.eos_token and tokenizer.eos_token in text:
         text = text[:text.index(tokenizer.eos_token)]
@@ -131,6 +134,8 @@ def read_set(data_dir: str, name: str, num=None) -> list:
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     records = records[:UINST_ITEMS] if name == "uinst" else records
+    if not records:
+        raise ValueError(f"{path}: evaluation set {name!r} holds no records")
     return records[:num] if num else records
 
 
