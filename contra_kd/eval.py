@@ -149,12 +149,14 @@ def _mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def results_markdown(results: dict, label: str, paper_pair=None) -> str:
-    """Our mean ± std per set, then the paper's rows of the same pair (same columns) for comparison."""
-    sets = list(results)
+def results_markdown(runs: dict, paper_pair=None) -> str:
+    """{label: results} -> one markdown table, our mean ± std per set, then the paper's rows of `paper_pair`."""
+    sets = list(dict.fromkeys(name for results in runs.values() for name in results))
     lines = [f"| Run | {' | '.join(sets)} |", "|---|" + "---|" * len(sets)]
-    cells = [f"{results[s]['rougeL_mean']:.2f} ± {results[s]['rougeL_std']:.2f}" for s in sets]
-    lines.append(f"| {label} (ours) | {' | '.join(cells)} |")
+    for label, results in runs.items():
+        cells = [f"{results[s]['rougeL_mean']:.2f} ± {results[s]['rougeL_std']:.2f}" if s in results else "-"
+                 for s in sets]
+        lines.append(f"| {label} (ours) | {' | '.join(cells)} |")
     if paper_pair:
         if paper_pair not in PAPER:
             raise ValueError(f"--paper-pair {paper_pair!r}: use one of {', '.join(PAPER)}")
@@ -164,6 +166,15 @@ def results_markdown(results: dict, label: str, paper_pair=None) -> str:
             lines.append(f"| {method} (paper) | {' | '.join(vals)} |")
         lines.append(f"\nPaper rows: {paper['title']}, Rouge-L mean of 5 seeds.")
     return "\n".join(lines) + "\n"
+
+
+def table(paths, labels, paper_pair=None) -> str:
+    """One table from several runs' results.json (e.g. teacher, student init, each method)."""
+    runs = {}
+    for path, label in zip(paths, labels):
+        with open(path) as f:
+            runs[label] = json.load(f)["results"]
+    return results_markdown(runs, paper_pair)
 
 
 def plot_curves(metrics_path: str, png_path: str) -> str:
@@ -230,9 +241,9 @@ def main(model_path: str, save: str, data_dir: str = "data/instruct", sets="doll
         atomic_write_json(predictions, os.path.join(save, "predictions.json"))
         atomic_write_json({"model_path": model_path, "seeds": seeds, "num": num, "results": results},
                           os.path.join(save, "results.json"))
-        table = results_markdown(results, label or os.path.basename(os.path.normpath(model_path)), paper_pair)
-        atomic_write_text(table, os.path.join(save, "results.md"))
-        print0(table)
+        text = results_markdown({label or os.path.basename(os.path.normpath(model_path)): results}, paper_pair)
+        atomic_write_text(text, os.path.join(save, "results.md"))
+        print0(text)
         if metrics:
             print0(f"curves: {plot_curves(metrics, os.path.join(save, 'curves.png'))}")
     shutdown()

@@ -38,26 +38,28 @@ def _tokenizer(model_path):
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def _dolly_splits(data_dir, dev_num):
+def _dolly_splits(data_dir, dev_num, num):
     if os.path.exists(os.path.join(data_dir, "train.jsonl")):
         dev = os.path.join(data_dir, "dev.jsonl")
         if not os.path.exists(dev):
             raise FileNotFoundError(f"{data_dir}: train.jsonl without dev.jsonl (DSKD layout needs both)")
-        return {"train": read_records(os.path.join(data_dir, "train.jsonl")), "valid": read_records(dev)}
+        return {"train": read_records(os.path.join(data_dir, "train.jsonl"))[:num],
+                "valid": read_records(dev)[:num]}
     raw = os.path.join(data_dir, "raw.jsonl")
     if not os.path.exists(raw):
         raise FileNotFoundError(f"{data_dir}: neither train.jsonl + dev.jsonl (DSKD) nor raw.jsonl (MiniLLM); "
                                 f"see data/README.md for the stand-in")
     records = read_records(raw)
-    return {"train": records[dev_num:], "valid": records[:dev_num]}
+    return {"train": records[dev_num:][:num], "valid": records[:dev_num][:num]}
 
 
 def dolly(data_dir: str, processed_data_dir: str, model_path: str, model_type: str, max_prompt_length: int = 256,
-          dev_num: int = 1000):
+          dev_num: int = 1000, num: int = None):
+    """`num`: keep only the first num records of each split (quick demos)."""
     tokenizer = _tokenizer(model_path)
     dtype = best_dtype(len(tokenizer))
     marker = split_marker(dtype)
-    for split, records in _dolly_splits(data_dir, dev_num).items():
+    for split, records in _dolly_splits(data_dir, dev_num, num).items():
         kept, full, prompts = [], [], []
         for record in tqdm(records, desc=f"dolly {split}"):
             prompt_ids, response_ids = tokenize_record(tokenizer, record)

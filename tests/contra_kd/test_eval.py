@@ -46,12 +46,12 @@ def test_no_repeat_ngram_hook_matches_transformers_generate():
 
 def test_table_puts_our_numbers_beside_the_paper_rows():
     results = {"dolly": {"rougeL_mean": 12.3456, "rougeL_std": 0.5}, "sinst": {"rougeL_mean": 3.0, "rougeL_std": 0.0}}
-    table = results_markdown(results, "tiny", "gpt2")
-    assert "| tiny (ours) | 12.35 ± 0.50 | 3.00 ± 0.00 |" in table
+    table = results_markdown({"tiny": results, "other": {"sinst": results["sinst"]}}, "gpt2")
+    assert "| tiny (ours) | 12.35 ± 0.50 | 3.00 ± 0.00 |" in table and "| other (ours) | - | 3.00 ± 0.00 |" in table
     assert "| DistiLLM+CONTRA (paper) | 26.22 | 25.07 |" in table
     assert set(PAPER) == {"gpt2", "openllama2", "llama2"}
     with pytest.raises(ValueError, match="--paper-pair 'gpt3'"):
-        results_markdown(results, "tiny", "gpt3")
+        results_markdown({"tiny": results}, "gpt3")
 
 
 def test_eval_writes_predictions_results_table_and_curves(tmp_path):

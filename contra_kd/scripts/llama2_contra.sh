@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# llama2 13B -> 7B with LoRA (contra_kd.md §3, §6): teacher SFT (LoRA, 10 epochs, 16 x 1, lr 5e-4, merged on export),
+# student init (LoRA, 3 epochs, dev-loss selection), velocity field (width 3200, batch 16, LoRA weights merged),
+# DistiLLM + CONTRA (adaptive SRKL, 16 x 1, 10 epochs, init threshold 0.2, loss eps 0.2, OWT 1M), bf16.
+# LoRA r 16, alpha 64, dropout 0.1 (the code; the paper text says alpha 16). Local folders of meta-llama/Llama-2-13b-hf and meta-llama/Llama-2-7b-hf:
+#   TEACHER_BASE=/path/teacher STUDENT_BASE=/path/student NPROC=8 bash $0   (data: prepare_data.py --model-type llama2)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+NPROC=${NPROC:-1}
+run() { torchrun --standalone --nproc_per_node "$NPROC" "$@"; }
+R=results/llama2
+D=(--data-dir processed_data/dolly/full/llama2 --max-length 512 --max-prompt-length 256 --seed 10 --dtype bfloat16
+   --peft lora --peft-lora-r 16 --peft-lora-alpha 64 --peft-lora-dropout 0.1)
+run contra_kd/train.py --type sft --model-path "$TEACHER_BASE" --save $R/sft/teacher --lr 5e-4 --batch-size 16 --epochs 10 "${D[@]}"
+run contra_kd/train.py --type sft --model-path "$STUDENT_BASE" --save $R/init/student --lr 5e-4 --batch-size 16 --epochs 3 \
+  --select-by loss "${D[@]}"
+run contra_kd/train_velocity_field.py --model-path $R/init/student/best --teacher-model-path $R/sft/teacher/best \
+  --data-dir processed_data/dolly/full/llama2 --save $R/velocity_field --velocity-width 3200 --batch-size 16 \
+  --epochs 3 --lr 5e-4 --dtype bfloat16
+run contra_kd/train.py --type adaptive-srkl-contra --model-path $R/init/student/best --teacher-model-path $R/sft/teacher/best \
+  --save $R/train/contra/distillm --lr 5e-4 --batch-size 16 --epochs 10 --init-threshold 0.2 --loss-eps 0.2 \
+  --lm-data-dir processed_data/openwebtext/llama2/512/1M --velocity-field $R/velocity_field/velocity_field.safetensors \
+  --projector $R/velocity_field/projector.safetensors "${D[@]}"
