@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import hf_to_meta
+from common.distributed import to_dtype
 from common.generation import generate
 from common.model import ModelArgs, Transformer
-from common.parallel import setup, to_dtype
+from common.parallel import setup
 
 # ~58M parameters: llama layout, hidden 512, 8 layers, 8 heads, FFN 1376, vocabulary 32000
 BENCH_CONFIG = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,

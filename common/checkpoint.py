@@ -9,14 +9,13 @@ import glob
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from common.io import atomic_save, atomic_write_json, read_tensors
 from common.model import ModelArgs
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -27,42 +26,7 @@ ROW = {"wo", "w2"}  # split on the input dim (1)
 REPLICATED = {"attention_norm", "ffn_norm", "norm", "gate"}
 
 
-# ---------------------------------------------------------------------------- reading and writing files
-
-def read_tensors(path: str) -> dict:
-    """A flat {name: tensor} from one .pth/.bin/.pt (weights_only) or .safetensors file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors, so torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}). "
-                         "Re-save just the state dict (torch.save(model.state_dict(), path)) or convert it to .safetensors") from None
-    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
-        obj = next(iter(obj.values()))  # {"model": state_dict} / {"state_dict": ...}
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)] if isinstance(obj, dict) else ["<not a dict>"]
-    if bad:
-        raise ValueError(f"{path} is not a flat dict of tensors (offending entries: {bad[:5]}); save a state dict of tensors")
-    return obj
-
-
-def atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    if path.endswith(".safetensors"):
-        save_file({k: v.contiguous() for k, v in obj.items()}, tmp, metadata={"format": "pt"})
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
+# ---------------------------------------------------------------------------- shard files
 
 def shard_paths(ckpt_dir: str) -> list:
     """consolidated.*.pth|safetensors sorted by their number (so the old `consolidated.010.pth` names load too)."""

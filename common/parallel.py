@@ -5,46 +5,13 @@ groups strided across them. Every rank of a TP group must see the same batch and
 choices, so data order and sampling are keyed on the DP rank, never the global rank.
 """
 import os
-import random
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Layout:
-    rank: int
-    world_size: int
-    tp_rank: int
-    tp_size: int
-    dp_rank: int
-    dp_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def to_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+from common.distributed import Layout, init_process_group, set_seed, to_dtype
+from common.distributed import dp_group, print0  # noqa: F401  (re-exported: TP scripts import them with setup)
 
 
 def setup(tp_size=None, seed=1, dtype="float32") -> Layout:
@@ -54,12 +21,7 @@ def setup(tp_size=None, seed=1, dtype="float32") -> Layout:
     Backend: nccl when CUDA is present, gloo otherwise. `tp_size` defaults to the whole world, as the
     original framework; the remaining factor is data parallel.
     """
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        if "RANK" in os.environ:  # torchrun
-            dist.init_process_group(backend)
-        else:  # plain `python script.py`: a world of one, with an in-memory store (no port to race for)
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    init_process_group()
     world = dist.get_world_size()
     tp_size = int(tp_size or world)
     if world % tp_size:
@@ -88,19 +50,3 @@ def layout() -> Layout:
 
 def tp_group():
     return fs_init.get_model_parallel_group()
-
-
-def dp_group():
-    return fs_init.get_data_parallel_group()
-
-
-def all_reduce_dp(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """Sum (by default) a tensor over the data-parallel group, in place; a no-op for one DP rank."""
-    if fs_init.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, op=op, group=dp_group())
-    return t
-
-
-def print0(*args, **kwargs) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)

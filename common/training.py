@@ -1,5 +1,9 @@
 """Training utilities every method's loop uses: data-parallel sharding, the whole-step loss normaliser,
-gradient averaging, resumable atomic checkpoints, throughput logging.
+gradient averaging, resumable atomic checkpoints of the TP model, throughput logging.
+
+Imports neither fairscale nor the TP model (the DP group comes from common.distributed), so transformers
+runs use dp_shard / global_count / Throughput too; their DDP, schedules and save_pretrained checkpoints
+live in common/hf_training.py.
 
 Checkpoints (one folder per save, so a crash never mixes two steps):
 
@@ -23,8 +27,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import atomic_save, atomic_write_json, read_tensors
-from common.parallel import Layout, all_reduce_dp, dp_group
+from common.distributed import Layout, all_reduce_dp, dp_group
+from common.io import atomic_save, atomic_write_json, read_tensors
 
 
 def dp_shard(items: list, dp_rank: int, dp_size: int) -> list:
@@ -88,25 +92,32 @@ def save_checkpoint(save_dir: str, model, optimizer, lay: Layout, state: dict, k
     if lay.is_main:
         state = dict(state, tp_size=lay.tp_size, torch_rng=torch.get_rng_state().tolist())
         atomic_write_json(state, os.path.join(folder, "state.json"))
-        for old in sorted(_complete_checkpoints(save_dir))[:-keep]:
+        for old in complete_checkpoints(save_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return folder
 
 
-def _complete_checkpoints(save_dir: str) -> list:
-    return [os.path.dirname(p) for p in glob.glob(os.path.join(save_dir, "checkpoints", "step-*", "state.json"))]
+def complete_checkpoints(save_dir: str) -> list:
+    """Checkpoint folders under save_dir that hold their commit marker (state.json), oldest first."""
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(save_dir, "checkpoints", "step-*", "state.json")))
+
+
+def latest_checkpoint(save_dir: str) -> tuple:
+    """(folder, its state.json) of the newest complete checkpoint under save_dir, or (None, None)."""
+    folders = complete_checkpoints(save_dir)
+    if not folders:
+        return None, None
+    with open(os.path.join(folders[-1], "state.json")) as f:
+        return folders[-1], json.load(f)
 
 
 def load_latest_checkpoint(save_dir: str, model, optimizer, lay: Layout) -> Optional[dict]:
     """Restore the newest complete checkpoint under save_dir; None when there is none (a fresh run)."""
-    folders = sorted(_complete_checkpoints(save_dir))
-    if not folders:
+    folder, state = latest_checkpoint(save_dir)
+    if folder is None:
         return None
-    folder = folders[-1]
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
     if state.get("tp_size") != lay.tp_size:
         raise ValueError(f"{folder} was saved at tensor-parallel size {state.get('tp_size')}, this run uses "
                          f"{lay.tp_size}: resume with the same layout, or start from a fresh --save_dir")

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.checkpoint import merge_state_dicts, read_tensors
+from common.checkpoint import merge_state_dicts
 from common.checkpoint_split import init, split
+from common.io import read_tensors
 from common.model import load_model
 from common.parallel import layout, setup
 from common.tokenizer import load_tokenizer, train_sentencepiece

@@ -1,0 +1,120 @@
+"""Hugging Face models for the methods that train `transformers` models: load, LoRA, vocabulary check.
+
+    tokenizer = load_tokenizer(model_path)
+    student = load_model(model_path, dtype="float32", device=lay.device)         # causal or seq2seq, by config
+    teacher = load_model(teacher_path, frozen=True, device=lay.device, flag="--teacher_model_path")
+    width = check_vocab(student, teacher, tokenizer, allow_padded=cfg.allow_padded_vocab)
+    student = add_lora(student, r=16, alpha=64, dropout=0.1)                      # peft; None targets: peft's defaults
+    merged = merge_lora(student)                                                 # a plain transformers model again
+
+A frozen model is in eval mode with requires_grad off and keeps the dtype it was saved in (`dtype=None`),
+as a teacher should. Everything loads from local folders only (nothing from the hub).
+"""
+import copy
+import json
+import os
+import sys
+
+import torch
+
+from common.distributed import to_dtype
+
+
+def check_model_folder(path, flag: str = "--model_path") -> str:
+    """`path` if it is a transformers model folder, else a one-line ValueError naming the flag, the path and the fix."""
+    path = str(path)
+    fix = "pass a folder written by save_pretrained (config.json with model_type, and the weights)"
+    if not os.path.isdir(path):
+        reason = "a file, not a folder" if os.path.exists(path) else "it does not exist"
+        raise ValueError(f"{flag} {path} is not a transformers model folder ({reason}): {fix}")
+    config = os.path.join(path, "config.json")
+    if not os.path.exists(config):
+        if os.path.exists(os.path.join(path, "params.json")) or any(f.startswith("consolidated.") for f in os.listdir(path)):
+            fix = f"this is a native consolidated.*.pth checkpoint; convert it with `python -m common.checkpoint_split export_hf --ckpt_dir {path} --save_path HF_DIR`"
+        elif os.path.exists(os.path.join(path, "adapter_config.json")):
+            fix = "this is a LoRA adapter alone; pass the merged model that common.hf_training.export_model writes"
+        raise ValueError(f"{flag} {path} is not a transformers model folder (no config.json): {fix}")
+    with open(config) as f:
+        if "model_type" not in json.load(f):
+            raise ValueError(f"{flag} {path} is not a transformers model folder ({config} has no model_type): {fix}")
+    if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+        raise ValueError(f"{flag} {path} is not a transformers model folder (config.json but no *.safetensors or "
+                         f"pytorch_model*.bin weights): {fix}")
+    return path
+
+
+def is_seq2seq(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def load_model(path, dtype=None, device="cpu", frozen: bool = False, flag: str = "--model_path"):
+    """A causal or encoder-decoder LM (chosen by its config) from a local folder.
+
+    dtype: "float32" / "bfloat16" / "float16" / a torch.dtype, or None for the dtype it was saved in.
+    frozen: eval mode and no gradients (a teacher).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    path = check_model_folder(path, flag)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype="auto" if dtype is None else to_dtype(dtype), local_files_only=True)
+    model.to(device)
+    if frozen:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path, flag: str = "--model_path"):
+    """The folder's tokenizer; a tokenizer without a pad token pads with EOS (padding is never supervised)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(check_model_folder(path, flag), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def vocab_width(model) -> int:
+    """Number of logits the model outputs (its output embedding rows; may exceed the tokenizer's size)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocab(student, teacher, tokenizer=None, allow_padded: bool = False, flag: str = "--allow_padded_vocab") -> int:
+    """The logit width both models share. Equal widths pass. Different widths are an error unless
+    `allow_padded` (rows past the tokenizer are padding, e.g. Qwen2.5 151936 vs 152064): then every
+    tokenizer id must fit in both, and KD compares the first min(widths) logits."""
+    s, t = vocab_width(student), vocab_width(teacher)
+    if s == t:
+        return s
+    if not allow_padded:
+        raise ValueError(f"the teacher outputs {t} logits per token but the student {s}: use a teacher with the "
+                         f"student's tokenizer, or pass {flag} if one is only padded (same tokenizer, extra rows)")
+    if tokenizer is not None and len(tokenizer) > min(s, t):
+        raise ValueError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the smaller vocabulary "
+                         f"(teacher {t}, student {s}), so the two are not the same vocabulary padded")
+    return min(s, t)
+
+
+def add_lora(model, r: int, alpha: float, dropout: float = 0.0, target_modules=None):
+    """Wrap `model` with peft LoRA adapters (only they train). `target_modules=None`: peft's defaults for the
+    architecture (e.g. c_attn for GPT-2, q_proj/v_proj for Llama and OPT, q/v for T5)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task = TaskType.SEQ_2_SEQ_LM if is_seq2seq(model) else TaskType.CAUSAL_LM
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task)
+    return get_peft_model(model, config)
+
+
+def is_lora(model) -> bool:
+    peft = sys.modules.get("peft")  # without peft imported nothing can be a PeftModel (and it is slow to import)
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def merge_lora(model):
+    """A plain transformers model with W + (alpha/r) B A folded into each adapted weight. Works on a copy:
+    the adapters of `model` stay as they are (export mid-training does not end LoRA training)."""
+    if not is_lora(model):
+        return model
+    with torch.no_grad():
+        return copy.deepcopy(model).merge_and_unload()

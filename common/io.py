@@ -1,0 +1,129 @@
+"""Files that survive a crash, and reads that never run pickled code. Imports neither fairscale nor the TP
+model, so a Hugging Face-only run can use it.
+
+    atomic_write_json({"step": 3}, "out/state.json")        # temporary name, then os.replace
+    save_tensors({"w": w}, "out/w.safetensors")             # .safetensors, or .pt/.pth (torch.save)
+    state = read_tensors("out/w.safetensors")               # tensors only (torch.load weights_only=True)
+    with atomic_folder("out/export") as tmp:                # write into a sibling folder, swapped in on success
+        model.save_pretrained(tmp)
+    rows = read_jsonl("preds.jsonl")                        # a bad line names the file and the line number
+    append_jsonl("preds.jsonl", row)                        # flushed per call: a resumed run skips len(rows)
+
+A reader never sees half a file: each write goes to `<path>.tmp.<pid>` and is renamed over `path`
+(os.replace is atomic on POSIX). `append_jsonl` cannot be atomic; `read_jsonl(..., drop_partial_last=True)`
+drops a last line cut short by a crash.
+"""
+import contextlib
+import json
+import os
+import pickle
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _tmp(path: str) -> str:
+    return f"{path}.tmp.{os.getpid()}"
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary name, then rename (a .safetensors path holds a flat dict of tensors)."""
+    tmp = _tmp(path)
+    if path.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in obj.items()}, tmp, metadata={"format": "pt"})
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_tensors(tensors: dict, path: str) -> None:
+    """A flat {name: tensor} -> `path` atomically; safetensors unless the name ends in .pt/.pth/.bin."""
+    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"save_tensors({path}): entries {bad[:5]} are not tensors")
+    atomic_save(tensors, path)
+
+
+def read_tensors(path: str) -> dict:
+    """A flat {name: tensor} from one .pth/.bin/.pt (weights_only) or .safetensors file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors, so torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}). "
+                         "Re-save just the state dict (torch.save(model.state_dict(), path)) or convert it to .safetensors") from None
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+        obj = next(iter(obj.values()))  # {"model": state_dict} / {"state_dict": ...}
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)] if isinstance(obj, dict) else ["<not a dict>"]
+    if bad:
+        raise ValueError(f"{path} is not a flat dict of tensors (offending entries: {bad[:5]}); save a state dict of tensors")
+    return obj
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    tmp = _tmp(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: str) -> None:
+    atomic_write_text(json.dumps(obj, indent=2), path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str):
+    """Yield a fresh sibling folder to fill; on a clean exit it replaces `path`, on an error it is removed.
+
+    Readers see the old folder or the new one, never a mix. POSIX cannot rename a folder over a non-empty
+    one, so the old folder is first moved aside to `<path>.old.<pid>` and deleted after the swap; a crash
+    in that instant leaves the old contents there, intact.
+    """
+    path = os.path.normpath(path)
+    tmp, old = _tmp(path), f"{path}.old.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_jsonl(path: str, drop_partial_last: bool = False) -> list:
+    """One JSON value per non-empty line. `drop_partial_last`: ignore an unparsable last line (an append cut
+    short by a crash) instead of raising."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if drop_partial_last and not any(rest.strip() for rest in lines[i:]):
+                break
+            raise ValueError(f"{path}:{i} is not valid JSON ({e.msg}, column {e.colno}); fix or delete that line") from None
+    return rows
+
+
+def write_jsonl(rows, path: str) -> None:
+    atomic_write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), path)
+
+
+def append_jsonl(path: str, *rows) -> None:
+    """Append rows and flush them to disk, so outputs written so far survive a crash."""
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

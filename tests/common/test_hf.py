@@ -1,0 +1,74 @@
+"""common.hf: loading causal and seq2seq models, LoRA through peft, the teacher/student vocabulary check."""
+import pytest
+import torch
+
+from common import hf
+from tests.tiny import VOCAB_SIZE, char_tokenizer, save_tiny, tiny_model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
+def test_loaded_model_gives_the_saved_models_logits(tmp_path, family):
+    folder = save_tiny(family, tmp_path / family)
+    model = hf.load_model(folder, dtype="float32")
+    ids = torch.randint(4, 100, (2, 7))
+    kwargs = {"decoder_input_ids": ids[:, :3]} if family == "t5" else {}
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids, **kwargs).logits, tiny_model(family)(input_ids=ids, **kwargs).logits)
+    assert hf.is_seq2seq(model) == (family == "t5")
+    assert hf.load_tokenizer(folder).encode("ab", add_special_tokens=False) == char_tokenizer().encode("ab", add_special_tokens=False)
+
+
+def test_teacher_is_frozen_in_eval_mode_and_keeps_its_saved_dtype(tmp_path):
+    folder = str(tmp_path / "bf16")
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    teacher = hf.load_model(folder, frozen=True)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert next(teacher.parameters()).dtype == torch.bfloat16
+    assert next(hf.load_model(folder, dtype="float32").parameters()).dtype == torch.float32
+
+
+def test_a_path_that_is_not_a_transformers_folder_gets_one_line_naming_flag_path_and_fix(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "params.json").write_text("{}")
+    (tmp_path / "file.bin").write_text("x")
+    (tmp_path / "config_only").mkdir()
+    tiny_model("gpt2").config.save_pretrained(tmp_path / "config_only")
+    cases = {"missing": r"does not exist", "empty": r"no config\.json\): pass a folder written by save_pretrained",
+             "native": r"native consolidated.*checkpoint_split export_hf", "file.bin": r"a file, not a folder",
+             "config_only": r"config\.json but no \*\.safetensors"}
+    for name, reason in cases.items():
+        with pytest.raises(ValueError, match=rf"^--teacher_model_path .*{name} is not a transformers model folder.*{reason}") as e:
+            hf.load_model(tmp_path / name, flag="--teacher_model_path")
+        assert "\n" not in str(e.value)
+
+
+def test_vocabulary_mismatch_names_both_sizes_and_padded_vocabularies_need_the_opt_in():
+    student, teacher = tiny_model("gpt2"), tiny_model("llama", vocab_size=VOCAB_SIZE + 8)
+    assert hf.check_vocab(student, tiny_model("opt")) == VOCAB_SIZE
+    with pytest.raises(ValueError, match=rf"teacher outputs {VOCAB_SIZE + 8} logits .* student {VOCAB_SIZE}.*--allow_padded_vocab"):
+        hf.check_vocab(student, teacher)
+    assert hf.check_vocab(student, teacher, char_tokenizer(), allow_padded=True) == VOCAB_SIZE
+    small = tiny_model("opt", vocab_size=64)  # fewer rows than the 100-token tokenizer: not mere padding
+    with pytest.raises(ValueError, match=r"tokenizer has 100 tokens, more than the smaller vocabulary \(teacher 64, student 128\)"):
+        hf.check_vocab(student, small, char_tokenizer(), allow_padded=True)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_lora_trains_only_adapters_and_merging_keeps_the_logits(family):
+    model = hf.add_lora(tiny_model(family), r=4, alpha=8, dropout=0.0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B starts at 0; make the adapters matter
+    ids = torch.randint(4, 100, (2, 6))
+    kwargs = {"decoder_input_ids": ids[:, :4]} if family == "t5" else {}
+    merged = hf.merge_lora(model)
+    assert not hf.is_lora(merged) and hf.is_lora(model)  # the trained model keeps its adapters
+    with torch.no_grad():
+        base = tiny_model(family)(input_ids=ids, **kwargs).logits
+        adapted = model.eval()(input_ids=ids, **kwargs).logits
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        torch.testing.assert_close(merged(input_ids=ids, **kwargs).logits, adapted, atol=2e-5, rtol=1e-4)
