@@ -361,10 +361,11 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         logged, tokens = {}, 0
         for m, batch in enumerate(batches):
             if lm:  # its own backward, never the step's last, so DDP syncs once
-                with grad_sync(ddp, False), autocast(dtype, lay.device):
-                    lm_logits = ddp(**model_inputs(lm_batches[m])).logits
-                    lm_loss = lm_coef * cross_entropy(lm_logits, target_ids=lm_batches[m]["target_ids"],
-                                                      mask=lm_batches[m]["mask"], normalizer=n_lm)
+                with grad_sync(ddp, False):
+                    with autocast(dtype, lay.device):
+                        lm_logits = ddp(**model_inputs(lm_batches[m])).logits
+                        lm_loss = lm_coef * cross_entropy(lm_logits, target_ids=lm_batches[m]["target_ids"],
+                                                          mask=lm_batches[m]["mask"], normalizer=n_lm)
                     scaler.scale(lm_loss).backward()
                 logged["loss_lm"] = logged.get("loss_lm", 0.0) + lm_loss.detach() / lm_coef
                 tokens += int(lm_batches[m]["attention_mask"].sum())

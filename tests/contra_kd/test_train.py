@@ -196,3 +196,23 @@ def test_generated_tgo_sgo_pair_up_and_train_distillm2_contra(workspace, tmp_pat
     steps = [r for r in rows if r["kind"] == "step"]
     assert len(steps) == 4 and all(r["loss_tgo_skl"] > 0 and r["loss_sgo_srkl"] > 0 for r in steps)
     assert "best epoch 0" in out
+
+
+@pytest.mark.parametrize("type_,terms", [("kd", ("loss_ce", "loss_kd")),
+                                         ("fdd+contra", ("loss_ce", "loss_rkl", "loss_fdd", "loss_contra")),
+                                         ("adaptive-sfkl", ("loss_ce", "loss_skl"))])
+def test_each_type_logs_its_terms_and_the_total_is_their_weighted_sum(workspace, tmp_path, type_, terms):
+    save = tmp_path / "run"
+    main(type=type_, model_path=str(workspace / "student"), teacher_model_path=str(workspace / "teacher"),
+         data_dir=str(workspace / "dolly/full/tiny"), lm_data_dir=str(workspace / "owt/tiny/96/40"), save=str(save),
+         epochs=1, batch_size=8, kd_ratio=0.5, lm_coef=0.7, num_distill_layers=2,
+         velocity_field=str(workspace / "vf.safetensors"), projector=str(workspace / "proj.safetensors"),
+         max_length=232, max_prompt_length=200, eval_batch_size=4, seed=5)
+    steps = [json.loads(line) for line in open(save / "metrics.jsonl") if '"step"' in line]
+    assert len(steps) == 2
+    for row in steps:
+        assert all(row[t] > 0 for t in terms)
+        distill = sum(row[t] for t in terms if t not in ("loss_ce", "loss_contra"))
+        want = 0.5 * row["loss_ce"] + 0.5 * distill + 0.5 * row.get("loss_contra", 0.0) + 0.7 * row["loss_lm"]
+        assert row["loss"] == pytest.approx(want, rel=1e-5)
+    assert (save / "final/model.safetensors").exists() and (save / "best/model.safetensors").exists()
