@@ -178,7 +178,8 @@ def table(paths, labels, paper_pair=None) -> str:
 
 
 def plot_curves(metrics_path: str, png_path: str) -> str:
-    """One panel per logged training term (per step, re-fit steps included) and the dev metrics per epoch."""
+    """One panel per logged training term against the run's unit counter (student steps and velocity-field
+    re-fit steps in the order they ran) and one per dev metric against the epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,7 +195,7 @@ def plot_curves(metrics_path: str, png_path: str) -> str:
         raise ValueError(f"{metrics_path}: no 'loss*' step rows or 'dev_*' epoch rows to plot")
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), squeeze=False)
     for ax, key in zip(axes[:, 0], panels):
-        src, x = (steps, "step") if key in terms else (epochs, "epoch")
+        src, x = (steps, "unit") if key in terms else (epochs, "epoch")  # unit: student and re-fit steps in order
         pts = [(r[x], r[key]) for r in src if r.get(key) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if src is epochs else None)
         ax.set_ylabel(key, fontsize=8)

@@ -67,7 +67,8 @@ def test_eval_writes_predictions_results_table_and_curves(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in [
         {"kind": "step", "unit": 1, "step": 0, "loss": 3.0, "loss_contra": 0.2},
         {"kind": "step", "unit": 2, "step": 1, "loss": 2.5, "loss_contra": 0.1},
-        {"kind": "epoch", "unit": 3, "epoch": 0, "dev_loss": 2.4, "dev_rougeL": 4.0}]))
+        {"kind": "step", "unit": 3, "refit_round": 0, "loss_rf": 0.4},
+        {"kind": "epoch", "unit": 4, "epoch": 0, "dev_loss": 2.4, "dev_rougeL": 4.0}]))
     main(model, str(tmp_path / "out"), data_dir=str(data), sets="dolly,sinst", seeds="10,20", batch_size=2,
          max_prompt_length=300, max_length=316, label="tiny", paper_pair="gpt2", metrics=str(metrics))
     results = json.load(open(tmp_path / "out/results.json"))["results"]
