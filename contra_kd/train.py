@@ -201,11 +201,15 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     metrics_path = os.path.join(save, "metrics.jsonl")
     if lay.is_main:
         os.makedirs(save, exist_ok=True)
+    plan = {"type": f"{base}{'+contra' if contra else ''}", "units": len(units), "global_batch": global_batch}
     if state is None:
-        state = {"step": 0, "best": None}
+        state = {"step": 0, "best": None, "plan": plan}
         if lay.is_main and os.path.exists(metrics_path):
             os.remove(metrics_path)  # rows of an attempt that never reached a checkpoint
     else:
+        if state["plan"] != plan:
+            raise ValueError(f"{save} holds a run of {state['plan']}, this command plans {plan}: resume with the same "
+                             f"type, epochs, data and batch settings, or pass another --save")
         if contra:
             saved = torch.load(os.path.join(extras(state["step"]), "flow.pt"), map_location=lay.device,
                                weights_only=True)
