@@ -218,15 +218,18 @@ def test_logits_processor_sees_the_sequence_and_changes_the_choice():
 
 # ---- stopping and limits ----
 
-def test_stop_ids_end_a_row_and_are_kept():
-    model = tiny_causal_lm("opt")
-    prompts = random_prompts()
-    free = generate(model, prompts, 10)
+def assert_stop_ids_end_rows(model, prompts, max_new_tokens):
+    """An EOS and an extra stop id taken from free greedy outputs cut each row after its first of them."""
+    free = generate(model, prompts, max_new_tokens)
     stop_a, stop_b = free[1][2], free[3][5]
-    out = generate(model, prompts, 10, eos_id=stop_a, stop_ids=[stop_b])
+    out = generate(model, prompts, max_new_tokens, eos_id=stop_a, stop_ids=[stop_b])
     for row, ref in zip(out, free):
         cut = next((i for i, t in enumerate(ref) if t in (stop_a, stop_b)), None)
         assert row == (ref if cut is None else ref[:cut + 1])
+
+
+def test_stop_ids_end_a_row_and_are_kept():
+    assert_stop_ids_end_rows(tiny_causal_lm("opt"), random_prompts(), 10)
 
 
 def test_max_new_tokens_and_max_seq_len_cap_each_row():

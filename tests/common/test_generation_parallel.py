@@ -34,3 +34,28 @@ def test_tp2_greedy_equals_transformers_and_sampling_is_identical_across_ranks()
     assert ranks[0]["default_generator"] == ranks[1]["default_generator"]
     # the same seed through the transformers model (same weights, its own cache) draws the same tokens
     assert ranks[0]["sampled"] == generate(hf, prompts, 12, temperature=1.0, top_p=0.9, seed=7)
+
+
+def _default_seed_samples(prompts):
+    import torch
+    import torch.distributed as dist
+
+    from tests.tiny import tiny_model
+    model = tiny_model("gpt2")
+    dist.init_process_group("gloo")  # plain data parallel (DDP), no fairscale state: the global rank is the DP rank
+    torch.manual_seed(0)  # the same global RNG state on both ranks
+    plain = list(generate(model, prompts, 8, temperature=1.0))
+    setup(tp_size=1)  # fairscale: 2 data-parallel groups of one rank; seeds the global RNG identically
+    fairscale_dp = list(generate(model, prompts, 8, temperature=1.0))
+    return {"plain": plain, "fairscale_dp": fairscale_dp, "seeded": list(generate(model, prompts, 8, temperature=1.0,
+                                                                                   seed=7))}
+
+
+def test_the_default_seed_differs_between_data_parallel_ranks():
+    """Same global RNG state on both ranks: without a seed, DP ranks sample different tokens (the TP test above
+    shows the ranks of one TP group agree); an explicit seed is the caller's and is kept."""
+    prompts = random_prompts(vocab=128)
+    ranks = run_distributed(_default_seed_samples, 2, prompts)
+    assert ranks[0]["plain"] != ranks[1]["plain"]
+    assert ranks[0]["fairscale_dp"] != ranks[1]["fairscale_dp"]
+    assert ranks[0]["seeded"] == ranks[1]["seeded"]
