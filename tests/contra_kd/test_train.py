@@ -216,3 +216,12 @@ def test_each_type_logs_its_terms_and_the_total_is_their_weighted_sum(workspace,
         want = 0.5 * row["loss_ce"] + 0.5 * distill + 0.5 * row.get("loss_contra", 0.0) + 0.7 * row["loss_lm"]
         assert row["loss"] == pytest.approx(want, rel=1e-5)
     assert (save / "final/model.safetensors").exists() and (save / "best/model.safetensors").exists()
+
+
+def test_resume_with_another_plan_is_one_clear_line(workspace, tmp_path):
+    args = dict(type="sft", model_path=str(workspace / "student"), data_dir=str(workspace / "dolly/full/tiny"),
+                save=str(tmp_path / "run"), batch_size=8, max_length=232, max_prompt_length=200, eval_batch_size=4)
+    main(epochs=1, **args)
+    with pytest.raises(ValueError, match=r"run holds a run of .*'units': 4.* this command plans .*'units': 7") as e:
+        main(epochs=2, **args)
+    assert "\n" not in str(e.value)
