@@ -207,9 +207,9 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         if lay.is_main and os.path.exists(metrics_path):
             os.remove(metrics_path)  # rows of an attempt that never reached a checkpoint
     else:
-        if state["plan"] != plan:
-            raise ValueError(f"{save} holds a run of {state['plan']}, this command plans {plan}: resume with the same "
-                             f"type, epochs, data and batch settings, or pass another --save")
+        if state.get("plan") != plan:
+            raise ValueError(f"{save} holds a run of {state.get('plan')}, this command plans {plan}: resume with the "
+                             f"same type, epochs, data and batch settings, or pass another --save")
         if contra:
             saved = torch.load(os.path.join(extras(state["step"]), "flow.pt"), map_location=lay.device,
                                weights_only=True)
