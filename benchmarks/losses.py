@@ -44,6 +44,23 @@ tp2_chunked    8.72817           0.464    0.119            0.220    0.060    6.1
 generalized_jsd (beta 0.5), float32 logits, chunk_size 128, --tp=False
 plain          0.64583          13.677    1.000           12.700    1.000   45.58    1.000
 chunked        0.64583           1.656    0.121            0.679    0.053   17.64    0.387
+
+chunked_view: the same loss on logits[:, :-1] of a batch of 8 sequences (a non-contiguous view, as callers
+wrote before targets came aligned with the full logits). "allocated GiB" is the total of every allocation in one
+forward + backward (torch.profiler memory events on CPU), so each copy counts. Measured 2026-12-01, 2048 tokens
+x 32000, fp32, chunk_size 64, --tp=False --repeats 2, load average 13-17 on the 2 cores (times are rough):
+
+before (da8d430: rows selected by reshaping the whole tensor, a full copy per chunk and side)
+variant          value  peak extra GiB  x plain  beyond grad GiB  x plain  allocated GiB  time s  x plain
+plain          8.74634           1.713    1.000            1.468    1.000           2.81    9.61    1.000
+chunked        8.74634           0.435    0.254            0.190    0.129           2.81   17.81    1.854
+chunked_view   8.74634           0.678    0.396            0.433    0.295          18.68   56.96    5.928
+after (rows gathered by (batch, position) index)
+plain          8.74634           1.745    1.000            1.500    1.000           2.81   13.52    1.000
+chunked        8.74634           0.447    0.256            0.202    0.135           2.81   15.83    1.171
+chunked_view   8.74634           0.681    0.390            0.435    0.290           3.05   22.91    1.694
+The view's extra 0.24 GiB (peak and allocated) is autograd's slice backward writing the gradient into the
+full [8, 257, 32000] base; passing the full logits with targets_and_mask (the chunked row) avoids it.
 """
 import os
 import statistics
@@ -85,20 +102,42 @@ def _peak():
     return _status_kib("VmHWM") * 1024
 
 
-def _inputs(tokens, vocab, dtype, seed):
+def _allocated_bytes(step):
+    """Bytes allocated in total (not at once) while step() runs: every copy counts."""
+    if torch.cuda.is_available():
+        before = torch.cuda.memory_stats()["allocated_bytes.all.allocated"]
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_stats()["allocated_bytes.all.allocated"] - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+def _inputs(tokens, vocab, dtype, seed, batch):
+    """Logits of `batch` causal sequences of tokens / batch + 1 positions, as a model returns them; the mask of
+    targets_and_mask(labels, shift=True) for all-response labels: every position but the last counts."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, dtype)
-    student = (3 * torch.randn(1, tokens, vocab, generator=gen, device=device)).to(dtype).requires_grad_()
-    teacher = (3 * torch.randn(1, tokens, vocab, generator=gen, device=device)).to(dtype)
-    return student, teacher, torch.ones(1, tokens, dtype=torch.bool, device=device)
+    shape = (batch, tokens // batch + 1, vocab)
+    student = (3 * torch.randn(shape, generator=gen, device=device)).to(dtype).requires_grad_()
+    teacher = (3 * torch.randn(shape, generator=gen, device=device)).to(dtype)
+    mask = torch.ones(shape[:2], dtype=torch.bool, device=device)
+    mask[:, -1] = False
+    return student, teacher, mask
 
 
-def _step(fn, student, teacher, mask, chunk_size, group):
-    """One forward + backward; returns (loss value, seconds)."""
+def _step(fn, student, teacher, mask, chunk_size, group, view=False):
+    """One forward + backward; returns (loss value, seconds). view: the loss reads logits[:, :-1] (a
+    non-contiguous view, as callers wrote before targets came aligned with the full logits)."""
     student.grad = None
     start = time.perf_counter()
-    out = fn(student, teacher, mask, chunk_size=chunk_size, group=group)
+    if view:
+        out = fn(student[:, :-1], teacher[:, :-1], mask=mask[:, :-1], chunk_size=chunk_size, group=group)
+    else:
+        out = fn(student, teacher, mask=mask, chunk_size=chunk_size, group=group)
     out.backward()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -109,42 +148,46 @@ def _chunk(variant, chunk_size):
     return None if variant.endswith("plain") else int(chunk_size)
 
 
-def _run(kind, variants, loss, tokens, vocab, dtype, chunk_size, repeats, group=None, seed=0):
+def _run(kind, variants, loss, tokens, vocab, dtype, chunk_size, repeats, batch, group=None, seed=0):
     """kind "memory": one forward + backward of variants[0] (call in a fresh process); kind "time": variants
     alternated `repeats` times after one warm-up each, so that load from other processes hits all alike."""
-    student, teacher, mask = _inputs(tokens, vocab, dtype, seed)
+    student, teacher, mask = _inputs(tokens, vocab, dtype, seed, batch)
     fn = getattr(losses, loss)
     if kind == "memory":
         base = _reset_peak()
-        value, _ = _step(fn, student, teacher, mask, _chunk(variants[0], chunk_size), group)
-        return dict(value=value, extra=_peak() - base, grad_bytes=student.numel() * student.element_size())
+        v = variants[0]
+        value, _ = _step(fn, student, teacher, mask, _chunk(v, chunk_size), group, v.endswith("view"))
+        extra = _peak() - base
+        allocated = _allocated_bytes(lambda: _step(fn, student, teacher, mask, _chunk(v, chunk_size), group,
+                                                   v.endswith("view")))
+        return dict(value=value, extra=extra, allocated=allocated, grad_bytes=student.numel() * student.element_size())
     times = {v: [] for v in variants}
     for round_ in range(repeats + 1):
         for v in variants:
-            _, seconds = _step(fn, student, teacher, mask, _chunk(v, chunk_size), group)
+            _, seconds = _step(fn, student, teacher, mask, _chunk(v, chunk_size), group, v.endswith("view"))
             if round_:
                 times[v].append(seconds)
     return {v: statistics.median(t) for v, t in times.items()}
 
 
-def _tp_worker(rank, port, out_file, kind, variants, loss, tokens, vocab, dtype, chunk_size, repeats):
+def _tp_worker(rank, port, out_file, kind, variants, loss, tokens, vocab, dtype, chunk_size, repeats, batch):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from common.parallel import setup, tp_group
     setup(tp_size=2)
-    result = _run(kind, variants, loss, tokens, vocab // 2, dtype, chunk_size, repeats, tp_group(), seed=rank)
+    result = _run(kind, variants, loss, tokens, vocab // 2, dtype, chunk_size, repeats, batch, tp_group(), seed=rank)
     torch.save(result, f"{out_file}.{rank}")
 
 
 def worker(kind, variants, out_file, loss="forward_kl", tokens=8192, vocab=32000, dtype="float32",
-           chunk_size=128, repeats=3):
+           chunk_size=128, repeats=3, batch=8):
     """Runs in a fresh process; writes its measurements to out_file. TP variants: the worse of the 2 ranks."""
     variants = variants.split("+")
-    args = (kind, variants, loss, tokens, vocab, dtype, chunk_size, repeats)
+    args = (kind, variants, loss, tokens, vocab, dtype, chunk_size, repeats, batch)
     if variants[0].startswith("tp2"):
         import torch.multiprocessing as mp
-        from common.parallel import free_port
+        from tests.distributed import free_port  # common.parallel no longer has it (07dafda)
         mp.spawn(_tp_worker, args=(free_port(), out_file, *args), nprocs=2)
         ranks = [torch.load(f"{out_file}.{r}", weights_only=True) for r in range(2)]
         for r in range(2):
@@ -166,9 +209,10 @@ def _subprocess(kind, variants, live_only, **options):
 
 
 def main(loss="forward_kl", tokens=8192, vocab=32000, dtype="float32", chunk_size=128, repeats=5, tp=True,
-         live_only=False):
-    options = dict(loss=loss, tokens=tokens, vocab=vocab, dtype=dtype, chunk_size=chunk_size, repeats=repeats)
-    groups = [["plain", "chunked"]] + ([["tp2_plain", "tp2_chunked"]] if tp else [])
+         live_only=False, batch=8):
+    options = dict(loss=loss, tokens=tokens, vocab=vocab, dtype=dtype, chunk_size=chunk_size, repeats=repeats,
+                   batch=batch)
+    groups = [["plain", "chunked", "chunked_view"]] + ([["tp2_plain", "tp2_chunked"]] if tp else [])
     rows, load = {}, os.getloadavg()[0]
     for variants in groups:
         for v in variants:
@@ -177,11 +221,11 @@ def main(loss="forward_kl", tokens=8192, vocab=32000, dtype="float32", chunk_siz
             for v, seconds in _subprocess("time", variants, live_only, **options).items():
                 rows[v]["time"] = seconds
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    print(f"\n{loss}, {tokens} tokens x {vocab} vocabulary, {dtype} logits, chunk_size {chunk_size}, "
+    print(f"\n{loss}, {tokens} tokens ({batch} sequences) x {vocab} vocabulary, {dtype} logits, chunk_size {chunk_size}, "
           f"forward + backward, {device}; 1-min load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
           + ("; live tensors only (MALLOC_MMAP_THRESHOLD_=1MiB)" if live_only else ""))
     header = (f"{'variant':<12} {'value':>9} {'peak extra GiB':>15} {'x plain':>8} {'beyond grad GiB':>16} "
-              f"{'x plain':>8} {'time s':>7} {'x plain':>8}")
+              f"{'x plain':>8} {'allocated GiB':>14} {'time s':>7} {'x plain':>8}")
     print(header)
     print("-" * len(header))
     for variant, r in rows.items():
@@ -189,7 +233,7 @@ def main(loss="forward_kl", tokens=8192, vocab=32000, dtype="float32", chunk_siz
         beyond, ref_beyond = r["extra"] - r["grad_bytes"], ref["extra"] - ref["grad_bytes"]
         timing = f"{r['time']:>7.2f} {r['time'] / ref['time']:>8.3f}" if "time" in r else f"{'-':>7} {'-':>8}"
         print(f"{variant:<12} {r['value']:>9.5f} {r['extra'] / GiB:>15.3f} {r['extra'] / ref['extra']:>8.3f} "
-              f"{beyond / GiB:>16.3f} {beyond / ref_beyond:>8.3f} {timing}")
+              f"{beyond / GiB:>16.3f} {beyond / ref_beyond:>8.3f} {r['allocated'] / GiB:>14.2f} {timing}")
 
 
 if __name__ == "__main__":

@@ -302,16 +302,55 @@ def read_checkpoint(ckpt_file) -> tuple:
 
 
 def write_checkpoint(shards: list, args: Optional[ModelArgs], save_path: str, tokenizer_from: Optional[str] = None) -> None:
-    """consolidated.{i:02d}.pth per shard, params.json, tokenizer files; stale shards from an older split removed."""
-    os.makedirs(save_path, exist_ok=True)
-    for old in shard_paths(save_path):
-        os.remove(old)
-    for i, shard in enumerate(shards):
-        atomic_save(shard, os.path.join(save_path, f"consolidated.{i:02d}.pth"))
-    if args is not None:
-        atomic_write_json(args.checkpoint_dict(), os.path.join(save_path, "params.json"))
-    if tokenizer_from and os.path.abspath(tokenizer_from) != os.path.abspath(save_path):
-        copy_tokenizer_files(tokenizer_from, save_path)
+    """consolidated.{i:02d}.pth per shard, params.json, tokenizer files. Everything is written into a sibling
+    folder first and swapped in at the end, so a checkpoint already at save_path (the source itself, when
+    re-splitting in place) stays whole until the new one is complete; its other files are carried over."""
+    save_path = os.path.abspath(save_path)
+    staging = f"{save_path}.tmp.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        for i, shard in enumerate(shards):
+            atomic_save(shard, os.path.join(staging, f"consolidated.{i:02d}.pth"))
+        if args is not None:
+            atomic_write_json(args.checkpoint_dict(), os.path.join(staging, "params.json"))
+        if tokenizer_from:
+            copy_tokenizer_files(tokenizer_from, staging)
+        if os.path.isdir(save_path):
+            old = set(shard_paths(save_path)) | {os.path.join(save_path, "params.json")}
+            for name in os.listdir(save_path):
+                if os.path.join(save_path, name) not in old and not os.path.exists(os.path.join(staging, name)):
+                    _link_or_copy(os.path.join(save_path, name), os.path.join(staging, name))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, save_path)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard links where the filesystem allows (no data copied), else a copy; folders recursively."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, copy_function=link)
+    else:
+        link(src, dst)
+
+
+def _swap_in(staging: str, save_path: str) -> None:
+    """Put the complete folder `staging` at save_path. An existing save_path is renamed aside first and deleted
+    only once the new folder is in place (a crash between the two renames leaves both on disk, as
+    `save_path.old.PID` and `save_path.tmp.PID`)."""
+    if not os.path.exists(save_path):
+        os.replace(staging, save_path)
+        return
+    aside = f"{save_path}.old.{os.getpid()}"
+    os.replace(save_path, aside)
+    os.replace(staging, save_path)
+    shutil.rmtree(aside)
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list:
@@ -351,9 +390,10 @@ def export_hf(ckpt_dir: str, out_dir: str, lora_scale: float = 1.0) -> str:
     if tied:
         del hf["lm_head.weight"]
     os.makedirs(out_dir, exist_ok=True)
-    hf_config(args).save_pretrained(out_dir)
     atomic_save(hf, os.path.join(out_dir, "model.safetensors"))
     copy_tokenizer_files(ckpt_dir, out_dir)
+    # config.json last and atomically: from_pretrained needs it, so a folder is loadable only once it is complete
+    atomic_write_json(json.loads(hf_config(args).to_json_string()), os.path.join(out_dir, "config.json"))
     return out_dir
 
 

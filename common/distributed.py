@@ -102,6 +102,11 @@ def dp_size() -> int:
     return dist.get_world_size(dp_group()) if dist.is_initialized() else 1
 
 
+def dp_rank() -> int:
+    """This process's data-parallel rank (the ranks of one TP group share it); 0 without torch.distributed."""
+    return dist.get_rank(dp_group()) if dist.is_initialized() else 0
+
+
 def all_reduce_dp(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Sum (by default) a tensor over the data-parallel group, in place; a no-op for one DP rank."""
     if dp_size() > 1:

@@ -28,12 +28,12 @@ mixed-sampling hooks:
 """
 import contextlib
 import inspect
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+
+from common.distributed import dp_rank
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -274,21 +274,10 @@ def _pick_mix_token(student, teacher, ratio, temperature, top_p, top_k, generato
     return torch.where(from_student, s_tok, t_tok), lp, (~from_student).long()
 
 
-def _dp_rank() -> int:
-    """This process's data-parallel rank: fairscale's when its model-parallel state is set up (the ranks of
-    one TP group share it), else the global rank (plain DDP), 0 without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    fs_init = sys.modules.get("fairscale.nn.model_parallel.initialize")  # never imported here: HF-only runs skip it
-    if fs_init is not None and fs_init.model_parallel_is_initialized():
-        return fs_init.get_data_parallel_rank()
-    return dist.get_rank()
-
-
 def _default_seed() -> int:
     """A new seed per call from the global RNG, offset by the DP rank: the ranks of a TP group (same RNG
     state, same DP rank) draw the same tokens, while DP ranks holding the same RNG state still differ."""
-    return int(torch.randint(0, 2**62, (1,)).item()) + _dp_rank()
+    return int(torch.randint(0, 2**62, (1,)).item()) + dp_rank()
 
 
 def _make_generator(generator, seed, device) -> torch.Generator:

@@ -2,7 +2,7 @@
 
 Pairwise token divergences
 --------------------------
-    fn(student_logits, teacher_logits, mask, *, temperature=1.0, <own options>,
+    fn(student_logits, teacher_logits, *, mask, temperature=1.0, <own options>,
        chunk_size=None, normalizer=None, group=None, vocab_slice=None) -> scalar
 
 * logits `[B, S, V]` in any float dtype, computed in fp32 (fp64 inputs stay fp64); `p = softmax(teacher/τ)`,
@@ -15,11 +15,33 @@ Pairwise token divergences
 * Teacher and student vocabularies must match; `vocab_slice=k` compares the first k entries only
   (padding mismatches such as Qwen 151936 vs 152064).
 
-§2 pairwise: forward_kl, reverse_kl, soft_cross_entropy, generalized_jsd, fkl_rkl_mix, symmetric_kl, tvd,
-skew_forward_kl, skew_reverse_kl. §3 with `target_ids` [B, S]: dkd, atkd (and cross_entropy, token_log_probs).
-§4: mcc_span_kl; fdd_loss with distill_layer_indices; velocity_field_loss, contra_loss; minillm_importance_weights,
-minillm_rewards, minillm_advantages, minillm_whiten, minillm_policy_loss (L_reg is reverse_kl); hidden_mse,
-hidden_l2, attention_output_l2.
+Everything after the logits is keyword-only (`mask=`, `target_ids=`, `spans_a=`...), so two arguments of the
+same shape cannot be swapped silently.
+
+Targets and masks come aligned with the logits as the model returns them: `target_ids[b, t]` is the token that
+position t predicts. For Hugging Face batches, `common.labels.targets_and_mask(labels, shift=True)` (causal LM:
+position t predicts token t+1, the last position counts nothing) or `shift=False` (seq2seq decoder) gives
+them, so pass the model's full logits and never slice `logits[:, :-1]`. A non-contiguous view still works:
+rows are gathered by (batch, position) index, never by reshaping the whole tensor.
+
+Index
+-----
+§2 pairwise, fn(student_logits, teacher_logits, *, mask, ...): forward_kl, reverse_kl, soft_cross_entropy,
+    generalized_jsd(beta), fkl_rkl_mix(weight), symmetric_kl(weight), tvd, skew_forward_kl(alpha),
+    skew_reverse_kl(alpha, detach_mixture).
+§3 target-aware, fn(student_logits, teacher_logits, *, mask, target_ids, ...): dkd(alpha, beta, reverse),
+    atkd(lam, reverse).
+Student-only: cross_entropy(logits, *, target_ids, mask, chunk_size, normalizer, group);
+    token_log_probs(logits, *, target_ids, temperature, chunk_size, group) -> [B, S], 0 where the target is -100.
+§4.1 mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, ...).
+§4.2 fdd_loss(student_states, teacher_states, student_head, teacher_head, *, mask, ...), distill_layer_indices.
+§4.3 velocity_field_loss(velocity_field, projector, student_states, teacher_states, *, mask, ...),
+    contra_loss(velocity_field, projector, student_states, *, mask, k, ...).
+§4.4 minillm_importance_weights, minillm_rewards, minillm_advantages(rewards, *, mask, ...),
+    minillm_whiten(values, *, mask, ...), minillm_policy_loss(log_q, log_q_old, weights, advantages, *, mask, ...);
+    L_reg is reverse_kl.
+§4.5 hidden_mse(student_hidden, teacher_hidden, *, mask, ...), hidden_l2(..., *, mask=None, ...),
+    attention_output_l2(..., *, mask=None).
 
 Gradient accumulation and data parallel (README.md "Reductions"): a training loop passes
 `normalizer = number of counted tokens in the whole optimiser step` (all micro-batches, summed over the DP
@@ -54,6 +76,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from common.labels import IGNORE_INDEX
 
 BINARY_PROB_FLOOR = 1e-12  # §3.1: clamp in the binary logs of TCKD (fp32 saturation gives log 0)
 NEG_INF = float("-inf")
@@ -248,8 +273,14 @@ def _compute_dtype(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _rows(t, rows):
+    """Rows of t [..., D] at flat positions `rows` (row-major over t.shape[:-1]), gathered by index tuple: t is
+    never reshaped, so a non-contiguous view such as logits[:, :-1] is read in place instead of copied whole."""
+    return t[torch.unravel_index(rows, t.shape[:-1])]
+
+
 def _select_rows(t, rows, vocab, dtype):
-    return t.reshape(-1, t.shape[-1])[:, :vocab].index_select(0, rows).to(dtype)
+    return _rows(t[..., :vocab], rows).to(dtype)
 
 
 def _rows_value(per_token, xi, yi, row_data, weight, temperature, group):
@@ -381,21 +412,21 @@ def _token_mean(per_token, student_logits, teacher_logits, mask, *, temperature,
 # ----------------------------------------------------------------------------------------------------------
 # §2: pairwise divergences
 
-def forward_kl(student_logits, teacher_logits, mask, *, temperature=1.0, chunk_size=None, normalizer=None,
+def forward_kl(student_logits, teacher_logits, *, mask, temperature=1.0, chunk_size=None, normalizer=None,
                group=None, vocab_slice=None):
     """§2.1 KL(p ‖ q), the true KL (0 at p = q); soft_cross_entropy is the H(p)-offset variant."""
     return _token_mean(_forward_kl_rows, student_logits, teacher_logits, mask, temperature=temperature,
                        chunk_size=chunk_size, normalizer=normalizer, group=group, vocab_slice=vocab_slice)
 
 
-def reverse_kl(student_logits, teacher_logits, mask, *, temperature=1.0, chunk_size=None, normalizer=None,
+def reverse_kl(student_logits, teacher_logits, *, mask, temperature=1.0, chunk_size=None, normalizer=None,
                group=None, vocab_slice=None):
     """§2.2 KL(q ‖ p). Also MiniLLM's single-step term L_reg (§4.4)."""
     return _token_mean(_reverse_kl_rows, student_logits, teacher_logits, mask, temperature=temperature,
                        chunk_size=chunk_size, normalizer=normalizer, group=group, vocab_slice=vocab_slice)
 
 
-def soft_cross_entropy(student_logits, teacher_logits, mask, *, temperature=1.0, chunk_size=None,
+def soft_cross_entropy(student_logits, teacher_logits, *, mask, temperature=1.0, chunk_size=None,
                        normalizer=None, group=None, vocab_slice=None):
     """§2.1 -Σ p log q = KL(p ‖ q) + H(p): what MiniLLM/DistiLLM log as "KD"; same gradient as forward_kl."""
     return _token_mean(_vocab_divergence(_soft_ce_terms), student_logits, teacher_logits, mask,
@@ -403,7 +434,7 @@ def soft_cross_entropy(student_logits, teacher_logits, mask, *, temperature=1.0,
                        vocab_slice=vocab_slice)
 
 
-def generalized_jsd(student_logits, teacher_logits, mask, *, beta=0.5, temperature=1.0, chunk_size=None,
+def generalized_jsd(student_logits, teacher_logits, *, mask, beta=0.5, temperature=1.0, chunk_size=None,
                     normalizer=None, group=None, vocab_slice=None):
     """§2.3 GKD Eq. 1: β·KL(p ‖ M) + (1-β)·KL(q ‖ M), M = β p + (1-β) q.
 
@@ -421,7 +452,7 @@ def generalized_jsd(student_logits, teacher_logits, mask, *, beta=0.5, temperatu
                        chunk_size=chunk_size, normalizer=normalizer, group=group, vocab_slice=vocab_slice)
 
 
-def fkl_rkl_mix(student_logits, teacher_logits, mask, *, weight=0.9, temperature=1.0, chunk_size=None,
+def fkl_rkl_mix(student_logits, teacher_logits, *, mask, weight=0.9, temperature=1.0, chunk_size=None,
                 normalizer=None, group=None, vocab_slice=None):
     """§2.4 weight·FKL + (1-weight)·RKL: ATKD's `--kl_method jsd` (OSD's fwd_loss_ratio 0.9); not a JS divergence."""
     return _token_mean(_vocab_divergence(_mixed_terms(weight)), student_logits, teacher_logits, mask,
@@ -429,14 +460,14 @@ def fkl_rkl_mix(student_logits, teacher_logits, mask, *, weight=0.9, temperature
                        vocab_slice=vocab_slice)
 
 
-def symmetric_kl(student_logits, teacher_logits, mask, *, weight=0.5, temperature=1.0, chunk_size=None,
+def symmetric_kl(student_logits, teacher_logits, *, mask, weight=0.5, temperature=1.0, chunk_size=None,
                  normalizer=None, group=None, vocab_slice=None):
     """§2.5 weight·FKL + (1-weight)·RKL (DistiLLM, torchtune sym_kd_ratio)."""
-    return fkl_rkl_mix(student_logits, teacher_logits, mask, weight=weight, temperature=temperature,
+    return fkl_rkl_mix(student_logits, teacher_logits, mask=mask, weight=weight, temperature=temperature,
                        chunk_size=chunk_size, normalizer=normalizer, group=group, vocab_slice=vocab_slice)
 
 
-def tvd(student_logits, teacher_logits, mask, *, temperature=1.0, chunk_size=None, normalizer=None, group=None,
+def tvd(student_logits, teacher_logits, *, mask, temperature=1.0, chunk_size=None, normalizer=None, group=None,
         vocab_slice=None):
     """§2.6 ½ Σ_v |p - q|, in [0, 1]; averaged over counted positions only (ATKD's release averaged the others)."""
     return _token_mean(_vocab_divergence(_tvd_terms), student_logits, teacher_logits, mask,
@@ -444,7 +475,7 @@ def tvd(student_logits, teacher_logits, mask, *, temperature=1.0, chunk_size=Non
                        vocab_slice=vocab_slice)
 
 
-def skew_forward_kl(student_logits, teacher_logits, mask, *, alpha=0.1, temperature=1.0, chunk_size=None,
+def skew_forward_kl(student_logits, teacher_logits, *, mask, alpha=0.1, temperature=1.0, chunk_size=None,
                     normalizer=None, group=None, vocab_slice=None):
     """§2.7 DistiLLM SKL: KL(p ‖ α p + (1-α) q), gradient through q inside the mixture. (DistiLLM's code
     returns the cross-entropy, offset by H(p).)"""
@@ -455,7 +486,7 @@ def skew_forward_kl(student_logits, teacher_logits, mask, *, alpha=0.1, temperat
                        vocab_slice=vocab_slice)
 
 
-def skew_reverse_kl(student_logits, teacher_logits, mask, *, alpha=0.1, detach_mixture=False, temperature=1.0,
+def skew_reverse_kl(student_logits, teacher_logits, *, mask, alpha=0.1, detach_mixture=False, temperature=1.0,
                     chunk_size=None, normalizer=None, group=None, vocab_slice=None):
     """§2.8 DistiLLM SRKL: KL(q ‖ (1-α) p + α q). detach_mixture=True is DistiLLM-2 (q inside the mixture
     detached: same value, different gradient)."""
@@ -469,7 +500,7 @@ def skew_reverse_kl(student_logits, teacher_logits, mask, *, alpha=0.1, detach_m
 # ----------------------------------------------------------------------------------------------------------
 # §3: target-aware losses (target_ids[b, t] = g_t, the token position t predicts)
 
-def dkd(student_logits, teacher_logits, mask, target_ids, *, alpha=0.2, beta=1.0, reverse=False, temperature=1.0,
+def dkd(student_logits, teacher_logits, *, mask, target_ids, alpha=0.2, beta=1.0, reverse=False, temperature=1.0,
         chunk_size=None, normalizer=None, group=None, vocab_slice=None):
     """§3.1 α·mean_t TCKD_t + β·mean_t NCKD_t (ATKD's defaults); NCKD not weighted by 1 - p(g).
 
@@ -483,7 +514,7 @@ def dkd(student_logits, teacher_logits, mask, target_ids, *, alpha=0.2, beta=1.0
                        target_ids=target_ids)
 
 
-def atkd(student_logits, teacher_logits, mask, target_ids, *, lam=0.2, reverse=False, temperature=1.0,
+def atkd(student_logits, teacher_logits, *, mask, target_ids, lam=0.2, reverse=False, temperature=1.0,
          chunk_size=None, normalizer=None, group=None, vocab_slice=None):
     """§3.2 λ·mean_E NCKD + (1-λ)·(mean_H TCKD + mean_H NCKD).
 
@@ -522,7 +553,7 @@ def atkd(student_logits, teacher_logits, mask, target_ids, *, lam=0.2, reverse=F
     return value if normalizer is None else value * (n / normalizer)
 
 
-def cross_entropy(logits, target_ids, mask, *, chunk_size=None, normalizer=None, group=None):
+def cross_entropy(logits, *, target_ids, mask, chunk_size=None, normalizer=None, group=None):
     """Token-mean -log q(g_t) with this module's reduction, chunking and vocab-parallel conventions
     (target_ids already aligned with the logits: no shift)."""
     group = _sharded(group)
@@ -537,11 +568,63 @@ def cross_entropy(logits, target_ids, mask, *, chunk_size=None, normalizer=None,
     return total / (rows.numel() if normalizer is None else normalizer)
 
 
-def token_log_probs(logits, token_ids, *, temperature=1.0, group=None):
-    """log softmax(logits / τ)[..., token_ids] in fp32, shape of token_ids (e.g. log q_θ(y_t) for MiniLLM)."""
+def token_log_probs(logits, *, target_ids, temperature=1.0, chunk_size=None, group=None):
+    """log softmax(logits / τ)[b, t, target_ids[b, t]] in fp32, shape of target_ids (e.g. log q_θ(y_t) for
+    MiniLLM). Positions whose target is -100 give 0 and their logits are not read. chunk_size=k: k rows of fp32
+    at a time, forward and backward (the backward recomputes each chunk's softmax from its saved normaliser)."""
     group = _sharded(group)
-    z = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits)) / temperature
-    return _target_log_prob(z, token_ids.reshape(-1).long(), group).view(token_ids.shape)
+    if tuple(logits.shape[:-1]) != tuple(target_ids.shape):
+        raise ValueError(f"target_ids {tuple(target_ids.shape)} must be the logits' shape {tuple(logits.shape)} "
+                         "without the vocabulary dim")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    counted = target_ids != IGNORE_INDEX
+    rows = _counted_rows(counted)
+    targets = _counted_targets(target_ids, counted, rows, logits.shape[-1], group)
+    if chunk_size is None:
+        z = _select_rows(logits, rows, logits.shape[-1], _compute_dtype(logits)) / temperature
+        picked = _target_log_prob(z, targets, group)
+    else:
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+        picked = _ChunkedTargetLogProb.apply(logits, rows, targets, temperature, group, int(chunk_size))
+    return picked.new_zeros(target_ids.shape).masked_scatter(counted, picked)
+
+
+class _ChunkedTargetLogProb(torch.autograd.Function):
+    """log q(g) on the given rows, `chunk_size` rows at a time. The backward recomputes each chunk:
+    ∂ log q(g) / ∂z = (onehot(g) - softmax(z / τ)) / τ, from the log-normaliser kept by the forward."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, targets, temperature, group, chunk_size):
+        dtype, vocab = _compute_dtype(logits), logits.shape[-1]
+        picked = torch.empty(rows.numel(), dtype=dtype, device=logits.device)
+        log_norm = torch.empty_like(picked)
+        for start in range(0, rows.numel(), chunk_size):
+            part = slice(start, start + chunk_size)
+            z = _select_rows(logits, rows[part], vocab, dtype) / temperature
+            log_norm[part] = _logsumexp(z, group)
+            picked[part] = _at_target(z, targets[part], group) - log_norm[part]
+        ctx.save_for_backward(logits, rows, targets, log_norm)
+        ctx.options = temperature, group, chunk_size
+        return picked
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_picked):
+        logits, rows, targets, log_norm = ctx.saved_tensors
+        temperature, group, chunk_size = ctx.options
+        dtype, vocab = _compute_dtype(logits), logits.shape[-1]
+        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        for start in range(0, rows.numel(), chunk_size):
+            part = slice(start, start + chunk_size)
+            z = _select_rows(logits, rows[part], vocab, dtype) / temperature
+            g = -(z - log_norm[part, None]).exp()
+            local, owned = _local_targets(targets[part], vocab, group)
+            g.scatter_add_(-1, local[:, None], owned[:, None].to(dtype))  # + onehot(g) on the shard that owns g
+            g *= grad_picked[part, None] / temperature
+            grad.view(-1, vocab).index_add_(0, rows[part], g.to(grad.dtype))
+        return grad, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -560,7 +643,7 @@ def _symmetric_kl_rows(eps):
     return per_token
 
 
-def mcc_span_kl(logits_a, logits_b, spans_a, spans_b, *, temperature=1.0, max_seq_len=None, reduction="item",
+def mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, temperature=1.0, max_seq_len=None, reduction="item",
                 eps=0.0, chunk_size=None, normalizer=None, group=None):
     """§4.1 MCC-KD span consistency: ½[mean_i (1/ℓ_i) Σ_k KL(q^a ‖ q^b) + mean_i (1/ℓ_i) Σ_k KL(q^b ‖ q^a)].
 
@@ -623,11 +706,7 @@ def _cosine_rows(a, b, group):
     return dot / (aa * bb).clamp_min(1e-16).sqrt()
 
 
-def _hidden_rows(h, rows):
-    return h.reshape(-1, h.shape[-1]).index_select(0, rows)
-
-
-def fdd_loss(student_states, teacher_states, student_head, teacher_head, mask, *, temperature=2.0,
+def fdd_loss(student_states, teacher_states, student_head, teacher_head, *, mask, temperature=2.0,
              normalizer=None, group=None):
     """§4.2 L_FDD = mean_i traj_i + mean_{i≥1} der_i.
 
@@ -644,10 +723,10 @@ def fdd_loss(student_states, teacher_states, student_head, teacher_head, mask, *
     rows = _counted_rows(mask.bool())  # with none, the terms below are empty sums: a 0 that keeps the graph
     trajectory, derivative, previous = 0.0, 0.0, None
     for h_s, h_t in zip(student_states, teacher_states):
-        z_s = student_head(_hidden_rows(h_s, rows))
+        z_s = student_head(_rows(h_s, rows))
         z_s = z_s.to(_compute_dtype(z_s))
         with torch.no_grad():
-            z_t = teacher_head(_hidden_rows(h_t.detach(), rows))
+            z_t = teacher_head(_rows(h_t.detach(), rows))
             z_t = z_t.to(_compute_dtype(z_t))
         trajectory = trajectory + _forward_kl_rows(z_s / temperature, z_t / temperature, group).sum()
         log_q, log_p = _log_softmax(z_s, group), _log_softmax(z_t, group)
@@ -663,7 +742,7 @@ def fdd_loss(student_states, teacher_states, student_head, teacher_head, mask, *
 # §4.3 CONTRA-KD. velocity_field(z [n, d_T], t [n], j LongTensor [n]) -> [n, d_T]; projector [n, d_S] -> [n, d_T].
 # Both run in fp32 on the counted rows only (they act per token).
 
-def velocity_field_loss(velocity_field, projector, student_states, teacher_states, mask, *, t=None, generator=None,
+def velocity_field_loss(velocity_field, projector, student_states, teacher_states, *, mask, t=None, generator=None,
                         normalizer=None):
     """§4.3 rectified-flow loss L_RF = (1/LD) Σ_j token-mean mean_features (v(Y_t, t, j) - (y_T - y_S))².
 
@@ -678,15 +757,15 @@ def velocity_field_loss(velocity_field, projector, student_states, teacher_state
     token_t = t.to(mask.device, torch.float32)[rows // seq]
     total = 0.0
     for j, (h_s, h_t) in enumerate(zip(student_states, teacher_states)):
-        y_s = projector(_hidden_rows(h_s.detach(), rows).float()).float()
-        y_t = _hidden_rows(h_t.detach(), rows).float()
+        y_s = projector(_rows(h_s.detach(), rows).float()).float()
+        y_t = _rows(h_t.detach(), rows).float()
         y = (1 - token_t[:, None]) * y_s + token_t[:, None] * y_t
         v = velocity_field(y, token_t, torch.full_like(rows, j)).float()
         total = total + (v - (y_t - y_s)).pow(2).mean(-1).sum()
     return _divide(total / len(student_states), rows.numel(), normalizer)
 
 
-def contra_loss(velocity_field, projector, student_states, mask, *, k, normalizer=None):
+def contra_loss(velocity_field, projector, student_states, *, mask, k, normalizer=None):
     """§4.3 L_CONTRA = (1/LD) Σ_j [1 - token-mean cos(a_j, sg(a_j + k·v(a_j, 0, j)))], a_j = projector(h^S_j).
 
     Gradients reach the student (and the projector unless frozen by the caller); the Euler target is computed
@@ -695,7 +774,7 @@ def contra_loss(velocity_field, projector, student_states, mask, *, k, normalize
     rows = _counted_rows(mask.bool())  # with none, the terms below are empty sums: a 0 that keeps the graph
     total = 0.0
     for j, h_s in enumerate(student_states):
-        a = projector(_hidden_rows(h_s, rows).float()).float()
+        a = projector(_rows(h_s, rows).float()).float()
         with torch.no_grad():
             target = a + k * velocity_field(a, a.new_zeros(a.shape[0]), torch.full_like(rows, j)).float()
         total = total + (1 - F.cosine_similarity(a, target, dim=-1, eps=1e-8)).sum()
@@ -717,7 +796,7 @@ def minillm_rewards(log_p, log_q_old, *, reward_scaling=0.5, clip=100.0):
     return ((log_p - log_q_old) / reward_scaling).clamp(-clip, clip)
 
 
-def minillm_advantages(rewards, mask, *, gamma=0.95, length_normalize=True):
+def minillm_advantages(rewards, *, mask, gamma=0.95, length_normalize=True):
     """A_t = G_t / (T - t), G_t = r_t + γ G_{t+1} (current token included), T - t = response tokens from t to
     the end inclusive. Before whitening; 0 outside the mask."""
     mask = mask.to(rewards.dtype)
@@ -734,7 +813,7 @@ def minillm_advantages(rewards, mask, *, gamma=0.95, length_normalize=True):
     return returns / remaining.clamp_min(1)
 
 
-def minillm_whiten(values, mask, *, group=None, eps=1e-8):
+def minillm_whiten(values, *, mask, group=None, eps=1e-8):
     """(A - mean) / sqrt(var + eps) over the masked entries of the global batch (all-reduced over `group`, the
     DP group); population variance, eps against an all-equal batch. 0 outside the mask."""
     mask = mask.to(values.dtype)
@@ -748,7 +827,7 @@ def minillm_whiten(values, mask, *, group=None, eps=1e-8):
     return (values - mean) * torch.rsqrt(sq / stats[1] + eps) * mask
 
 
-def minillm_policy_loss(log_q, log_q_old, weights, advantages, mask, *, clip_range=0.2, normalizer=None):
+def minillm_policy_loss(log_q, log_q_old, weights, advantages, *, mask, clip_range=0.2, normalizer=None):
     """L_pg = masked-mean max(-A ρ, -A clip(ρ, 1-ε, 1+ε)), ρ = exp(log q_θ - log q_old)·w."""
     mask = mask.bool()
     ratio = (log_q - log_q_old.detach()).exp() * weights.detach()
@@ -761,7 +840,7 @@ def minillm_policy_loss(log_q, log_q_old, weights, advantages, mask, *, clip_ran
 # ----------------------------------------------------------------------------------------------------------
 # §4.5 hidden-state alignment (RWKV stages)
 
-def hidden_mse(student_hidden, teacher_hidden, mask, *, counted_only=False):
+def hidden_mse(student_hidden, teacher_hidden, *, mask, counted_only=False):
     """Stage 1 as coded: [n_layers·B, L, D] layer-major states, mask [B, L] (labels != -100) repeated per layer;
     mean over all elements of ((S - T)·m)², masked zeros in the denominator; counted_only divides by the
     counted elements instead."""
@@ -777,7 +856,7 @@ def hidden_mse(student_hidden, teacher_hidden, mask, *, counted_only=False):
     return sq / counted if counted > 0 else sq
 
 
-def hidden_l2(student_hidden, teacher_hidden, mask=None, *, normalizer=None):
+def hidden_l2(student_hidden, teacher_hidden, *, mask=None, normalizer=None):
     """MOHAWK form: mean over tokens of ‖S_t - T_t‖₂ / √D (all tokens when mask is None)."""
     dtype = _compute_dtype(student_hidden)
     dist_per_token = torch.linalg.vector_norm(student_hidden.to(dtype) - teacher_hidden.detach().to(dtype), dim=-1)
@@ -791,8 +870,8 @@ def hidden_l2(student_hidden, teacher_hidden, mask=None, *, normalizer=None):
     return total / (mask.sum() if normalizer is None else normalizer)
 
 
-def attention_output_l2(student_outputs, teacher_outputs, mask=None):
+def attention_output_l2(student_outputs, teacher_outputs, *, mask=None):
     """Per layer ‖a^T - a^S‖₂ / √D averaged over tokens, then mean over layers."""
     if len(student_outputs) != len(teacher_outputs) or not student_outputs:
         raise ValueError(f"need equally many (>= 1) layers, got {len(student_outputs)} and {len(teacher_outputs)}")
-    return sum(hidden_l2(s, t, mask) for s, t in zip(student_outputs, teacher_outputs)) / len(student_outputs)
+    return sum(hidden_l2(s, t, mask=mask) for s, t in zip(student_outputs, teacher_outputs)) / len(student_outputs)

@@ -62,7 +62,7 @@ def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max
 def sequence_cross_entropy_sum(logits, labels):
     """Σ over sequences of the mean -log q(label) over that sequence's supervised tokens (labels pre-shifted)."""
     supervised = labels != IGNORE_INDEX
-    logp = token_log_probs(logits, labels.clamp_min(0)).masked_fill(~supervised, 0.0)
+    logp = token_log_probs(logits, target_ids=labels)  # 0 where the label is -100
     n = supervised.sum(1)
     return (-logp.sum(1)[n > 0] / n[n > 0]).sum()
 

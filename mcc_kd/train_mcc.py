@@ -48,7 +48,7 @@ def mcc_loss(model, batch, norms, cfg):
     logits = model(batch["tokens"])  # one pass over the 2B sequences: a then b
     n = batch["spans_a"].shape[0]
     ce = sequence_cross_entropy_sum(logits, batch["labels"]) / norms["sequences"]  # = ½(CE_a + CE_b), item means
-    kl = mcc_span_kl(logits[:n], logits[n:], batch["spans_a"], batch["spans_b"], temperature=cfg.T,
+    kl = mcc_span_kl(logits[:n], logits[n:], spans_a=batch["spans_a"], spans_b=batch["spans_b"], temperature=cfg.T,
                      max_seq_len=cfg.max_seq_len, normalizer=norms["span_items"])
     return ce + cfg.alpha * kl, {"ce": ce, "kl": kl}, logits
 

@@ -139,3 +139,61 @@ def test_sharded_hf_folder_and_several_files_read_like_one(tmp_path):
     whole = ckpt.read_checkpoint(str(tmp_path / "one"))[0]
     assert same(ckpt.read_checkpoint(str(tmp_path / "sharded"))[0], whole)
     assert same(ckpt.read_checkpoint(",".join(parts))[0], whole)  # several files, config.json beside them
+
+
+# ---------------------------------------------------------------------------- atomic in-place re-split and export
+
+def file_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_interrupted_in_place_resplit_leaves_the_original_checkpoint_whole(tmp_path, monkeypatch):
+    tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
+    split(str(tmp_path / "hf"), str(tmp_path / "ckpt"), n=1)
+    (tmp_path / "ckpt" / "notes.txt").write_text("kept")
+    before, merged = file_bytes(tmp_path / "ckpt"), ckpt.read_native(str(tmp_path / "ckpt"))[0]
+    real_save, calls = ckpt.atomic_save, []
+
+    def save_then_fail(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # mid-way: the first of the two new shards is on disk
+        real_save(obj, path)
+    monkeypatch.setattr(ckpt, "atomic_save", save_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        split(str(tmp_path / "ckpt"), str(tmp_path / "ckpt"), n=2)
+    assert len(calls) == 2
+    assert file_bytes(tmp_path / "ckpt") == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]  # nothing left beside it
+    assert same(ckpt.load_shard(str(tmp_path / "ckpt"), 0, 1), merged)  # loadable as before
+
+
+def test_completed_in_place_resplit_keeps_the_weights_and_the_other_files(tmp_path):
+    tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(b"stand-in tokenizer file")
+    split(str(tmp_path / "hf"), str(tmp_path / "ckpt"), n=2)
+    (tmp_path / "ckpt" / "notes.txt").write_text("kept")
+    merged = ckpt.read_native(str(tmp_path / "ckpt"))[0]
+    split(str(tmp_path / "ckpt"), str(tmp_path / "ckpt"), n=1)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["consolidated.00.pth", "generation_config.json", "notes.txt",
+                                                     "params.json", "tokenizer.model"]
+    assert same(ckpt.read_tensors(str(tmp_path / "ckpt" / "consolidated.00.pth")), merged)
+    assert (tmp_path / "ckpt" / "tokenizer.model").read_bytes() == b"stand-in tokenizer file"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]
+
+
+def test_interrupted_export_leaves_no_config_so_the_folder_is_not_loadable(tmp_path, monkeypatch):
+    tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
+    split(str(tmp_path / "hf"), str(tmp_path / "ckpt"), n=1)
+
+    def fail(obj, path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ckpt, "atomic_save", fail)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(str(tmp_path / "ckpt"), str(tmp_path / "exported"))
+    assert not (tmp_path / "exported" / "config.json").exists()
+    monkeypatch.undo()
+    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "exported"))
+    assert [p.name for p in (tmp_path / "exported").iterdir() if ".tmp." in p.name] == []
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == tiny_hf_model("llama").config.num_hidden_layers

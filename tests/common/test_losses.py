@@ -4,6 +4,7 @@
 Micro-batch convention under test: with normalizer = counted tokens of the whole step, the sum of the
 micro-batch losses (and gradients) equals the whole-batch loss.
 """
+import inspect
 import math
 import warnings
 from functools import partial
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from common import losses as L
+from common.labels import causal_lm_batch, targets_and_mask
 
 B, S, V = 3, 6, 13
 
@@ -112,8 +114,8 @@ def call(name, zs, zt, mask, g, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # generalized_jsd's endpoint warning, tested on its own
         if name in TARGET_AWARE:
-            return fn(zs, zt, mask, g, **kw)
-        return fn(zs, zt, mask, **kw)
+            return fn(zs, zt, mask=mask, target_ids=g, **kw)
+        return fn(zs, zt, mask=mask, **kw)
 
 
 def reference(name, zs, zt, mask, g, tau=1.0):
@@ -198,34 +200,34 @@ def test_tvd_skew_and_jsd_reach_their_upper_bounds_on_disjoint_supports():
     zs = zt.clone()
     zt[..., 0], zs[..., 1] = 60.0, 60.0  # p and q on different tokens
     mask = torch.ones(1, 1, dtype=torch.bool)
-    assert L.tvd(zs, zt, mask).item() == pytest.approx(1.0, abs=1e-9)
-    assert L.generalized_jsd(zs, zt, mask, beta=0.5).item() == pytest.approx(math.log(2), abs=1e-9)
-    assert L.skew_forward_kl(zs, zt, mask, alpha=0.1).item() == pytest.approx(-math.log(0.1), abs=1e-9)
-    assert L.skew_reverse_kl(zs, zt, mask, alpha=0.1).item() == pytest.approx(-math.log(0.1), abs=1e-9)
+    assert L.tvd(zs, zt, mask=mask).item() == pytest.approx(1.0, abs=1e-9)
+    assert L.generalized_jsd(zs, zt, mask=mask, beta=0.5).item() == pytest.approx(math.log(2), abs=1e-9)
+    assert L.skew_forward_kl(zs, zt, mask=mask, alpha=0.1).item() == pytest.approx(-math.log(0.1), abs=1e-9)
+    assert L.skew_reverse_kl(zs, zt, mask=mask, alpha=0.1).item() == pytest.approx(-math.log(0.1), abs=1e-9)
 
 
 def test_reverse_kl_is_forward_kl_with_roles_swapped_and_soft_ce_is_kl_plus_entropy():
     zs, zt, mask, _ = make_inputs(seed=4)
-    torch.testing.assert_close(L.reverse_kl(zs, zt, mask), L.forward_kl(zt, zs, mask), rtol=1e-12, atol=0)
+    torch.testing.assert_close(L.reverse_kl(zs, zt, mask=mask), L.forward_kl(zt, zs, mask=mask), rtol=1e-12, atol=0)
     p = probs(zt)
     entropy = -(p * p.log()).sum(-1)[mask].mean()
-    torch.testing.assert_close(L.soft_cross_entropy(zs, zt, mask) - L.forward_kl(zs, zt, mask), entropy,
+    torch.testing.assert_close(L.soft_cross_entropy(zs, zt, mask=mask) - L.forward_kl(zs, zt, mask=mask), entropy,
                                rtol=1e-12, atol=1e-12)
 
 
 def test_skew_kls_reduce_to_kl_at_alpha_0_and_vanish_at_alpha_1():
     zs, zt, mask, _ = make_inputs(seed=5)
-    fkl, rkl = L.forward_kl(zs, zt, mask), L.reverse_kl(zs, zt, mask)
-    torch.testing.assert_close(L.skew_forward_kl(zs, zt, mask, alpha=0.0), fkl, rtol=1e-12, atol=0)
-    torch.testing.assert_close(L.skew_reverse_kl(zs, zt, mask, alpha=0.0), rkl, rtol=1e-12, atol=0)
-    assert abs(L.skew_forward_kl(zs, zt, mask, alpha=1.0).item()) < 1e-14
-    assert abs(L.skew_reverse_kl(zs, zt, mask, alpha=1.0).item()) < 1e-14
+    fkl, rkl = L.forward_kl(zs, zt, mask=mask), L.reverse_kl(zs, zt, mask=mask)
+    torch.testing.assert_close(L.skew_forward_kl(zs, zt, mask=mask, alpha=0.0), fkl, rtol=1e-12, atol=0)
+    torch.testing.assert_close(L.skew_reverse_kl(zs, zt, mask=mask, alpha=0.0), rkl, rtol=1e-12, atol=0)
+    assert abs(L.skew_forward_kl(zs, zt, mask=mask, alpha=1.0).item()) < 1e-14
+    assert abs(L.skew_reverse_kl(zs, zt, mask=mask, alpha=1.0).item()) < 1e-14
 
 
 def test_skew_reverse_kl_detached_mixture_keeps_the_value_and_changes_the_gradient():
     zs, zt, mask, _ = make_inputs(seed=6)
-    a = L.skew_reverse_kl(zs, zt, mask, alpha=0.3)
-    b = L.skew_reverse_kl(zs, zt, mask, alpha=0.3, detach_mixture=True)
+    a = L.skew_reverse_kl(zs, zt, mask=mask, alpha=0.3)
+    b = L.skew_reverse_kl(zs, zt, mask=mask, alpha=0.3, detach_mixture=True)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     (ga,), (gb,) = torch.autograd.grad(a, zs), torch.autograd.grad(b, zs)
     assert (ga - gb).abs().max() > 1e-4
@@ -233,28 +235,31 @@ def test_skew_reverse_kl_detached_mixture_keeps_the_value_and_changes_the_gradie
 
 def test_generalized_jsd_limits_symmetry_and_endpoint_convention():
     zs, zt, mask, _ = make_inputs(seed=8)
-    fkl, rkl = L.forward_kl(zs, zt, mask), L.reverse_kl(zs, zt, mask)
+    fkl, rkl = L.forward_kl(zs, zt, mask=mask), L.reverse_kl(zs, zt, mask=mask)
     with pytest.warns(UserWarning, match="discontinuous"):
-        small = L.generalized_jsd(zs, zt, mask, beta=1e-5)
+        small = L.generalized_jsd(zs, zt, mask=mask, beta=1e-5)
     with pytest.warns(UserWarning, match="discontinuous"):
-        large = L.generalized_jsd(zs, zt, mask, beta=1 - 1e-5)
+        large = L.generalized_jsd(zs, zt, mask=mask, beta=1 - 1e-5)
     torch.testing.assert_close(small / 1e-5, fkl, rtol=1e-3, atol=0)
     torch.testing.assert_close(large / 1e-5, rkl, rtol=1e-3, atol=0)
     with pytest.warns(UserWarning):
-        torch.testing.assert_close(L.generalized_jsd(zs, zt, mask, beta=0.0), fkl, rtol=1e-12, atol=0)
+        torch.testing.assert_close(L.generalized_jsd(zs, zt, mask=mask, beta=0.0), fkl, rtol=1e-12, atol=0)
     with pytest.warns(UserWarning):
-        torch.testing.assert_close(L.generalized_jsd(zs, zt, mask, beta=1.0), rkl, rtol=1e-12, atol=0)
-    torch.testing.assert_close(L.generalized_jsd(zs, zt, mask, beta=0.3), L.generalized_jsd(zt, zs, mask, beta=0.7),
+        torch.testing.assert_close(L.generalized_jsd(zs, zt, mask=mask, beta=1.0), rkl, rtol=1e-12, atol=0)
+    torch.testing.assert_close(L.generalized_jsd(zs, zt, mask=mask, beta=0.3),
+                               L.generalized_jsd(zt, zs, mask=mask, beta=0.7),
                                rtol=1e-12, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        L.generalized_jsd(zs, zt, mask, beta=0.5)
+        L.generalized_jsd(zs, zt, mask=mask, beta=0.5)
 
 
 def test_fkl_rkl_mix_endpoints_are_forward_and_reverse_kl():
     zs, zt, mask, _ = make_inputs(seed=9)
-    torch.testing.assert_close(L.fkl_rkl_mix(zs, zt, mask, weight=1.0), L.forward_kl(zs, zt, mask), rtol=1e-12, atol=0)
-    torch.testing.assert_close(L.fkl_rkl_mix(zs, zt, mask, weight=0.0), L.reverse_kl(zs, zt, mask), rtol=1e-12, atol=0)
+    torch.testing.assert_close(L.fkl_rkl_mix(zs, zt, mask=mask, weight=1.0), L.forward_kl(zs, zt, mask=mask),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(L.fkl_rkl_mix(zs, zt, mask=mask, weight=0.0), L.reverse_kl(zs, zt, mask=mask),
+                               rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -267,9 +272,9 @@ def test_tckd_plus_uncertainty_times_nckd_is_kl_per_token(reverse):
         for t in range(S):
             one = torch.zeros(B, S, dtype=torch.bool)
             one[b, t] = True
-            tckd = L.dkd(zs, zt, one, g, alpha=1.0, beta=0.0, reverse=reverse)
-            nckd = L.dkd(zs, zt, one, g, alpha=0.0, beta=1.0, reverse=reverse)
-            kl_t = (L.reverse_kl if reverse else L.forward_kl)(zs, zt, one)
+            tckd = L.dkd(zs, zt, mask=one, target_ids=g, alpha=1.0, beta=0.0, reverse=reverse)
+            nckd = L.dkd(zs, zt, mask=one, target_ids=g, alpha=0.0, beta=1.0, reverse=reverse)
+            kl_t = (L.reverse_kl if reverse else L.forward_kl)(zs, zt, mask=one)
             unc = 1 - weight_side[b, t, g[b, t]]
             torch.testing.assert_close(tckd + unc * nckd, kl_t, rtol=1e-10, atol=1e-12)
 
@@ -279,7 +284,7 @@ def test_tckd_stays_finite_when_fp32_probabilities_saturate(reverse):
     zs, zt, mask, g = make_inputs(seed=27, dtype=torch.float32)
     zt = zt.scatter(-1, g[..., None], 200.0)  # p(g) == 1 and 1 - p(g) == 0 in fp32
     zs = zs.detach().scatter(-1, g[..., None], 150.0).requires_grad_()
-    out = L.dkd(zs, zt, mask, g, reverse=reverse)
+    out = L.dkd(zs, zt, mask=mask, target_ids=g, reverse=reverse)
     (grad,) = torch.autograd.grad(out, zs)
     assert torch.isfinite(out) and torch.isfinite(grad).all()
 
@@ -334,8 +339,9 @@ def test_micro_batches_with_step_normalizer_sum_to_the_whole_batch(name, chunk_s
 
 def test_atkd_with_step_normalizer_weights_the_micro_batch_by_its_token_count():
     zs, zt, mask, g = make_inputs(seed=14)
-    own = L.atkd(zs, zt, mask, g)
-    torch.testing.assert_close(L.atkd(zs, zt, mask, g, normalizer=40), own * mask.sum() / 40, rtol=1e-12, atol=0)
+    own = L.atkd(zs, zt, mask=mask, target_ids=g)
+    torch.testing.assert_close(L.atkd(zs, zt, mask=mask, target_ids=g, normalizer=40), own * mask.sum() / 40,
+                               rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
@@ -374,7 +380,7 @@ def test_one_sided_minus_inf_entries_are_zeroed_not_infinite():
     zs, zt, mask, _ = make_inputs(seed=17)
     zt_inf = zt.clone()
     zt_inf[..., 0] = float("-inf")  # teacher rules out token 0; RKL would be +inf there without the convention
-    out = L.reverse_kl(zs, zt_inf, mask)
+    out = L.reverse_kl(zs, zt_inf, mask=mask)
     (grad,) = torch.autograd.grad(out, zs)
     assert torch.isfinite(out) and torch.isfinite(grad).all()
 
@@ -383,13 +389,13 @@ def test_vocabulary_mismatch_raises_naming_both_sizes_and_vocab_slice_compares_t
     zs, zt, mask, g = make_inputs(seed=18)
     padded_teacher = torch.cat([zt, torch.randn(B, S, 3, dtype=torch.float64)], -1)
     with pytest.raises(ValueError, match=rf"{V}.*{V + 3}"):
-        L.forward_kl(zs, padded_teacher, mask)
+        L.forward_kl(zs, padded_teacher, mask=mask)
     for chunk_size in [None, 4]:
-        got = L.forward_kl(zs, padded_teacher, mask, vocab_slice=V, chunk_size=chunk_size)
-        torch.testing.assert_close(got, L.forward_kl(zs, zt, mask), rtol=1e-12, atol=0)
+        got = L.forward_kl(zs, padded_teacher, mask=mask, vocab_slice=V, chunk_size=chunk_size)
+        torch.testing.assert_close(got, L.forward_kl(zs, zt, mask=mask), rtol=1e-12, atol=0)
         padded_student = torch.cat([zs.detach(), torch.randn(B, S, 2, dtype=torch.float64)], -1).requires_grad_()
-        got = L.dkd(padded_student, padded_teacher, mask, g, vocab_slice=V, chunk_size=chunk_size)
-        want = L.dkd(zs, zt, mask, g)
+        got = L.dkd(padded_student, padded_teacher, mask=mask, target_ids=g, vocab_slice=V, chunk_size=chunk_size)
+        want = L.dkd(zs, zt, mask=mask, target_ids=g)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
         (grad,), (grad_want,) = torch.autograd.grad(got, padded_student), torch.autograd.grad(want, zs)
         torch.testing.assert_close(grad[..., :V], grad_want, rtol=1e-10, atol=1e-14)
@@ -401,7 +407,7 @@ def test_counted_target_out_of_range_is_an_error():
     g = g.clone()
     g[0, 0] = -100
     with pytest.raises(ValueError, match="target ids"):
-        L.dkd(zs, zt, mask, g)
+        L.dkd(zs, zt, mask=mask, target_ids=g)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,15 +427,15 @@ def test_chunked_equals_unchunked_in_fp32_under_a_scaled_backward(name, chunk_si
 
 def test_two_chunked_losses_on_the_same_logits_accumulate_gradients():
     zs, zt, mask, _ = make_inputs(seed=21)
-    plain = L.forward_kl(zs, zt, mask) + 0.5 * L.tvd(zs, zt, mask)
-    chunked = L.forward_kl(zs, zt, mask, chunk_size=3) + 0.5 * L.tvd(zs, zt, mask, chunk_size=5)
+    plain = L.forward_kl(zs, zt, mask=mask) + 0.5 * L.tvd(zs, zt, mask=mask)
+    chunked = L.forward_kl(zs, zt, mask=mask, chunk_size=3) + 0.5 * L.tvd(zs, zt, mask=mask, chunk_size=5)
     torch.testing.assert_close(torch.autograd.grad(chunked, zs)[0], torch.autograd.grad(plain, zs)[0],
                                rtol=1e-10, atol=1e-14)
 
 
 def test_chunked_loss_refuses_a_second_backward():
     zs, zt, mask, _ = make_inputs(seed=22)
-    out = L.forward_kl(zs, zt, mask, chunk_size=2)
+    out = L.forward_kl(zs, zt, mask=mask, chunk_size=2)
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="single backward"):
         out.backward()
@@ -438,9 +444,123 @@ def test_chunked_loss_refuses_a_second_backward():
 def test_chunked_loss_without_grad_computes_only_the_value():
     zs, zt, mask, _ = make_inputs(seed=23)
     with torch.no_grad():
-        out = L.forward_kl(zs, zt, mask, chunk_size=2)
+        out = L.forward_kl(zs, zt, mask=mask, chunk_size=2)
     assert not out.requires_grad
-    torch.testing.assert_close(out, L.forward_kl(zs, zt, mask).detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out, L.forward_kl(zs, zt, mask=mask).detach(), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full (unshifted) logits with targets from Hugging Face labels, and non-contiguous views: chunks read only
+# their own rows (losses.md §1 "Chunking"; issue 9: no caller slices logits[:, :-1], and a view is not copied)
+
+def allocations(fn):
+    """Sizes in bytes of the CPU allocations made while fn runs, largest first. The profiler's memory events
+    include allocations inside kernels (a contiguous copy made by reshape, index or to)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sorted((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), reverse=True)
+
+
+def labelled_logits(seed, b=4, v=512):
+    """Student and teacher logits [b, T, v] of a right-padded causal batch, with its (targets, mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [(5, 27), (9, 3), (1, 20), (14, 12)][:b]  # the first is the longest: T = 32
+    ids = [torch.randint(0, v, (p + r,), generator=gen).tolist() for p, r in lengths]
+    batch = causal_lm_batch([x[:p] for x, (p, _) in zip(ids, lengths)], [x[p:] for x, (p, _) in zip(ids, lengths)],
+                            pad_id=0)
+    targets, mask = targets_and_mask(batch["labels"], shift=True)
+    shape = (*targets.shape, v)
+    zs = (2 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    zt = 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    return zs, zt, targets, mask
+
+
+def scalar_loss(name, zs, zt, targets, mask, chunk_size):
+    if name == "token_log_probs":  # a weighted sum, so that each position (b, t) gets its own incoming gradient
+        batch, seq = targets.shape
+        weights = torch.arange(1.0, batch + 1, dtype=torch.float64)[:, None] * torch.cos(torch.arange(seq))
+        return (L.token_log_probs(zs, target_ids=targets, temperature=1.3, chunk_size=chunk_size) * weights).sum()
+    if name == "cross_entropy":
+        return L.cross_entropy(zs, target_ids=targets, mask=mask, chunk_size=chunk_size)
+    return call(name, zs, zt, mask, targets, temperature=1.3, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("view", [False, True])
+@pytest.mark.parametrize("name", ["forward_kl", "generalized_jsd_0.5", "dkd", "atkd", "cross_entropy",
+                                  "token_log_probs"])
+def test_chunked_loss_on_unshifted_logits_equals_plain_and_never_copies_the_logits(name, view):
+    zs, zt, targets, mask = labelled_logits(seed=sum(map(ord, name)))
+    plain = scalar_loss(name, zs, zt, targets, mask, None)
+    (plain_grad,) = torch.autograd.grad(plain, zs)
+    # the last position counts nothing, so the view logits[:, :-1] (not contiguous) must give the same loss
+    x, y, tg, m = (zs[:, :-1], zt[:, :-1], targets[:, :-1], mask[:, :-1]) if view else (zs, zt, targets, mask)
+    assert x.is_contiguous() != view
+    logits_bytes = x.numel() * x.element_size()
+    out = {}
+
+    def forward_backward():
+        out["loss"] = scalar_loss(name, x, y, tg, m, 8)
+        out["grad"] = torch.autograd.grad(out["loss"], zs)[0]
+    big = [n for n in allocations(forward_backward) if n >= logits_bytes / 4]
+    # the only logits-sized tensors: the gradient itself, plus autograd's slice backward into the base of a view
+    assert len(big) == 1 + view, (big, logits_bytes)
+    torch.testing.assert_close(out["loss"], plain, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out["grad"], plain_grad, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():  # the value alone allocates nothing of the logits' size
+        assert max(allocations(lambda: scalar_loss(name, x, y, tg, m, 8))) < logits_bytes / 4
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+def test_token_log_probs_give_zero_at_minus_100_without_reading_those_logits(chunk_size):
+    zs, _, mask, g = make_inputs(seed=28)
+    targets = torch.where(mask, g, -100)
+    junk = zs.detach().clone()
+    junk[~mask] = float("nan")  # never read
+    junk.requires_grad_()
+    got = L.token_log_probs(junk, target_ids=targets, temperature=1.5, chunk_size=chunk_size)
+    want = torch.where(mask, torch.log(probs(zs, 1.5)).gather(-1, g[..., None])[..., 0], 0.0)
+    assert got.shape == (B, S) and (got[~mask] == 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    weights = torch.randn(B, S, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((got * weights).sum(), junk)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), zs)
+    torch.testing.assert_close(grad, grad_want, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="target ids"):
+        L.token_log_probs(zs, target_ids=torch.where(mask, g, -1), chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masks, targets and spans are keyword-only
+
+def test_every_mask_target_and_span_parameter_is_keyword_only():
+    checked = 0
+    for name, fn in vars(L).items():
+        if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != L.__name__:
+            continue
+        for param in inspect.signature(fn).parameters.values():
+            if param.name in ("mask", "target_ids", "spans_a", "spans_b"):
+                assert param.kind is inspect.Parameter.KEYWORD_ONLY, f"{name}({param.name})"
+                checked += 1
+    assert checked >= 25
+
+
+def test_mask_or_targets_passed_positionally_raise_type_error():
+    zs, zt, mask, g = make_inputs(seed=29)
+    h = [torch.zeros(B, S, 4)]
+    positional_calls = [lambda fn=fn: fn(zs, zt, mask) for fn in (
+        L.forward_kl, L.reverse_kl, L.soft_cross_entropy, L.generalized_jsd, L.fkl_rkl_mix, L.symmetric_kl, L.tvd,
+        L.skew_forward_kl, L.skew_reverse_kl, L.hidden_mse, L.hidden_l2, L.attention_output_l2)] + [
+        lambda: L.dkd(zs, zt, mask, g), lambda: L.atkd(zs, zt, mask, g),
+        lambda: L.dkd(zs, zt, g, mask=mask),  # the old dkd order: targets where the mask was
+        lambda: L.cross_entropy(zs, g, mask), lambda: L.token_log_probs(zs, g),
+        lambda: L.mcc_span_kl(zs, zt, SPANS_A[:B], SPANS_B[:B]),
+        lambda: L.fdd_loss(h, h, None, None, mask), lambda: L.velocity_field_loss(None, None, h, h, mask),
+        lambda: L.contra_loss(None, None, h, mask, k=1.0), lambda: L.minillm_advantages(zs[..., 0], mask),
+        lambda: L.minillm_whiten(zs[..., 0], mask),
+        lambda: L.minillm_policy_loss(zs[..., 0], zs[..., 0], zs[..., 0], zs[..., 0], mask)]
+    for positional in positional_calls:
+        with pytest.raises(TypeError, match="positional argument"):
+            positional()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -450,8 +570,8 @@ def test_atkd_ties_go_to_hard_and_an_empty_easy_subset_contributes_zero():
     zs, _, mask, g = make_inputs(seed=24)
     zt = torch.zeros(B, S, V, dtype=torch.float64)  # uniform teacher: every UnC equal -> all tokens hard
     lam = 0.2
-    got = L.atkd(zs, zt, mask, g, lam=lam)
-    want = (1 - lam) * L.dkd(zs, zt, mask, g, alpha=1.0, beta=1.0)
+    got = L.atkd(zs, zt, mask=mask, target_ids=g, lam=lam)
+    want = (1 - lam) * L.dkd(zs, zt, mask=mask, target_ids=g, alpha=1.0, beta=1.0)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
@@ -460,7 +580,7 @@ def test_atkd_reverse_keeps_the_teacher_split():
     # a student split would differ: with reverse=True only the divergences flip, as the reference does
     p, q = probs(zt), probs(zs)
     student_split = ref_atkd(q, p, g, mask, reverse=False)  # "swap the logits" including the split
-    got = L.atkd(zs, zt, mask, g, reverse=True)
+    got = L.atkd(zs, zt, mask=mask, target_ids=g, reverse=True)
     torch.testing.assert_close(got, ref_atkd(p, q, g, mask, reverse=True), rtol=1e-10, atol=1e-12)
     assert abs(got.item() - student_split.item()) > 1e-6
 
@@ -471,12 +591,12 @@ def test_atkd_reverse_keeps_the_teacher_split():
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_cross_entropy_matches_torch_and_token_log_probs_match_log_softmax(chunk_size):
     zs, _, mask, g = make_inputs(seed=26)
-    got = L.cross_entropy(zs, g, mask, chunk_size=chunk_size)
+    got = L.cross_entropy(zs, target_ids=g, mask=mask, chunk_size=chunk_size)
     want = -torch.log(probs(zs).gather(-1, g[..., None])[..., 0])[mask].mean()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(torch.autograd.grad(got, zs)[0], torch.autograd.grad(want, zs)[0],
                                rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(L.token_log_probs(zs, g, temperature=2.0),
+    torch.testing.assert_close(L.token_log_probs(zs, target_ids=g, temperature=2.0),
                                torch.log(probs(zs, 2.0)).gather(-1, g[..., None])[..., 0], rtol=1e-12, atol=1e-14)
 
 
@@ -515,7 +635,7 @@ def mcc_inputs(seed=30):
     dict(reduction="token"), dict(reduction="token", eps=7e-5, chunk_size=3)])
 def test_mcc_span_kl_matches_reference_with_gradients_to_both_passes(options):
     za, zb = mcc_inputs()
-    got = L.mcc_span_kl(za, zb, SPANS_A, SPANS_B, **options)
+    got = L.mcc_span_kl(za, zb, spans_a=SPANS_A, spans_b=SPANS_B, **options)
     ref_options = {k: v for k, v in options.items() if k != "chunk_size"}
     ref_options["tau"] = ref_options.pop("temperature", 1.0)
     want = ref_mcc(za, zb, SPANS_A, SPANS_B, **ref_options)
@@ -529,24 +649,25 @@ def test_mcc_span_kl_matches_reference_with_gradients_to_both_passes(options):
 
 def test_mcc_span_kl_is_symmetric_zero_on_agreement_and_checks_spans():
     za, zb = mcc_inputs(31)
-    torch.testing.assert_close(L.mcc_span_kl(za, zb, SPANS_A, SPANS_B), L.mcc_span_kl(zb, za, SPANS_B, SPANS_A),
+    torch.testing.assert_close(L.mcc_span_kl(za, zb, spans_a=SPANS_A, spans_b=SPANS_B),
+                               L.mcc_span_kl(zb, za, spans_a=SPANS_B, spans_b=SPANS_A),
                                rtol=1e-12, atol=0)
     same_b = za.detach().clone()
     for i, ((sa, ea), (sb, eb)) in enumerate(zip(SPANS_A, SPANS_B)):
         same_b[i, sb:eb] = za[i, sa:ea].detach()
-    assert abs(L.mcc_span_kl(za, same_b, SPANS_A, SPANS_B).item()) < 1e-14
+    assert abs(L.mcc_span_kl(za, same_b, spans_a=SPANS_A, spans_b=SPANS_B).item()) < 1e-14
     with pytest.raises(ValueError, match="equal lengths"):
-        L.mcc_span_kl(za, zb, [[0, 3]] * 4, [[0, 2]] * 4)
-    out = L.mcc_span_kl(za, zb, SPANS_A, SPANS_B, max_seq_len=2)  # every span ends too late
+        L.mcc_span_kl(za, zb, spans_a=[[0, 3]] * 4, spans_b=[[0, 2]] * 4)
+    out = L.mcc_span_kl(za, zb, spans_a=SPANS_A, spans_b=SPANS_B, max_seq_len=2)  # every span ends too late
     assert out.item() == 0 and out.requires_grad
 
 
 def test_mcc_span_kl_normalizer_counts_items_of_the_step():
     za, zb = mcc_inputs(32)
-    whole = L.mcc_span_kl(za, zb, SPANS_A, SPANS_B)
+    whole = L.mcc_span_kl(za, zb, spans_a=SPANS_A, spans_b=SPANS_B)
     n_items = 3  # item 2 has an empty span
-    parts = L.mcc_span_kl(za[:2], zb[:2], SPANS_A[:2], SPANS_B[:2], normalizer=n_items) + \
-        L.mcc_span_kl(za[2:], zb[2:], SPANS_A[2:], SPANS_B[2:], normalizer=n_items)
+    parts = L.mcc_span_kl(za[:2], zb[:2], spans_a=SPANS_A[:2], spans_b=SPANS_B[:2], normalizer=n_items) + \
+        L.mcc_span_kl(za[2:], zb[2:], spans_a=SPANS_A[2:], spans_b=SPANS_B[2:], normalizer=n_items)
     torch.testing.assert_close(parts, whole, rtol=1e-12, atol=0)
 
 
@@ -580,7 +701,7 @@ def ref_fdd(hs, ht, ws, wt, mask, tau=2.0):
 @pytest.mark.parametrize("layers", [1, 3])
 def test_fdd_loss_matches_reference_with_gradients_to_states_and_head(layers):
     hs, ht, ws, wt, mask = fdd_setup(layers=layers)
-    got = L.fdd_loss(hs, ht, lambda h: h @ ws.T, lambda h: h @ wt.T, mask)
+    got = L.fdd_loss(hs, ht, lambda h: h @ ws.T, lambda h: h @ wt.T, mask=mask)
     want = ref_fdd(hs, ht, ws, wt, mask)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for a, b in zip(torch.autograd.grad(got, hs + [ws]), torch.autograd.grad(want, hs + [ws])):
@@ -589,10 +710,11 @@ def test_fdd_loss_matches_reference_with_gradients_to_states_and_head(layers):
 
 def test_fdd_loss_is_zero_for_a_copy_of_the_teacher_and_empty_mask_is_zero():
     _, ht, _, wt, mask = fdd_setup()
-    out = L.fdd_loss([h.clone() for h in ht], ht, lambda h: h @ wt.T, lambda h: h @ wt.T, mask)
+    out = L.fdd_loss([h.clone() for h in ht], ht, lambda h: h @ wt.T, lambda h: h @ wt.T, mask=mask)
     assert abs(out.item()) < 1e-12
     hs, ht, ws, wt, _ = fdd_setup()
-    empty = L.fdd_loss(hs, ht, lambda h: h @ ws.T, lambda h: h @ wt.T, torch.zeros(B, S, dtype=torch.bool))
+    empty = L.fdd_loss(hs, ht, lambda h: h @ ws.T, lambda h: h @ wt.T,
+                       mask=torch.zeros(B, S, dtype=torch.bool))
     assert empty.item() == 0 and empty.requires_grad
 
 
@@ -630,7 +752,7 @@ def contra_setup(seed=50, d_s=4, d_t=6, layers=2):
 def test_velocity_field_loss_matches_reference_and_trains_field_and_projector():
     projector, field, hs, ht, mask = contra_setup()
     t = torch.rand(B)
-    got = L.velocity_field_loss(field, projector, hs, ht, mask, t=t)
+    got = L.velocity_field_loss(field, projector, hs, ht, mask=mask, t=t)
     losses = []
     for j, (h_s, h_t) in enumerate(zip(hs, ht)):
         y_s, y_t = projector(h_s[mask]), h_t[mask]
@@ -651,14 +773,14 @@ def test_velocity_field_loss_matches_reference_and_trains_field_and_projector():
 def test_velocity_field_loss_is_zero_for_the_exact_velocity():
     projector, _, hs, ht, mask = contra_setup(51)
     exact = [(h_t[mask] - projector(h_s[mask])).detach() for h_s, h_t in zip(hs, ht)]
-    out = L.velocity_field_loss(lambda z, t, j: exact[int(j[0])], projector, hs, ht, mask)
+    out = L.velocity_field_loss(lambda z, t, j: exact[int(j[0])], projector, hs, ht, mask=mask)
     assert abs(out.item()) < 1e-10
 
 
 def test_contra_loss_matches_reference_and_vanishes_without_flow():
     projector, field, hs, _, mask = contra_setup(52)
     k = 0.4
-    got = L.contra_loss(field, projector, hs, mask, k=k)
+    got = L.contra_loss(field, projector, hs, mask=mask, k=k)
     losses = []
     for j, h_s in enumerate(hs):
         a = projector(h_s[mask])
@@ -670,8 +792,8 @@ def test_contra_loss_matches_reference_and_vanishes_without_flow():
     for a, b in zip(torch.autograd.grad(got, hs), torch.autograd.grad(want, hs)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert 0 < got.item() <= 2
-    assert abs(L.contra_loss(lambda z, t, j: torch.zeros_like(z), projector, hs, mask, k=k).item()) < 1e-6
-    assert abs(L.contra_loss(lambda z, t, j: 3.0 * z, projector, hs, mask, k=k).item()) < 1e-6
+    assert abs(L.contra_loss(lambda z, t, j: torch.zeros_like(z), projector, hs, mask=mask, k=k).item()) < 1e-6
+    assert abs(L.contra_loss(lambda z, t, j: 3.0 * z, projector, hs, mask=mask, k=k).item()) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -699,7 +821,7 @@ def test_minillm_advantages_are_length_normalised_discounted_returns():
     log_p, log_q_old, mask = minillm_inputs(61)
     r = L.minillm_rewards(log_p, log_q_old)
     for gamma in [1.0, 0.95]:
-        got = L.minillm_advantages(r, mask, gamma=gamma)
+        got = L.minillm_advantages(r, mask=mask, gamma=gamma)
         for b in range(3):
             n = int(mask[b].sum())
             for t in range(5):
@@ -708,23 +830,23 @@ def test_minillm_advantages_are_length_normalised_discounted_returns():
                     continue
                 g_t = sum(gamma ** (k - t) * r[b, k] for k in range(t, n))
                 assert got[b, t].item() == pytest.approx((g_t / (n - t)).item(), rel=1e-12)
-    mean_remaining = L.minillm_advantages(r, mask, gamma=1.0)
+    mean_remaining = L.minillm_advantages(r, mask=mask, gamma=1.0)
     assert mean_remaining[0, 2].item() == pytest.approx(r[0, 2:].mean().item(), rel=1e-12)
 
 
 def test_minillm_whiten_and_policy_loss():
     log_p, log_q_old, mask = minillm_inputs(62)
-    adv = L.minillm_whiten(L.minillm_advantages(L.minillm_rewards(log_p, log_q_old), mask), mask)
+    adv = L.minillm_whiten(L.minillm_advantages(L.minillm_rewards(log_p, log_q_old), mask=mask), mask=mask)
     assert adv[mask].mean().abs() < 1e-12
     assert adv[mask].var(unbiased=False).item() == pytest.approx(1.0, rel=1e-6)
     assert (adv[~mask] == 0).all()
     w = L.minillm_importance_weights(log_q_old, log_p)
-    first_epoch = L.minillm_policy_loss(log_q_old, log_q_old, w, adv, mask)  # q_θ = q_old, so ρ = w
+    first_epoch = L.minillm_policy_loss(log_q_old, log_q_old, w, adv, mask=mask)  # q_θ = q_old, so ρ = w
     torch.testing.assert_close(first_epoch, torch.maximum(-adv * w, -adv * w.clamp(0.8, 1.2))[mask].mean(),
                                rtol=1e-12, atol=0)
     log_q = (log_q_old + 0.4 * torch.randn(3, 5, generator=torch.Generator().manual_seed(0),
                                            dtype=torch.float64)).requires_grad_()
-    got = L.minillm_policy_loss(log_q, log_q_old, w, adv, mask)
+    got = L.minillm_policy_loss(log_q, log_q_old, w, adv, mask=mask)
     rho = (log_q.detach() - log_q_old).exp() * w
     want = torch.maximum(-adv * rho, -adv * rho.clamp(0.8, 1.2))[mask].mean()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
@@ -750,8 +872,8 @@ def test_hidden_mse_keeps_masked_zeros_in_the_denominator_unless_counted_only():
     for layer in range(layers):
         for b in range(B):
             sq = sq + ((s[layer * B + b] - t[layer * B + b]) ** 2)[mask[b]].sum()
-    torch.testing.assert_close(L.hidden_mse(s, t, mask), sq / s.numel(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(L.hidden_mse(s, t, mask, counted_only=True), sq / (layers * mask.sum() * d),
+    torch.testing.assert_close(L.hidden_mse(s, t, mask=mask), sq / s.numel(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(L.hidden_mse(s, t, mask=mask, counted_only=True), sq / (layers * mask.sum() * d),
                                rtol=1e-12, atol=0)
 
 
@@ -762,8 +884,8 @@ def test_hidden_l2_and_attention_output_l2():
     mask = torch.rand(B, S, generator=gen) < 0.5
     mask[0, 0] = True
     per_layer = [torch.sqrt(((a - b) ** 2).sum(-1))[mask].mean() / 2.0 for a, b in zip(s, t)]
-    torch.testing.assert_close(L.hidden_l2(s[0], t[0], mask), per_layer[0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(L.attention_output_l2(s, t, mask), (per_layer[0] + per_layer[1]) / 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(L.hidden_l2(s[0], t[0], mask=mask), per_layer[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(L.attention_output_l2(s, t, mask=mask), (per_layer[0] + per_layer[1]) / 2, rtol=1e-12, atol=0)
     same = L.hidden_l2(t[0].clone().requires_grad_(), t[0])
     assert same.item() == 0
     (grad,) = torch.autograd.grad(L.hidden_l2(s[0], s[0].detach().clone()), s[0])

@@ -24,7 +24,7 @@ def _loss_fns():
         "skew_reverse_kl_detached": partial(L.skew_reverse_kl, detach_mixture=True),
         "dkd": L.dkd, "dkd_reverse": partial(L.dkd, reverse=True, alpha=0.5),
         "atkd": L.atkd, "atkd_reverse": partial(L.atkd, reverse=True),
-        "cross_entropy": lambda zs, zt, mask, g, temperature, **kw: L.cross_entropy(zs, g, mask, **kw),
+        "cross_entropy": lambda zs, zt, temperature, **kw: L.cross_entropy(zs, **kw),
     }
 
 
@@ -47,11 +47,11 @@ def _vocab_parallel_worker():
     def run(fn, name, local, full_input, teacher_local, teacher_full, **kw):
         local = local.detach().clone().requires_grad_()
         full_input = full_input.detach().clone().requires_grad_()
-        gathered = fn(full_input, teacher_full, mask, g, **kw) if name in TARGET_AWARE else fn(full_input, teacher_full, mask, **kw)
+        kw = dict(kw, mask=mask, **({"target_ids": g} if name in TARGET_AWARE else {}))
+        gathered = fn(full_input, teacher_full, **kw)
         (grad_gathered,) = torch.autograd.grad(gathered, full_input)
         for chunk in CHUNKS:
-            args = (local, teacher_local, mask, g) if name in TARGET_AWARE else (local, teacher_local, mask)
-            sharded = fn(*args, group=group, chunk_size=chunk, **kw)
+            sharded = fn(local, teacher_local, group=group, chunk_size=chunk, **kw)
             (grad_sharded,) = torch.autograd.grad(sharded, local)
             out[f"{name}/{chunk}"] = dict(sharded=sharded.detach(), gathered=gathered.detach(),
                                           grad_sharded=grad_sharded, grad_gathered=grad_gathered[..., cols])
@@ -64,8 +64,8 @@ def _vocab_parallel_worker():
     for chunk in CHUNKS:
         a_full, b_full = zs.clone().requires_grad_(), zt.clone().requires_grad_()
         a_loc, b_loc = zs[..., cols].clone().requires_grad_(), zt[..., cols].clone().requires_grad_()
-        gathered = L.mcc_span_kl(a_full, b_full, spans_a, spans_b, temperature=1.3, eps=1e-3)
-        sharded = L.mcc_span_kl(a_loc, b_loc, spans_a, spans_b, temperature=1.3, eps=1e-3, chunk_size=chunk,
+        gathered = L.mcc_span_kl(a_full, b_full, spans_a=spans_a, spans_b=spans_b, temperature=1.3, eps=1e-3)
+        sharded = L.mcc_span_kl(a_loc, b_loc, spans_a=spans_a, spans_b=spans_b, temperature=1.3, eps=1e-3, chunk_size=chunk,
                                 group=group)
         ga, gb = torch.autograd.grad(gathered, [a_full, b_full])
         sa, sb = torch.autograd.grad(sharded, [a_loc, b_loc])
@@ -73,15 +73,17 @@ def _vocab_parallel_worker():
                                            grad_sharded=torch.cat([sa, sb]),
                                            grad_gathered=torch.cat([ga[..., cols], gb[..., cols]]))
 
-    # token log-probs (MiniLLM's log q(y_t)) through the sharded log-normaliser
-    local = zs[..., cols].clone().requires_grad_()
-    full_input = zs.clone().requires_grad_()
+    # token log-probs (MiniLLM's log q(y_t)) through the sharded log-normaliser; -100 targets give 0
     weights = torch.randn(B, S, generator=gen, dtype=torch.float64)
-    sharded = (L.token_log_probs(local, g, group=group) * weights).sum()
-    gathered = (L.token_log_probs(full_input, g) * weights).sum()
-    out["token_log_probs/None"] = dict(sharded=sharded.detach(), gathered=gathered.detach(),
-                                       grad_sharded=torch.autograd.grad(sharded, local)[0],
-                                       grad_gathered=torch.autograd.grad(gathered, full_input)[0][..., cols])
+    targets = torch.where(mask, g, -100)
+    for chunk in CHUNKS:
+        local = zs[..., cols].clone().requires_grad_()
+        full_input = zs.clone().requires_grad_()
+        sharded = (L.token_log_probs(local, target_ids=targets, group=group, chunk_size=chunk) * weights).sum()
+        gathered = (L.token_log_probs(full_input, target_ids=targets) * weights).sum()
+        out[f"token_log_probs/{chunk}"] = dict(sharded=sharded.detach(), gathered=gathered.detach(),
+                                               grad_sharded=torch.autograd.grad(sharded, local)[0],
+                                               grad_gathered=torch.autograd.grad(gathered, full_input)[0][..., cols])
 
     # FDD with heads that return vocabulary shards
     hs = [torch.randn(B, S, D, generator=gen, dtype=torch.float64) for _ in range(3)]
@@ -89,8 +91,8 @@ def _vocab_parallel_worker():
     w_s = torch.randn(V, D, generator=gen, dtype=torch.float64)
     w_t = torch.randn(V, D, generator=gen, dtype=torch.float64)
     w_full, w_loc = w_s.clone().requires_grad_(), w_s[cols].clone().requires_grad_()
-    gathered = L.fdd_loss(hs, ht, lambda h: h @ w_full.T, lambda h: h @ w_t.T, mask)
-    sharded = L.fdd_loss(hs, ht, lambda h: h @ w_loc.T, lambda h: h @ w_t[cols].T, mask, group=group)
+    gathered = L.fdd_loss(hs, ht, lambda h: h @ w_full.T, lambda h: h @ w_t.T, mask=mask)
+    sharded = L.fdd_loss(hs, ht, lambda h: h @ w_loc.T, lambda h: h @ w_t[cols].T, mask=mask, group=group)
     out["fdd_loss/None"] = dict(sharded=sharded.detach(), gathered=gathered.detach(),
                                 grad_sharded=torch.autograd.grad(sharded, w_loc)[0],
                                 grad_gathered=torch.autograd.grad(gathered, w_full)[0][cols])
@@ -103,8 +105,8 @@ def _vocab_parallel_worker():
     for chunk in CHUNKS:
         h = hs[0].clone().requires_grad_()
         h_full = hs[0].clone().requires_grad_()
-        sharded = L.forward_kl(head(h), zt[..., cols], mask, group=group, chunk_size=chunk)
-        gathered = L.forward_kl(h_full @ w_s.T, zt, mask)
+        sharded = L.forward_kl(head(h), zt[..., cols], mask=mask, group=group, chunk_size=chunk)
+        gathered = L.forward_kl(h_full @ w_s.T, zt, mask=mask)
         sharded.backward()
         (grad_full,) = torch.autograd.grad(gathered, h_full)
         out[f"column_parallel_head/{chunk}"] = dict(sharded=sharded.detach(), gathered=gathered.detach(),
@@ -118,8 +120,8 @@ def per_rank():
     return run_distributed(_vocab_parallel_worker, 2)
 
 
-CASES = [f"{n}/{c}" for n in PAIRWISE + TARGET_AWARE + ["mcc_span_kl"] for c in CHUNKS] + \
-    ["token_log_probs/None", "fdd_loss/None", "column_parallel_head/None", "column_parallel_head/2"]
+CASES = [f"{n}/{c}" for n in PAIRWISE + TARGET_AWARE + ["mcc_span_kl", "token_log_probs"] for c in CHUNKS] + \
+    ["fdd_loss/None", "column_parallel_head/None", "column_parallel_head/2"]
 
 
 @pytest.mark.parametrize("case", CASES)
