@@ -13,6 +13,7 @@ import random
 import numpy as np
 
 from common.binarized import read_split
+from common.labels import causal_lm_batch, targets_and_mask
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
@@ -135,7 +136,6 @@ def rank_micro_batches(global_items: list, dp_rank: int, dp_size: int, batch_siz
 def collate(pairs, pad_id: int, max_length: int, device="cpu") -> dict:
     """Right-padded causal-LM batch of (prompt ids, response ids) pairs, each cut to max_length tokens (the
     response loses its tail); labels on the response only. Adds target_ids / mask aligned with the logits."""
-    from common.labels import causal_lm_batch, targets_and_mask  # TODO(merge main): top-level import
     prompts = [list(p)[:max_length] for p, _ in pairs]
     responses = [list(r)[:max_length - len(p)] for p, (_, r) in zip(prompts, pairs)]
     batch = causal_lm_batch(prompts, responses, pad_id=pad_id)
