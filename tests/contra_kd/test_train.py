@@ -17,16 +17,6 @@ from contra_kd.train import ALIASES, main, parse_type, per_sequence_mean
 from tests.tiny import char_tokenizer, save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(autouse=True)
-def no_process_group_left():
-    """main() runs in this process for some tests; one that stops on bad input leaves its world-of-one process
-    group behind, which later tests (another process layout) must not inherit."""
-    yield
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
