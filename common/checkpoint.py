@@ -19,7 +19,8 @@ from common.io import atomic_save, atomic_write_json, read_tensors
 from common.model import ModelArgs
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json")
 DROPPED = ("rope.freqs", "inv_freq")  # recomputed buffers
 COLUMN = {"wq", "wk", "wv", "w1", "w3", "output"}  # split on the output dim (0)
 ROW = {"wo", "w2"}  # split on the input dim (1)

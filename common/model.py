@@ -454,10 +454,11 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 
 def load_model(ckpt_dir: str, model_type: Optional[str] = None, lora_rank: int = -1, dtype=None,
                max_seq_len: int = 2048, max_batch_size: int = 32, lora_alpha: Optional[float] = None,
-               lora_init: str = "xavier_normal", device=None) -> Transformer:
+               lora_init: str = "xavier_normal", device=None, params_file: Optional[str] = None) -> Transformer:
     """Build the model for this rank's TP slot and load its shard `consolidated.{tp_rank:02d}.pth`.
 
-    The architecture comes from `ckpt_dir/params.json` when `model_type` is None, else from the registry.
+    The architecture comes from `params_file` (default `ckpt_dir/params.json`) when `model_type` is None, else
+    from the registry.
     LoRA adapters (lora_rank > 0) are freshly initialised and the only trainable parameters.
     """
     from common.checkpoint import load_shard  # checkpoint imports ModelArgs from here
@@ -465,7 +466,7 @@ def load_model(ckpt_dir: str, model_type: Optional[str] = None, lora_rank: int =
     runtime = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, lora_rank=lora_rank,
                    lora_alpha=lora_alpha, lora_init=lora_init)
     if model_type is None:
-        args = ModelArgs.from_params_json(os.path.join(ckpt_dir, "params.json"), **runtime)
+        args = ModelArgs.from_params_json(params_file or os.path.join(ckpt_dir, "params.json"), **runtime)
     else:
         args = model_args(model_type, **runtime)
     state = load_shard(ckpt_dir, fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size())

@@ -6,6 +6,8 @@
     text = tok.decode(ids)           # BOS / EOS / pad are dropped
     tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size
     ids, offsets = tok.encode_with_offsets(text)   # no BOS/EOS; offsets[k] = (begin, end) character span
+    ids = tok.encode_chat([{"role": "user", "content": text}])   # the HF chat template, ending with the
+                                     # assistant header (add_generation_prompt); tok.has_chat_template says if any
 
 `bos_id` is None when the tokenizer has no BOS token (Qwen2); `encode(..., bos=True)` then adds nothing.
 `pad_id` is the model's pad token, else 0 for SentencePiece (as the original LLaMA wrapper) and EOS for a
@@ -36,6 +38,11 @@ class SentencePieceTokenizer:
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 else 0  # the original wrapper padded with 0 (LLaMA's <unk>)
         self.vocab_size = self.sp.vocab_size()
+        self.has_chat_template = False
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        raise ValueError(f"{self.path}: a SentencePiece model has no chat template; use a Hugging Face tokenizer "
+                         "folder with chat_template.jinja, or drop the chat-template option")
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
         return _add_special(self.sp.encode(text), self.bos_id if bos else None, self.eos_id if eos else None)
@@ -61,6 +68,15 @@ class HFTokenizer:
         self.eos_id = self.tok.eos_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.eos_id or 0)
         self.vocab_size = len(self.tok)
+        self.has_chat_template = bool(self.tok.chat_template)
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` ([{"role", "content"}, ...]) rendered by the tokenizer's chat template."""
+        if not self.has_chat_template:
+            raise ValueError(f"{self.path}: this tokenizer has no chat template (no chat_template.jinja or "
+                             "tokenizer_config.json 'chat_template'); drop the chat-template option")
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False)
@@ -121,8 +137,8 @@ def tokenizer_sha256(path) -> str:
     kind, p = resolve_tokenizer_path(path)
     files = [p] if kind == "sentencepiece" else sorted(
         f for f in p.iterdir()
-        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json",
-                                                                        "merges.txt", "added_tokens.json"))
+        if f.is_file() and (f.name.startswith(("tokenizer", "chat_template")) or
+                            f.name in ("special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json"))
     )
     h = hashlib.sha256()
     for f in files:

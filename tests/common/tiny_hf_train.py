@@ -1,5 +1,5 @@
 """A miniature HF-only train.py for the tests of common/hf_training.py: token-mean CE over the whole step,
-DDP with accumulation, an lr schedule with warmup, optional on-policy sampling inside the loop, resumable
+common.labels targets and common.losses.cross_entropy, DDP with accumulation, an lr schedule with warmup, optional on-policy sampling inside the loop, resumable
 checkpoints and export. Run as `python tests/common/tiny_hf_train.py --model_path M --save_dir S` or under
 `torchrun --nproc_per_node 2`; re-running the same command resumes.
 
@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import fire  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from common import hf  # noqa: E402
 from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown  # noqa: E402
@@ -25,6 +24,8 @@ from common.generation import generate  # noqa: E402
 from common.hf_training import (export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,  # noqa: E402
                                 optimizer_step, save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_write_json  # noqa: E402
+from common.labels import targets_and_mask  # noqa: E402
+from common.losses import cross_entropy  # noqa: E402
 from common.training import dp_shard, global_count  # noqa: E402
 
 
@@ -50,12 +51,6 @@ def sampled_item(model, ids: torch.Tensor, seed: int) -> tuple:
     return sample, labels
 
 
-def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ -log q(next token) over supervised positions (position t predicts t + 1)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                           reduction="sum")
-
-
 def main(model_path: str, save_dir: str, steps: int = 6, accumulation: int = 4, lr: float = 1e-2,
          schedule: str = "cosine", warmup_steps: int = 2, min_lr: float = 1e-4, sample: bool = False,
          save_steps: int = 2, lora_rank: int = 0, max_grad_norm: float = 1.0, seed: int = 1, sleep: float = 0.0):
@@ -78,12 +73,12 @@ def main(model_path: str, save_dir: str, steps: int = 6, accumulation: int = 4, 
         micro = [item(i) for i in mine]
         if sample:
             micro.append(sampled_item(model, micro[0][0], rank_seed(seed, step, lay.dp_rank)))
-        micro = [(ids.to(lay.device), labels.to(lay.device)) for ids, labels in micro]
-        norm = global_count(sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro), lay.device)
+        micro = [(ids.to(lay.device), *targets_and_mask(labels.to(lay.device), shift=True)) for ids, labels in micro]
+        norm = global_count(sum(int(mask.sum()) for _, _, mask in micro), lay.device)
         loss_total = torch.zeros((), device=lay.device)
-        for k, (ids, labels) in enumerate(micro):
+        for k, (ids, targets, mask) in enumerate(micro):
             with grad_sync(ddp, k == len(micro) - 1):
-                loss = ce_sum(ddp(input_ids=ids).logits, labels) / norm
+                loss = cross_entropy(ddp(input_ids=ids).logits, target_ids=targets, mask=mask, normalizer=norm)
                 scaler.scale(loss).backward()
             loss_total += loss.detach()
         lr_now = optimizer.param_groups[0]["lr"]

@@ -272,5 +272,5 @@ def test_indices_from_another_tokenizer_are_refused(sp_tok, standin, tmp_path):
 def test_not_a_list_and_missing_file(tmp_path):
     with pytest.raises(DataError, match="bad.json: expected a JSON list"):
         load_task_file(_write(tmp_path, {"instruction": "x"}))
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(DataError, match="nope.json"):
         load_task_file(tmp_path / "nope.json")

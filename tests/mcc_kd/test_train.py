@@ -17,7 +17,7 @@ from common.io import read_tensors
 from common.model import load_model
 from common.parallel import layout, setup
 from common.tokenizer import load_tokenizer, train_sentencepiece
-from mcc_kd.data import IGNORE_INDEX, load_task_file
+from mcc_kd.data import IGNORE_INDEX, DataError, load_task_file
 from mcc_kd.prepare_data import filter_file
 from mcc_kd.train import choose, epoch_plan
 from mcc_kd.train_mcc import mcc_batch, mcc_loss
@@ -43,7 +43,8 @@ def tiny(tmp_path_factory):
 
 
 def cfg(**kw):
-    base = dict(seed=1, max_seq_len=192, max_batch_size=3, accumulation_steps=2, shuffle=False, T=1.3, alpha=0.01)
+    base = dict(seed=1, max_seq_len=192, max_batch_size=3, accumulation_steps=2, shuffle=False, T=1.3, alpha=0.01,
+                chat_template=False, indices="logits", config_file=None)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -214,3 +215,58 @@ def test_tp2_and_dp2_training_equal_one_process(tiny, tmp_path):
         assert other.keys() == one.keys()
         for k in one:
             torch.testing.assert_close(other[k], one[k], atol=2e-4, rtol=1e-3, msg=k)
+
+
+HAND_BUILT = {"instruction": "Tom has 3 apples and buys 4 more. How many apples does Tom have?\n", "label": "7",
+              "output": ["Tom has 3 + 4 = 7 apples.\nTherefore, the answer is 7 .",
+                         "He buys 4, and 3 + 4 makes 7 apples in all, so 7 .",
+                         "Start with 3 apples; 4 more gives 7 apples altogether. So 7 ."]}
+
+
+@pytest.mark.parametrize("indices", ["logits", "tokens"])
+def test_each_indices_convention_trains_the_span_kl_on_the_logits_predicting_the_answer(tiny, tmp_path, indices):
+    tok = load_tokenizer(str(tiny / "ckpt" / "tokenizer.model"))
+    json.dump([HAND_BUILT], open(tmp_path / "raw.json", "w"))
+    filter_file("SVAMP", str(tmp_path / "raw.json"), str(tmp_path / "mcc.json"), tok.path, indices=indices)
+    written = json.load(open(tmp_path / "mcc.json"))[0]
+    assert len(written["output"]) == 3
+    items = load_task_file(str(tmp_path / "mcc.json"), multi_cot=True, tokenizer=tok, indices=indices)
+    c = cfg(indices=indices, alpha=1.0)
+    batch = mcc_batch(items, [0], epoch=0, tokenizer=tok, cfg=c)
+    logits = torch.randn(*batch["tokens"].shape, tok.vocab_size, requires_grad=True)
+    _, parts, _ = mcc_loss(lambda tokens: logits, batch, {"sequences": 2.0, "span_items": 1.0}, c)
+    parts["kl"].backward()
+    seven = tok.sp.piece_to_id("7")
+    for row in range(2):  # the rows the KL trains = the positions whose logits predict the final "7"
+        tokens = batch["tokens"][row].tolist()
+        answer_at = max(t for t, x in enumerate(tokens) if x == seven)
+        trained = logits.grad[row].abs().sum(-1).nonzero().flatten().tolist()
+        assert trained == [answer_at - 1]
+    other = "logits" if indices == "tokens" else "tokens"
+    with pytest.raises(DataError, match=rf"indices are '{indices}' positions but this run reads them as '{other}': "
+                                        rf"pass --indices {indices}"):
+        load_task_file(str(tmp_path / "mcc.json"), multi_cot=True, tokenizer=tok, indices=other)
+
+
+def test_config_file_gives_the_architecture_as_the_originals_flag(tiny, tmp_path):
+    import shutil
+
+    from mcc_kd.eval import build_model
+
+    bare = tmp_path / "bare"  # shards and tokenizer, params.json elsewhere
+    shutil.copytree(tiny / "ckpt", bare)
+    shutil.move(bare / "params.json", tmp_path / "params.json")
+    _, model, tok = build_model(str(bare), None, 4, None, None, 64, 2, None, False, False, 1,
+                                config_file=str(tmp_path / "params.json"))
+    reference = load_model(str(tiny / "ckpt"), max_seq_len=64, max_batch_size=2)
+    assert model.args.n_layers == reference.args.n_layers and model.args.lora_rank == 4
+    assert tok.vocab_size == reference.args.vocab_size
+
+
+def test_a_converted_hf_model_brings_its_own_tokenizer_so_no_tokenizer_file_is_needed(smollm2_dir, tmp_path):
+    from common.tokenizer import HFTokenizer
+    from mcc_kd.eval import build_model
+
+    split(smollm2_dir, str(tmp_path / "ckpt"), n=1)
+    _, model, tok = build_model(str(tmp_path / "ckpt"), None, 4, None, None, 64, 1, None, False, False, 1)
+    assert isinstance(tok, HFTokenizer) and tok.has_chat_template and tok.vocab_size == model.args.vocab_size == 49152

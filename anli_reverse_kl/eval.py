@@ -1,0 +1,200 @@
+"""Accuracy per ANLI round on every dev / test item, two ways, plus Rouge-L of the reasons (spec §4).
+
+    python anli_reverse_kl/eval.py run --model_path runs/minillm/model --data_dir processed/anli --save runs/eval
+    python anli_reverse_kl/eval.py compare --sft runs/eval_sft --minillm runs/eval_minillm     # one table
+
+* label-constrained: for each label word, Σ_t log q(word_t | prompt, word_<t) teacher-forced from the decoder
+  start (no ":" and no EOS); the prediction is the most likely of the three;
+* generation: greedy decoding by default (the fork's sampling: --do_sample --top_p 0.9 --temperature 0.7
+  --repetition_penalty 1.15); lowercase, the text before the first ":" (all of it when there is none), its
+  first word without punctuation; a word that is no label counts as wrong and as `invalid`;
+* token-level (the fork's): argmax at the first decoder position == first gold target token;
+* Rouge-L F (rouge-score, stemming) of the generated reason (text after ":") against the gold reason, over
+  items that have one.
+
+Writes `{save}/{round}-{split}-predictions.json` per round and split, `{save}/metrics.json`, and prints a
+table with one row per round and split.
+"""
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm import tqdm
+
+from anli_reverse_kl.prepare_data import LABEL_WORDS
+from common import hf
+from common.distributed import gather_object, print0, rank_seed, setup, shutdown
+from common.generation import generate
+from common.io import atomic_write_json, atomic_write_text, read_jsonl
+from common.labels import seq2seq_batch, targets_and_mask
+from common.losses import token_log_probs
+from common.training import dp_shard
+
+_ROUGE = None
+
+
+def parse_generation(text: str) -> tuple:
+    """(first word before ":" without punctuation, text after ":"); the whole text is the label part when
+    there is no ":" (the reason is then "")."""
+    text = text.strip().lower()
+    head, _, reason = text.partition(":")
+    words = head.split()
+    word = re.sub(r"[^\w-]", "", words[0]) if words else ""
+    return word, reason.strip()
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _ROUGE.score(reference, prediction)["rougeL"].fmeasure
+
+
+@torch.no_grad()
+def label_scores(model, prompts, word_ids, pad_id: int, batch_size: int = 16) -> tuple:
+    """Per prompt the summed decoder log-probs [N, K] of the K label words (token-id lists, teacher-forced from
+    the decoder start) and the argmax at the first decoder position [N] (the fork's token-level prediction).
+    The encoder runs once per prompt; its output is shared by the K words."""
+    device, k = next(model.parameters()).device, len(word_ids)
+    start = model.config.decoder_start_token_id
+    scores, first = [], []
+    for s in tqdm(range(0, len(prompts), batch_size), desc="label scores", leave=False):
+        chunk = prompts[s:s + batch_size]
+        batch = seq2seq_batch([p for p in chunk for _ in range(k)], list(word_ids) * len(chunk), pad_id=pad_id,
+                              decoder_start_id=start)
+        batch = {name: t.to(device) for name, t in batch.items()}
+        encoded = model.get_encoder()(input_ids=batch["input_ids"][::k], attention_mask=batch["attention_mask"][::k])
+        encoded.last_hidden_state = encoded.last_hidden_state.repeat_interleave(k, 0)
+        logits = model(encoder_outputs=encoded, attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"],
+                       decoder_attention_mask=batch["decoder_attention_mask"]).logits
+        targets, _ = targets_and_mask(batch["labels"], shift=False)
+        scores.append(token_log_probs(logits, target_ids=targets).sum(-1).view(-1, k).cpu())
+        first.append(logits[::k, 0].argmax(-1).cpu())
+    return torch.cat(scores), torch.cat(first)
+
+
+def repetition_penalty_processor(penalty: float):
+    """CTRL's repetition penalty (as transformers applies it) on the tokens generated so far."""
+    def process(logits, tokens):
+        if tokens.shape[1] == 0:
+            return logits
+        seen = logits.gather(-1, tokens)
+        return logits.scatter(-1, tokens, torch.where(seen < 0, seen * penalty, seen / penalty))
+    return process
+
+
+def split_metrics(records, scores, first_tokens, generations) -> tuple:
+    """Per-item predictions and the split's metrics; `generations` may be None (label scoring only)."""
+    predictions, correct_label, correct_token, correct_gen, invalid, rouge = [], 0, 0, 0, 0, []
+    for i, rec in enumerate(records):
+        label_pred = LABEL_WORDS[int(scores[i].argmax())]
+        pred = dict(uid=rec["uid"], label=rec["label"], label_pred=label_pred,
+                    label_scores={w: float(s) for w, s in zip(LABEL_WORDS, scores[i])},
+                    token_correct=int(first_tokens[i]) == rec["target_tokens"][0])
+        correct_label += label_pred == rec["label"]
+        correct_token += pred["token_correct"]
+        if generations is not None:
+            word, reason = parse_generation(generations[i])
+            pred.update(generation=generations[i], generation_pred=word, generated_reason=reason)
+            correct_gen += word == rec["label"]
+            invalid += word not in LABEL_WORDS
+            if rec["reason"]:
+                pred["rougeL"] = rouge_l(reason, rec["reason"])
+                rouge.append(pred["rougeL"])
+        predictions.append(pred)
+    n = max(len(records), 1)
+    metrics = dict(n=len(records), label_accuracy=correct_label / n, token_accuracy=correct_token / n)
+    if generations is not None:
+        metrics.update(generation_accuracy=correct_gen / n, invalid=invalid,
+                       rougeL=sum(rouge) / len(rouge) if rouge else None, n_with_reason=len(rouge))
+    return predictions, metrics
+
+
+def format_table(metrics: dict, name: str = "") -> str:
+    cols = ["label_accuracy", "generation_accuracy", "token_accuracy", "rougeL", "invalid", "n"]
+    lines = [f"| {name or 'round/split'} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for key, m in metrics.items():
+        cells = [("-" if m.get(c) is None else f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c]))
+                 for c in cols]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(model_path: str = None, data_dir: str = None, save: str = None, rounds: str = "r1,r2,r3",
+         splits: str = "dev,test", batch_size: int = 16, max_new_tokens: int = 180, do_sample: bool = False,
+         temperature: float = 0.7, top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int = 10):
+    """Evaluate `model_path` on `{data_dir}/{round}/{split}.jsonl` (prepare_data.py's output); items are
+    sharded over data-parallel ranks under torchrun."""
+    for flag, value in (("--model_path", model_path), ("--data_dir", data_dir), ("--save", save)):
+        if value is None:
+            raise ValueError(f"{flag} is required")
+    lay = setup(seed)
+    os.makedirs(save, exist_ok=True)
+    tok = hf.load_tokenizer(model_path)
+    model = hf.load_model(model_path, device=lay.device, frozen=True)
+    if not hf.is_seq2seq(model):
+        raise ValueError(f"--model_path {model_path} is a decoder-only model ({type(model).__name__}); ANLI "
+                         f"evaluation here scores encoder-decoder models: pass a T5 / Flan-T5 folder")
+    word_ids = [tok.encode(w, add_special_tokens=False) for w in LABEL_WORDS]
+    processor = repetition_penalty_processor(repetition_penalty) if repetition_penalty != 1.0 else None
+    rounds = rounds.split(",") if isinstance(rounds, str) else list(rounds)
+    splits = splits.split(",") if isinstance(splits, str) else list(splits)
+    all_metrics = {}
+    for r in rounds:
+        for split in splits:
+            path = os.path.join(data_dir, r, f"{split}.jsonl")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is missing: run anli_reverse_kl/prepare_data.py --rounds {r} "
+                                        f"--splits {split} first (or pass --rounds / --splits)")
+            records = read_jsonl(path)
+            mine = dp_shard(list(range(len(records))), lay.dp_rank, lay.dp_size)
+            prompts = [records[i]["prompt_tokens"] for i in mine]
+            scores, first = label_scores(model, prompts, word_ids, tok.pad_token_id, batch_size)
+            texts = []
+            for s in tqdm(range(0, len(prompts), batch_size), desc=f"{r} {split} generate", leave=False,
+                          disable=not lay.is_main):
+                gens = generate(model, prompts[s:s + batch_size], max_new_tokens, temperature if do_sample else 0.0,
+                                top_p if do_sample else 1.0, tok.eos_token_id, logits_processor=processor,
+                                seed=rank_seed(seed, s, lay.dp_rank))
+                texts += [tok.decode(g, skip_special_tokens=True) for g in gens]
+            parts = gather_object([(i, scores[k], first[k], texts[k]) for k, i in enumerate(mine)], lay)
+            if lay.is_main:
+                by_index = {i: rest for part in parts for i, *rest in part}
+                ordered = [by_index[i] for i in range(len(records))]
+                predictions, metrics = split_metrics(records, torch.stack([o[0] for o in ordered]),
+                                                     torch.stack([o[1] for o in ordered]), [o[2] for o in ordered])
+                atomic_write_json(predictions, os.path.join(save, f"{r}-{split}-predictions.json"))
+                all_metrics[f"{r}/{split}"] = metrics
+    if lay.is_main:
+        atomic_write_json(all_metrics, os.path.join(save, "metrics.json"))
+        table = format_table(all_metrics)
+        atomic_write_text(table + "\n", os.path.join(save, "metrics.md"))
+        print0(table)
+    shutdown()
+
+
+def compare(**runs):
+    """One table over several evaluations: `compare --teacher runs/eval_teacher --minillm runs/eval_minillm`
+    (each a --save folder of `main`); rows are run x round/split."""
+    rows = {}
+    for name, folder in runs.items():
+        for key, m in json.load(open(os.path.join(folder, "metrics.json"))).items():
+            rows[f"{name} {key}"] = m
+    table = format_table(rows, "run round/split")
+    print(table)
+    return None
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"run": main, "compare": compare})

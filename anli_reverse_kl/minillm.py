@@ -1,0 +1,90 @@
+"""MiniLLM for encoder-decoder models: rollouts, their scores, and the PPO minibatch loss (losses.md §4.4,
+spec §3.4).
+
+A rollout is decoder tokens y sampled for an encoder prompt x from (1 - α)·q + α·p (common.generation, the
+teacher decoding in lock-step with its own cache). Both models then score y in one teacher-forced decoder
+pass each (`Rollouts.model_inputs()`: decoder input = start + y[:-1]), so the decoder logits at t score y_t;
+no prompt/response concatenation, no shift of the logits. From log q_old(y_t) and log p(y_t):
+
+    w_t = q_old(y_t) / ((1 - α) q_old(y_t) + α p(y_t))            importance weight of the mixed sampling
+    r_t = clip((log p(y_t) - log q_old(y_t)) / 0.5, ±100)            reward
+    A_t = whiten( (Σ_{t'≥t} γ^{t'-t} r_t') / (T - t) )               length-normalised return, γ = 0.95
+
+and each PPO minibatch minimises L_pg (clipped, ρ = exp(log q_θ - log q_old)·w) + L_reg (the exact per-step
+reverse KL over the vocabulary; optional, the fork ran without it).
+"""
+import torch
+
+from common.generation import generate, pad_rollouts
+from common.losses import (minillm_advantages, minillm_importance_weights, minillm_policy_loss, minillm_rewards,
+                           minillm_whiten, reverse_kl, token_log_probs)
+
+STORE_FIELDS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "targets", "mask",
+                "log_q_old", "weights", "advantages")
+
+
+def sample_responses(student, teacher, prompts, *, max_new_tokens, alpha=0.2, temperature=1.0, top_k=0, top_p=1.0,
+                     eos_id, seed):
+    """Decoder samples for encoder `prompts` from (1 - α) q + α p (plain student sampling for α = 0): a
+    `Generations` with the recorded weights q/p̃."""
+    return generate(student, prompts, max_new_tokens, temperature, top_p, eos_id, top_k=top_k,
+                    teacher=teacher if alpha > 0 else None, teacher_mixed_alpha=alpha, seed=seed)
+
+
+def sampled_log_probs(model, inputs: dict, targets, mask):
+    """log model(y_t | x, y_<t) of the sampled tokens (0 off the mask), from one teacher-forced decoder pass."""
+    logits = model(**inputs).logits
+    return token_log_probs(logits, target_ids=targets.masked_fill(~mask, -100)), logits
+
+
+def rollout_quantities(log_q_old, log_p, mask, *, alpha=0.2, gamma=0.95, reward_scaling=0.5, reward_clip=100.0,
+                       length_norm=True, group=None) -> dict:
+    """Importance weights, rewards, returns-based advantages (before and after whitening over `group`)."""
+    mask = mask.bool()
+    weights = torch.where(mask, minillm_importance_weights(log_q_old, log_p, alpha=alpha), 1.0)
+    rewards = torch.where(mask, minillm_rewards(log_p, log_q_old, reward_scaling=reward_scaling, clip=reward_clip),
+                          0.0)
+    raw = minillm_advantages(rewards, mask=mask, gamma=gamma, length_normalize=length_norm)
+    return dict(weights=weights, rewards=rewards, raw_advantages=raw,
+                advantages=minillm_whiten(raw, mask=mask, group=group))
+
+
+@torch.no_grad()
+def score_rollouts(student, teacher, prompts, responses, *, pad_id, batch_size=None, group=None, **settings) -> dict:
+    """The PPO store of `responses` to encoder `prompts` (token-id lists), padded into one batch
+    (common.generation.pad_rollouts): model inputs, targets, mask, log q_old and log p (recomputed with dropout
+    off, `batch_size` rows at a time) and the quantities of `rollout_quantities` (`settings` are its keyword
+    arguments; whitening runs over the whole store and the `group` of data-parallel ranks)."""
+    rollouts = pad_rollouts(prompts, responses, pad_id=pad_id, decoder_start_id=student.config.decoder_start_token_id,
+                            device=next(student.parameters()).device)
+    inputs, targets, mask = rollouts.model_inputs(), rollouts.targets, rollouts.response_mask
+    n = targets.shape[0]
+    batch_size = batch_size or n
+    was_training = student.training
+    student.eval()
+    log_q_old, log_p = [], []
+    try:
+        for s in range(0, n, batch_size):
+            rows = {k: v[s:s + batch_size] for k, v in inputs.items()}
+            log_q_old.append(sampled_log_probs(student, rows, targets[s:s + batch_size], mask[s:s + batch_size])[0])
+            log_p.append(sampled_log_probs(teacher, rows, targets[s:s + batch_size], mask[s:s + batch_size])[0])
+    finally:
+        student.train(was_training)
+    store = dict(inputs, targets=targets, mask=mask, log_q_old=torch.cat(log_q_old), log_p=torch.cat(log_p))
+    store.update(rollout_quantities(store["log_q_old"], store["log_p"], mask, group=group, **settings))
+    return store
+
+
+def minillm_loss(student, teacher, batch: dict, *, clip_range=0.2, single_step_reg=False, normalizer=None) -> dict:
+    """L_pg (+ L_reg) on one minibatch of the store (`batch` has STORE_FIELDS). Returns the terms and `loss`,
+    their sum; `normalizer` = response tokens of the whole optimiser step (None: this minibatch's)."""
+    inputs = {k: batch[k] for k in STORE_FIELDS[:4]}
+    log_q, logits = sampled_log_probs(student, inputs, batch["targets"], batch["mask"])
+    terms = dict(pg=minillm_policy_loss(log_q, batch["log_q_old"], batch["weights"], batch["advantages"],
+                                        mask=batch["mask"], clip_range=clip_range, normalizer=normalizer))
+    if single_step_reg:
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits
+        terms["reg"] = reverse_kl(logits, teacher_logits, mask=batch["mask"], normalizer=normalizer)
+    terms["loss"] = sum(terms.values())
+    return terms

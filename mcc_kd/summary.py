@@ -1,0 +1,60 @@
+"""The closing table of run.sh: one row per model (base, Std-CoT, MCC-KD) on the same test items.
+
+    python mcc_kd/summary.py --out runs/mcc_kd-smollm2 --task SVAMP --label_file runs/.../test.json
+
+Reads what the stages wrote under `out`: base/, sft/, mcc/ (metrics JSONs, the last checkpoint's state.json for
+the step count and the selected epoch) and times.txt (`stage seconds` lines written by run.sh).
+"""
+import glob
+import json
+import os
+from pathlib import Path
+
+
+def _state(save_dir: str) -> dict:
+    states = sorted(glob.glob(os.path.join(save_dir, "checkpoints", "step-*", "state.json")))
+    return json.load(open(states[-1])) if states else {}
+
+
+def row(out: str, stage: str, task: str, split: str):
+    """(metrics, steps, predictions file) of one stage, or None when it did not run."""
+    if stage == "base":
+        stem = os.path.join(out, "base", f"{task}-{split}")
+        steps = 0
+    else:
+        state = _state(os.path.join(out, stage))
+        if not state:
+            return None
+        final = os.path.join(out, stage, "log", f"{task}-{split}")  # with a dev file: the best epoch on test
+        per_epoch = os.path.join(out, stage, "log", f"{task}-{split}-epoch{state['best_epoch']}")
+        stem = final if os.path.exists(f"{final}-metrics.json") else per_epoch
+        steps = state["step"]
+    if not os.path.exists(f"{stem}-metrics.json"):
+        return None
+    return json.load(open(f"{stem}-metrics.json")), steps, f"{stem}-predictions.json"
+
+
+def main(out: str, task: str, label_file: str, settings: str = ""):
+    times = {}
+    if os.path.exists(os.path.join(out, "times.txt")):
+        for line in open(os.path.join(out, "times.txt")):
+            name, wall, cpu = line.split()
+            times[name] = f"{wall} s ({cpu} s CPU)"
+    split = Path(label_file).stem
+    print(f"settings: {settings}")
+    print(f"| {task} ({split}) | accuracy | correct / N | missing | steps | wall time (CPU time) | predictions |")
+    print("|---|---|---|---|---|---|---|")
+    for stage, name in (("base", "base (zero-shot)"), ("sft", "Std-CoT (train.py)"), ("mcc", "MCC-KD (train_mcc.py)")):
+        found = row(out, stage, task, split)
+        if found is None:
+            continue
+        m, steps, predictions = found
+        wall = times.get(stage, "-")
+        print(f"| {name} | {100 * m['accuracy']:.1f} | {m['correct']} / {m['N']} | {m['missing']} | {steps} | {wall} "
+              f"| {predictions} |")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

@@ -1,0 +1,35 @@
+"""generate_data.py -> train.py --type seqkd -> eval.py, in process on the tiny round: files and their contents."""
+import json
+
+from anli_reverse_kl import eval as anli_eval
+from anli_reverse_kl import generate_data
+from anli_reverse_kl.prepare_data import FIELDS, LABEL_WORDS, read_items
+from anli_reverse_kl.train import train
+
+
+def test_teacher_outputs_replace_the_targets_and_train_seqkd_then_eval_writes_predictions(run_dir):
+    out = run_dir / "seqkd_data"
+    generate_data.main(teacher_model_path=str(run_dir / "teacher"), data_dir=str(run_dir / "data" / "r1"),
+                       save=str(out), max_new_tokens=6, batch_size=8)
+    gold, generated = read_items(str(run_dir / "data" / "r1"), "train"), read_items(str(out), "train")
+    assert len(generated) == len(gold) == 16
+    for g, t in zip(gold, generated):
+        assert {k: g[k] for k in FIELDS if k != "target"} == {k: t[k] for k in FIELDS if k != "target"}
+        assert 1 <= len(t["target"]) <= 6
+    assert any(g["target"] != t["target"] for g, t in zip(gold, generated))
+    assert json.loads((out / "seqkd.json").read_text())["items"] == 16
+
+    train(type="seqkd", model_path=str(run_dir / "student"), data_dir=str(out), save=str(run_dir / "seqkd"),
+          batch_size=8, gradient_accumulation_steps=1, epochs=1, max_prompt_length=512, save_interval=100)
+    log = [json.loads(line) for line in (run_dir / "seqkd" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["tokens_per_s"] > 0 for r in log)
+
+    anli_eval.main(model_path=str(run_dir / "seqkd" / "model"), data_dir=str(run_dir / "data"), rounds="r1",
+                   splits="dev", save=str(run_dir / "eval"), max_new_tokens=8, batch_size=4)
+    predictions = json.loads((run_dir / "eval" / "r1-dev-predictions.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())["r1/dev"]
+    assert len(predictions) == metrics["n"] == 6
+    assert {p["label_pred"] for p in predictions} <= set(LABEL_WORDS)
+    assert metrics["label_accuracy"] == sum(p["label_pred"] == p["label"] for p in predictions) / 6
+    assert metrics["invalid"] == sum(p["generation_pred"] not in LABEL_WORDS for p in predictions)
+    assert "| r1/dev |" in (run_dir / "eval" / "metrics.md").read_text()

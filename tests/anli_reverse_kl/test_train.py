@@ -1,0 +1,147 @@
+"""anli_reverse_kl/train.py: losses, checks, resume after kill -9, data parallel == accumulation."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anli_reverse_kl.train import check_models, kd_loss, sft_loss, to_batch, train
+from common.io import read_tensors
+from tests.tiny import char_tokenizer, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "anli_reverse_kl", "train.py")
+
+
+def run(args, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+def weights(folder):
+    out = {}
+    for path in glob.glob(os.path.join(folder, "*.safetensors")):
+        out.update(read_tensors(path))
+    return out
+
+
+def toy_batch():
+    tok = char_tokenizer()
+    pairs = [(tok.encode("premise one") + [1], tok.encode("neutral:x.") + [1]),
+             (tok.encode("p2") + [1], tok.encode("entailment:yes it is.") + [1]),
+             (tok.encode("a third prompt") + [1], tok.encode("no") + [1])]
+    return pairs, tok
+
+
+def test_sft_loss_is_first_token_weighted_ce_against_a_hand_computation():
+    pairs, tok = toy_batch()
+    model = tiny_model("t5", seed=0)
+    batch = to_batch(pairs, tok, 0, "cpu")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=batch["decoder_input_ids"]).logits
+    firsts, rests = [], []
+    for b, (_, target) in enumerate(pairs):
+        nll = F.cross_entropy(logits[b, :len(target)], torch.tensor(target), reduction="none")
+        firsts.append(nll[0])
+        rests += list(nll[1:])
+    want = 0.8 * torch.stack(firsts).mean() + 0.2 * torch.stack(rests).mean()
+    got = sft_loss(logits, batch, 0.8, len(firsts), len(rests))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_sft_and_kd_micro_batches_with_the_whole_step_counts_sum_to_the_full_batch_loss():
+    pairs, tok = toy_batch()
+    model, teacher = tiny_model("t5", seed=0), tiny_model("t5", seed=1)
+    full = to_batch(pairs, tok, 0, "cpu")
+    n_tok = int(full["mask"].sum())
+    n_first = len(pairs)
+
+    def losses(batch):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
+        logits, teacher_logits = model(**inputs).logits, teacher(**inputs).logits
+        return (sft_loss(logits, batch, 0.8, n_first, n_tok - n_first), kd_loss(logits, teacher_logits, batch, 0.5,
+                                                                                n_tok))
+    whole = losses(full)
+    parts = [losses(to_batch(p, tok, 0, "cpu")) for p in (pairs[:1], pairs[1:])]
+    for k in range(2):
+        assert torch.allclose(parts[0][k] + parts[1][k], whole[k], atol=1e-5)
+
+
+def test_decoder_only_model_is_refused_with_one_clear_line():
+    tok = char_tokenizer()
+    with pytest.raises(ValueError, match=r"--model_path gpt2-folder is a decoder-only model \(GPT2LMHeadModel\).*T5"):
+        check_models(tiny_model("gpt2"), None, tok, None, "gpt2-folder", None)
+    with pytest.raises(ValueError, match=r"--teacher_model_path opt-folder is a decoder-only model"):
+        check_models(tiny_model("t5"), tiny_model("opt"), tok, tok, "t5", "opt-folder")
+
+
+def test_teacher_and_student_tokenizers_that_differ_are_refused():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = char_tokenizer()
+    vocab = dict(tok.get_vocab())
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same size, same specials, two ids swapped
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    other = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    with pytest.raises(ValueError, match=r"--teacher_model_path T and --model_path S have different tokenizers"):
+        check_models(tiny_model("t5"), tiny_model("t5", seed=1), tok, other, "S", "T")
+    check_models(tiny_model("t5"), tiny_model("t5", seed=1), tok, char_tokenizer(), "S", "T")  # same: fine
+
+
+def test_seqkd_without_teacher_outputs_says_to_run_generate_data(run_dir):
+    done = run([sys.executable, TRAIN, "--type", "seqkd", "--model_path", str(run_dir / "student"),
+                "--data_dir", str(run_dir / "data" / "r1"), "--save", str(run_dir / "no")])
+    assert done.returncode != 0 and "generate_data.py" in done.stderr.strip().splitlines()[-1]
+
+
+MINILLM = dict(type="minillm", num_rollouts=4, chunk_size=4, batch_size=2, gradient_accumulation_steps=1,
+               ppo_epochs=1, total_iters=10, save_interval=1, max_new_tokens=8, max_prompt_length=512,
+               single_step_reg=True, lr=1e-3)
+
+
+def flags(options: dict) -> list:
+    return [f"--{k}={v}" for k, v in options.items()]
+
+
+def test_kill_9_during_minillm_then_rerun_gives_the_weights_of_an_uninterrupted_run(run_dir):
+    options = dict(MINILLM, model_path=str(run_dir / "student"), teacher_model_path=str(run_dir / "teacher"),
+                   data_dir=str(run_dir / "data" / "r1"))
+    train(**options, save=str(run_dir / "whole"))  # in-process: one import of transformers fewer
+
+    save = run_dir / "killed"
+    proc = subprocess.Popen([sys.executable, TRAIN, *flags(options), f"--save={save}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 600
+    while not glob.glob(str(save / "checkpoints" / "*" / "state.json")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (save / "model").exists(), "the run ended before the kill: nothing was tested"
+    train(**options, save=str(save))
+    steps = [json.loads(line)["step"] for line in (save / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))  # the steps the killed run did after its checkpoint are logged once
+    a, b = weights(run_dir / "whole" / "model"), weights(save / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in weights(run_dir / "student").items() if k in a)  # it trained
+
+
+def test_two_data_parallel_ranks_equal_one_rank_with_two_micro_batches(run_dir):
+    # 16 items: 4 optimiser steps of 4 items, as 2 micro-batches of 2 on one rank or 1 of 2 on each of 2 ranks
+    options = dict(type="sft", model_path=str(run_dir / "student"), data_dir=str(run_dir / "data" / "r1"),
+                   batch_size=2, epochs=1, max_prompt_length=512, lr=1e-3, optimizer="adamw", warmup_iters=0,
+                   lr_decay_style="constant", save_interval=1000)
+    train(**options, gradient_accumulation_steps=2, save=str(run_dir / "dp1"))
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN,
+               *flags(options), "--gradient_accumulation_steps=1", f"--save={run_dir / 'dp2'}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(run_dir / "dp1" / "model"), weights(run_dir / "dp2" / "model")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
