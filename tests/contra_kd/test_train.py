@@ -1,0 +1,227 @@
+"""contra_kd/train.py: --type parsing, the DistiLLM-2 reduction, 1 vs 2 processes (gloo) on the same global
+batch for distillm+contra with the velocity-field re-fit, and bit-exact resume after kill -9."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common.losses import skew_forward_kl
+from contra_kd.flow import Projector, VelocityField, save_flow
+from contra_kd.prepare_data import dolly, pretrain
+from contra_kd.train import ALIASES, main, parse_type, per_sequence_mean
+from tests.tiny import char_tokenizer, save_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def test_types_and_original_aliases_resolve():
+    assert parse_type("sft", "srkl") == ("sft", False, "srkl")
+    assert parse_type("distillm+contra", "skl") == ("distillm", True, "skl")
+    assert parse_type("adaptive-sfkl", "srkl") == ("distillm", False, "skl")
+    assert parse_type("adaptive-srkl-contra", "skl") == ("distillm", True, "srkl")
+    assert parse_type("srkl-aesop", "srkl") == ("distillm", False, "srkl")  # adaptive SGOs kept (upstream bug 3)
+    assert parse_type("rkl-contra-fdd", "srkl")[:2] == ("fdd", True)
+    assert parse_type("distillm2-v2-contra", "srkl")[:2] == ("distillm2", True)
+    assert set(ALIASES) == {"adaptive-sfkl", "adaptive-srkl", "srkl-aesop", "rkl-fdd", "adaptive-srkl-contra",
+                            "rkl-contra-fdd", "distillm2-v2", "distillm2-v2-contra"}
+
+
+def test_unknown_type_is_one_line_listing_the_valid_ones():
+    for bad in ("minillm", "sft+contra", "kd+contra"):
+        with pytest.raises(ValueError, match=r"--type .* is not one of: sft, kd, seqkd, distillm, fdd, distillm2, "
+                                             r"distillm\+contra, fdd\+contra, distillm2\+contra, adaptive-sfkl") as e:
+            parse_type(bad, "srkl")
+        assert "\n" not in str(e.value)
+
+
+def test_distillm2_reduction_is_the_mean_over_sequences_of_token_means():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 11, generator=g), torch.randn(3, 5, 11, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    got = per_sequence_mean(skew_forward_kl, s, t, mask, range(3), alpha=0.1) / 3
+    p, q = t.double().softmax(-1), s.double().softmax(-1)
+    per_token = (p * (p.log() - (0.1 * p + 0.9 * q).log())).sum(-1)
+    want = sum(per_token[b][mask[b]].mean() for b in range(3)) / 3
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Tiny GPT-2 teacher (4 layers) and student (2 layers), no dropout; 16 train / 4 dev Dolly stand-in items
+    with short prompts; 40 OWT stand-in chunks; a random velocity field for 2 paired layers."""
+    root = tmp_path_factory.mktemp("contra")
+    save_tiny("gpt2", root / "teacher", seed=1, n_layer=4, n_embd=48, **NO_DROPOUT)
+    save_tiny("gpt2", root / "student", seed=2, **NO_DROPOUT)
+    with open(os.path.join(ROOT, "data/contra_kd/dolly_standin/train.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if len(r["prompt"]) <= 200][:20]
+    os.makedirs(root / "raw")
+    for name, part in (("train.jsonl", records[:16]), ("dev.jsonl", records[16:])):
+        with open(root / "raw" / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    dolly(str(root / "raw"), str(root / "dolly"), str(root / "student"), "tiny", max_prompt_length=200)
+    with open(os.path.join(ROOT, "data/contra_kd/owt_standin.txt")) as f, open(root / "owt.txt", "w") as out:
+        out.writelines(line for _, line in zip(range(60), f))
+    pretrain(str(root / "owt.txt"), str(root / "owt"), str(root / "student"), "tiny", max_length=96, dev_num=2,
+             train_num=40)
+    torch.manual_seed(3)
+    save_flow(str(root / "vf.safetensors"), str(root / "proj.safetensors"),
+              VelocityField(48, width=16, num_distill_layers=2, num_blocks=1), Projector(32, 48),
+              {"student_layers": [0, 1], "teacher_layers": [1, 2]})
+    return root
+
+
+def _args(root, save, **extra):
+    flags = {"type": "adaptive-srkl-contra", "model-path": root / "student", "teacher-model-path": root / "teacher",
+             "data-dir": root / "dolly/full/tiny", "lm-data-dir": root / "owt/tiny/96/40", "save": save,
+             "epochs": 2, "num-distill-layers": 2, "velocity-field": root / "vf.safetensors",
+             "projector": root / "proj.safetensors", "velocity-dropout": 0.0, "max-length": 232,
+             "max-prompt-length": 200, "eval-batch-size": 4, "seed": 5, **extra}
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def _run(args, nproc=1, wait=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(_free_port())] if nproc > 1 else [sys.executable]
+    proc = subprocess.Popen(launcher + [os.path.join(ROOT, "contra_kd/train.py")] + args, env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _free_port():
+    from tests.distributed import free_port
+    return free_port()
+
+
+def _curve(save):
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["unit"], r.get("loss", r.get("loss_rf"))) for r in rows if r["kind"] == "step"]
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_two_processes_follow_the_one_process_loss_curve_for_distillm_contra_with_refit(workspace, tmp_path):
+    # global batch 4: 1 process x batch 2 x GA 2 == 2 processes x batch 2 x GA 1. θ = 0 and a dev-loss rise
+    # that never triggers keep DistiLLM on ground truth: sampled SGOs differ with the number of processes.
+    common = {"batch-size": 2, "loss-eps": 100.0}
+    _run(_args(workspace, tmp_path / "one", **common, **{"gradient-accumulation-steps": 2}))
+    _run(_args(workspace, tmp_path / "two", **common), nproc=2)
+    one, two = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+    assert [u for u, _ in one] == [u for u, _ in two] and len(one) == 2 * 4 + 4  # 2 epochs x 4 steps + 4 re-fit
+    for (_, a), (_, b) in zip(one, two):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for name, w in _weights(tmp_path / "one/final").items():
+        assert torch.allclose(w, _weights(tmp_path / "two/final")[name], atol=1e-5), name
+
+
+def _wait_for_unit(proc, save, unit):
+    path = os.path.join(save, "metrics.jsonl")
+    while proc.poll() is None:
+        if os.path.exists(path) and any(json.loads(line)["unit"] >= unit for line in open(path) if line.strip()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run ended before unit {unit}: {proc.stdout.read()[-2000:]}")
+
+
+def test_kill_minus_nine_in_student_epoch_and_in_refit_then_rerun_gives_the_same_final_weights(workspace, tmp_path):
+    # θ 0.5: SGO generation and replay (buffer in the checkpoint) happen in the run; a checkpoint every unit
+    extra = {"batch-size": 4, "init-threshold": 0.5, "capacity": 6, "save-steps": 1}
+    _run(_args(workspace, tmp_path / "straight", **extra))
+    interrupted = tmp_path / "killed"
+    # units: 0 start, 1-4 epoch 0 steps, 5 epoch end, 6-9 re-fit, 10 re-fit end, 11-14 epoch 1, 15 epoch end
+    for unit in (2, 7):
+        proc = _run(_args(workspace, interrupted, **extra), wait=False)
+        _wait_for_unit(proc, interrupted, unit)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    out = _run(_args(workspace, interrupted, **extra))
+    assert "resumed" in out
+    sources = {json.loads(line).get("source") for line in open(interrupted / "metrics.jsonl")}
+    assert {"ground_truth", "generate", "replay"} <= sources
+    straight, killed = _weights(tmp_path / "straight/final"), _weights(interrupted / "final")
+    assert straight.keys() == killed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], killed[name]), name
+    assert _curve(tmp_path / "straight") == _curve(interrupted)
+
+
+def test_lora_on_a_model_peft_cannot_wrap_is_one_clear_line(workspace, tmp_path):
+    from transformers import AutoModelForCausalLM, OpenAIGPTConfig
+    folder = tmp_path / "openai-gpt"
+    AutoModelForCausalLM.from_config(OpenAIGPTConfig(vocab_size=128, n_embd=32, n_layer=2, n_head=4)).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"--peft lora: peft cannot wrap .*openai-gpt \(openai-gpt\) with its "
+                                         r"default targets") as e:
+        main(type="sft", model_path=str(folder), data_dir=str(workspace / "dolly/full/tiny"),
+             save=str(tmp_path / "x"), peft="lora")
+    assert "\n" not in str(e.value)
+
+
+def test_generated_tgo_sgo_pair_up_and_train_distillm2_contra(workspace, tmp_path):
+    from common.binarized import IndexedTokens
+    from contra_kd.data import InstructionSplit
+    from contra_kd.generate_data import main as generate_data
+
+    src = str(workspace / "dolly/full/tiny")
+    for name, model in (("tgo", "teacher"), ("sgo", "student")):
+        generate_data(str(workspace / model), src, str(tmp_path / "d2" / name), max_length=232, max_prompt_length=200,
+                      batch_size=8, seed=1)
+    tok = char_tokenizer()
+    source, tgo, sgo = (InstructionSplit(p, "train") for p in (src, tmp_path / "d2/tgo", tmp_path / "d2/sgo"))
+    assert len(tgo) == len(sgo) == len(source) == 16
+    for i in range(len(source)):
+        assert tgo[i][0] == sgo[i][0] == source[i][0]                      # same prompts, in order
+        assert 0 < len(tgo[i][1]) <= 32 and tgo.records[i]["reference"] == source.records[i]["output"]
+        assert tgo.records[i]["output"] == tok.decode(tgo[i][1], skip_special_tokens=True).strip()
+    assert IndexedTokens(str(tmp_path / "d2/tgo/valid_0")).sizes.tolist() == \
+        IndexedTokens(src + "/valid_0").sizes.tolist()
+    out = _run(_args(workspace, tmp_path / "run", **{"type": "distillm2-v2-contra", "data-dir": tmp_path / "d2",
+                                                     "gt-data-dir": src, "batch-size": 4, "epochs": 1,
+                                                     "gradual-beta": True}))
+    rows = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert len(steps) == 4 and all(r["loss_tgo_skl"] > 0 and r["loss_sgo_srkl"] > 0 for r in steps)
+    assert "best epoch 0" in out
+
+
+@pytest.mark.parametrize("type_,terms", [("kd", ("loss_ce", "loss_kd")),
+                                         ("fdd+contra", ("loss_ce", "loss_rkl", "loss_fdd", "loss_contra")),
+                                         ("adaptive-sfkl", ("loss_ce", "loss_skl"))])
+def test_each_type_logs_its_terms_and_the_total_is_their_weighted_sum(workspace, tmp_path, type_, terms):
+    save = tmp_path / "run"
+    main(type=type_, model_path=str(workspace / "student"), teacher_model_path=str(workspace / "teacher"),
+         data_dir=str(workspace / "dolly/full/tiny"), lm_data_dir=str(workspace / "owt/tiny/96/40"), save=str(save),
+         epochs=1, batch_size=8, kd_ratio=0.5, lm_coef=0.7, num_distill_layers=2,
+         velocity_field=str(workspace / "vf.safetensors"), projector=str(workspace / "proj.safetensors"),
+         max_length=232, max_prompt_length=200, eval_batch_size=4, seed=5)
+    steps = [json.loads(line) for line in open(save / "metrics.jsonl") if '"step"' in line]
+    assert len(steps) == 2
+    for row in steps:
+        assert all(row[t] > 0 for t in terms)
+        distill = sum(row[t] for t in terms if t not in ("loss_ce", "loss_contra"))
+        want = 0.5 * row["loss_ce"] + 0.5 * distill + 0.5 * row.get("loss_contra", 0.0) + 0.7 * row["loss_lm"]
+        assert row["loss"] == pytest.approx(want, rel=1e-5)
+    assert (save / "final/model.safetensors").exists() and (save / "best/model.safetensors").exists()
+
+
+def test_resume_with_another_plan_is_one_clear_line(workspace, tmp_path):
+    args = dict(type="sft", model_path=str(workspace / "student"), data_dir=str(workspace / "dolly/full/tiny"),
+                save=str(tmp_path / "run"), batch_size=8, max_length=232, max_prompt_length=200, eval_batch_size=4)
+    main(epochs=1, **args)
+    with pytest.raises(ValueError, match=r"run holds a run of .*'units': 4.* this command plans .*'units': 7") as e:
+        main(epochs=2, **args)
+    assert "\n" not in str(e.value)
