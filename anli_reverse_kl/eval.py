@@ -34,10 +34,8 @@ from common.generation import generate
 from common.io import atomic_write_json, atomic_write_text, read_jsonl
 from common.labels import seq2seq_batch, targets_and_mask
 from common.losses import token_log_probs
+from common.metrics import rouge_l
 from common.training import dp_shard
-
-_ROUGE = None
-
 
 def parse_generation(text: str) -> tuple:
     """(first word before ":" without punctuation, text after ":"); the whole text is the label part when
@@ -47,15 +45,6 @@ def parse_generation(text: str) -> tuple:
     words = head.split()
     word = re.sub(r"[^\w-]", "", words[0]) if words else ""
     return word, reason.strip()
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    global _ROUGE
-    if _ROUGE is None:
-        from rouge_score import rouge_scorer
-
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _ROUGE.score(reference, prediction)["rougeL"].fmeasure
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from atkd.data import load_eval_set, run_cli  # noqa: E402
 from common import hf  # noqa: E402
 from common.generation import generate  # noqa: E402
 from common.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl  # noqa: E402
+from common.metrics import rouge_l  # noqa: E402
 
 EVAL_SETS = ("dolly", "self-inst", "vicuna", "koala", "wizardlm")
 JUDGE_MODEL = "gpt-3.5-turbo-1106"  # what the released code called (its file is named after GPT-4)
@@ -39,17 +40,6 @@ JUDGE_SYSTEM = (
     "of 1 to 10, where a higher score means better overall performance. Output exactly two lines, "
     "\"Assistant 1: <score>\" and \"Assistant 2: <score>\", and nothing else. Do not let the order in which "
     "the answers are presented influence your rating.")
-
-
-# ---- ROUGE-L ----
-
-def rouge_l(predictions: list, references: list) -> list:
-    """Per item: max over its references of RougeL F (stemmed), x 100."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [100 * max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
-            for pred, refs in zip(predictions, references)]
 
 
 # ---- the judge as files ----
@@ -184,7 +174,7 @@ def main(model_path: str = None, output_dir: str = "runs/atkd/eval", data_dir: s
             items = load_eval_set(Path(data_dir) / name / "valid.jsonl")[:max_items]
             preds, truncated = predict(model, tokenizer, [x["prompt"] for x in items],
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=name)
-            scores = rouge_l(preds, [x["references"] for x in items])
+            scores = [100 * rouge_l(p, x["references"]) for p, x in zip(preds, items)]
             records = [dict(instruction=x["instruction"], input=x["input"], reference=x["references"][0],
                             prediction=p, rougeL=s) for x, p, s in zip(items, preds, scores)]
             atomic_write_json(records, str(folder / "predictions.json"))

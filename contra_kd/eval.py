@@ -28,6 +28,8 @@ import fire
 import torch
 from tqdm import tqdm
 
+from common.metrics import rouge_l
+
 SET_FILES = {"dolly": "dolly/valid.jsonl", "self-inst": "self-inst/valid.jsonl", "vicuna": "vicuna/valid.jsonl",
              "sinst": "sinst/11_/valid.jsonl", "uinst": "uinst/11_/valid.jsonl"}
 UINST_ITEMS = 10000  # UnNI: the first 10,000 items (MiniLLM)
@@ -51,19 +53,6 @@ PAPER = {
         "DistiLLM2": (31.76, 24.49, 21.96, 35.98, 36.57), "DistiLLM2+CONTRA": (32.19, 23.97, 22.27, 36.52, 38.59)}},
 }
 PAPER_SETS = ("dolly", "self-inst", "vicuna", "sinst", "uinst")
-
-_scorer = None
-
-
-def rouge_l(prediction: str, references) -> float:
-    """Rouge-L F-measure (rouge-score, Porter stemming, default tokenizer), max over the references, in [0, 1]."""
-    global _scorer
-    if _scorer is None:
-        from rouge_score import rouge_scorer
-        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    refs = [references] if isinstance(references, str) else references
-    return max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in refs)
-
 
 def _normalise(text: str) -> str:
     # SQuAD-style: lower case, no punctuation, single spaces (articles kept, as MiniLLM)

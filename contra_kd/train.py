@@ -52,10 +52,11 @@ from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, 
 from common.io import append_jsonl, atomic_save, atomic_write_json, read_jsonl, write_jsonl
 from common.losses import (contra_loss, cross_entropy, fdd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl,
                            soft_cross_entropy)
+from common.metrics import rouge_l
 from common.training import complete_checkpoints, global_count
 from contra_kd.data import (ChunkSplit, InstructionSplit, collate, epoch_order, model_inputs, rank_micro_batches)
 from contra_kd.distillm import AdaptiveSGO, ReplayBuffer
-from contra_kd.eval import rouge_l, sample_responses
+from contra_kd.eval import sample_responses
 from contra_kd.flow import Flow, load_flow, save_flow
 from contra_kd.train_velocity_field import fit_step, flow_expectation, flow_optimizer, layer_pairing, sequence_times
 

@@ -27,12 +27,6 @@ def test_shipped_eval_sets_load_with_the_eval_prompt():
     assert "### Input" not in without["prompt"]
 
 
-def test_rouge_l_is_max_over_references_times_100():
-    scores = atkd_eval.rouge_l(["the cats sat", "x"], [["a dog ran", "the cat sat"], ["y"]])
-    assert scores[0] == pytest.approx(100.0)  # stemming: cats -> cat
-    assert scores[1] == 0.0
-
-
 @pytest.mark.parametrize("reply,expected", [
     ("Assistant 1: 7\nAssistant 2: 9", (7.0, 9.0)),
     ("**Assistant 1:** 8/10\n\n**Assistant 2:** 6.5/10", (8.0, 6.5)),
