@@ -212,8 +212,8 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
             raise ValueError(f"{save} holds a run of {state.get('plan')}, this command plans {plan}: resume with the "
                              f"same type, epochs, data and batch settings, or pass another --save")
         if contra:
-            saved = torch.load(os.path.join(extras(state["step"]), "flow.pt"), map_location=lay.device,
-                               weights_only=True)
+            flow_file = os.path.join(extras(state["step"]), "flow.pt")
+            saved = torch.load(flow_file, map_location=lay.device, weights_only=True)
             flow.load_state_dict(saved["flow"])
             flow_opt.load_state_dict(saved["optimizer"])
             flow_sched.load_state_dict(saved["scheduler"])
