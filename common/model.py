@@ -259,7 +259,13 @@ def project(module: nn.Module, target: str, x: torch.Tensor, scale: float) -> to
     a = getattr(module, f"lora_a_{target}", None)
     if a is not None:
         b = getattr(module, f"lora_b_{target}")
-        y = y + (scale * linear(b, linear(a, x.to(a.weight.dtype)))).to(y.dtype)
+        if x.dtype == a.weight.dtype:
+            return y + linear(b, scale * linear(a, x))
+        # bf16/fp16 base with fp32 adapters: the adapters' matmuls run in the activations' dtype on casts of
+        # their fp32 weights (as autocast; gradients still reach the fp32 weights), so no activation is ever
+        # cast to fp32 and back, nor a full-width fp32 output (49k columns for a head) made
+        with torch.autocast(x.device.type, dtype=x.dtype):
+            return y + linear(b, scale * linear(a, x))
     return y
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common.checkpoint import hf_to_meta, merge_lora, shard_for_rank
-from common.model import ModelArgs, Transformer, lora_scale, mark_only_lora_trainable
+from common.model import ModelArgs, Transformer, lora_scale, mark_only_lora_trainable, project
 from common.parallel import layout, setup
 from tests.common.hf_oracle import tiny_hf_model
 from tests.distributed import run_distributed
@@ -69,6 +69,31 @@ def test_fp32_adapters_under_a_bf16_base():
     assert logits.dtype == torch.bfloat16
     logits.float().sum().backward()
     assert model.layers[0].attention.lora_a_wq.weight.grad.dtype == torch.float32
+
+
+def test_bf16_base_with_fp32_adapters_follows_the_fp32_formula():
+    """The bf16 path runs the adapters' matmuls in bf16 on casts of their fp32 weights: y = W x + s B(A x) must
+    still match the fp32 formula to bf16 rounding, with fp32 gradients that point the same way."""
+    setup()
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=96, lora_rank=8, lora_alpha=16.0)
+    model = Transformer(args)
+    ffn = model.layers[0].feed_forward
+    torch.nn.init.normal_(ffn.lora_b_w1.weight, std=0.2)  # B = 0 at init would hide a missing term
+    ffn.w1.weight.data = ffn.w1.weight.data.to(torch.bfloat16)
+    a, b, w = ffn.lora_a_w1.weight, ffn.lora_b_w1.weight, ffn.w1.weight
+    x = torch.randn(3, 5, 64).to(torch.bfloat16)
+    y = project(ffn, "w1", x, ffn.scale)
+    assert y.dtype == torch.bfloat16
+    a32, b32 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    x32 = x.float()
+    y32 = x32 @ w.float().T + lora_scale(args) * (x32 @ a32.T) @ b32.T
+    assert (y.float() - y32).abs().max() < 2e-2 * y32.abs().max()
+    g = torch.randn_like(y32)
+    (y.float() * g).sum().backward()
+    (y32 * g).sum().backward()
+    for got, want in ((a.grad, a32.grad), (b.grad, b32.grad)):
+        assert got.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
 
 
 def lora_grads(args, state, tokens, targets):
