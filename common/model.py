@@ -243,12 +243,15 @@ def lora_scale(args: ModelArgs) -> float:
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x). Without autograd a RowParallelLinear runs as matmul + all-reduce directly: fairscale's
-    reduce is an autograd Function calling ctx.mark_dirty, which torch.compile cannot trace."""
-    if torch.is_grad_enabled() or not isinstance(layer, RowParallelLinear):
+    """layer(x). Without autograd the parallel layers run as plain matmuls (+ the all-reduce of a row-parallel
+    one): fairscale's region functions are autograd Functions whose per-call cost dominates a decode step of a
+    small model, and its reduce calls ctx.mark_dirty, which torch.compile cannot trace."""
+    if torch.is_grad_enabled():
         return layer(x)
-    y = F.linear(x, layer.weight)  # input_is_parallel everywhere here: x is this rank's slice
-    if fs_init.get_model_parallel_world_size() > 1:
+    if isinstance(layer, ColumnParallelLinear) and layer.gather_output:
+        return layer(x)
+    y = F.linear(x, layer.weight)  # column: this rank's output slice; row (input_is_parallel): a partial sum
+    if isinstance(layer, RowParallelLinear) and fs_init.get_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(y, group=fs_init.get_model_parallel_group())
     return y if layer.bias is None else y + layer.bias
 
@@ -261,6 +264,8 @@ def project(module: nn.Module, target: str, x: torch.Tensor, scale: float) -> to
         b = getattr(module, f"lora_b_{target}")
         if x.dtype == a.weight.dtype:
             return y + linear(b, scale * linear(a, x))
+        if not torch.is_grad_enabled():  # generation: small activations, cast them, keep the adapters in fp32
+            return y + linear(b, scale * linear(a, x.to(a.weight.dtype))).to(y.dtype)
         # bf16/fp16 base with fp32 adapters: the adapters' matmuls run in the activations' dtype on casts of
         # their fp32 weights (as autocast; gradients still reach the fp32 weights), so no activation is ever
         # cast to fp32 and back, nor a full-width fp32 output (49k columns for a head) made
@@ -440,7 +445,8 @@ class Transformer(nn.Module):
             h = layer(h, rope, start_pos, use_cache, mask)
             hidden.append(h)
         h = self.norm(h)
-        logits = project(self, "output", h[:, -logits_to_keep:] if logits_to_keep else h, self.scale)
+        # contiguous: on a strided [B, 1, D] view matmul expands the head to [B, D, V] and copies it (seconds)
+        logits = project(self, "output", h[:, -logits_to_keep:].contiguous() if logits_to_keep else h, self.scale)
         if gather_logits:
             logits = gather_from_model_parallel_region(logits)
         if return_hidden:

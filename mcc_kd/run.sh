@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 TASK=${TASK:-SVAMP}
 NPROC=${NPROC:-1}
-: "${CHAT:=}" "${DEV_FILE:=}" "${BASE_EVAL:=}" "${N_TRAIN:=}" "${N_TEST:=}" "${FINAL_EVAL:=}"
+: "${CHAT:=}" "${DEV_FILE:=}" "${BASE_EVAL:=}" "${N_TRAIN:=}" "${N_TEST:=}" "${FINAL_EVAL:=}" "${SIDE_BY_SIDE:=}"
 if [ -n "${TINY:-}" ]; then  # tiny demo
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model gains nothing from a second thread, only waiting
   OUT=${OUT:-runs/mcc_kd-tiny}
@@ -42,9 +42,11 @@ elif [ -z "${CKPT_DIR:-}" ]; then  # the main job: a real 135M instruct model on
   MODEL_TYPE=${MODEL_TYPE:-}
   TRAIN_FILE=${TRAIN_FILE:-data/SVAMP/train.json}
   LABEL_FILE=$OUT/data/test.json  # the first N_TEST items of data/SVAMP/test.json
-  : "${N_TRAIN:=200}" "${N_TEST:=100}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}" "${EPOCHS:=1}"
-  : "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=50}" "${PRECISION:=--use_bfloat16 True}"
-  : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=2}" "${MCC_ACCUM:=1}"
+  # Std-CoT 2 epochs of 4 questions x 1 rationale per step, MCC-KD 1 epoch of 2 questions x 2 rationales per step:
+  # the same steps, sequences and compute for both, every question seen twice
+  : "${N_TRAIN:=400}" "${N_TEST:=150}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}" "${EPOCHS:=2}"
+  : "${MCC_EPOCHS:=1}" "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=50}" "${PRECISION:=--use_bfloat16 True}"
+  : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=2}" "${MCC_ACCUM:=1}" "${SIDE_BY_SIDE:=1}"
   CHAT="--chat_template True" BASE_EVAL=1
   echo "== model: SmolLM2-135M-Instruct -> $MODEL_DIR (Hugging Face) -> $CKPT_DIR (ours)"
   python -m common.pretrained fetch --name smollm2-135m-instruct --save_path "$MODEL_DIR"
@@ -73,7 +75,7 @@ MODEL=(--ckpt_dir "$CKPT_DIR" --max_seq_len "$MAX_SEQ_LEN" --eval_batch_size "$E
 [ -n "$MODEL_TYPE" ] && MODEL+=(--model_type "$MODEL_TYPE")
 # shellcheck disable=SC2206
 MODEL+=($PRECISION $CHAT)
-COMMON=(--task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lr "$LR" --epochs "$EPOCHS" --label_file "$LABEL_FILE")
+COMMON=(--task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lr "$LR" --label_file "$LABEL_FILE")
 [ -n "$DEV_FILE" ] && COMMON+=(--dev_file "$DEV_FILE")
 TIMES=$OUT/times.txt
 : > "$TIMES" 2>/dev/null || { mkdir -p "$OUT"; : > "$TIMES"; }
@@ -99,13 +101,24 @@ if [ -n "$BASE_EVAL" ]; then
 fi
 
 # Std-CoT and MCC-KD train on the same filtered rationales, so the comparison isolates the loss
-echo "== Std-CoT fine-tuning (train.py) on $MCC_FILE -> $OUT/sft (weights), $OUT/sft/log (predictions, metrics)"
-timed sft launch mcc_kd/train.py "${COMMON[@]}" --train_file "$MCC_FILE" --save_dir "$OUT/sft" --log_dir "$OUT/sft/log" \
-  --max_batch_size "$SFT_BATCH" --accumulation_steps "$SFT_ACCUM"
-
-echo "== MCC-KD (train_mcc.py) -> $OUT/mcc, $OUT/mcc/log"
-timed mcc launch mcc_kd/train_mcc.py "${COMMON[@]}" --train_file "$MCC_FILE" --save_dir "$OUT/mcc" --log_dir "$OUT/mcc/log" \
-  --max_batch_size "$MCC_BATCH" --accumulation_steps "$MCC_ACCUM" --alpha "$ALPHA" --T "$T"
+SFT=(mcc_kd/train.py "${COMMON[@]}" --epochs "$EPOCHS" --train_file "$MCC_FILE" --save_dir "$OUT/sft" --log_dir "$OUT/sft/log"
+     --max_batch_size "$SFT_BATCH" --accumulation_steps "$SFT_ACCUM")
+MCC=(mcc_kd/train_mcc.py "${COMMON[@]}" --epochs "${MCC_EPOCHS:-$EPOCHS}" --train_file "$MCC_FILE" --save_dir "$OUT/mcc"
+     --log_dir "$OUT/mcc/log" --max_batch_size "$MCC_BATCH" --accumulation_steps "$MCC_ACCUM" --alpha "$ALPHA" --T "$T")
+if [ -n "$SIDE_BY_SIDE" ]; then  # two single-threaded runs on two cores beat one run on two threads at this size
+  echo "== Std-CoT (train.py) and MCC-KD (train_mcc.py) side by side, one core each, on $MCC_FILE -> $OUT/sft, $OUT/mcc"
+  echo "   (Std-CoT's progress: $OUT/sft.log)"
+  mkdir -p "$OUT/sft"
+  OMP_NUM_THREADS=1 timed sft launch "${SFT[@]}" > "$OUT/sft.log" 2>&1 & SFT_PID=$!
+  OMP_NUM_THREADS=1 timed mcc launch "${MCC[@]}" & MCC_PID=$!
+  wait "$MCC_PID"; wait "$SFT_PID" || { tail -n 20 "$OUT/sft.log"; exit 1; }
+  grep "^| $TASK" "$OUT/sft.log" || true
+else
+  echo "== Std-CoT fine-tuning (train.py) on $MCC_FILE -> $OUT/sft (weights), $OUT/sft/log (predictions, metrics)"
+  timed sft launch "${SFT[@]}"
+  echo "== MCC-KD (train_mcc.py) -> $OUT/mcc, $OUT/mcc/log"
+  timed mcc launch "${MCC[@]}"
+fi
 
 if [ -n "$FINAL_EVAL" ]; then  # the best MCC epoch again through eval.py (the original's separate evaluation)
   BEST=$(ls -d "$OUT"/mcc/epoch-* | tail -n 1)
@@ -116,4 +129,4 @@ fi
 
 echo "== summary ($TASK, test items from $LABEL_FILE; train: $MCC_FILE)"
 python mcc_kd/summary.py --out "$OUT" --task "$TASK" --label_file "$LABEL_FILE" \
-  --settings "N_TRAIN=${N_TRAIN:-all} N_TEST=${N_TEST:-all} MAX_SEQ_LEN=$MAX_SEQ_LEN LORA_RANK=$LORA_RANK LR=$LR EPOCHS=$EPOCHS SFT=${SFT_BATCH}x${SFT_ACCUM} MCC=${MCC_BATCH}x${MCC_ACCUM} ALPHA=$ALPHA T=$T ${PRECISION:-fp32} ${CHAT}"
+  --settings "N_TRAIN=${N_TRAIN:-all} N_TEST=${N_TEST:-all} MAX_SEQ_LEN=$MAX_SEQ_LEN LORA_RANK=$LORA_RANK LR=$LR EPOCHS=$EPOCHS MCC_EPOCHS=${MCC_EPOCHS:-$EPOCHS} SFT=${SFT_BATCH}x${SFT_ACCUM} MCC=${MCC_BATCH}x${MCC_ACCUM} ALPHA=$ALPHA T=$T ${PRECISION:-fp32} ${CHAT}"

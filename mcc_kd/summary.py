@@ -4,7 +4,12 @@
 
 Reads what the stages wrote under `out`: base/, sft/, mcc/ (metrics JSONs, the last checkpoint's state.json for
 the step count and the selected epoch) and times.txt (`stage seconds` lines written by run.sh).
+
+On a small test set a few points of accuracy are noise, so each trained row also gives the paired count
+against the base model on the same items: +questions it answers and base did not / -the reverse, and the
+two-sided sign-test p-value of that split (exact binomial, p = 1/2).
 """
+import math
 import glob
 import json
 import os
@@ -34,6 +39,24 @@ def row(out: str, stage: str, task: str, split: str):
     return json.load(open(f"{stem}-metrics.json")), steps, f"{stem}-predictions.json"
 
 
+def versus(predictions: str, base_predictions: str) -> str:
+    """'+gained / -lost (p)' of one predictions file against the base model's, matched by item index."""
+    base = {r["index"]: r["correct"] for r in json.load(open(base_predictions))}
+    mine = {r["index"]: r["correct"] for r in json.load(open(predictions))}
+    gained = sum(ok and not base.get(i, False) for i, ok in mine.items())
+    lost = sum(not ok and base.get(i, False) for i, ok in mine.items())
+    return f"+{gained} / -{lost} (p {sign_test(gained, lost):.2f})"
+
+
+def sign_test(a: int, b: int) -> float:
+    """Two-sided exact sign test of a successes against b failures."""
+    n = a + b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(0, min(a, b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def main(out: str, task: str, label_file: str, settings: str = ""):
     times = {}
     if os.path.exists(os.path.join(out, "times.txt")):
@@ -42,16 +65,18 @@ def main(out: str, task: str, label_file: str, settings: str = ""):
             times[name] = f"{wall} s ({cpu} s CPU)"
     split = Path(label_file).stem
     print(f"settings: {settings}")
-    print(f"| {task} ({split}) | accuracy | correct / N | missing | steps | wall time (CPU time) | predictions |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| {task} ({split}) | accuracy | correct / N | vs base | missing | steps | wall time (CPU time) | predictions |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = row(out, "base", task, split)
     for stage, name in (("base", "base (zero-shot)"), ("sft", "Std-CoT (train.py)"), ("mcc", "MCC-KD (train_mcc.py)")):
         found = row(out, stage, task, split)
         if found is None:
             continue
         m, steps, predictions = found
         wall = times.get(stage, "-")
-        print(f"| {name} | {100 * m['accuracy']:.1f} | {m['correct']} / {m['N']} | {m['missing']} | {steps} | {wall} "
-              f"| {predictions} |")
+        paired = versus(predictions, base[2]) if base is not None and stage != "base" else "-"
+        print(f"| {name} | {100 * m['accuracy']:.1f} | {m['correct']} / {m['N']} | {paired} | {m['missing']} | {steps} "
+              f"| {wall} | {predictions} |")
 
 
 if __name__ == "__main__":
