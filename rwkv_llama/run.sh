@@ -35,7 +35,7 @@ else
   # full RWKV blocks (MODE=block) start at perplexity ~1e7 on SmolLM2: their fresh LayerNorms pass its
   # massive activations (|h| up to 2.5e4) into relu^2; att_only keeps the Llama norms and starts near 32
   : "${LAYERS:=[2,7,12,17,22,27]}" "${MODE:=att_only}" "${HEAD_SIZE:=64}" "${LEN:=128}" "${BSZ:=4}"
-  : "${STEPS1:=30}" "${STEPS2:=40}" "${LR1:=1e-3}" "${LR2:=5e-4}" "${WARMUP:=3}" "${GRAD_CP:=0}"
+  : "${STEPS1:=20}" "${STEPS2:=30}" "${LR1:=1e-3}" "${LR2:=5e-4}" "${WARMUP:=3}" "${GRAD_CP:=0}"
   : "${VAL_BATCHES:=2}" "${EVAL_BATCHES:=12}"
   DATA=(--train_data data/rwkv_llama/ultrachat_standin/train.jsonl
         --val_data data/rwkv_llama/ultrachat_standin/validation.jsonl)
