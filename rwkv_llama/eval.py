@@ -26,9 +26,10 @@ from rwkv_llama.train import load_rows, load_student
 
 
 def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str = "block",
-                head_size: int = 64, kv_layout: str = "tile", seed: int = 0):
-    """The teacher (no layers, no ckpt_file), a freshly initialised hybrid (layers), or a trained student
-    (ckpt_file; its layers and mode come from the .json written beside it)."""
+                head_size: int = 64, kv_layout: str = "tile", seed: int = 42):
+    """The teacher (no layers, no ckpt_file), a freshly initialised hybrid (layers; with train.py's --seed it is
+    the student training starts from), or a trained student (ckpt_file; its layers and mode come from the .json
+    written beside it)."""
     teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
     if ckpt_file:
         with open(ckpt_file + ".json") as f:
@@ -72,13 +73,14 @@ def chat_prompts(path: str, n: int) -> list:
 def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str = "block", head_size: int = 64,
          kv_layout: str = "tile", val_data: Optional[str] = None, c4_data: Optional[str] = None,
          languages=("en", "zh"), max_seq_length: int = 512, micro_bsz: int = 4, max_batches: Optional[int] = None,
-         n_prompts: int = 4, max_new_tokens: int = 32, output_dir: str = "out/rwkv_llama_eval", label: str = ""):
+         n_prompts: int = 4, max_new_tokens: int = 32, output_dir: str = "out/rwkv_llama_eval", label: str = "",
+         seed: int = 42):
     if bool(val_data) == bool(c4_data):
         raise ValueError("pass exactly one of --val_data (UltraChat-style JSONL) or --c4_data DIR (validation split)")
     t0 = time.perf_counter()
     tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
     tokenizer.pad_token = tokenizer.eos_token
-    model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout)
+    model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout, seed)
     rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
     metrics = dict(label=label, **perplexity(model, rows, micro_bsz, max_batches))
     predictions = []

@@ -288,6 +288,7 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     mode = "att_only" if cfg["is_rwkv_att_only"] else "llama_ffn" if cfg["is_llama_ffn"] else "block"
     head_size = head_size_for(teacher_model.config.hidden_size, head_size)
     cfg.update(head_size=head_size, kv_layout=kv_layout)
+    torch.manual_seed(seed)     # the random parts (gate, LoRAs) as eval.build_model(layers=..., seed=seed) draws them
     student = build_hybrid(teacher_model, cfg["layers"], mode, head_size=head_size, kv_layout=kv_layout,
                            dropout=dropout, chunk_len=chunk_len, grad_cp=bool(grad_cp)).train()
     if ckpt_file:

@@ -47,7 +47,8 @@ def run(d, out, **flags):
                 log_every_n_steps=1000, max_val_batches=2, grad_cp=1)
     args.update(flags)
     train.main(**args)
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    path = os.path.join(out, "metrics.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
 def test_stage1_then_stage2_reduce_their_losses(setup_dir, tmp_path):
@@ -190,3 +191,15 @@ def test_shipped_llama31_configs_load(tmp_path):
         layers[name] = train.load_config(str(tmp_path / name), {})["layers"]
     assert layers["hybrid_full_logits.yaml"] == list(range(32)) and layers["hybrid_tiny.yaml"] == [24]
     assert layers["hybrid.yaml"] == list(range(0, 32, 4)) and layers["hybrid_half.yaml"] == list(range(0, 32, 2))
+
+
+def test_eval_hybrid_before_distillation_is_the_student_training_starts_from(setup_dir, tmp_path):
+    from rwkv_llama.eval import build_model
+
+    run(setup_dir, tmp_path / "s0", max_steps=0)      # no step: the saved student is the initial one
+    start = read_tensors(str(tmp_path / "s0/student.safetensors"))
+    # both at their default seeds, as run.sh calls them for the table's "hybrid before distillation" row
+    params = dict(build_model(str(setup_dir / "teacher"), layers=[0, 1], head_size=8).named_parameters())
+    assert start and all(torch.equal(params[k], v) for k, v in start.items())
+    other = dict(build_model(str(setup_dir / "teacher"), layers=[0, 1], head_size=8, seed=8).named_parameters())
+    assert not all(torch.equal(other[k], v) for k, v in start.items())
