@@ -123,7 +123,8 @@ print(table([f"{out}/eval/{r}/results.json" for r in runs], runs, paper_pair=pap
 PY
 cat <<TXT | tee -a "$OUT/eval/table.md"
 Settings: first $EVAL_NUM test items of $EVAL_SETS, sampling seeds $EVAL_SEEDS, at most $((MAX_LEN - MAX_PROMPT)) new tokens,
-$DTYPE; trained on $NUM stand-in items ($DEV_NUM dev), $EPOCHS epochs x batch $BATCH, lr $LR.
+$DTYPE; trained on the first $NUM / $DEV_NUM stand-in train / dev records (prompts over $MAX_PROMPT tokens dropped),
+$EPOCHS epochs x batch $BATCH, lr $LR.
 $([ -z "${REAL:-}" ] && echo "Tiny random models on stand-in data: demo numbers, not comparable to the paper rows.")
 TXT
 echo "done: table $OUT/eval/table.md, curves $OUT/eval/*/curves.png"
