@@ -6,7 +6,8 @@
 #                              (4 layers) and student (2 layers) with a character tokenizer, the Dolly and
 #                              OpenWebText stand-ins of data/README.md. The numbers mean nothing.
 #   REAL=1 bash contra_kd/run.sh
-#                              a real pair on 2 CPU cores (about 30 min, README "REAL"): teacher SmolLM2-135M-Instruct
+#                              a real pair on 2 CPU cores (12 CPU-minutes: 33 min wall on a busy shared machine; README
+#                              "REAL run"): teacher SmolLM2-135M-Instruct
 #                              (python -m common.pretrained, cached in $KDZOO_CACHE), student = 10 of its 30 blocks
 #                              (STUDENT_LAYERS; tied embeddings kept; python -m common.hf keep_layers). Teacher SFT is
 #                              skipped (TEACHER_EPOCHS=0): the teacher is already instruction-tuned. No OpenWebText
