@@ -70,18 +70,8 @@ else
   STUDENT_INIT=$OUT/student-init
   if [ ! -f "$STUDENT_INIT/config.json" ]; then
     echo "== student: the teacher's first $STUDENT_LAYERS layers -> $STUDENT_INIT"
-    python - "$TEACHER_INIT" "$STUDENT_INIT" "$STUDENT_LAYERS" <<'PY'
-import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = AutoModelForCausalLM.from_pretrained(src)
-model.model.layers = model.model.layers[:n]
-model.config.num_hidden_layers = n
-if getattr(model.config, "layer_types", None):
-    model.config.layer_types = model.config.layer_types[:n]
-model.save_pretrained(dst)
-AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-PY
+    python -m common.hf keep_layers --model_path "$TEACHER_INIT" --save_path "$STUDENT_INIT" \
+      --layers "$(seq -s, 0 $((STUDENT_LAYERS - 1)))"
   fi
   EVAL_FLAGS=(--max_new_tokens "$GEN_TOKENS" --max_items "$EVAL_ITEMS" --sets "$EVAL_SETS")
 fi

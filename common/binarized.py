@@ -15,6 +15,8 @@ import struct
 
 import numpy as np
 
+from common.cli import UserError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64,
@@ -96,18 +98,18 @@ class IndexedTokens:
         with open(idx_path, "rb") as f:
             head = f.read(_HEADER.size)
         if len(head) < _HEADER.size or head[:9] != MAGIC:
-            raise ValueError(f"{idx_path}: not an MMIDIDX index (magic {head[:9]!r}, want {MAGIC!r}); "
+            raise UserError(f"{idx_path}: not an MMIDIDX index (magic {head[:9]!r}, want {MAGIC!r}); "
                              f"re-run the data preparation")
         _, version, code, n, d = _HEADER.unpack(head)
         if version != VERSION:
-            raise ValueError(f"{idx_path}: index version {version}, only {VERSION} is supported")
+            raise UserError(f"{idx_path}: index version {version}, only {VERSION} is supported")
         if code not in DTYPES:
-            raise ValueError(f"{idx_path}: dtype code {code} is not one of {sorted(DTYPES)}; the file is corrupt")
+            raise UserError(f"{idx_path}: dtype code {code} is not one of {sorted(DTYPES)}; the file is corrupt")
         self.dtype = np.dtype(DTYPES[code])
         want = _HEADER.size + n * 4 + n * 8 + d * 8
         have = os.path.getsize(idx_path)
         if have != want:
-            raise ValueError(f"{idx_path}: {have} bytes, but N={n} items and D={d} doc entries need {want}; "
+            raise UserError(f"{idx_path}: {have} bytes, but N={n} items and D={d} doc entries need {want}; "
                              f"the index is truncated or corrupt")
         index = np.memmap(idx_path, mode="r", dtype=np.uint8)
         self.sizes = np.frombuffer(index, dtype=np.int32, count=n, offset=_HEADER.size)
@@ -117,13 +119,13 @@ class IndexedTokens:
         np.cumsum(self.sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=expected[1:])
         if (self.sizes < 0).any() or not np.array_equal(expected, self.pointers):
             bad = int(np.argmax(expected != self.pointers)) if n else 0
-            raise ValueError(f"{idx_path}: pointer of item {bad} is {int(self.pointers[bad])}, but the sizes "
+            raise UserError(f"{idx_path}: pointer of item {bad} is {int(self.pointers[bad])}, but the sizes "
                              f"and dtype {self.dtype.name} put it at {int(expected[bad])}; the index does not "
                              f"match its data")
         data_bytes = int(self.sizes.astype(np.int64).sum()) * self.dtype.itemsize
         bin_bytes = os.path.getsize(bin_path)
         if bin_bytes != data_bytes:
-            raise ValueError(f"{bin_path}: {bin_bytes} bytes, but its index ({idx_path}: {n} items, dtype "
+            raise UserError(f"{bin_path}: {bin_bytes} bytes, but its index ({idx_path}: {n} items, dtype "
                              f"{self.dtype.name}, {int(self.sizes.sum())} tokens) needs {data_bytes}; the dtype "
                              f"marker or the index does not match the data, re-run the data preparation")
         self._data = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_bytes else np.zeros(0, np.uint8)
@@ -144,11 +146,11 @@ class IndexedSplit:
         while os.path.exists(os.path.join(folder, f"{split}_{len(self.shards)}.idx")):
             self.shards.append(IndexedTokens(os.path.join(folder, f"{split}_{len(self.shards)}")))
         if not self.shards:
-            raise FileNotFoundError(f"{folder}: no {split}_0.idx / {split}_0.bin; run contra_kd/prepare_data.py "
+            raise UserError(f"{folder}: no {split}_0.idx / {split}_0.bin; run contra_kd/prepare_data.py "
                                     f"(or point --data-dir at MiniLLM/DistiLLM processed data)")
         dtypes = {s.dtype for s in self.shards}
         if len(dtypes) > 1:
-            raise ValueError(f"{folder}: shards of {split} mix dtypes {sorted(d.name for d in dtypes)}")
+            raise UserError(f"{folder}: shards of {split} mix dtypes {sorted(d.name for d in dtypes)}")
         self.dtype = self.shards[0].dtype
         self.marker = self.shards[0].marker
         self._ends = np.cumsum([len(s) for s in self.shards])

@@ -6,6 +6,9 @@
     width = check_vocab(student, teacher, tokenizer, allow_padded=cfg.allow_padded_vocab)
     student = add_lora(student, r=16, alpha=64, dropout=0.1)                      # peft; None targets: peft's defaults
     merged = merge_lora(student)                                                 # a plain transformers model again
+    student = keep_layers(teacher_copy, [0, 3, 6, 9])                             # a smaller student cut from a model
+
+    python -m common.hf keep_layers --model_path TEACHER --save_path STUDENT --layers 0,3,6,9
 
 A frozen model is in eval mode with requires_grad off and keeps the dtype it was saved in (`dtype=None`),
 as a teacher should. Everything loads from local folders only (nothing from the hub).
@@ -17,6 +20,7 @@ import sys
 
 import torch
 
+from common.cli import UserError
 from common.distributed import to_dtype
 
 
@@ -26,19 +30,19 @@ def check_model_folder(path, flag: str = "--model_path") -> str:
     fix = "pass a folder written by save_pretrained (config.json with model_type, and the weights)"
     if not os.path.isdir(path):
         reason = "a file, not a folder" if os.path.exists(path) else "it does not exist"
-        raise ValueError(f"{flag} {path} is not a transformers model folder ({reason}): {fix}")
+        raise UserError(f"{flag} {path} is not a transformers model folder ({reason}): {fix}")
     config = os.path.join(path, "config.json")
     if not os.path.exists(config):
         if os.path.exists(os.path.join(path, "params.json")) or any(f.startswith("consolidated.") for f in os.listdir(path)):
             fix = f"this is a native consolidated.*.pth checkpoint; convert it with `python -m common.checkpoint_split export_hf --ckpt_dir {path} --save_path HF_DIR`"
         elif os.path.exists(os.path.join(path, "adapter_config.json")):
             fix = "this is a LoRA adapter alone; pass the merged model that common.hf_training.export_model writes"
-        raise ValueError(f"{flag} {path} is not a transformers model folder (no config.json): {fix}")
+        raise UserError(f"{flag} {path} is not a transformers model folder (no config.json): {fix}")
     with open(config) as f:
         if "model_type" not in json.load(f):
-            raise ValueError(f"{flag} {path} is not a transformers model folder ({config} has no model_type): {fix}")
+            raise UserError(f"{flag} {path} is not a transformers model folder ({config} has no model_type): {fix}")
     if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
-        raise ValueError(f"{flag} {path} is not a transformers model folder (config.json but no *.safetensors or "
+        raise UserError(f"{flag} {path} is not a transformers model folder (config.json but no *.safetensors or "
                          f"pytorch_model*.bin weights): {fix}")
     return path
 
@@ -88,10 +92,10 @@ def check_vocab(student, teacher, tokenizer=None, allow_padded: bool = False, fl
     if s == t:
         return s
     if not allow_padded:
-        raise ValueError(f"the teacher outputs {t} logits per token but the student {s}: use a teacher with the "
+        raise UserError(f"the teacher outputs {t} logits per token but the student {s}: use a teacher with the "
                          f"student's tokenizer, or pass {flag} if one is only padded (same tokenizer, extra rows)")
     if tokenizer is not None and len(tokenizer) > min(s, t):
-        raise ValueError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the smaller vocabulary "
+        raise UserError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the smaller vocabulary "
                          f"(teacher {t}, student {s}), so the two are not the same vocabulary padded")
     return min(s, t)
 
@@ -118,3 +122,39 @@ def merge_lora(model):
         return model
     with torch.no_grad():
         return copy.deepcopy(model).merge_and_unload()
+
+
+def keep_layers(model, layers):
+    """Keep only the decoder blocks `layers` (indices, in order) of a Llama-family causal LM (`model.model.layers`:
+    Llama, Mistral, Qwen2, SmolLM2), with its embeddings, final norm and (tied) head: a smaller student cut from a
+    pretrained model. Edits `model` in place; each kept block gets its new index for the KV cache."""
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise UserError(f"keep_layers: {type(model).__name__} has no model.layers (a Llama-family decoder); "
+                        f"cut its blocks by hand")
+    layers = [int(i) for i in layers]
+    n = len(blocks)
+    if not layers or any(not 0 <= i < n for i in layers) or layers != sorted(set(layers)):
+        raise UserError(f"--layers {layers}: give increasing, distinct block indices in [0, {n})")
+    model.model.layers = torch.nn.ModuleList(blocks[i] for i in layers)
+    for new, block in enumerate(model.model.layers):
+        block.self_attn.layer_idx = new
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    return model
+
+
+def save_kept_layers(model_path: str, save_path: str, layers) -> None:
+    """keep_layers on the model in `model_path`, saved with its tokenizer to `save_path` (as saved: same dtype)."""
+    layers = [int(x) for x in (layers if isinstance(layers, (list, tuple)) else str(layers).split(","))]
+    model = keep_layers(load_model(model_path, flag="--model_path"), layers)
+    model.save_pretrained(save_path)
+    load_tokenizer(model_path).save_pretrained(save_path)
+    print(f"blocks {layers} of {model_path} -> {save_path} "
+          f"({sum(p.numel() for p in model.parameters()):,} parameters)")
+
+
+if __name__ == "__main__":
+    from common.cli import run_cli
+    run_cli({"keep_layers": save_kept_layers})

@@ -13,6 +13,7 @@ import random
 import numpy as np
 
 from common.binarized import read_split
+from common.cli import UserError
 from common.labels import causal_lm_batch, targets_and_mask
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -34,11 +35,11 @@ def normalise_record(record: dict, source: str) -> dict:
     """{instruction, prompt, input, output} from a DSKD/MiniLLM record or a databricks-dolly-15k one
     (context / response). `output` may be a list of references (S-NI)."""
     if "instruction" not in record:
-        raise ValueError(f"{source}: record without an 'instruction' field (keys {sorted(record)})")
+        raise UserError(f"{source}: record without an 'instruction' field (keys {sorted(record)})")
     input_ = record.get("input", record.get("context", "")) or ""
     output = record.get("output", record.get("response"))
     if output is None:
-        raise ValueError(f"{source}: record without an 'output' (or 'response') field (keys {sorted(record)})")
+        raise UserError(f"{source}: record without an 'output' (or 'response') field (keys {sorted(record)})")
     prompt = record.get("prompt") or build_prompt(record["instruction"], input_)
     out = {"instruction": record["instruction"], "prompt": prompt, "input": input_, "output": output}
     if "reference" in record:  # sampled data (generate_data.py) keeps the ground truth beside its output
@@ -89,7 +90,7 @@ class InstructionSplit:
         jsonl = os.path.join(folder, f"{split}.jsonl")
         self.records = read_records(jsonl) if os.path.exists(jsonl) else None
         if self.records is not None and len(self.records) != len(self.tokens):
-            raise ValueError(f"{jsonl}: {len(self.records)} records but {split}_*.idx holds {len(self.tokens)} "
+            raise UserError(f"{jsonl}: {len(self.records)} records but {split}_*.idx holds {len(self.tokens)} "
                              f"items; re-run contra_kd/prepare_data.py")
 
     def __len__(self):

@@ -13,6 +13,8 @@ same choices.
 import random
 from collections import deque
 
+from common.cli import UserError
+
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 
 
@@ -20,7 +22,7 @@ class AdaptiveSGO:
     def __init__(self, init_threshold: float = 0.0, loss_eps: float = 0.1, capacity: int = 1000,
                  replay_ratio: str = "decreasing"):
         if replay_ratio not in REPLAY_RATIOS:
-            raise ValueError(f"--replay-ratio {replay_ratio!r}: use one of {', '.join(REPLAY_RATIOS)}")
+            raise UserError(f"--replay-ratio {replay_ratio!r}: use one of {', '.join(REPLAY_RATIOS)}")
         self.threshold, self.loss_eps, self.capacity, self.replay_ratio = init_threshold, loss_eps, capacity, replay_ratio
         self.prev_loss = None
 

@@ -24,10 +24,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 from tqdm import tqdm
 
+from common.cli import UserError, run_cli
 from common.metrics import rouge_l
 
 SET_FILES = {"dolly": "dolly/valid.jsonl", "self-inst": "self-inst/valid.jsonl", "vicuna": "vicuna/valid.jsonl",
@@ -116,15 +116,15 @@ def sample_responses(model, tokenizer, prompts, *, lay, seed: int, batch_size: i
 
 def read_set(data_dir: str, name: str, num=None) -> list:
     if name not in SET_FILES:
-        raise ValueError(f"--sets: unknown set {name!r}; use any of {', '.join(SET_FILES)}")
+        raise UserError(f"--sets: unknown set {name!r}; use any of {', '.join(SET_FILES)}")
     path = os.path.join(data_dir, SET_FILES[name])
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: evaluation set {name!r} is missing (data/README.md lists the shipped sets)")
+        raise UserError(f"{path}: evaluation set {name!r} is missing (data/README.md lists the shipped sets)")
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     records = records[:UINST_ITEMS] if name == "uinst" else records
     if not records:
-        raise ValueError(f"{path}: evaluation set {name!r} holds no records")
+        raise UserError(f"{path}: evaluation set {name!r} holds no records")
     return records[:num] if num else records
 
 
@@ -148,7 +148,7 @@ def results_markdown(runs: dict, paper_pair=None) -> str:
         lines.append(f"| {label} (ours) | {' | '.join(cells)} |")
     if paper_pair:
         if paper_pair not in PAPER:
-            raise ValueError(f"--paper-pair {paper_pair!r}: use one of {', '.join(PAPER)}")
+            raise UserError(f"--paper-pair {paper_pair!r}: use one of {', '.join(PAPER)}")
         paper = PAPER[paper_pair]
         for method, row in paper["rows"].items():
             vals = [f"{row[PAPER_SETS.index(s)]:.2f}" if s in PAPER_SETS else "-" for s in sets]
@@ -181,7 +181,7 @@ def plot_curves(metrics_path: str, png_path: str) -> str:
     dev = sorted({k for r in epochs for k in r if k.startswith("dev_")})
     panels = terms + dev
     if not panels:
-        raise ValueError(f"{metrics_path}: no 'loss*' step rows or 'dev_*' epoch rows to plot")
+        raise UserError(f"{metrics_path}: no 'loss*' step rows or 'dev_*' epoch rows to plot")
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), squeeze=False)
     for ax, key in zip(axes[:, 0], panels):
         src, x = (steps, "unit") if key in terms else (epochs, "epoch")  # unit: student and re-fit steps in order
@@ -205,7 +205,7 @@ def main(model_path: str, save: str, data_dir: str = "data/instruct", sets="doll
     from common.io import atomic_write_json, atomic_write_text
 
     sets = sets.split(",") if isinstance(sets, str) else list(sets)
-    seeds = [int(s) for s in (seeds.split(",") if isinstance(seeds, str) else seeds)]
+    seeds = [int(s) for s in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]  # fire: "10" -> 10
     lay = setup(seeds[0])
     tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
     model = hf.load_model(model_path, dtype=dtype, device=lay.device, frozen=True, flag="--model-path")
@@ -241,4 +241,4 @@ def main(model_path: str, save: str, data_dir: str = "data/instruct", sets="doll
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

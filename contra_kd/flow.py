@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.cli import UserError
 from common.losses import velocity_field_loss
 
 
@@ -108,11 +109,11 @@ def save_flow(field_path: str, projector_path: str, field: VelocityField, projec
 def read_flow_config(path: str, flag: str) -> dict:
     from safetensors import safe_open
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path} does not exist; train one with contra_kd/train_velocity_field.py")
+        raise UserError(f"{flag} {path} does not exist; train one with contra_kd/train_velocity_field.py")
     with safe_open(path, "pt") as f:
         meta = (f.metadata() or {}).get("contra_kd")
     if meta is None:
-        raise ValueError(f"{flag} {path} has no contra_kd metadata; pass a file written by "
+        raise UserError(f"{flag} {path} has no contra_kd metadata; pass a file written by "
                          f"contra_kd/train_velocity_field.py")
     return json.loads(meta)
 
@@ -127,10 +128,10 @@ def load_flow(field_path: str, projector_path: str, expected: dict, dropout: flo
         diff = {k: (have.get(k), v) for k, v in expected.items() if have.get(k) != v}
         if diff:
             said = ", ".join(f"{k} {a} (this run: {b})" for k, (a, b) in diff.items())
-            raise ValueError(f"{flag} {path} was trained for {said}; train one for this pair with "
+            raise UserError(f"{flag} {path} was trained for {said}; train one for this pair with "
                              f"contra_kd/train_velocity_field.py")
     if configs["--velocity-field"] != configs["--projector"]:
-        raise ValueError(f"--velocity-field {field_path} and --projector {projector_path} come from different "
+        raise UserError(f"--velocity-field {field_path} and --projector {projector_path} come from different "
                          f"trainings; pass the pair written together")
     c = configs["--velocity-field"]
     field = VelocityField(c["d_teacher"], c["width"], c["num_distill_layers"], c["num_blocks"], dropout)

@@ -21,13 +21,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from common import hf
 from common.binarized import split_marker, write_indexed
+from common.cli import UserError, run_cli
 from common.distributed import print0, setup, shutdown
 from common.generation import generate
 from common.io import write_jsonl
@@ -41,7 +41,7 @@ def main(model_path: str, data_dir: str, save: str, max_length: int = 512, max_p
     model = hf.load_model(model_path, dtype=dtype, device=lay.device, frozen=True, flag="--model-path")
     data = InstructionSplit(data_dir, "train")
     if data.records is None:
-        raise ValueError(f"--data-dir {data_dir}: train.jsonl is missing; re-run contra_kd/prepare_data.py")
+        raise UserError(f"--data-dir {data_dir}: train.jsonl is missing; re-run contra_kd/prepare_data.py")
     mine = list(range(lay.dp_rank, len(data), lay.dp_size))
     gen = torch.Generator(device=lay.device).manual_seed(seed + lay.dp_rank)
     responses = {}
@@ -76,4 +76,4 @@ def main(model_path: str, data_dir: str, save: str, max_length: int = 512, max_p
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

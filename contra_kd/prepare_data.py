@@ -26,10 +26,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 from tqdm import tqdm
 
 from common.binarized import best_dtype, split_marker, write_indexed
+from common.cli import UserError, run_cli
 from contra_kd.data import OWT_NEWLINE, owt_chunks, owt_documents, read_records, tokenize_record
 
 
@@ -42,12 +42,12 @@ def _dolly_splits(data_dir, dev_num, num):
     if os.path.exists(os.path.join(data_dir, "train.jsonl")):
         dev = os.path.join(data_dir, "dev.jsonl")
         if not os.path.exists(dev):
-            raise FileNotFoundError(f"{data_dir}: train.jsonl without dev.jsonl (DSKD layout needs both)")
+            raise UserError(f"{data_dir}: train.jsonl without dev.jsonl (DSKD layout needs both)")
         return {"train": read_records(os.path.join(data_dir, "train.jsonl"))[:num],
-                "valid": read_records(dev)[:num]}
+                "valid": read_records(dev)[:dev_num][:num]}
     raw = os.path.join(data_dir, "raw.jsonl")
     if not os.path.exists(raw):
-        raise FileNotFoundError(f"{data_dir}: neither train.jsonl + dev.jsonl (DSKD) nor raw.jsonl (MiniLLM); "
+        raise UserError(f"{data_dir}: neither train.jsonl + dev.jsonl (DSKD) nor raw.jsonl (MiniLLM); "
                                 f"see data/README.md for the stand-in")
     records = read_records(raw)
     return {"train": records[dev_num:][:num], "valid": records[:dev_num][:num]}
@@ -55,7 +55,8 @@ def _dolly_splits(data_dir, dev_num, num):
 
 def dolly(data_dir: str, processed_data_dir: str, model_path: str, model_type: str, max_prompt_length: int = 256,
           dev_num: int = 1000, num: int = None):
-    """`num`: keep only the first num records of each split (quick demos)."""
+    """`dev_num`: the first dev_num records of dev.jsonl (DSKD) or raw.jsonl (MiniLLM) are the dev split;
+    `num`: keep only the first num records of each split (quick demos)."""
     tokenizer = _tokenizer(model_path)
     dtype = best_dtype(len(tokenizer))
     marker = split_marker(dtype)
@@ -127,4 +128,4 @@ def standins(source: str = "../shared/data", output: str = "data/contra_kd", dev
 
 
 if __name__ == "__main__":
-    fire.Fire({"dolly": dolly, "pretrain": pretrain, "standins": standins})
+    run_cli({"dolly": dolly, "pretrain": pretrain, "standins": standins})

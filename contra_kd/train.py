@@ -18,7 +18,8 @@ Objective per optimiser step (λ = kd_ratio, token means over response tokens of
                  and projector are re-fitted for --velocity-epochs epochs of L_RF on the current student
     any type     + lm_coef·CE on an OpenWebText chunk per micro-batch when --lm-data-dir is given
 AdamW (weight decay 0.01, none on biases and norms), cosine from lr to lr_min over all steps, no warmup,
-clip 1.0. Each epoch ends with the dev CE (DistiLLM's threshold; `--select-by loss`) and the dev Rouge-L of
+clip 1.0; `--dtype bfloat16` / `float16` runs every forward (sampling included) under autocast over fp32 weights.
+Each epoch ends with the dev CE (DistiLLM's threshold; `--select-by loss`) and the dev Rouge-L of
 sampled responses (`--select-by rougeL`, default); the best epoch is exported to `save/best`, the last to
 `save/final`.
 
@@ -40,11 +41,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (torchrun contra_kd/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 from tqdm import tqdm
 
 from common import hf
+from common.cli import UserError, run_cli
 from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown
 from common.generation import generate
 from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
@@ -76,9 +77,9 @@ def parse_type(type_: str, loss: str):
     base, contra = (type_[:-len("+contra")], True) if type_.endswith("+contra") else (type_, False)
     valid = list(TYPES) + [f"{b}+contra" for b in CONTRA_BASES] + list(ALIASES)
     if base not in TYPES or (contra and base not in CONTRA_BASES):
-        raise ValueError(f"--type {type_!r} is not one of: {', '.join(valid)}")
+        raise UserError(f"--type {type_!r} is not one of: {', '.join(valid)}")
     if loss not in ("skl", "srkl"):
-        raise ValueError(f"--loss {loss!r}: use skl or srkl")
+        raise UserError(f"--loss {loss!r}: use skl or srkl")
     return base, contra, loss
 
 
@@ -86,7 +87,7 @@ def add_lora(model, r, alpha, dropout, model_path):
     try:
         return hf.add_lora(model, r=r, alpha=alpha, dropout=dropout)
     except ValueError as e:
-        raise ValueError(f"--peft lora: peft cannot wrap {model_path} ({model.config.model_type}) with its default "
+        raise UserError(f"--peft lora: peft cannot wrap {model_path} ({model.config.model_type}) with its default "
                          f"targets ({str(e).splitlines()[0]}); use a model peft supports or train it fully "
                          f"without --peft") from None
 
@@ -131,20 +132,20 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     base, contra, loss = parse_type(type, loss)
     for flag, value in (("--model-path", model_path), ("--data-dir", data_dir), ("--save", save)):
         if not value:
-            raise ValueError(f"{flag} is required")
+            raise UserError(f"{flag} is required")
     needs_teacher = base in ("kd", "distillm", "fdd", "distillm2") or contra
     if needs_teacher and not teacher_model_path:
-        raise ValueError(f"--type {type} needs --teacher-model-path")
+        raise UserError(f"--type {type} needs --teacher-model-path")
     if contra and not (velocity_field and projector):
-        raise ValueError(f"--type {type} needs --velocity-field and --projector (contra_kd/train_velocity_field.py)")
+        raise UserError(f"--type {type} needs --velocity-field and --projector (contra_kd/train_velocity_field.py)")
     if base == "distillm2" and not gt_data_dir:
-        raise ValueError("--type distillm2 needs --gt-data-dir (ground-truth Dolly `full` data: dev set, re-fits)")
+        raise UserError("--type distillm2 needs --gt-data-dir (ground-truth Dolly `full` data: dev set, re-fits)")
     if peft not in (None, "lora"):
-        raise ValueError(f"--peft {peft!r}: only 'lora' is supported")
+        raise UserError(f"--peft {peft!r}: only 'lora' is supported")
     if select_by not in ("rougeL", "loss"):
-        raise ValueError(f"--select-by {select_by!r}: use rougeL or loss")
+        raise UserError(f"--select-by {select_by!r}: use rougeL or loss")
     if fdd_mask not in ("response", "attention"):
-        raise ValueError(f"--fdd-mask {fdd_mask!r}: use response (ours) or attention (the original)")
+        raise UserError(f"--fdd-mask {fdd_mask!r}: use response (ours) or attention (the original)")
 
     lay = setup(seed)
     tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
@@ -165,23 +166,23 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     # data: a global batch per optimiser step (batch x GA x processes)
     dev = InstructionSplit(gt_data_dir if base == "distillm2" else data_dir, "valid")
     if dev.records is None:
-        raise ValueError(f"{gt_data_dir if base == 'distillm2' else data_dir}: valid.jsonl (the dev references) is "
+        raise UserError(f"{gt_data_dir if base == 'distillm2' else data_dir}: valid.jsonl (the dev references) is "
                          f"missing; re-run contra_kd/prepare_data.py")
     if base == "distillm2":
         tgo, sgo_data = (InstructionSplit(os.path.join(data_dir, k), "train") for k in ("tgo", "sgo"))
         if len(tgo) != len(sgo_data):
-            raise ValueError(f"{data_dir}: tgo holds {len(tgo)} items and sgo {len(sgo_data)}; they must pair up")
+            raise UserError(f"{data_dir}: tgo holds {len(tgo)} items and sgo {len(sgo_data)}; they must pair up")
         train = list(zip((tgo[i] for i in range(len(tgo))), (sgo_data[i] for i in range(len(sgo_data)))))
     else:
         train = InstructionSplit(data_dir, "train")
         if len(train) and train[0][1] is None:
-            raise ValueError(f"--data-dir {data_dir} holds prompt-only items; train on the `full` variant")
+            raise UserError(f"--data-dir {data_dir} holds prompt-only items; train on the `full` variant")
     refit_data = InstructionSplit(gt_data_dir or data_dir, "train") if contra else None
     lm = ChunkSplit(lm_data_dir, "train") if lm_data_dir else None
     global_batch = batch_size * gradient_accumulation_steps * lay.dp_size
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"--data-dir {data_dir}: {len(train)} items, fewer than one global batch of {global_batch} "
+        raise UserError(f"--data-dir {data_dir}: {len(train)} items, fewer than one global batch of {global_batch} "
                          f"(batch-size x gradient-accumulation-steps x processes)")
     total_iters = epochs * steps_per_epoch
     refit_epochs = {e for e in range(epochs - 1) if (e + 1) % velocity_update_interval == 0} if contra else set()
@@ -209,7 +210,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
             os.remove(metrics_path)  # rows of an attempt that never reached a checkpoint
     else:
         if state.get("plan") != plan:
-            raise ValueError(f"{save} holds a run of {state.get('plan')}, this command plans {plan}: resume with the "
+            raise UserError(f"{save} holds a run of {state.get('plan')}, this command plans {plan}: resume with the "
                              f"same type, epochs, data and batch settings, or pass another --save")
         if contra:
             flow_file = os.path.join(extras(state["step"]), "flow.pt")
@@ -263,16 +264,18 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         with torch.no_grad():
             for i in range(0, len(mine), eval_batch_size):
                 batch = collate([dev[j] for j in mine[i:i + eval_batch_size]], pad_id, max_length, lay.device)
-                logits = unwrap(student)(**model_inputs(batch)).logits
+                with autocast(dtype, lay.device):
+                    logits = unwrap(student)(**model_inputs(batch)).logits
                 n = int(batch["mask"].sum())
                 total += cross_entropy(logits, target_ids=batch["target_ids"], mask=batch["mask"]) * n
                 count += n
         return (all_reduce_dp(total) / global_count(count, lay.device)).item()
 
     def dev_rouge():
-        preds = sample_responses(unwrap(student), tokenizer, [r["prompt"] for r in dev.records], lay=lay, seed=seed,
-                                 batch_size=eval_batch_size, max_prompt_length=max_prompt_length,
-                                 max_new_tokens=max_length - max_prompt_length, desc="dev Rouge-L")
+        with autocast(dtype, lay.device):
+            preds = sample_responses(unwrap(student), tokenizer, [r["prompt"] for r in dev.records], lay=lay,
+                                     seed=seed, batch_size=eval_batch_size, max_prompt_length=max_prompt_length,
+                                     max_new_tokens=max_length - max_prompt_length, desc="dev Rouge-L")
         return 100 * sum(rouge_l(p, r["output"]) for p, r in zip(preds, dev.records)) / len(preds)
 
     @functools.lru_cache(maxsize=2)
@@ -302,9 +305,10 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         out = []
         for _, idx in micro:
             prompts = [train[i][0][-max_prompt_length:] for i in idx]
-            responses = generate(unwrap(student), prompts, max_length - max_prompt_length, temperature=1.0,
-                                 top_p=gen_top_p, top_k=0, eos_id=eos_id, pad_id=pad_id, padding="left",
-                                 generator=gen)
+            with autocast(dtype, lay.device):
+                responses = generate(unwrap(student), prompts, max_length - max_prompt_length, temperature=1.0,
+                                     top_p=gen_top_p, top_k=0, eos_id=eos_id, pad_id=pad_id, padding="left",
+                                     generator=gen)
             pairs = list(zip(prompts, [list(r) for r in responses]))
             buffer.push(pairs)
             out.append(pairs)
@@ -460,4 +464,4 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

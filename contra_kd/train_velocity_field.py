@@ -19,11 +19,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (torchrun contra_kd/train_velocity_field.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 from tqdm import tqdm
 
 from common import hf
+from common.cli import UserError, run_cli
 from common.distributed import all_reduce_dp, print0, setup, shutdown
 from common.hf_training import autocast, grad_sync, lr_schedule, optimizer_step, unwrap, wrap_ddp
 from common.losses import distill_layer_indices
@@ -93,7 +93,7 @@ def main(model_path: str, teacher_model_path: str, data_dir: str, save: str, epo
     global_batch = batch_size * gradient_accumulation_steps * lay.dp_size
     steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"--data-dir {data_dir}: {len(data)} items, fewer than one global batch of {global_batch}")
+        raise UserError(f"--data-dir {data_dir}: {len(data)} items, fewer than one global batch of {global_batch}")
     optimizer = flow_optimizer(field, projector, lr)
     scheduler = lr_schedule(optimizer, "cosine", 0, epochs * steps_per_epoch, min_lr=lr_min)
     print0(f"velocity field: pairing student {pairing['student_layers']} -> teacher {pairing['teacher_layers']}, "
@@ -118,4 +118,4 @@ def main(model_path: str, teacher_model_path: str, data_dir: str, save: str, epo
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -41,7 +41,7 @@ class Answer:
 
 def check_task(task: str) -> str:
     if task not in TASKS:
-        from mcc_kd.data import UserError
+        from common.cli import UserError
 
         raise UserError(f"unknown task {task!r}: --task must be one of {', '.join(TASKS)}")
     return task

@@ -33,33 +33,15 @@ from pathlib import Path
 
 import torch
 
+from common.cli import UserError
+
 IGNORE_INDEX = -100
 INDICES = ("logits", "tokens")  # the two `indices` conventions
 REQUIRED_FIELDS = ("instruction", "output", "label")
 
 
-class UserError(ValueError):
-    """Bad input the user can fix (a data file, a flag, a path): the command line prints this one line and exits 1."""
-
-
 class DataError(UserError):
     pass
-
-
-def run_cli(main) -> None:
-    """fire.Fire(main); a UserError (bad data file, unknown task, missing folder) ends the run with its one line,
-    printed by rank 0 only, and exit code 1 instead of a traceback from every rank."""
-    import os
-    import sys
-
-    import fire
-
-    try:
-        fire.Fire(main)
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def _error(path, msg, item=None, field=None):

@@ -24,13 +24,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from common.cli import UserError, run_cli
 from common.generation import generate
 from common.model import load_model, model_args
 from common.parallel import Layout, dp_group, print0, setup
 from common.tokenizer import load_tokenizer
 from common.training import load_weights
 from mcc_kd.answers import check_task, extract_answer, is_correct
-from mcc_kd.data import UserError, load_task_file, prompt_ids, run_cli
+from mcc_kd.data import load_task_file, prompt_ids
 
 
 def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max_seq_len, max_batch_size,

@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from common.cli import UserError, run_cli
 from common.generation import generate
 from common.parallel import dp_group, setup
 from common.tokenizer import load_tokenizer
 from mcc_kd.answers import check_task
-from mcc_kd.data import UserError, load_task_file, run_cli
+from mcc_kd.data import load_task_file
 
 
 def load_teacher(teacher: str, dtype: str, max_seq_len: int, max_batch_size: int):

@@ -26,9 +26,10 @@ if __package__ in (None, ""):  # run as a file
 
 from tqdm import tqdm
 
+from common.cli import run_cli
 from common.tokenizer import load_tokenizer
 from mcc_kd.answers import check_task, find_answer, is_correct
-from mcc_kd.data import INDICES, load_task_file, prompt_ids, rationales, run_cli, write_sidecar
+from mcc_kd.data import INDICES, load_task_file, prompt_ids, rationales, write_sidecar
 
 
 def correct_rationales(outputs: list[str], label: str, task: str) -> list[int]:

@@ -28,12 +28,13 @@ if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/train.py)
 import torch
 from tqdm import tqdm
 
+from common.cli import run_cli
 from common.losses import token_log_probs
 from common.parallel import print0
 from common.training import (Throughput, average_gradients, dp_shard, global_count, load_latest_checkpoint,
                              load_weights, save_checkpoint, save_weights)
 from mcc_kd.answers import check_task
-from mcc_kd.data import IGNORE_INDEX, collate, encode_example, load_task_file, rationales, run_cli
+from mcc_kd.data import IGNORE_INDEX, collate, encode_example, load_task_file, rationales
 from mcc_kd.eval import build_model, evaluate, split_name, write_results
 
 

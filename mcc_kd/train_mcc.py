@@ -23,8 +23,9 @@ if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/train_mcc.py)
 
 import torch
 
+from common.cli import run_cli
 from common.losses import mcc_span_kl
-from mcc_kd.data import IGNORE_INDEX, collate, encode_example, logit_spans, run_cli
+from mcc_kd.data import IGNORE_INDEX, collate, encode_example, logit_spans
 from mcc_kd.train import choose, run_training, sequence_cross_entropy_sum
 
 

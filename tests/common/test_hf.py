@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common import hf
-from tests.tiny import VOCAB_SIZE, char_tokenizer, save_tiny, tiny_model
+from tests.tiny import VOCAB_SIZE, char_tokenizer, save_tiny, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
@@ -72,3 +72,39 @@ def test_lora_trains_only_adapters_and_merging_keeps_the_logits(family):
         adapted = model.eval()(input_ids=ids, **kwargs).logits
         assert not torch.allclose(adapted, base, atol=1e-3)
         torch.testing.assert_close(merged(input_ids=ids, **kwargs).logits, adapted, atol=2e-5, rtol=1e-4)
+
+
+def test_kept_layers_model_is_the_transformers_model_of_those_blocks_and_generates_with_its_cache(tmp_path):
+    from transformers import AutoModelForCausalLM
+    teacher = tiny_model("llama", num_hidden_layers=4)
+    student = hf.keep_layers(tiny_model("llama", num_hidden_layers=4), [1, 3])
+    # oracle: a fresh 2-block transformers Llama holding blocks 1 and 3, embeddings, norm and head of the teacher
+    fresh = AutoModelForCausalLM.from_config(tiny_config("llama", num_hidden_layers=2)).eval()
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("model.layers.")}
+    for new, old in enumerate([1, 3]):
+        state.update({k.replace(f"model.layers.{old}.", f"model.layers.{new}."): v
+                      for k, v in teacher.state_dict().items() if k.startswith(f"model.layers.{old}.")})
+    fresh.load_state_dict(state)
+    ids = torch.randint(4, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=ids).logits, fresh(input_ids=ids).logits)
+        assert torch.equal(student.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0),
+                           fresh.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    assert student.config.num_hidden_layers == 2 and [b.self_attn.layer_idx for b in student.model.layers] == [0, 1]
+
+
+def test_keep_layers_cli_saves_a_loadable_student_and_refuses_bad_indices(tmp_path):
+    folder = save_tiny("llama", tmp_path / "teacher", num_hidden_layers=4)
+    hf.save_kept_layers(folder, str(tmp_path / "student"), "0,2")
+    student = hf.load_model(tmp_path / "student")
+    assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
+    assert student.config.tie_word_embeddings == tiny_config("llama").tie_word_embeddings
+    with torch.no_grad():
+        ids = torch.randint(4, 100, (1, 5))
+        want = hf.keep_layers(hf.load_model(folder), [0, 2])(input_ids=ids).logits
+        assert torch.equal(student(input_ids=ids).logits, want)
+    for bad in ([2, 0], [0, 4], []):
+        with pytest.raises(ValueError, match=r"--layers .*: give increasing, distinct block indices in \[0, 4\)"):
+            hf.keep_layers(hf.load_model(folder), bad)
+    with pytest.raises(ValueError, match="has no model.layers"):
+        hf.keep_layers(tiny_model("gpt2"), [0])

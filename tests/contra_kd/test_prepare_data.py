@@ -97,5 +97,5 @@ def test_pretrain_chunks_are_the_eos_joined_documents_cut_to_length(tmp_path, to
 
 
 def test_missing_dolly_files_name_the_folder_and_the_layouts(tmp_path, tokenizer_dir):
-    with pytest.raises(FileNotFoundError, match=r"neither train\.jsonl \+ dev\.jsonl \(DSKD\) nor raw\.jsonl"):
+    with pytest.raises(ValueError, match=r"neither train\.jsonl \+ dev\.jsonl \(DSKD\) nor raw\.jsonl"):
         dolly(str(tmp_path), str(tmp_path / "out"), tokenizer_dir, "tiny")
