@@ -105,7 +105,7 @@ SFT=(mcc_kd/train.py "${COMMON[@]}" --epochs "$EPOCHS" --train_file "$MCC_FILE" 
      --max_batch_size "$SFT_BATCH" --accumulation_steps "$SFT_ACCUM")
 MCC=(mcc_kd/train_mcc.py "${COMMON[@]}" --epochs "${MCC_EPOCHS:-$EPOCHS}" --train_file "$MCC_FILE" --save_dir "$OUT/mcc"
      --log_dir "$OUT/mcc/log" --max_batch_size "$MCC_BATCH" --accumulation_steps "$MCC_ACCUM" --alpha "$ALPHA" --T "$T")
-if [ -n "$SIDE_BY_SIDE" ]; then  # two single-threaded runs on two cores beat one run on two threads at this size
+if [ -n "$SIDE_BY_SIDE" ]; then  # a LoRA step of the 135M model: 3.4 s on one thread, 2.1 s on two (idle 2 cores)
   echo "== Std-CoT (train.py) and MCC-KD (train_mcc.py) side by side, one core each, on $MCC_FILE -> $OUT/sft, $OUT/mcc"
   echo "   (Std-CoT's progress: $OUT/sft.log)"
   mkdir -p "$OUT/sft"
