@@ -68,6 +68,8 @@ else  # the paper: LLaMA-7B, LoRA r 64 (scale 1), lr 1e-5 constant, 12 epochs, a
   FINAL_EVAL=1
 fi
 
+: "${MCC_EPOCHS:=$EPOCHS}"  # the main job sets its own; elsewhere both trainings run EPOCHS
+
 launch() {  # one process without torchrun, else torchrun on this node
   if [ "$NPROC" = 1 ]; then python "$@"; else torchrun --standalone --nproc_per_node "$NPROC" "$@"; fi
 }
@@ -103,15 +105,17 @@ fi
 # Std-CoT and MCC-KD train on the same filtered rationales, so the comparison isolates the loss
 SFT=(mcc_kd/train.py "${COMMON[@]}" --epochs "$EPOCHS" --train_file "$MCC_FILE" --save_dir "$OUT/sft" --log_dir "$OUT/sft/log"
      --max_batch_size "$SFT_BATCH" --accumulation_steps "$SFT_ACCUM")
-MCC=(mcc_kd/train_mcc.py "${COMMON[@]}" --epochs "${MCC_EPOCHS:-$EPOCHS}" --train_file "$MCC_FILE" --save_dir "$OUT/mcc"
+MCC=(mcc_kd/train_mcc.py "${COMMON[@]}" --epochs "$MCC_EPOCHS" --train_file "$MCC_FILE" --save_dir "$OUT/mcc"
      --log_dir "$OUT/mcc/log" --max_batch_size "$MCC_BATCH" --accumulation_steps "$MCC_ACCUM" --alpha "$ALPHA" --T "$T")
-if [ -n "$SIDE_BY_SIDE" ]; then  # a LoRA step of the 135M model: 3.4 s on one thread, 2.1 s on two (idle 2 cores)
+if [ -n "$SIDE_BY_SIDE" ]; then  # a LoRA step of the 135M model: 3.4 s on one thread, 2.1 s on two (idle 2 cores),
+                                 # so two one-thread runs side by side finish before two-thread runs one after the other
   echo "== Std-CoT (train.py) and MCC-KD (train_mcc.py) side by side, one core each, on $MCC_FILE -> $OUT/sft, $OUT/mcc"
   echo "   (Std-CoT's progress: $OUT/sft.log)"
   mkdir -p "$OUT/sft"
   OMP_NUM_THREADS=1 timed sft launch "${SFT[@]}" > "$OUT/sft.log" 2>&1 & SFT_PID=$!
   OMP_NUM_THREADS=1 timed mcc launch "${MCC[@]}" & MCC_PID=$!
-  wait "$MCC_PID"; wait "$SFT_PID" || { tail -n 20 "$OUT/sft.log"; exit 1; }
+  wait "$MCC_PID" || { kill "$SFT_PID" 2>/dev/null; exit 1; }  # never leave Std-CoT running behind a failure
+  wait "$SFT_PID" || { tail -n 20 "$OUT/sft.log"; exit 1; }
   tr '\r' '\n' < "$OUT/sft.log" | grep "^| $TASK" || true  # Std-CoT's result lines (tqdm writes \r)
 else
   echo "== Std-CoT fine-tuning (train.py) on $MCC_FILE -> $OUT/sft (weights), $OUT/sft/log (predictions, metrics)"
@@ -129,4 +133,4 @@ fi
 
 echo "== summary ($TASK, test items from $LABEL_FILE; train: $MCC_FILE)"
 python mcc_kd/summary.py --out "$OUT" --task "$TASK" --label_file "$LABEL_FILE" \
-  --settings "N_TRAIN=${N_TRAIN:-all} N_TEST=${N_TEST:-all} MAX_SEQ_LEN=$MAX_SEQ_LEN LORA_RANK=$LORA_RANK LR=$LR EPOCHS=$EPOCHS MCC_EPOCHS=${MCC_EPOCHS:-$EPOCHS} SFT=${SFT_BATCH}x${SFT_ACCUM} MCC=${MCC_BATCH}x${MCC_ACCUM} ALPHA=$ALPHA T=$T ${PRECISION:-fp32} ${CHAT}"
+  --settings "N_TRAIN=${N_TRAIN:-all} N_TEST=${N_TEST:-all} MAX_SEQ_LEN=$MAX_SEQ_LEN LORA_RANK=$LORA_RANK LR=$LR EPOCHS=$EPOCHS MCC_EPOCHS=$MCC_EPOCHS SFT=${SFT_BATCH}x${SFT_ACCUM} MCC=${MCC_BATCH}x${MCC_ACCUM} ALPHA=$ALPHA T=$T ${PRECISION:-fp32} ${CHAT}"
