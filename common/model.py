@@ -300,25 +300,24 @@ class Attention(nn.Module):
             add_lora(self, "wo", q_out, args.dim, "row", args)
         self.cache_k = self.cache_v = None  # [max_batch, n_local_kv_heads, max_seq_len, head_dim]
 
-    def forward(self, x, rope, start_pos, use_cache: bool, mask: Optional[torch.Tensor], unpad=None):
+    def forward(self, x, rope, start_pos, use_cache: bool, mask: Optional[torch.Tensor], lengths=None):
+        """lengths (a list): x [1, N, D] holds rows of these lengths one after another (`Transformer.hidden`)."""
         B, S, _ = x.shape
         q = project(self, "wq", x, self.scale).view(B, S, self.n_local_heads, self.head_dim)
         k = project(self, "wk", x, self.scale).view(B, S, self.n_local_kv_heads, self.head_dim)
         v = project(self, "wv", x, self.scale).view(B, S, self.n_local_kv_heads, self.head_dim)
         # Training on a CPU: attention in fp32 from RoPE on. PyTorch's CPU attention kernel is faster in fp32
         # than in bf16 (forward + backward at [4, 9, 224, 64]: 23 vs 31 ms of CPU time) and exact.
-        dtype = torch.float32 if torch.is_grad_enabled() and x.device.type == "cpu" else x.dtype
+        training = torch.is_grad_enabled() and x.device.type == "cpu" and not use_cache
+        dtype = torch.float32 if training else x.dtype
         q, k, v = apply_rotary_emb(q, rope, dtype), apply_rotary_emb(k, rope, dtype), v.to(dtype)
-        if unpad is not None:  # x holds the rows' computed positions one after another [1, N, D]: attention per row
-            out = torch.cat([self.attend(*(t.transpose(0, 1)[None] for t in row), None)[0].transpose(0, 1)
-                             for row in zip(*(t[0].split(unpad) for t in (q, k, v))) if row[0].shape[0]])
-            return project(self, "wo", out.reshape(1, out.shape[0], -1).to(x.dtype), self.scale)
+        if lengths is not None:
+            out = self.attend_rows(q[0], k[0], v[0], lengths)
+            return project(self, "wo", out.reshape(1, S, -1).to(x.dtype), self.scale)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if use_cache:
-            if self.cache_k is None:  # zeros: a static step reads unwritten positions (masked, but 0 * NaN = NaN)
-                shape = (self.args.max_batch_size, self.n_local_kv_heads, self.args.max_seq_len, self.head_dim)
-                self.cache_k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-                self.cache_v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            if self.cache_k is None:
+                self.allocate_cache(k.dtype, k.device, zeros=isinstance(start_pos, torch.Tensor))
             if isinstance(start_pos, torch.Tensor):  # static step: write at a tensor position, read the whole cache
                 # index_put_ on the whole cache: a write into the [:B] view would make torch.compile copy that view
                 at = (torch.arange(B, device=x.device)[:, None, None], torch.arange(k.shape[1], device=x.device)[:, None],
@@ -333,6 +332,27 @@ class Attention(nn.Module):
             k, v = self.cache_k[:B, :, :kv_len], self.cache_v[:B, :, :kv_len]
         out = self.attend(q, k, v, mask)
         return project(self, "wo", out.transpose(1, 2).reshape(B, S, -1).to(x.dtype), self.scale)
+
+    def allocate_cache(self, dtype, device, zeros: bool) -> None:
+        """K/V caches [max_batch, n_local_kv_heads, max_seq_len, head_dim]. zeros for the static step, which reads
+        unwritten positions (masked, but 0 * NaN = NaN); else uninitialised: a step reads only what was written,
+        and memory is touched only where it is (zero-filling a whole cache per call cost a small batch 10 %)."""
+        shape = (self.args.max_batch_size, self.n_local_kv_heads, self.args.max_seq_len, self.head_dim)
+        make = torch.zeros if zeros else torch.empty
+        self.cache_k, self.cache_v = make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device)
+
+    def attend_rows(self, q, k, v, lengths):
+        """Causal attention within each row of packed q, k, v [N, H, hd] (rows of `lengths`, one after another):
+        no padding computed, and each row's own positions."""
+        window, out = self.args.sliding_window, []
+        for q_row, k_row, v_row in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+            n = q_row.shape[0]
+            if n == 0:
+                continue
+            mask = attention_mask(n, 0, n, window, q.device) if window and n > window else None
+            out.append(self.attend(q_row.transpose(0, 1)[None], k_row.transpose(0, 1)[None], v_row.transpose(0, 1)[None],
+                                   mask)[0].transpose(0, 1))
+        return torch.cat(out)
 
     def attend(self, q, k, v, mask):
         """softmax(q kᵀ / √hd + mask) v on [B, H, S, hd]; causal without a mask. GQA: query head h reads KV head
@@ -392,8 +412,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, start_pos, use_cache, mask, unpad=None):
-        h = x + self.attention(self.attention_norm(x), rope, start_pos, use_cache, mask, unpad)
+    def forward(self, x, rope, start_pos, use_cache, mask, lengths=None):
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, use_cache, mask, lengths)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -484,27 +504,24 @@ class Transformer(nn.Module):
         return HeadLogits((h, low_rank), (self.output.weight, self.lora_b_output.weight))
 
     def hidden(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Training: the final-normed hidden states [B, S, D] that `head` reads, without the head (a loss
-        computes it on the rows it needs, in chunks). Only positions < lengths[b] are computed, the rest are
-        0: under causal attention right padding, and anything after a row's last supervised position, never
-        changes an earlier position. Positions are each row's own (0, 1, ...), as forward's."""
+        """Training: the final-normed hidden states [B, S, D] that `head` reads, without the head (a loss computes
+        it on the rows it reads, in chunks: see `head_logits`). Only positions < lengths[b] (default S) are
+        computed, the rest are 0: under causal attention neither right padding nor anything after a row's last
+        position a loss reads changes an earlier position. The computed positions run packed, one row after
+        another ([1, N, D] through the projections, each row's own causal attention), at the positions forward
+        gives them (0, 1, ...)."""
         B, S = tokens.shape
         if self.rope.device != tokens.device:
             self.rope = self.rope.to(tokens.device)
-        if lengths is None:
-            h = self.tok_embeddings(tokens)
-            for layer in self.layers:
-                h = layer(h, self.rope[:S], 0, False, None)
-            return self.norm(h)
-        lengths = torch.as_tensor(lengths, device=tokens.device).clamp(0, S)
-        keep = torch.arange(S, device=tokens.device)[None, :] < lengths[:, None]
-        index = keep.flatten().nonzero().flatten()  # the computed positions, row after row: [N]
+        lengths = torch.full((B,), S) if lengths is None else torch.as_tensor(lengths).cpu().clamp(0, S)
+        keep = torch.arange(S)[None, :] < lengths[:, None]
+        index = keep.flatten().nonzero().flatten().to(tokens.device)  # the computed positions: [N]
         h = self.tok_embeddings(tokens.flatten()[index][None])  # [1, N, D]
         rope = self.rope[index % S]  # each position's own angle
         for layer in self.layers:
             h = layer(h, rope, 0, False, None, lengths.tolist())
-        h = self.norm(h)
-        return h.new_zeros(B * S, h.shape[-1]).index_copy(0, index, h[0]).view(B, S, -1)
+        h = self.norm(h)[0]
+        return h.new_zeros(B * S, h.shape[-1]).index_copy(0, index, h).view(B, S, -1)
 
     def flush_cache(self):
         for layer in self.layers:

@@ -157,3 +157,25 @@ def test_bfloat16_model_with_fp32_adapters_tracks_float32(checkpoints):
     logits = low(tokens)
     assert logits.dtype == torch.bfloat16
     assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hidden_of_the_computed_positions_equals_transformers(checkpoints, family):
+    """The training path: each row's positions < its length, packed, through every layer (mistral's window is
+    shorter than the rows) -> the final-normed states transformers gives each row alone, 0 after; the head on
+    them gives transformers' logits."""
+    setup()
+    hf, root = checkpoints[family]
+    model = load_model(str(root / "tp1"), max_seq_len=32, max_batch_size=4)
+    tokens = batch()
+    lengths = [10, 7, 0]  # shorter than a row (its end is never read), a whole row, an empty row
+    hidden = model.hidden(tokens, lengths=lengths)
+    assert hidden.shape == (3, 12, 64)
+    ref_logits, _ = hf_reference(hf, tokens)
+    for b, n in enumerate(lengths):
+        with torch.no_grad():
+            ref_hidden = hf(tokens[b:b + 1, :n], output_hidden_states=True).hidden_states[-1][0] if n else None
+        if n:
+            torch.testing.assert_close(hidden[b, :n], ref_hidden, atol=ATOL, rtol=0)
+            torch.testing.assert_close(model.head(hidden[b, :n]), ref_logits[b][:n], atol=ATOL, rtol=0)
+        assert not hidden[b, n:].any()
