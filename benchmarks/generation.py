@@ -44,8 +44,9 @@ def resolve(device, dtype):
     return device, dtype
 
 
-def build_models(device, dtype, max_seq_len=512, max_batch_size=64, seed=0, config=BENCH_CONFIG):
-    """A random transformers Llama and our Transformer holding the same (converted) weights."""
+def build_models(device, dtype, max_seq_len=512, max_batch_size=64, seed=0, config=BENCH_CONFIG, **runtime):
+    """A random transformers Llama and our Transformer holding the same (converted) weights (`runtime`: more
+    ModelArgs, e.g. lora_rank)."""
     import transformers
     setup(tp_size=1, seed=seed)
     config = transformers.LlamaConfig(**config)
@@ -54,7 +55,8 @@ def build_models(device, dtype, max_seq_len=512, max_batch_size=64, seed=0, conf
         hf = transformers.LlamaForCausalLM(config).to(dtype)
     hf.generation_config.eos_token_id = None  # every run produces exactly new_tokens tokens
     hf.generation_config.pad_token_id = 0
-    args = ModelArgs.from_hf_config(config.to_dict(), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    args = ModelArgs.from_hf_config(config.to_dict(), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                                    **runtime)
     with torch.device(device):
         ours = Transformer(args)
     ours.load_state_dict(hf_to_meta(hf.state_dict(), args), strict=False)

@@ -260,21 +260,21 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def project(module: nn.Module, target: str, x: torch.Tensor, scale: float) -> torch.Tensor:
     """module.<target>(x), plus the LoRA update s·B(A(x)) when the module has one."""
-    layer = getattr(module, target)
-    y = linear(layer, x)
-    a = getattr(module, f"lora_a_{target}", None)
+    adapters = module._modules  # a dict lookup: getattr on a missing submodule raises inside nn.Module (slow)
+    y = linear(adapters[target], x)
+    a = adapters.get(f"lora_a_{target}")
     if a is None:
         return y
-    b = getattr(module, f"lora_b_{target}")
+    b = adapters[f"lora_b_{target}"]
     if not torch.is_grad_enabled():  # generation: small activations, cast them, keep the adapters in fp32
         return y + linear(b, scale * linear(a, x.to(a.weight.dtype))).to(y.dtype)
     # Training: the adapters' matmuls run in the activations' dtype on casts of their (fp32) weights (gradients
-    # still reach the fp32 weights), and one addmm adds s·(A x) Bᵀ into the base output. The parallel layout is
+    # still reach the fp32 weights), and one in-place addmm adds s·(A x) Bᵀ into the base output. The parallel layout is
     # fairscale's: column, A replicated and its output's gradient summed over ranks; row, A's output all-reduced.
     low = F.linear(x, a.weight.to(x.dtype))
     low = (reduce_from_model_parallel_region if isinstance(a, RowParallelLinear) else copy_to_model_parallel_region)(low)
-    out = torch.addmm(y.flatten(0, -2), low.flatten(0, -2), b.weight.to(x.dtype).t(), alpha=scale)
-    return out.view(*y.shape[:-1], out.shape[-1])
+    y.flatten(0, -2).addmm_(low.flatten(0, -2), b.weight.to(x.dtype).t(), alpha=scale)  # in place: no copy of y
+    return y
 
 
 def _identity(w):
