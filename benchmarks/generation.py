@@ -3,6 +3,7 @@
     python -m benchmarks.generation                       # CPU fp32; on a CUDA machine: cuda bf16
     python -m benchmarks.generation --batch_sizes 1,16 --repeats 1
     python -m benchmarks.generation --small               # a model where per-step overhead, not matmuls, bounds
+    python -m benchmarks.generation --threads 1           # CPU thread counts, one table each (default 1,2)
 
 Rows: greedy decoding of `new_tokens` tokens after `prompt_len`-token prompts at each batch size
 (ours: right padding and the static cache, eager and with `compile=True`, which replays each decode step
@@ -13,7 +14,8 @@ transformers: left padding + attention mask). Tokens/s counts new tokens, prefil
 (the prefill over every prompt position, then one position per step; the output head only where a
 token is chosen): what this machine needs at the least, so ours / it is our efficiency.
 Each time is the best of `repeats` runs, ours and transformers interleaved (shared machines are noisy;
-on a CPU shared with other jobs, `--threads 1` avoids OpenMP threads waiting on each other).
+on a CPU shared with other jobs, `--threads 1` avoids OpenMP threads waiting on each other). The last line
+sums up ours (eager, the default) / transformers per thread count and batch (equal-length prompts).
 """
 import copy
 import time
@@ -114,20 +116,39 @@ def as_ints(value) -> list:
 
 
 def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_tokens=64, spread="16,128",
-         spread_batch_sizes="16,64", repeats=3, seed=0, threads=None, compile=True, small=False):
+         spread_batch_sizes="16,64", repeats=3, seed=0, threads="1,2", compile=True, small=False):
+    """threads: the CPU thread counts to measure, one table each (same models, same process)."""
     device, dtype = resolve(device, dtype)
-    if threads:  # CPU: one thread is the stable choice on a machine shared with other jobs
-        torch.set_num_threads(int(threads))
     batch_sizes, spread_batch_sizes = as_ints(batch_sizes), as_ints(spread_batch_sizes)
-    lo, hi = as_ints(spread)
-    hf, ours = build_models(device, dtype, max_seq_len=max(prompt_len, hi) + new_tokens,
+    hf, ours = build_models(device, dtype, max_seq_len=max(prompt_len, as_ints(spread)[1]) + new_tokens,
                             max_batch_size=max(batch_sizes + spread_batch_sizes),
                             config=SMALL_CONFIG if small else BENCH_CONFIG)
     compiled = copy.deepcopy(ours) if compile else None  # its own cache: the compiled step keeps it between calls
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {device}",
-          f"dtype {dtype}, {n_params / 1e6:.1f}M parameters, {new_tokens} new tokens, greedy, "
-          f"best of {repeats}", flush=True)
+    summary = []
+    for n_threads in (as_ints(threads) if device.type == "cpu" and threads else [None]):
+        if n_threads:
+            torch.set_num_threads(n_threads)
+        print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {device}",
+              f"dtype {dtype}, {n_params / 1e6:.1f}M parameters, {new_tokens} new tokens, greedy, "
+              f"best of {repeats}", flush=True)
+        rows = measure(hf, ours, compiled, device, dtype, batch_sizes, spread_batch_sizes, prompt_len, new_tokens,
+                       spread, repeats, seed, compile)
+        print()
+        print_table(rows, new_tokens)
+        print()
+        summary.append(f"{torch.get_num_threads()} thread(s) " + " ".join(
+            f"b{batch} {t['hf'] / t['ours']:.2f}x" for label, batch, t in rows if label.startswith("prompt ")))
+    print("generation: ours (eager) / transformers tokens/s, " + "; ".join(summary))
+
+
+def ratio(t: dict) -> float:
+    return t["hf"] / min(t["ours"], t.get("compiled", float("inf")))
+
+
+def measure(hf, ours, compiled, device, dtype, batch_sizes, spread_batch_sizes, prompt_len, new_tokens, spread,
+            repeats, seed, compile) -> list:
+    lo, hi = as_ints(spread)
     g = torch.Generator().manual_seed(seed)
     rows = []
 
@@ -158,8 +179,7 @@ def main(device=None, dtype=None, batch_sizes="1,16,64", prompt_len=64, new_toke
             t = best_times(fns, repeats, device)
             rows.append((f"prompts {lo}..{hi} (ours {padding}-padded)", batch, t))
             print_row(*rows[-1], batch * new_tokens, flush=True)
-    print()
-    print_table(rows, new_tokens)
+    return rows
 
 
 def print_row(label, batch, t, n_tokens, **kw):
@@ -176,7 +196,7 @@ def print_table(rows, new_tokens):
         best = min(t["ours"], t.get("compiled", float("inf")))
         compiled = f"{n / t['compiled']:.1f}" if "compiled" in t else "-"
         mm = f"{n / t['matmul']:.1f} | {100 * t['matmul'] / best:.0f}%" if "matmul" in t else "- | -"
-        print(f"| {label} | {batch} | {n / t['ours']:.1f} | {compiled} | {n / t['hf']:.1f} | {t['hf'] / best:.2f}x | {mm} |")
+        print(f"| {label} | {batch} | {n / t['ours']:.1f} | {compiled} | {n / t['hf']:.1f} | {ratio(t):.2f}x | {mm} |")
 
 
 if __name__ == "__main__":

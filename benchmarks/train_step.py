@@ -10,8 +10,9 @@ LoRA at the main job's shapes (`lora`, mcc_kd/run.sh): a SmolLM2-135M-shaped lla
 hidden 576, 9 heads / 3 KV heads, vocabulary 49152, tied head), LoRA r16 on all seven projections and the head,
 bf16 base weights and fp32 adapters, 4 right-padded rows of 224 positions (lengths 224, 205, 186, 167; a 90-token
 prompt, so 49 % of the positions are supervised), Std-CoT's per-sequence cross-entropy, backward and Adam. Rows:
-ours as mcc_kd trains it (`sft_loss`: hidden states up to the last supervised position, the head and the loss on
-the supervised rows in chunks), ours with the full [B, S, V] logits (`model(tokens)`, then the same loss), and
+today's step (main before issue 18: `model(tokens)`, the full [B, S, V] logits, then log q(label) on every
+position; the model code is this branch's), ours as mcc_kd trains it now (`sft_loss`: hidden states up to the last
+supervised position, the head and the loss on the supervised rows in chunks), and
 transformers + peft (the same adapters, peft's fp32 adapter dtype, `labels=` token-mean loss).
 Peak memory (one extra, untimed step per model, gradients already allocated): on CUDA
 `max_memory_allocated` above the level before the step; on CPU the peak resident set size above the level
@@ -179,7 +180,8 @@ def lora_main_job(device, repeats, seed):
     from peft import LoraConfig, get_peft_model
 
     from common.model import mark_only_lora_trainable
-    from mcc_kd.train import sequence_cross_entropy_sum, sft_loss
+    from common.losses import token_log_probs
+    from mcc_kd.train import sft_loss
 
     device, dtype = resolve(device, "bfloat16")
     hf, ours = build_models(device, dtype, max_seq_len=max(MAIN_JOB_LENGTHS), max_batch_size=4, seed=seed,
@@ -209,7 +211,8 @@ def lora_main_job(device, repeats, seed):
     tokens, labels = main_job_batch(ours.args.vocab_size, seed)
     tokens, labels = tokens.to(device), labels.to(device)
     n_sequences = float(len(MAIN_JOB_LENGTHS))
-    optimizers = {id(m): torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-5) for m in (ours, hf)}
+    # lr 0: Adam does its full work, the weights stay put, so every row computes the same loss at every round
+    optimizers = {id(m): torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (ours, hf)}
 
     def adam(model):
         optimizers[id(model)].step()
@@ -221,8 +224,10 @@ def lora_main_job(device, repeats, seed):
         adam(model)
         return loss
 
-    def full_logits_step(model, batch):
-        loss = sequence_cross_entropy_sum(model(batch["tokens"]), batch["labels"]) / n_sequences
+    def todays_step(model, batch):  # main's sft_loss before the fast path: full [B, S, V] logits, then log q(label)
+        logp = token_log_probs(model(batch["tokens"]), target_ids=batch["labels"])
+        n = (batch["labels"] != -100).sum(1)
+        loss = (-logp.sum(1)[n > 0] / n[n > 0]).sum() / n_sequences
         loss.backward()
         adam(model)
         return loss
@@ -245,15 +250,21 @@ def lora_main_job(device, repeats, seed):
         keep = labels != -100
         print(f"logits on the supervised positions: max |ours - transformers| {(logits_ours - logits_hf)[keep].abs().max():.3f} "
               f"(bf16), max |logit| {logits_hf[keep].abs().max():.1f}", flush=True)
-    steps = {"ours (mcc_kd step)": (ours, fast_step, batch), "ours, full logits": (ours, full_logits_step, batch),
+    today, fast = "ours, today's step", "ours, fast (mcc_kd step)"
+    steps = {today: (ours, todays_step, batch), fast: (ours, fast_step, batch),
              "transformers + peft": (hf, peft_step, batch)}
+    losses = {name: step(model, inputs).item() for name, (model, step, inputs) in steps.items()}  # also a warm-up
+    print("loss: " + ", ".join(f"{name} {value:.5f}" for name, value in losses.items()), flush=True)
     best, peak = timed_steps(steps, repeats, device)
     print()
-    print("| LoRA step | tokens/s | step s | peak memory rise (MiB) | vs transformers + peft |")
-    print("|---|---|---|---|---|")
+    print("| LoRA step | tokens/s | step s | peak memory rise (MiB) | vs today's | vs transformers + peft |")
+    print("|---|---|---|---|---|---|")
     for name in steps:
         print(f"| {name} | {real / best[name]:.0f} | {best[name]:.2f} | {peak[name] / 2**20:.0f} | "
-              f"{best['transformers + peft'] / best[name]:.2f}x |")
+              f"{best[today] / best[name]:.2f}x | {best['transformers + peft'] / best[name]:.2f}x |")
+    print(f"train_step lora: fast/today {best[today] / best[fast]:.2f}x, "
+          f"fast/peft {best['transformers + peft'] / best[fast]:.2f}x tokens/s "
+          f"({torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":

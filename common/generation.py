@@ -88,11 +88,12 @@ class TPDecoder:
         self.mask = attention_mask
         if not self.compile:
             self.model.flush_cache()
-        elif self.model.layers[0].attention.cache_k is None:  # zeroed, for the static step (the prefill is eager)
-            dtype = self.model.layers[0].attention.wk.weight.dtype
+            return
+        attention = self.model.layers[0].attention
+        if attention.cache_k is None or not attention.cache_zeroed:  # zero-filled for the static step, kept
             for layer in self.model.layers:
-                layer.attention.allocate_cache(dtype, self.device, zeros=True)
-        elif attention_mask is not None:  # the static step reads max_seq_len keys; columns past the grid are future
+                layer.attention.allocate_cache(attention.wk.weight.dtype, self.device, zeros=True)
+        if attention_mask is not None:  # the static step reads max_seq_len keys; columns past the grid are future
             self.mask = torch.ones(batch_size, self.max_seq_len, dtype=torch.bool, device=self.device)
             self.mask[:, :attention_mask.shape[1]] = attention_mask
 

@@ -144,7 +144,7 @@ def test_compiled_bfloat16_step_is_as_close_to_float32_as_the_eager_one():
     reference = ours_from_hf(hf, max_seq_len=32, max_batch_size=4)
     low = ours_from_hf(hf, max_seq_len=32, max_batch_size=4).to(torch.bfloat16)
     tokens = torch.randint(3, hf.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
-    as_decoder(low, compile=True)  # builds the compiled step
+    as_decoder(low, compile=True).begin(4, None)  # builds the compiled step, allocates the zero-filled cache
     with torch.no_grad():
         exact = reference(tokens)[:, -1]
         low(tokens[:, :11], start_pos=0, use_cache=True)
