@@ -32,6 +32,9 @@ def lora_scale(lora_rank, lora_alpha) -> float:
 def split(ckpt_file, save_path: str, n: int = 1, tokenizer: str = None):
     """Write `n` tensor-parallel shards of PATH to DIR, with params.json and the tokenizer files."""
     check_range("--n", n, low=1)
+    for path in ckpt_file if isinstance(ckpt_file, (list, tuple)) else str(ckpt_file).split(","):
+        if not os.path.exists(os.path.expanduser(str(path).strip())):
+            raise UserError(f"--ckpt_file {path}: no such file or folder")
     if not _is_rank0():
         return
     state, args, folder = ckpt.read_checkpoint(ckpt_file)

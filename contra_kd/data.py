@@ -107,7 +107,7 @@ class InstructionSplit:
         self.records = read_records(jsonl) if os.path.exists(jsonl) else None
         if self.records is not None and len(self.records) != len(self.tokens):
             raise UserError(f"{jsonl}: {len(self.records)} records but {split}_*.idx holds {len(self.tokens)} "
-                             f"items; re-run contra_kd/prepare_data.py")
+                            f"items; re-run contra_kd/prepare_data.py")
 
     def __len__(self):
         return len(self.tokens)

@@ -48,7 +48,7 @@ def _dolly_splits(data_dir, dev_num, num):
     raw = os.path.join(data_dir, "raw.jsonl")
     if not os.path.exists(raw):
         raise UserError(f"{data_dir}: neither train.jsonl + dev.jsonl (DSKD) nor raw.jsonl (MiniLLM); "
-                                f"see data/README.md for the stand-in")
+                        f"see data/README.md for the stand-in")
     records = read_records(raw)
     return {"train": records[dev_num:][:num], "valid": records[:dev_num][:num]}
 

@@ -88,8 +88,8 @@ def add_lora(model, r, alpha, dropout, model_path):
         return hf.add_lora(model, r=r, alpha=alpha, dropout=dropout)
     except ValueError as e:
         raise UserError(f"--peft lora: peft cannot wrap {model_path} ({model.config.model_type}) with its default "
-                         f"targets ({str(e).splitlines()[0]}); use a model peft supports or train it fully "
-                         f"without --peft") from None
+                        f"targets ({str(e).splitlines()[0]}); use a model peft supports or train it fully "
+                        f"without --peft") from None
 
 
 def build_optimizer(model, lr: float, weight_decay: float = 0.01):
@@ -203,7 +203,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
         raise UserError(f"--data-dir {data_dir}: {len(train)} items, fewer than one global batch of {global_batch} "
-                         f"(batch-size x gradient-accumulation-steps x processes)")
+                        f"(batch-size x gradient-accumulation-steps x processes)")
     total_iters = epochs * steps_per_epoch
     refit_epochs = {e for e in range(epochs - 1) if (e + 1) % velocity_update_interval == 0} if contra else set()
     refit_steps = velocity_epochs * (len(refit_data) // global_batch) if contra else 0
@@ -231,7 +231,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     else:
         if state.get("plan") != plan:
             raise UserError(f"{save} holds a run of {state.get('plan')}, this command plans {plan}: resume with the "
-                             f"same type, epochs, data and batch settings, or pass another --save")
+                            f"same type, epochs, data and batch settings, or pass another --save")
         if contra:
             flow_file = os.path.join(extras(state["step"]), "flow.pt")
             saved = torch.load(flow_file, map_location=lay.device, weights_only=True)
