@@ -184,11 +184,14 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
     lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"], "--lm_data_dir") if lm_data_dir else None
     os.makedirs(save, exist_ok=True)
     tok = hf.load_tokenizer(model_path)
+    if type in ("kd", "minillm"):  # one tokenizer for both: the rollouts and KD compare token by token
+        teacher_tok = hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path")
+        hf.check_tokenizers(tok, teacher_tok)
     model = hf.load_model(model_path, dtype="float32", device=lay.device)
     teacher = None
-    if type in ("kd", "minillm"):  # one tokenizer for both: the rollouts and KD compare token by token
+    if type in ("kd", "minillm"):
         teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher_model_path")
-        hf.check_vocab(model, teacher, tok, hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path"))
+        hf.check_vocab(model, teacher, tok, teacher_tok)
     model.train()
     start_id = model.config.decoder_start_token_id
 

@@ -238,8 +238,12 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
 
     # data: the teacher JSONL for the offline teacher sources; prompts that leave no room for a target left out
     items = load_training_data(data_path, teacher_output=sample_source in ("teacher", "mix_request_teacher"))
-    tokenizer = hf.load_tokenizer(student_model_path if kl_method == "seqkd" else teacher_model_path,
-                                  "--student_model_path" if kl_method == "seqkd" else "--teacher_model_path")
+    flags = ("--student_model_path", "--teacher_model_path")
+    student_tokenizer = hf.load_tokenizer(student_model_path, flags[0])
+    teacher_tokenizer = hf.load_tokenizer(teacher_model_path, flags[1]) if needs_teacher else None
+    if needs_teacher:  # one vocabulary: the losses compare the two distributions token by token
+        hf.check_tokenizers(student_tokenizer, teacher_tokenizer, flags)
+    tokenizer = student_tokenizer if kl_method == "seqkd" else teacher_tokenizer
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def encoded(item):
@@ -264,13 +268,11 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     # models: the student in fp32 (bf16 autocast with --bf16); the teacher frozen, in bf16 with --bf16
     student = hf.load_model(student_model_path, dtype="float32", device=lay.device, flag="--student_model_path")
     teacher, vocab = None, None
-    if needs_teacher:  # one vocabulary: the losses compare the two distributions token by token
+    if needs_teacher:
         teacher = hf.load_model(teacher_model_path, dtype=dtype, device=lay.device, frozen=True,
                                 flag="--teacher_model_path")
-        vocab = hf.check_vocab(student, teacher, hf.load_tokenizer(student_model_path, "--student_model_path"),
-                               hf.load_tokenizer(teacher_model_path, "--teacher_model_path"),
-                               allow_padded=allow_padded_vocab,
-                               flags=("--student_model_path", "--teacher_model_path"))
+        vocab = hf.check_vocab(student, teacher, student_tokenizer, teacher_tokenizer,
+                               allow_padded=allow_padded_vocab, flags=flags)
     student.config.use_cache = False
     if gradient_checkpointing:
         enable_gradient_checkpointing(student)

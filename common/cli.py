@@ -13,14 +13,17 @@ traceback.
 
 run_cli checks every flag against its function's annotation (or, without one, the type of its default) before
 the function runs: fire hands over whatever was typed (`--lr abc` arrives as the string "abc"), so a wrong type
-ends as one line naming the flag instead of a TypeError deep inside. fire's own errors (a required flag
-missing, an unknown flag or command) become one line too.
+ends as one line naming the flag instead of a TypeError deep inside. An unknown flag is refused before the
+function runs (fire would run it and complain afterwards), and fire's own usage errors (a required flag
+missing, an unknown command) become one line too. Ranges and choices are the command's to check, with
+check_range / check_choice, before anything expensive.
 """
 import functools
 import inspect
 import math
 import os
 import sys
+import time
 import types
 import typing
 
@@ -143,13 +146,13 @@ def run_cli(main) -> None:
 
     component = {k: typed_flags(v) for k, v in main.items()} if isinstance(main, dict) else typed_flags(main)
     program = os.path.relpath(sys.argv[0]) if not os.path.relpath(sys.argv[0]).startswith("..") else sys.argv[0]
-    show_error = fire.core._DisplayError
+    usage_error = []
+    show_error = fire.core._DisplayError  # fire has no hook for its usage errors: it prints them with the usage
 
     def one_line(trace):
         if any(h in trace.elements[-1].args for h in ("-h", "--help")):
             return show_error(trace)
-        if _is_rank0():
-            print(f"error: {_fire_error_line(trace, program)}", file=sys.stderr)
+        usage_error.append(_fire_error_line(trace, program))
 
     fire.core._DisplayError = one_line
     try:
@@ -161,14 +164,23 @@ def run_cli(main) -> None:
             check_flag_names(main, args)
         fire.Fire(component)
     except fire.core.FireExit as e:
+        if usage_error:
+            _fail(usage_error[0])
         sys.exit(1 if e.code else 0)
     except UserError as e:
-        if _is_rank0():
-            print(f"error: {e}", file=sys.stderr)
-        _leave_process_group()
-        sys.exit(1)
+        _fail(str(e))
     finally:
         fire.core._DisplayError = show_error
+
+
+def _fail(message: str) -> None:
+    """Rank 0 prints the line; every rank leaves the process group and exits 1."""
+    if _is_rank0():
+        print(f"error: {message}", file=sys.stderr)
+    _leave_process_group()
+    if not _is_rank0():
+        _await_rank0(message)
+    sys.exit(1)
 
 
 def _leave_process_group() -> None:
@@ -176,3 +188,17 @@ def _leave_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+RANK0_GRACE_S = 60
+
+
+def _await_rank0(message: str) -> None:
+    """Under torchrun, a rank other than 0 leaves the exit to rank 0: torchrun stops every rank as soon as one
+    fails, so a rank exiting first could kill rank 0 before it prints the line. Rank 0, failing on the same
+    input, prints and exits, and torchrun then stops this process. Should rank 0 not fail (bad input in this
+    rank's share alone), this rank prints the line itself after RANK0_GRACE_S."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    time.sleep(RANK0_GRACE_S)
+    print(f"error (rank {os.environ.get('RANK')}): {message}", file=sys.stderr)

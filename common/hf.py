@@ -1,6 +1,8 @@
 """Hugging Face models for the methods that train `transformers` models: load, LoRA, vocabulary check.
 
     tokenizer = load_tokenizer(model_path)
+    teacher_tokenizer = load_tokenizer(teacher_path, flag="--teacher_model_path")
+    check_tokenizers(tokenizer, teacher_tokenizer)                               # the same tokens, before any model loads
     student = load_model(model_path, dtype="float32", device=lay.device)         # causal or seq2seq, by config
     teacher = load_model(teacher_path, frozen=True, device=lay.device, flag="--teacher_model_path")
     width = check_vocab(student, teacher, tokenizer, teacher_tokenizer, allow_padded=cfg.allow_padded_vocab)
@@ -120,13 +122,10 @@ def vocab_width(model) -> int:
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")  # padding never reaches a loss, so pad may differ
 
 
-def check_vocab(student, teacher, student_tokenizer, teacher_tokenizer, allow_padded: bool = False,
-                flag: str = "--allow_padded_vocab", flags=("--model_path", "--teacher_model_path")) -> int:
-    """The logit width both models share, after checking that they speak the same tokens: the two tokenizers
-    must have the same vocabulary (every token at the same id) and the same BOS / EOS / UNK. Equal widths
-    pass. Different widths are an error unless `allow_padded` (rows past the tokenizer are padding, e.g.
-    Qwen2.5 151936 vs 152064): then every tokenizer id must fit in both, and KD compares the first
-    min(widths) logits. `flags`: the student's and the teacher's model flags, for the messages."""
+def check_tokenizers(student_tokenizer, teacher_tokenizer, flags=("--model_path", "--teacher_model_path")) -> None:
+    """The same vocabulary (every token at the same id) and the same BOS / EOS / UNK, else a UserError naming
+    the two (`flags`: the student's and the teacher's model flags). Cheap: a command checks it before the models
+    load; check_vocab checks it again."""
     s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     where = (f"the student's tokenizer ({f'{flags[0]} {student_tokenizer.name_or_path}'.strip()}) and the "
              f"teacher's ({f'{flags[1]} {teacher_tokenizer.name_or_path}'.strip()})")
@@ -141,6 +140,15 @@ def check_vocab(student, teacher, student_tokenizer, teacher_tokenizer, allow_pa
         if getattr(student_tokenizer, name) != getattr(teacher_tokenizer, name):
             raise UserError(f"{where} have the same vocabulary but different {name} "
                             f"({getattr(student_tokenizer, name)!r} vs {getattr(teacher_tokenizer, name)!r}); {fix}")
+
+
+def check_vocab(student, teacher, student_tokenizer, teacher_tokenizer, allow_padded: bool = False,
+                flag: str = "--allow_padded_vocab", flags=("--model_path", "--teacher_model_path")) -> int:
+    """The logit width both models share, after checking that they speak the same tokens (check_tokenizers).
+    Equal widths pass. Different widths are an error unless `allow_padded` (rows past the tokenizer are
+    padding, e.g. Qwen2.5 151936 vs 152064): then every tokenizer id must fit in both, and KD compares the first
+    min(widths) logits. `flags`: the student's and the teacher's model flags, for the messages."""
+    check_tokenizers(student_tokenizer, teacher_tokenizer, flags)
     s, t = vocab_width(student), vocab_width(teacher)
     if s == t:
         return s
@@ -203,7 +211,8 @@ def save_kept_layers(model_path: str, save_path: str, layers) -> None:
     try:
         layers = [int(x) for x in (layers if isinstance(layers, (list, tuple)) else str(layers).split(","))]
     except ValueError:
-        raise UserError(f"--layers {layers!r}: give block indices, e.g. --layers 0,3,6,9") from None
+        typed = ",".join(map(str, layers)) if isinstance(layers, (list, tuple)) else layers
+        raise UserError(f"--layers {typed}: give block indices, e.g. --layers 0,3,6,9") from None
     model = keep_layers(load_model(model_path, flag="--model_path"), layers)
     model.save_pretrained(save_path)
     load_tokenizer(model_path).save_pretrained(save_path)

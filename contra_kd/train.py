@@ -184,12 +184,15 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     lay = setup(seed)
     tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    flags = ("--model-path", "--teacher-model-path")
+    if needs_teacher:  # one vocabulary: every loss compares the two distributions token by token
+        teacher_tokenizer = hf.load_tokenizer(teacher_model_path, flag=flags[1])
+        hf.check_tokenizers(tokenizer, teacher_tokenizer, flags)
     student = hf.load_model(model_path, dtype="float32", device=lay.device, flag="--model-path")
     teacher = None
     if needs_teacher:
         teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher-model-path")
-        hf.check_vocab(student, teacher, tokenizer, hf.load_tokenizer(teacher_model_path, flag="--teacher-model-path"),
-                       flags=("--model-path", "--teacher-model-path"))
+        hf.check_vocab(student, teacher, tokenizer, teacher_tokenizer, flags=flags)
     if peft:
         student = add_lora(student, peft_lora_r, peft_lora_alpha, peft_lora_dropout, model_path)
     pairing = layer_pairing(student, teacher, num_distill_layers) if base == "fdd" or contra else None

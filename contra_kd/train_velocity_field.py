@@ -93,11 +93,12 @@ def main(model_path: str, teacher_model_path: str, data_dir: str, save: str, epo
         raise UserError(f"--data-dir {data_dir} holds prompt-only items; the flow is fitted on the ground-truth "
                         f"responses: pass the `full` variant (processed_data/dolly/full/...)")
     lay = setup(seed)
-    tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
+    flags = ("--model-path", "--teacher-model-path")
+    tokenizer, teacher_tokenizer = hf.load_tokenizer(model_path, flags[0]), hf.load_tokenizer(teacher_model_path, flags[1])
+    hf.check_tokenizers(tokenizer, teacher_tokenizer, flags)
     student = hf.load_model(model_path, device=lay.device, frozen=True, flag="--model-path")
     teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher-model-path")
-    hf.check_vocab(student, teacher, tokenizer, hf.load_tokenizer(teacher_model_path, flag="--teacher-model-path"),
-                   flags=("--model-path", "--teacher-model-path"))
+    hf.check_vocab(student, teacher, tokenizer, teacher_tokenizer, flags=flags)
     pairing = layer_pairing(student, teacher, num_distill_layers)
     field = VelocityField(teacher.config.hidden_size, velocity_width, num_distill_layers, velocity_blocks,
                           velocity_dropout).to(lay.device)

@@ -329,6 +329,8 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     dtype = dtype or ("bfloat16" if lay.device.type == "cuda" else "float32")
     tokenizer = hf.load_tokenizer(cfg["model_id"], flag="Llama.model_id")
     tokenizer.pad_token = tokenizer.eos_token
+    rows = load_rows(tokenizer, max_seq_length, train_data, c4_data, languages, "train")  # before the models load
+    val_rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
     teacher_model = hf.load_model(cfg["model_id"], dtype="float32", device=lay.device, frozen=True,
                                   flag="Llama.model_id")
     mode = "att_only" if cfg["is_rwkv_att_only"] else "llama_ffn" if cfg["is_llama_ffn"] else "block"
@@ -339,7 +341,7 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
                            dropout=dropout, chunk_len=chunk_len, grad_cp=bool(grad_cp)).train()
     if ckpt_file:
         load_student(student, ckpt_file)
-    hf.check_vocab(student, teacher_model)
+    hf.check_vocab(student, teacher_model, tokenizer, tokenizer, flags=("Llama.model_id", "Llama.model_id"))
     if cfg["is_sft"]:
         teacher = None
     elif cfg["is_client"]:
@@ -355,8 +357,6 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     if teacher is None or cfg["is_client"]:
         del teacher_model
 
-    rows = load_rows(tokenizer, max_seq_length, train_data, c4_data, languages, "train")
-    val_rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
     batches_per_epoch = len(rows) // (lay.dp_size * micro_bsz)
     epoch_steps = batches_per_epoch // accumulate_grad_batches
     if epoch_steps == 0:

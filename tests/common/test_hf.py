@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common import hf
-from tests.tiny import VOCAB_SIZE, char_tokenizer, save_tiny, tiny_config, tiny_model
+from tests.tiny import VOCAB_SIZE, char_tokenizer, save_tiny, swapped_tokenizer, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
@@ -53,20 +53,6 @@ def test_vocabulary_mismatch_names_both_sizes_and_padded_vocabularies_need_the_o
     small = tiny_model("opt", vocab_size=64)  # fewer rows than the 100-token tokenizer: not mere padding
     with pytest.raises(ValueError, match=r"tokenizer has 100 tokens, more than the smaller vocabulary \(teacher 64, student 128\)"):
         hf.check_vocab(student, small, tok, tok, allow_padded=True)
-
-
-def swapped_tokenizer(a: str = "a", b: str = "b"):
-    """The character tokenizer with the ids of `a` and `b` swapped: same size, same special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = dict(char_tokenizer().get_vocab())
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   bos_token="<s>")
 
 
 def test_a_student_whose_tokenizer_differs_at_the_same_size_is_refused_with_one_line():
