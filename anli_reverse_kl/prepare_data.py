@@ -17,7 +17,6 @@ dropped; prompts over `max_prompt_length` tokens are dropped, as MiniLLM drops t
 row, with target = the label word when the reason is empty or unusable.
 """
 import glob
-import json
 import os
 import re
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 
 from common.binarized import best_dtype, read_split, write_indexed
 from common.cli import UserError, check_range, run_cli
-from common.io import write_jsonl
+from common.io import numbered_jsonl, write_jsonl
 
 LABEL_WORDS = ("entailment", "neutral", "contradiction")  # ANLI's label ids 0, 1, 2
 OPTIONS = "OPTIONS:\n- entailment\n- contradiction\n- neutral"  # one plain string for every split (the fork's
@@ -103,16 +102,8 @@ def read_rows(path: str) -> list:
         rows = pq.read_table(path).to_pylist()
         where = [f"{path}: row {i}" for i in range(len(rows))]
     else:
-        rows, where = [], []
-        with open(path) as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{i} is not valid JSON ({e.msg}, column {e.colno}); fix or "
-                                        f"delete that line") from None
-                    where.append(f"{path}:{i}")
+        numbered = numbered_jsonl(path)
+        rows, where = [row for _, row in numbered], [f"{path}:{i}" for i, _ in numbered]
     for row, at in zip(rows, where):
         for field in REQUIRED:
             if not isinstance(row, dict) or row.get(field) is None:

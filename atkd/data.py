@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from common.cli import UserError
+from common.io import numbered_jsonl
 
 TRAIN_PROMPT = "Human:\n{input}\n\nAssistant:\n"
 EVAL_PROMPT = "Human:\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\nAssistant:\n"
@@ -31,19 +32,11 @@ def _read_records(path) -> tuple:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.exists() else f"{path} is a folder, not a data file")
-    text = path.read_text()
     if path.suffix == ".jsonl":
-        records, where = [], []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix or delete that line") from None
-                where.append(f"{path}:{line_no}")
-        return records, where
+        numbered = numbered_jsonl(str(path))
+        return [row for _, row in numbered], [f"{path}:{i}" for i, _ in numbered]
     try:
-        records = json.loads(text)
+        records = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a .jsonl file needs that "
                         "suffix") from None

@@ -19,7 +19,6 @@ if __package__ in (None, ""):  # run as a file
 
 from atkd.data import DataError, load_training_data  # noqa: E402
 from atkd.eval import load_model, predict  # noqa: E402
-from common import hf  # noqa: E402
 from common.cli import check_range, run_cli  # noqa: E402
 from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
 
@@ -47,7 +46,6 @@ def main(teacher_model_path: str, data_path: str, output_path: str, max_new_toke
         if value is not None:
             check_range(flag, value, low=1)
     items = load_training_data(data_path)[:max_items]
-    hf.check_model_folder(teacher_model_path, "--teacher_model_path")
     path = Path(output_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = _done_lines(path, items, data_path)

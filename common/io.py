@@ -7,6 +7,7 @@ model, so a Hugging Face-only run can use it.
     with atomic_folder("out/export") as tmp:                # write into a sibling folder, swapped in on success
         model.save_pretrained(tmp)
     rows = read_jsonl("preds.jsonl")                        # a bad line names the file and the line number
+    rows = read_jsonl("data.jsonl", fields=("prompt",))     # ... and a row without the field names it
     append_jsonl("preds.jsonl", row)                        # flushed per call: a resumed run skips len(rows)
 
 A reader never sees half a file: each write goes to `<path>.tmp.<pid>` and is renamed over `path`
@@ -105,6 +106,11 @@ def read_jsonl(path: str, drop_partial_last: bool = False, fields=(), fix: str =
     """One JSON value per non-empty line (a .gz path is read through gzip). `drop_partial_last`: ignore an
     unparsable last line (an append cut short by a crash) instead of raising. `fields`: every row must be an
     object holding them. Bad input is a UserError naming the file, the line, the field and `fix`."""
+    return [row for _, row in numbered_jsonl(path, drop_partial_last, fields, fix)]
+
+
+def numbered_jsonl(path: str, drop_partial_last: bool = False, fields=(), fix: str = "fix or delete that line") -> list:
+    """read_jsonl's rows as (line number, value) pairs, for a reader whose own checks name the line."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file" if not os.path.isdir(path) else f"{path} is a folder, not a JSONL file")
     with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path)) as f:
@@ -123,7 +129,7 @@ def read_jsonl(path: str, drop_partial_last: bool = False, fields=(), fix: str =
         if missing:
             what = f"no field '{missing[0]}'" if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
             raise UserError(f"{path}:{i}: {what} (rows need {', '.join(fields)}); {fix}")
-        rows.append(row)
+        rows.append((i, row))
     return rows
 
 

@@ -6,7 +6,6 @@ On disk (common/binarized.py, byte-compatible with MiniLLM / DistiLLM processed 
     processed_data/dolly/prompt/{model_type}/...                                             prompt only
     processed_data/openwebtext/{model_type}/512/{train_num}/{train,valid}_0.{bin,idx}        512-token chunks
 """
-import json
 import os
 import random
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from common.binarized import read_split
 from common.cli import UserError
+from common.io import numbered_jsonl
 from common.labels import causal_lm_batch, targets_and_mask
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -52,20 +52,7 @@ def normalise_record(record: dict, source: str) -> dict:
 
 def read_records(path: str) -> list:
     """The normalised records of a JSONL file; a bad line is a UserError naming the file, the line and the field."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not valid JSON ({e.msg}, column {e.colno}); fix or delete that "
-                                f"line") from None
-            records.append(normalise_record(record, f"{path}:{n}"))
-    return records
+    return [normalise_record(record, f"{path}:{n}") for n, record in numbered_jsonl(path)]
 
 
 def encode(tokenizer, text: str) -> list:

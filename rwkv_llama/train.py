@@ -275,11 +275,13 @@ def data_files(paths) -> list:
     return [] if not paths else [paths] if isinstance(paths, str) else list(paths)
 
 
-def check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout, counts: dict) -> None:
+def check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout, max_steps, counts: dict) -> None:
     """Flags, data files and the teacher folder, checked before anything loads."""
     for name, value in counts.items():
         if value is not None:
             check_range(f"--{name}", value, low=1)
+    if max_steps is not None:
+        check_range("--max_steps", max_steps, low=0)  # 0: save the initial student
     if dtype is not None:
         check_choice("--dtype", dtype, DTYPES)
     check_choice("--kv_layout", kv_layout, ("tile", "interleave"))
@@ -317,8 +319,8 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     if strategy != "ddp":
         raise UserError(f"--strategy {strategy}: only ddp (and deepspeed_stage_2*, run as ddp) is built; FSDP "
                         "for large students is not yet")
-    check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout,
-                 dict(max_epochs=max_epochs, max_steps=max_steps, max_seq_length=max_seq_length, micro_bsz=micro_bsz,
+    check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout, max_steps,
+                 dict(max_epochs=max_epochs, max_seq_length=max_seq_length, micro_bsz=micro_bsz,
                       accumulate_grad_batches=accumulate_grad_batches, epoch_count=epoch_count, head_size=head_size,
                       chunk_len=chunk_len, log_every_n_steps=log_every_n_steps,
                       val_check_interval=val_check_interval, num_devices=num_devices, num_nodes=num_nodes))

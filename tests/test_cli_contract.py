@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,7 +205,7 @@ def table(ws: Path) -> list:
         r"--learning_rate 'x': expected a number")
     add(e, "missing file", [*at, "--data_path", no], rf"{no}: no such file")
     add(e, "folder as data", [*at, "--data_path", ws / "atkd"], rf"{ws / 'atkd'} is a folder, not a data file")
-    add(e, "malformed line", [*at, "--data_path", bad_jsonl], rf"{bad_jsonl}:2: not valid JSON")
+    add(e, "malformed line", [*at, "--data_path", bad_jsonl], malformed)
     add(e, "missing field", [*at, "--data_path", ws / "atkd" / "nooutput.json"],
         r"nooutput\.json: item 1: missing field 'output'")
     add(e, "missing model folder", ["--student_model_path", no, "--teacher_model_path", gpt2, "--output_dir", ws / "o",
@@ -223,7 +222,7 @@ def table(ws: Path) -> list:
     add(e, "missing model folder", ["--model_path", no, "--output_dir", ws / "o", "--sets", "dolly"],
         rf"--model_path {no} {folder_error}")
     add(e, "malformed line", ["--model_path", gpt2, "--output_dir", ws / "o", "--sets", "dolly",
-                              "--data_dir", ws / "instruct_bad"], r"instruct_bad/dolly/valid\.jsonl:2: not valid JSON")
+                              "--data_dir", ws / "instruct_bad"], r"instruct_bad/dolly/valid\.jsonl:2 is not valid JSON")
     add(e, "missing predictions", ["--output_dir", no, "--sets", "dolly"], r"dolly/predictions\.json: no predictions")
     add(e, "wrong type", ["--output_dir", ws / "o", "--max_new_tokens", "x"], r"--max_new_tokens 'x': expected an integer")
     e = "atkd/generate_data.py"
@@ -445,18 +444,17 @@ def child_env() -> dict:
     return dict(env, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
-def run_all(cases, out: Path, jobs: int = 2) -> dict:
-    """{case id: (returncode, stdout, stderr)}: forked from tests/cli_fork_server.py, or plain subprocesses
-    with KDZOO_CLI_REAL=1."""
+def run_real(case: Case) -> tuple:
+    """(returncode, stdout, stderr) of `python ...` itself (KDZOO_CLI_REAL=1)."""
+    done = subprocess.run([sys.executable, *command(case.entry), *case.args], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    return done.returncode, done.stdout, done.stderr
+
+
+def run_forked(cases, out: Path, jobs: int = 2) -> dict:
+    """{case id: (returncode, stdout, stderr)}, each case a child of tests/cli_fork_server.py."""
     argv = {c.id: command(c.entry) + c.args for c in cases}
     files = {c.id: (out / f"{k}.out", out / f"{k}.err") for k, c in enumerate(cases)}
-    if os.environ.get("KDZOO_CLI_REAL"):
-        def one(case_id):
-            done = subprocess.run([sys.executable, *argv[case_id]], cwd=ROOT, env=child_env(), capture_output=True,
-                                  text=True, timeout=300)
-            return case_id, (done.returncode, done.stdout, done.stderr)
-        with ThreadPoolExecutor(jobs) as pool:
-            return dict(pool.map(one, argv))
     requests = "".join(json.dumps(dict(id=k, argv=argv[k], cwd=str(ROOT), env=child_env(), stdout=str(files[k][0]),
                                        stderr=str(files[k][1]))) + "\n" for k in argv)
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_fork_server.py"), str(jobs)], input=requests,
@@ -466,15 +464,21 @@ def run_all(cases, out: Path, jobs: int = 2) -> dict:
     return {k: (codes[k], files[k][0].read_text(), files[k][1].read_text()) for k in argv}
 
 
+REAL = bool(os.environ.get("KDZOO_CLI_REAL"))
+
+
 @pytest.fixture(scope="module")
 def results(ws):
+    """Every case at once, forked two at a time (none with KDZOO_CLI_REAL=1: each test runs its own `python`)."""
+    if REAL:
+        return None
     with tempfile.TemporaryDirectory() as out:
-        return run_all(table(ws), Path(out))
+        return run_forked(table(ws), Path(out))
 
 
 @pytest.mark.parametrize("case", table(WS), ids=lambda c: c.id)
 def test_bad_input_is_one_line_naming_the_input_and_exit_code_1(case, ws, results):
-    code, stdout, stderr = results[case.id]
+    code, stdout, stderr = run_real({c.id: c for c in table(ws)}[case.id]) if REAL else results[case.id]
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert code == 1 and len(lines) == 1, (code, stderr[-3000:])
