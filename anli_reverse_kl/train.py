@@ -8,13 +8,18 @@
 
 `--data_dir` is one round's folder written by prepare_data.py (items prompt ⟂ target ⟂ ...). Losses, per
 target token of the decoder (position t scores target token t):
-  sft / seqkd  r·CE(first target token) + (1 - r)·CE(other target tokens), r = --loss_ratio; each term a
-               mean over the whole optimiser step (its first tokens, its other tokens)
+  sft / seqkd  r·CE(first target token) + (1 - r)·CE(other target tokens), r = --loss_ratio; the first term a
+               mean over the step's items; the second, as the fork's compute_class_reas_loss, a sum over the
+               other tokens divided by items x (max_len - 1) (its labels padded with -100 to max_len count in
+               the mean; --reason_mean fork), or a mean over the other tokens (--reason_mean tokens)
   kd           (1 - λ)·CE + λ·soft-CE(p, q), λ = --kd_ratio, token mean
   minillm      per iteration: --num_rollouts prompts, decoder samples from (1 - α) q + α p in chunks of
                --chunk_size, scored once (minillm.py); then --ppo_epochs passes over the shuffled store in
                minibatches of --batch_size x --gradient_accumulation_steps per rank, each an optimiser step on
-               L_pg [+ L_reg with --single_step_reg] [+ lm_coef·((1 - λ) CE + λ soft-CE) on a --lm_data_dir batch]
+               L_pg [+ L_reg with --single_step_reg] [+ lm_coef·((1 - λ) CE + λ soft-CE) on a --lm_data_dir batch];
+               advantages whitened per minibatch over its padded [B, --max_new_tokens] entries as released
+               (--whiten release) or once per store over response tokens (--whiten masked); log-probabilities
+               at --temperature as released (the teacher's reward at 1)
 
 Checkpoints under --save/checkpoints (common.hf_training; sft/kd/seqkd every --save_interval optimiser
 steps, minillm after every --save_interval rollout iterations); rerunning the same command resumes from the
@@ -32,7 +37,7 @@ if __package__ in (None, ""):  # run as a file
 import fire
 import torch
 
-from anli_reverse_kl.minillm import STORE_FIELDS, minillm_loss, sample_responses, score_rollouts
+from anli_reverse_kl.minillm import STORE_FIELDS, WHITEN, minillm_loss, sample_responses, score_rollouts
 from anli_reverse_kl.prepare_data import read_items
 from common import hf
 from common.distributed import all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
@@ -44,6 +49,7 @@ from common.losses import cross_entropy, soft_cross_entropy
 from common.training import Throughput, dp_shard, global_count
 
 TYPES = ("sft", "kd", "seqkd", "minillm")
+REASON_MEANS = ("fork", "tokens")
 # per-type defaults (spec §3: the fork's scripts; MiniLLM's where the fork is silent). None in a flag = this.
 DEFAULTS = {
     "sft": dict(lr=9e-5, optimizer="adafactor", batch_size=12, gradient_accumulation_steps=6, epochs=5,
@@ -125,7 +131,8 @@ def first_token_masks(mask):
 
 
 def sft_loss(logits, batch, loss_ratio, n_first, n_rest):
-    """r·CE(first target token) + (1 - r)·CE(other target tokens), each divided by its whole-step count."""
+    """r·CE(first target token) + (1 - r)·CE(other target tokens), each summed and divided by its whole-step
+    normaliser: n_first = the step's items; n_rest = their other tokens, or items x (max_len - 1) as the fork."""
     first, rest = first_token_masks(batch["mask"])
     return (loss_ratio * cross_entropy(logits, target_ids=batch["targets"], mask=first, normalizer=max(n_first, 1))
             + (1 - loss_ratio) * cross_entropy(logits, target_ids=batch["targets"], mask=rest,
@@ -146,11 +153,16 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
           max_len: int = None, max_prompt_length: int = 320, loss_ratio: float = 0.8, kd_ratio: float = 0.5,
           ppo_epochs: int = 2, num_rollouts: int = 32, chunk_size: int = 16, teacher_mixed_alpha: float = 0.2,
           gamma: float = 0.95, reward_scaling: float = 0.5, cliprange_reward: float = 100.0, cliprange: float = 0.2,
-          length_norm: bool = True, single_step_reg: bool = False, lm_data_dir: str = None, lm_coef: float = 1.0,
+          length_norm: bool = True, single_step_reg: bool = False, whiten: str = "release",
+          reason_mean: str = "fork", lm_data_dir: str = None, lm_coef: float = 1.0,
           max_new_tokens: int = 180, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
           dtype: str = "float32", save_interval: int = 500, seed: int = 10):
     if type not in TYPES:
         raise ValueError(f"--type must be one of {', '.join(TYPES)}, got {type!r}")
+    if whiten not in WHITEN:
+        raise ValueError(f"--whiten must be one of {', '.join(WHITEN)}, got {whiten!r}")
+    if reason_mean not in REASON_MEANS:
+        raise ValueError(f"--reason_mean must be one of {', '.join(REASON_MEANS)}, got {reason_mean!r}")
     for flag, value in (("--model_path", model_path), ("--data_dir", data_dir), ("--save", save)):
         if value is None:
             raise ValueError(f"{flag} is required")
@@ -238,6 +250,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
             micro = [to_batch(mine[j:j + per_rank], tok, start_id, lay.device) for j in range(0, len(mine), per_rank)]
             n_first = global_count(sum(int(first_token_masks(b["mask"])[0].sum()) for b in micro), lay.device)
             n_tok = global_count(sum(int(b["mask"].sum()) for b in micro), lay.device)
+            n_rest = n_tok - n_first if reason_mean == "tokens" else n_first * (cfg["max_len"] - 1)
 
             def loss_fn(batch):
                 logits = ddp(**model_inputs(batch)).logits
@@ -246,7 +259,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
                         teacher_logits = teacher(**model_inputs(batch)).logits
                     loss = kd_loss(logits, teacher_logits, batch, kd_ratio, n_tok)
                 else:
-                    loss = sft_loss(logits, batch, loss_ratio, n_first, n_tok - n_first)
+                    loss = sft_loss(logits, batch, loss_ratio, n_first, n_rest)
                 return loss, dict(loss=loss.detach())
 
             sums = backward_step(micro, loss_fn)
@@ -273,7 +286,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
                                               eos_id=tok.eos_token_id, seed=rank_seed(seed, it * 100003 + c, lay.dp_rank))
             elapsed = time.perf_counter() - t0
             store = score_rollouts(unwrap(ddp), teacher, prompts, responses, pad_id=tok.pad_token_id,
-                                   batch_size=chunk_size, group=group, **settings)
+                                   batch_size=chunk_size, group=group, temperature=temperature, **settings)
             mask = store["mask"]
             sums = all_reduce_dp(torch.stack([(store["rewards"] * mask).sum(), mask.sum().float()]))
             w = store["weights"][mask]
@@ -302,7 +315,9 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
 
                     def loss_fn(batch):
                         terms = minillm_loss(ddp, teacher, batch, clip_range=cliprange,
-                                             single_step_reg=single_step_reg, normalizer=max(n_resp, 1))
+                                             single_step_reg=single_step_reg, normalizer=max(n_resp, 1),
+                                             temperature=temperature, whiten=whiten, width=max_new_tokens,
+                                             group=group)
                         if "lm" in batch:
                             logits = ddp(**model_inputs(batch["lm"])).logits
                             with torch.no_grad():

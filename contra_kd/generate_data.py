@@ -9,8 +9,10 @@ DistiLLM-2 (contra_kd.md §5.5), or SeqKD's teacher-written training set (§5.1)
 Writes `{save}/train_0.{bin,idx}` (prompt ⟂ sampled response, the `full` layout) and `train.jsonl` (the source
 record with `output` = the sampled text and `reference` = the original output); the `valid` split is copied
 unchanged, so dev selection still scores against the ground truth. Sampling: temperature 1, top-p 0.95 (the
-CONTRA Dolly adaptation; SeqKD: --top-p 1), at most max_length - max_prompt_length new tokens, per-rank seed =
-seed + rank. `--type distillm2`'s --data-dir is the folder holding `tgo/` and `sgo/`.
+CONTRA Dolly adaptation; SeqKD: --top-p 1), at most --max-new-tokens new tokens (default max_length -
+max_prompt_length; CONTRA's DistiLLM-2 scripts sample 512, training then cuts prompt + response to
+--max-length), per-rank seed = seed + rank. `--type distillm2`'s --data-dir is the folder holding `tgo/` and
+`sgo/`.
 """
 import json
 import os
@@ -35,7 +37,8 @@ from contra_kd.data import InstructionSplit
 
 
 def main(model_path: str, data_dir: str, save: str, max_length: int = 512, max_prompt_length: int = 256,
-         temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 16, seed: int = 42, dtype: str = "float32"):
+         max_new_tokens: int = None, temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 16,
+         seed: int = 42, dtype: str = "float32"):
     lay = setup(seed)
     tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
     model = hf.load_model(model_path, dtype=dtype, device=lay.device, frozen=True, flag="--model-path")
@@ -48,7 +51,8 @@ def main(model_path: str, data_dir: str, save: str, max_length: int = 512, max_p
     for start in tqdm(range(0, len(mine), batch_size), desc="sampling", disable=not lay.is_main):
         chunk = mine[start:start + batch_size]
         prompts = [data[i][0][-max_prompt_length:] for i in chunk]
-        out = generate(model, prompts, max_length - max_prompt_length, temperature=temperature, top_p=top_p,
+        out = generate(model, prompts, max_new_tokens or max_length - max_prompt_length, temperature=temperature,
+                       top_p=top_p,
                        top_k=0, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, padding="left",
                        generator=gen)
         responses.update({i: list(r) for i, r in zip(chunk, out)})

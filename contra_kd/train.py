@@ -19,8 +19,8 @@ Objective per optimiser step (λ = kd_ratio, token means over response tokens of
     any type     + lm_coef·CE on an OpenWebText chunk per micro-batch when --lm-data-dir is given
 AdamW (weight decay 0.01, none on biases and norms), cosine from lr to lr_min over all steps, no warmup,
 clip 1.0; `--dtype bfloat16` / `float16` runs every forward (sampling included) under autocast over fp32 weights.
-Each epoch ends with the dev CE (DistiLLM's threshold; `--select-by loss`) and the dev Rouge-L of
-sampled responses (`--select-by rougeL`, default); the best epoch is exported to `save/best`, the last to
+Each epoch ends with the dev CE (DistiLLM's threshold; `--select-by loss`) and, with `--select-by rougeL`
+(default), the dev Rouge-L of sampled responses; the best epoch is exported to `save/best`, the last to
 `save/final`.
 
 The run is a fixed sequence of units (dev evaluation of the start point, student steps, epoch ends, re-fit
@@ -56,7 +56,7 @@ from common.losses import (contra_loss, cross_entropy, fdd_loss, reverse_kl, ske
 from common.metrics import rouge_l
 from common.training import complete_checkpoints, global_count
 from contra_kd.data import (ChunkSplit, InstructionSplit, collate, epoch_order, model_inputs, rank_micro_batches)
-from contra_kd.distillm import AdaptiveSGO, ReplayBuffer
+from contra_kd.distillm import AdaptiveSGO, ReplayBuffer, distillm2_beta
 from contra_kd.eval import sample_responses
 from contra_kd.flow import Flow, load_flow, save_flow
 from contra_kd.train_velocity_field import fit_step, flow_expectation, flow_optimizer, layer_pairing, sequence_times
@@ -320,7 +320,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         terms = {}
         if base == "distillm2":
             half = logits.shape[0] // 2
-            beta = 1 + 0.5 * min(1.0, 2 * step / total_iters) if gradual_beta else 1.0
+            beta = distillm2_beta(step, total_iters, gradual_beta)
             tgo = per_sequence_mean(skew_forward_kl, logits, t_out.logits, mask, range(half), alpha=skew_alpha)
             sgo = per_sequence_mean(skew_reverse_kl, logits, t_out.logits, mask, range(half, 2 * half),
                                     alpha=skew_alpha, detach_mixture=True)
@@ -413,7 +413,6 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         return value
 
     bar = tqdm(total=len(units), initial=state["step"], desc="units", disable=not lay.is_main)
-    clock = time.time()
     for u in range(state["step"], len(units)):
         kind, epoch, index = units[u]
         if kind == "start":
@@ -424,14 +423,16 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
             log(row)
         elif kind == "step":
             step = epoch * steps_per_epoch + index
+            clock = time.time()  # this step only: epoch ends and re-fits in between are not student tokens
             values, source, tokens, grad_norm = student_step(epoch, step, index)
-            now = time.time()
             log({"kind": "step", "unit": u, "step": step, "epoch": epoch, "source": source, **values,
-                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens / (now - clock)})
-            clock = now
+                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                 "tokens_per_s": tokens / (time.time() - clock)})
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", src=source[:3])
         elif kind == "epoch_end":
-            row = {"kind": "epoch", "unit": u, "epoch": epoch, "dev_loss": dev_loss(), "dev_rougeL": dev_rouge()}
+            row = {"kind": "epoch", "unit": u, "epoch": epoch, "dev_loss": dev_loss()}
+            if select_by == "rougeL":  # sampling the dev set is costly: only when it selects the epoch
+                row["dev_rougeL"] = dev_rouge()
             if schedule:
                 schedule.update(row["dev_loss"])
                 row["sgo_threshold"] = schedule.threshold
@@ -440,7 +441,8 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
                 state["best"] = {"epoch": epoch, "value": value}
                 export_model(student, tokenizer, os.path.join(save, "best"), lay)
             log(row)
-            print0(f"epoch {epoch}: dev loss {row['dev_loss']:.4f}, dev Rouge-L {row['dev_rougeL']:.2f}"
+            print0(f"epoch {epoch}: dev loss {row['dev_loss']:.4f}"
+                   + (f", dev Rouge-L {row['dev_rougeL']:.2f}" if "dev_rougeL" in row else "")
                    + (f", SGO threshold {schedule.threshold:.1f}" if schedule else ""))
         elif kind == "refit":
             round_ = sorted(refit_epochs).index(epoch)

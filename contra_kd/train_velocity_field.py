@@ -9,7 +9,9 @@ hidden states; at each paired layer j (pairing of losses.md §4.2) the student's
 space and the field learns the straight-line velocity y_T - y_S at Y_t = (1-t)·y_S + t·y_T, one t ~ U(0, 1)
 per sequence. Projector and field train jointly (AdamW, weight decay 0.01, cosine to lr_min). Writes
 `velocity_field.safetensors` and `projector.safetensors`, each carrying the hidden sizes and layer pairing it
-was trained for. `fit_step` below is also the per-epoch re-fit of contra_kd/train.py.
+was trained for. `fit_step` below is also the per-epoch re-fit of contra_kd/train.py. A DistiLLM-2 data folder
+(holding `tgo/` and `sgo/`, contra_kd/generate_data.py) trains on the teacher- and student-output sequences
+together, as CONTRA's `lm-distillm2` field.
 """
 import os
 import random
@@ -71,6 +73,14 @@ def fit_step(flow, student, teacher, micro_batches, pairing, times, lay, dtype="
     return all_reduce_dp(total).item()
 
 
+def flow_data(data_dir: str):
+    """The `full` train split, or for a DistiLLM-2 folder the TGO items followed by the SGO items."""
+    if all(os.path.isdir(os.path.join(data_dir, k)) for k in ("tgo", "sgo")):
+        parts = [InstructionSplit(os.path.join(data_dir, k), "train") for k in ("tgo", "sgo")]
+        return [part[i] for part in parts for i in range(len(part))]
+    return InstructionSplit(data_dir, "train")
+
+
 def flow_optimizer(field, projector, lr: float, weight_decay: float = 0.01):
     return torch.optim.AdamW(list(field.parameters()) + list(projector.parameters()), lr=lr, weight_decay=weight_decay)
 
@@ -89,7 +99,7 @@ def main(model_path: str, teacher_model_path: str, data_dir: str, save: str, epo
                           velocity_dropout).to(lay.device)
     projector = Projector(student.config.hidden_size, teacher.config.hidden_size).to(lay.device)
     flow = wrap_ddp(Flow(field, projector), lay)
-    data = InstructionSplit(data_dir, "train")
+    data = flow_data(data_dir)
     global_batch = batch_size * gradient_accumulation_steps * lay.dp_size
     steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:

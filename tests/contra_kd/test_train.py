@@ -177,16 +177,21 @@ def test_generated_tgo_sgo_pair_up_and_train_distillm2_contra(workspace, tmp_pat
     from contra_kd.generate_data import main as generate_data
 
     src = str(workspace / "dolly/full/tiny")
-    for name, model in (("tgo", "teacher"), ("sgo", "student")):
+    from contra_kd.train_velocity_field import flow_data
+
+    for name, model, new_tokens in (("tgo", "teacher", None), ("sgo", "student", 8)):
         generate_data(str(workspace / model), src, str(tmp_path / "d2" / name), max_length=232, max_prompt_length=200,
-                      batch_size=8, seed=1)
+                      max_new_tokens=new_tokens, batch_size=8, seed=1)
     tok = char_tokenizer()
     source, tgo, sgo = (InstructionSplit(p, "train") for p in (src, tmp_path / "d2/tgo", tmp_path / "d2/sgo"))
     assert len(tgo) == len(sgo) == len(source) == 16
     for i in range(len(source)):
         assert tgo[i][0] == sgo[i][0] == source[i][0]                      # same prompts, in order
         assert 0 < len(tgo[i][1]) <= 32 and tgo.records[i]["reference"] == source.records[i]["output"]
+        assert 0 < len(sgo[i][1]) <= 8  # --max-new-tokens
         assert tgo.records[i]["output"] == tok.decode(tgo[i][1], skip_special_tokens=True).strip()
+    # the DistiLLM-2 velocity field trains on both outputs (CONTRA's lm-distillm2 batches hold chosen and rejected)
+    assert flow_data(str(tmp_path / "d2")) == [tgo[i] for i in range(16)] + [sgo[i] for i in range(16)]
     assert IndexedTokens(str(tmp_path / "d2/tgo/valid_0")).sizes.tolist() == \
         IndexedTokens(src + "/valid_0").sizes.tolist()
     out = _run(_args(workspace, tmp_path / "run", **{"type": "distillm2-v2-contra", "data-dir": tmp_path / "d2",
