@@ -64,6 +64,27 @@ def prompt_ids(tokenizer, instruction: str, chat: bool = False) -> list[int]:
     return tokenizer.encode(instruction, bos=True, eos=False)
 
 
+def fit_prompt(tokenizer, instruction: str, limit: int, chat: bool = False) -> list[int]:
+    """The prompt in at most `limit` tokens, cut with a warning as the original: a plain prompt loses its tail;
+    a chat prompt loses the tail of the user text, never the template around it (the assistant header stays
+    last, so the model still answers)."""
+    prompt = prompt_ids(tokenizer, instruction, chat)
+    if len(prompt) <= limit:
+        return prompt
+    warnings.warn(f"prompt of {len(prompt)} tokens cut to {limit}: {instruction[:60]!r}...")
+    if not chat:
+        return prompt[:limit]
+    text = tokenizer.encode(instruction.strip(), bos=False, eos=False)
+    keep = len(text) - (len(prompt) - limit)
+    while keep > 0:
+        prompt = tokenizer.encode_chat([{"role": "user", "content": tokenizer.decode(text[:keep])}])
+        if len(prompt) <= limit:
+            return prompt
+        keep -= len(prompt) - limit
+    raise UserError(f"max_seq_len leaves {limit} prompt tokens, fewer than the chat template around an empty "
+                    f"user turn ({len(prompt_ids(tokenizer, '', chat))}): raise --max_seq_len")
+
+
 def logit_spans(spans, indices: str) -> list:
     """Spans in the file's convention -> the logit positions that predict the answer tokens."""
     shift = {"logits": 0, "tokens": 1}[indices]
@@ -84,12 +105,9 @@ class Example:
 def encode_example(tokenizer, instruction: str, output: str, max_seq_len: int, chat: bool = False) -> Example:
     """[BOS] + instruction + output + EOS with labels on the output and EOS only (§3.1).
 
-    Truncation as the original: an instruction longer than max_seq_len is cut (with a warning); then the
-    excess is dropped from the end of the output (the EOS may be cut)."""
-    prompt = prompt_ids(tokenizer, instruction, chat)
-    if len(prompt) > max_seq_len:
-        warnings.warn(f"instruction of {len(prompt)} tokens cut to max_seq_len={max_seq_len}")
-        prompt = prompt[:max_seq_len]
+    Truncation as the original: an instruction longer than max_seq_len is cut (with a warning; `fit_prompt`);
+    then the excess is dropped from the end of the output (the EOS may be cut)."""
+    prompt = fit_prompt(tokenizer, instruction, max_seq_len, chat)
     target = target_ids(tokenizer, output)[: max_seq_len - len(prompt)]
     tokens = prompt + target
     labels = [IGNORE_INDEX] * len(tokens)
@@ -212,6 +230,15 @@ def write_sidecar(path, tokenizer, **info):
     with open(sidecar_path(path), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
+
+
+def sidecar_indices(path):
+    """The indices convention the file's sidecar records, or None without a sidecar."""
+    meta_file = sidecar_path(path)
+    if not meta_file.is_file():
+        return None
+    with open(meta_file) as f:
+        return json.load(f).get("indices", "logits")  # sidecars from before the option held logit positions
 
 
 def check_sidecar(path, tokenizer, chat: bool = False, indices: str = "logits"):

@@ -14,7 +14,6 @@ so the folder reads data -> answers -> eval -> train -> train_mcc without a cycl
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/eval.py)
@@ -31,7 +30,7 @@ from common.parallel import Layout, dp_group, print0, setup
 from common.tokenizer import load_tokenizer
 from common.training import load_weights
 from mcc_kd.answers import check_task, extract_answer, is_correct
-from mcc_kd.data import load_task_file, prompt_ids
+from mcc_kd.data import fit_prompt, load_task_file
 
 
 def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max_seq_len, max_batch_size,
@@ -65,13 +64,9 @@ def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max
 
 
 def eval_prompt(tokenizer, instruction: str, max_seq_len: int, chat: bool = False) -> list[int]:
-    """The prompt, cut to max_seq_len - 1 tokens (room for one answer token) with a warning, as the original."""
-    prompt = prompt_ids(tokenizer, instruction, chat)
-    if len(prompt) >= max_seq_len:
-        warnings.warn(f"prompt of {len(prompt)} tokens cut to {max_seq_len - 1} (max_seq_len={max_seq_len}): "
-                      f"{instruction[:60]!r}...")
-        prompt = prompt[:max_seq_len - 1]
-    return prompt
+    """The prompt, cut to max_seq_len - 1 tokens (room for one answer token) with a warning, as the original;
+    a chat prompt loses user text, never its assistant header (`fit_prompt`)."""
+    return fit_prompt(tokenizer, instruction, max_seq_len - 1, chat)
 
 
 @torch.no_grad()

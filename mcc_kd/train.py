@@ -34,7 +34,7 @@ from common.parallel import print0
 from common.training import (Throughput, average_gradients, dp_shard, global_count, load_latest_checkpoint,
                              load_weights, save_checkpoint, save_weights)
 from mcc_kd.answers import check_task
-from mcc_kd.data import IGNORE_INDEX, collate, encode_example, load_task_file, rationales
+from mcc_kd.data import IGNORE_INDEX, collate, encode_example, load_task_file, rationales, sidecar_indices
 from mcc_kd.eval import build_model, evaluate, split_name, write_results
 
 
@@ -95,6 +95,9 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
     lay, model, tokenizer = build_model(cfg.ckpt_dir, cfg.model_type, cfg.lora_rank, cfg.lora_alpha, cfg.tokenizer_file,
                                         cfg.max_seq_len, cfg.eval_batch_size, cfg.tp_size, cfg.use_float16,
                                         cfg.use_bfloat16, cfg.seed, cfg.config_file)
+    if multi_cot and cfg.indices is None:  # the convention the file's sidecar records (prepare_data.py)
+        cfg.indices = sidecar_indices(cfg.train_file) or "logits"
+        print0(f"{cfg.train_file}: indices are {cfg.indices!r} positions")
     items = load_task_file(cfg.train_file, multi_cot=multi_cot, train=True, tokenizer=tokenizer if multi_cot else None,
                            chat=cfg.chat_template, indices=getattr(cfg, "indices", "logits"))
     dev = load_task_file(cfg.dev_file) if cfg.dev_file else None

@@ -248,6 +248,16 @@ def test_each_indices_convention_trains_the_span_kl_on_the_logits_predicting_the
         load_task_file(str(tmp_path / "mcc.json"), multi_cot=True, tokenizer=tok, indices=other)
 
 
+def test_train_mcc_reads_the_indices_convention_from_the_sidecar_by_default(tiny, tmp_path, capsys):
+    tok = load_tokenizer(str(tiny / "ckpt" / "tokenizer.model"))
+    json.dump([HAND_BUILT] * 2, open(tmp_path / "raw.json", "w"))
+    filter_file("SVAMP", str(tmp_path / "raw.json"), str(tmp_path / "mcc.json"), tok.path, indices="tokens")
+    _train_worker(train_kwargs(tiny, tmp_path / "mcc.json", tmp_path / "run", max_batch_size=2, accumulation_steps=1))
+    assert "indices are 'tokens' positions" in capsys.readouterr().out
+    with pytest.raises(DataError, match="pass --indices tokens"):  # a flag that contradicts the sidecar
+        _train_worker(train_kwargs(tiny, tmp_path / "mcc.json", tmp_path / "run2", indices="logits"))
+
+
 def test_config_file_gives_the_architecture_as_the_originals_flag(tiny, tmp_path):
     import shutil
 
