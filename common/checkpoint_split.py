@@ -15,17 +15,12 @@ import sys
 import fire
 
 from common import checkpoint as ckpt
-from common.model import model_args
+from common.model import lora_scale, model_args
 from common.tokenizer import load_tokenizer
 
 
 def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def lora_scale(lora_rank, lora_alpha) -> float:
-    """1 (the original) unless an alpha is given, then alpha / rank, as common.model.lora_scale."""
-    return 1.0 if lora_alpha is None else float(lora_alpha) / int(lora_rank)
 
 
 def split(ckpt_file, save_path: str, n: int = 1, tokenizer: str = None):

@@ -6,6 +6,7 @@ model, so a Hugging Face-only run can use it.
     state = read_tensors("out/w.safetensors")               # tensors only (torch.load weights_only=True)
     with atomic_folder("out/export") as tmp:                # write into a sibling folder, swapped in on success
         model.save_pretrained(tmp)
+    state = load_shard("ckpt", tp_rank=0, tp_size=1)        # this rank's consolidated.*.pth of a shard folder
     rows = read_jsonl("preds.jsonl")                        # a bad line names the file and the line number
     append_jsonl("preds.jsonl", row)                        # flushed per call: a resumed run skips len(rows)
 
@@ -14,9 +15,11 @@ A reader never sees half a file: each write goes to `<path>.tmp.<pid>` and is re
 drops a last line cut short by a crash.
 """
 import contextlib
+import glob
 import gzip
 import json
 import os
+import re
 import pickle
 import shutil
 
@@ -128,3 +131,31 @@ def append_jsonl(path: str, *rows) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+# shard folders of the TP model (common.checkpoint writes them; common.model loads them)
+
+DROPPED = ("rope.freqs", "inv_freq")  # recomputed buffers
+
+
+def shard_paths(ckpt_dir: str) -> list:
+    """consolidated.*.pth|safetensors sorted by their number (so the old `consolidated.010.pth` names load too)."""
+    found = []
+    for path in glob.glob(os.path.join(ckpt_dir, "consolidated.*")):
+        m = re.fullmatch(r"consolidated\.(\d+)\.(pth|safetensors)", os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def load_shard(ckpt_dir: str, tp_rank: int, tp_size: int) -> dict:
+    paths = shard_paths(ckpt_dir)
+    if not paths:
+        raise FileNotFoundError(f"no consolidated.*.pth in {ckpt_dir}; make one with "
+                                f"`python -m common.checkpoint_split --ckpt_file SRC --save_path {ckpt_dir} --n {tp_size}`")
+    if len(paths) != tp_size:
+        raise ValueError(f"{ckpt_dir} holds {len(paths)} shards but the tensor-parallel size is {tp_size}: launch with "
+                         f"--nproc_per_node {len(paths)} (or tp_size={len(paths)}), or re-split with `python -m "
+                         f"common.checkpoint_split --ckpt_file {ckpt_dir} --save_path NEW_DIR --n {tp_size}`")
+    state = read_tensors(paths[tp_rank])
+    return {k: v for k, v in state.items() if not k.endswith(DROPPED)}
