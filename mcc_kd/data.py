@@ -25,6 +25,7 @@ Token convention (§2.2 / §3.1):
 
     ex = encode_example(tok, instruction, rationale, max_seq_len)   # Example(tokens, labels, prompt_len)
     tokens, labels = collate([ex, ...], pad_id=tok.pad_id)          # right-padded LongTensors [B, S]
+IGNORE_INDEX is common.labels'.
 """
 import json
 import warnings
@@ -34,8 +35,7 @@ from pathlib import Path
 import torch
 
 from common.cli import UserError
-
-IGNORE_INDEX = -100
+from common.labels import IGNORE_INDEX, causal_lm_batch, targets_and_mask
 INDICES = ("logits", "tokens")  # the two `indices` conventions
 REQUIRED_FIELDS = ("instruction", "output", "label")
 
@@ -115,15 +115,12 @@ def encode_example(tokenizer, instruction: str, output: str, max_seq_len: int, c
     return Example(tokens, labels, len(prompt))
 
 
-def collate(examples, pad_id: int, pad_to: int = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row (or `pad_to`): tokens with pad_id, labels with IGNORE_INDEX."""
-    width = max(len(e.tokens) for e in examples) if pad_to is None else pad_to
-    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for b, e in enumerate(examples):
-        tokens[b, : len(e.tokens)] = torch.tensor(e.tokens, dtype=torch.long)
-        labels[b, : len(e.labels)] = torch.tensor(e.labels, dtype=torch.long)
-    return tokens, labels
+def collate(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded to the longest row (common.labels): tokens with pad_id, labels aligned with the logits,
+    IGNORE_INDEX on the prompt and padding (each example's own `labels`)."""
+    batch = causal_lm_batch([e.tokens[:e.prompt_len] for e in examples], [e.tokens[e.prompt_len:] for e in examples],
+                            pad_id=pad_id)
+    return batch["input_ids"], targets_and_mask(batch["labels"], shift=True)[0]
 
 
 def span_bounds(tokenizer, instruction: str, rationale: str, chat: bool = False,

@@ -212,7 +212,7 @@ def test_collate_right_pads(sp_tok):
     width = max(len(a.tokens), len(b.tokens))
     assert tokens.shape == labels.shape == (2, width)
     assert tokens[0, len(a.tokens):].eq(sp_tok.pad_id).all() and labels[0, len(a.tokens):].eq(IGNORE_INDEX).all()
-    assert collate([a], pad_id=0, pad_to=64)[0].shape == (1, 64)
+    assert labels[0, :len(a.labels)].tolist() == a.labels and labels[1].tolist() == b.labels
 
 
 # ---------------------------------------------------------------------------------------------------------
