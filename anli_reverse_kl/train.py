@@ -46,7 +46,7 @@ from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, 
 from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from common.labels import seq2seq_batch, targets_and_mask
 from common.losses import cross_entropy, soft_cross_entropy
-from common.training import Throughput, dp_shard, global_count
+from common.training import Throughput, dp_shard, epoch_order, global_count
 
 TYPES = ("sft", "kd", "seqkd", "minillm")
 REASON_MEANS = ("fork", "tokens")
@@ -95,7 +95,7 @@ def item_order(n: int, position: int, count: int, seed: int) -> list:
     out = []
     while len(out) < count:
         epoch, offset = divmod(position + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        perm = epoch_order(n, seed, epoch)
         out += perm[offset:offset + count - len(out)]
     return out
 

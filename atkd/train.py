@@ -31,6 +31,7 @@ from common.hf_training import (autocast, enable_gradient_checkpointing, export_
                                 load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, wrap_ddp)
 from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
 from common.labels import IGNORE_INDEX, causal_lm_batch, targets_and_mask  # noqa: E402
+from common.training import adamw, epoch_order  # noqa: E402
 
 KL_METHODS = ("forward", "reverse", "jsd", "gjsd", "dkd", "tvd", "atkd", "seqkd")
 SAMPLE_SOURCES = ("gt", "teacher", "student", "mix_token", "mix_request_teacher", "mix_request_gt")
@@ -154,11 +155,10 @@ def micro_batch_loss(student, teacher, batch: dict, kl_method: str, *, dtype="fl
 # ---- the run ----
 
 def _step_items(n_items: int, step: int, steps_per_epoch: int, step_size: int, seed: int, shuffle: bool) -> list:
-    """The item indices of global optimiser step `step`: epoch e is a permutation seeded by (seed, e)."""
+    """The item indices of global optimiser step `step`: epoch e in common.training.epoch_order(seed, e)."""
     epoch, k = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle \
-        else torch.arange(n_items)
-    return order[k * step_size:(k + 1) * step_size].tolist()
+    order = epoch_order(n_items, seed, epoch) if shuffle else list(range(n_items))
+    return order[k * step_size:(k + 1) * step_size]
 
 
 def _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strategy, save_strategy,
@@ -250,10 +250,7 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     student.config.use_cache = False
     if gradient_checkpointing:
         enable_gradient_checkpointing(student)
-    decay = [p for p in student.parameters() if p.dim() >= 2]  # biases and norms without weight decay, as HF
-    no_decay = [p for p in student.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
-                                   dict(params=no_decay, weight_decay=0.0)], lr=learning_rate, betas=(0.9, 0.999))
+    optimizer = adamw(student, learning_rate, weight_decay, betas=(0.9, 0.999))
     scheduler = lr_schedule(optimizer, lr_scheduler_type, math.ceil(warmup_ratio * total_steps), total_steps)
     state = load_checkpoint(str(out), lay, student, optimizer, scheduler) or dict(step=0)
     metrics_path = out / "metrics.jsonl"

@@ -114,10 +114,15 @@ def all_reduce_dp(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
-def gather_object(obj, lay: Layout):
-    """Every global rank's `obj` as a list on rank 0 (in rank order); None on the other ranks."""
+def gather_object(obj, lay: Layout, everywhere: bool = False):
+    """Every global rank's `obj` as a list on rank 0 (in rank order); None on the other ranks, or the same list on
+    every rank with `everywhere=True`."""
     if lay.world_size == 1:
         return [obj]
+    if everywhere:
+        out = [None] * lay.world_size
+        dist.all_gather_object(out, obj)
+        return out
     out = [None] * lay.world_size if lay.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out

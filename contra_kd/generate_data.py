@@ -24,13 +24,12 @@ if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from common import hf
 from common.binarized import split_marker, write_indexed
 from common.cli import UserError, run_cli
-from common.distributed import print0, setup, shutdown
+from common.distributed import gather_object, print0, setup, shutdown
 from common.generation import generate
 from common.io import write_jsonl
 from contra_kd.data import InstructionSplit
@@ -56,11 +55,9 @@ def main(model_path: str, data_dir: str, save: str, max_length: int = 512, max_p
                        top_k=0, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, padding="left",
                        generator=gen)
         responses.update({i: list(r) for i, r in zip(chunk, out)})
-    if lay.dp_size > 1:
-        parts = [None] * lay.dp_size
-        dist.all_gather_object(parts, responses)
-        responses = {k: v for part in parts for k, v in part.items()}
+    parts = gather_object(responses, lay)
     if lay.is_main:
+        responses = {k: v for part in parts for k, v in part.items()}
         os.makedirs(save, exist_ok=True)
         marker = split_marker(data.tokens.dtype)
         write_indexed(os.path.join(save, "train_0"), (data[i][0] + [marker] + responses[i] for i in range(len(data))),

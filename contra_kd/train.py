@@ -54,8 +54,8 @@ from common.io import append_jsonl, atomic_save, atomic_write_json, read_jsonl, 
 from common.losses import (contra_loss, cross_entropy, fdd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl,
                            soft_cross_entropy)
 from common.metrics import rouge_l
-from common.training import complete_checkpoints, global_count
-from contra_kd.data import (ChunkSplit, InstructionSplit, collate, epoch_order, model_inputs, rank_micro_batches)
+from common.training import adamw, complete_checkpoints, epoch_order, global_count
+from contra_kd.data import ChunkSplit, InstructionSplit, collate, model_inputs, rank_micro_batches
 from contra_kd.distillm import AdaptiveSGO, ReplayBuffer, distillm2_beta
 from contra_kd.eval import sample_responses
 from contra_kd.flow import Flow, load_flow, save_flow
@@ -90,13 +90,6 @@ def add_lora(model, r, alpha, dropout, model_path):
         raise UserError(f"--peft lora: peft cannot wrap {model_path} ({model.config.model_type}) with its default "
                          f"targets ({str(e).splitlines()[0]}); use a model peft supports or train it fully "
                          f"without --peft") from None
-
-
-def build_optimizer(model, lr: float, weight_decay: float = 0.01):
-    """AdamW; no weight decay on biases and norm weights (the one-dimensional parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=lr)
 
 
 def per_sequence_mean(loss_fn, student_logits, teacher_logits, mask, rows, **kwargs):
@@ -189,7 +182,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     refit_steps = velocity_epochs * (len(refit_data) // global_batch) if contra else 0
     units = plan_units(epochs, steps_per_epoch, refit_steps, refit_epochs)
 
-    optimizer = build_optimizer(student, lr, weight_decay)
+    optimizer = adamw(student, lr, weight_decay)
     scheduler = lr_schedule(optimizer, "cosine", 0, total_iters, min_lr=lr_min)
     scaler = grad_scaler(dtype, lay.device)
     if contra:  # one cosine schedule spanning all re-fit rounds, at the student lr

@@ -29,8 +29,8 @@ from common.cli import UserError, run_cli
 from common.distributed import all_reduce_dp, print0, setup, shutdown
 from common.hf_training import autocast, grad_sync, lr_schedule, optimizer_step, unwrap, wrap_ddp
 from common.losses import distill_layer_indices
-from common.training import global_count
-from contra_kd.data import InstructionSplit, collate, epoch_order, model_inputs, rank_micro_batches
+from common.training import epoch_order, global_count
+from contra_kd.data import InstructionSplit, collate, model_inputs, rank_micro_batches
 from contra_kd.flow import Flow, Projector, VelocityField, save_flow
 
 
