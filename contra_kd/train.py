@@ -294,9 +294,9 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         if source == "replay":
             rng = random.Random(f"{seed}-replay-{step}-{lay.dp_rank}")
             return [buffer.sample(len(idx), rng) for _, idx in micro], source
-        gen = torch.Generator(device=lay.device).manual_seed(rank_seed(seed, step, lay.dp_rank))
         out = []
-        for _, idx in micro:
+        for offset, idx in micro:  # seeded by the micro-batch's place in the global batch: any process count
+            gen = torch.Generator(device=lay.device).manual_seed(rank_seed(seed, step, offset))  # draws the same
             prompts = [train[i][0][-max_prompt_length:] for i in idx]
             with autocast(dtype, lay.device):
                 responses = generate(unwrap(student), prompts, max_length - max_prompt_length, temperature=1.0,
