@@ -24,13 +24,14 @@ def client_inputs(rank: int, round_: int):
     return ids, lengths
 
 
-def client_main(id_file: str, rank: int, size: int, out: str, behaviour: str = "normal", hiddens: int = 1):
+def client_main(id_file: str, rank: int, size: int, out: str, behaviour: str = "normal", hiddens: int = 1,
+                logits_dtype: str = "fp32"):
     """One trainer: ROUNDS requests, results saved to `out`, then SHUTDOWN. Run as its own process."""
     model = tiny_model("llama")
     try:
         client = TeacherClient(id_file, rank, size, batch=B, length=L, vocab=model.config.vocab_size,
                                hidden=model.config.hidden_size, n_layers=model.config.num_hidden_layers,
-                               pad_id=1, output_all_hiddens=bool(hiddens), backend="gloo",
+                               pad_id=1, output_all_hiddens=bool(hiddens), backend="gloo", logits_dtype=logits_dtype,
                                connect_timeout_s=CONNECT_TIMEOUT, reply_timeout_s=TIMEOUT)
         results = []
         for r in range(ROUNDS):
@@ -65,15 +66,17 @@ def _in_child(fn, log_path, *args):
     os._exit(code or 0)
 
 
-def serve_main(model_dir, id_file, size, hiddens):
+def serve_main(model_dir, id_file, size, hiddens, logits_dtype="fp32"):
     from transformers import AutoModelForCausalLM
     from rwkv_llama.teacher_server import serve
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     return serve(model, batch=B, length=L, size=size, nccl_id_file=id_file, output_all_hiddens=bool(hiddens),
-                 pad_id=1, backend="gloo", connect_timeout_s=CONNECT_TIMEOUT, request_timeout_s=TIMEOUT)
+                 pad_id=1, backend="gloo", connect_timeout_s=CONNECT_TIMEOUT, request_timeout_s=TIMEOUT,
+                 logits_dtype=logits_dtype)
 
 
-def run_group(tmp_path, behaviours, server_hiddens=1, client_hiddens=1, server_cli=False, **teacher_overrides):
+def run_group(tmp_path, behaviours, server_hiddens=1, client_hiddens=1, server_cli=False, logits_dtype="fp32",
+              **teacher_overrides):
     """Start one server and len(behaviours) clients; wait for all (bounded); return exit codes and logs.
     With server_cli the server is `python -m rwkv_llama.teacher_server` with the original's flags."""
     import multiprocessing as mp
@@ -90,10 +93,12 @@ def run_group(tmp_path, behaviours, server_hiddens=1, client_hiddens=1, server_c
                                   stdout=open(logs[0], "w"), stderr=subprocess.STDOUT,
                                   env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
     else:
-        server = fork.Process(target=_in_child, args=(serve_main, logs[0], model_dir, id_file, size, server_hiddens))
+        server = fork.Process(target=_in_child, args=(serve_main, logs[0], model_dir, id_file, size, server_hiddens,
+                                                      logits_dtype))
         server.start()
     clients = [fork.Process(target=_in_child, args=(client_main, logs[1 + r], id_file, r, size,
-                                                     str(tmp_path / f"out{r}.pt"), behaviour, client_hiddens))
+                                                     str(tmp_path / f"out{r}.pt"), behaviour, client_hiddens,
+                                                     logits_dtype))
                for r, behaviour in enumerate(behaviours)]
     for c in clients:
         c.start()
@@ -137,6 +142,20 @@ def test_two_clients_get_exactly_what_the_in_process_teacher_gives_and_all_exit_
             torch.testing.assert_close(got[rank][r_]["logits"], own_logits, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got[rank][r_]["hidden"], own_hidden, atol=1e-5, rtol=1e-5)
     assert "all clients shut down" in logs[0]
+
+
+def test_bf16_wire_carries_the_teachers_outputs_rounded_to_bf16_and_the_client_returns_fp32(tmp_path):
+    codes, logs, model_dir = run_group(tmp_path, ["normal"], logits_dtype="bf16")
+    assert codes == [0, 0], logs
+    from transformers import AutoModelForCausalLM
+    teacher = InProcessTeacher(AutoModelForCausalLM.from_pretrained(model_dir), output_all_hiddens=True)
+    got = torch.load(tmp_path / "out0.pt", weights_only=True)
+    for r_ in range(ROUNDS):
+        logits, hidden = teacher.forward(*client_inputs(0, r_))
+        assert got[r_]["logits"].dtype == got[r_]["hidden"].dtype == torch.float32
+        torch.testing.assert_close(got[r_]["logits"], logits.to(torch.bfloat16).float(), atol=0, rtol=0)
+        torch.testing.assert_close(got[r_]["hidden"], hidden.to(torch.bfloat16).float(), atol=0, rtol=0)
+        assert not torch.equal(got[r_]["logits"], logits)  # the rounding did happen
 
 
 def test_a_client_that_disconnects_stops_the_server_and_the_other_client(tmp_path):

@@ -203,3 +203,51 @@ def test_eval_hybrid_before_distillation_is_the_student_training_starts_from(set
     assert start and all(torch.equal(params[k], v) for k, v in start.items())
     other = dict(build_model(str(setup_dir / "teacher"), layers=[0, 1], head_size=8, seed=8).named_parameters())
     assert not all(torch.equal(other[k], v) for k, v in start.items())
+
+
+class _FixedTeacher:
+    def __init__(self, logits):
+        self.logits = logits
+
+    def forward(self, ids, lengths):
+        return self.logits, None
+
+
+@pytest.mark.parametrize("all_labels", [False, True])
+def test_stage2_loss_equals_the_hand_formula(all_labels):
+    """kl_weight·FKL(p ‖ q) + ce_weight·CE(labels[t] from logits[t]) (spec §4): FKL a token mean over
+    labels != -100, or with is_all_labels_kl summed over every position and the vocabulary and divided by B."""
+    from tests.tiny import tiny_model
+    student = tiny_model("llama", seed=3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 100, (2, 6), generator=g)
+    labels = torch.tensor([[-100, 5, 6, 7, -100, -100], [-100, -100, 8, 9, 10, 11]])
+    t_logits = 3 * torch.randn(2, 6, student.config.vocab_size, generator=g)
+    batch = dict(input_ids=ids, labels=labels, lengths=torch.tensor([4, 6]))
+    cfg = dict(is_sft=False, is_hidden_align=False, is_all_labels_kl=all_labels, kl_weight=0.1, ce_weight=1.0)
+    loss, parts = train.step_losses(student, batch, _FixedTeacher(t_logits), cfg,
+                                    dict(tokens=7.0, sequences=2.0, batches=1))
+    with torch.no_grad():
+        attn = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+        z = student(input_ids=ids, attention_mask=attn).logits.double()
+    p, logq = t_logits.double().softmax(-1), z.log_softmax(-1)
+    kl_all = (p * (p.log() - logq)).sum(-1)
+    counted = labels != -100
+    kl = kl_all.sum() / 2 if all_labels else kl_all[counted].sum() / 7
+    ce = -logq[counted].gather(-1, labels[counted][:, None]).sum() / 7
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.1 * kl.item() + ce.item(), rel=1e-5)
+
+
+def test_each_step_logs_the_originals_quantities(setup_dir, tmp_path):
+    """loss, the KL and the student CE, lr, Kt/s = max_seq_length·real_bsz / step time / 1000, tokens seen; with a
+    validation check, the student's and the teacher's validation CE (spec §6 logging)."""
+    s1 = run(setup_dir, tmp_path / "s1", max_steps=2)
+    rows = run(setup_dir, tmp_path / "s2", max_steps=2, is_hidden_align=False, val_check_interval=2,
+               ckpt_file=str(tmp_path / "s1/student.safetensors"))
+    assert {"loss", "hidden_mse", "lr", "kt_per_s", "tokens"} <= set(s1[0])
+    assert {"step", "loss", "kl", "ce", "lr", "grad_norm", "kt_per_s", "tokens"} <= set(rows[0])
+    assert rows[0]["loss"] == pytest.approx(0.1 * rows[0]["kl"] + rows[0]["ce"], rel=1e-6)
+    assert [r["tokens"] for r in rows] == [32 * 4, 2 * 32 * 4]  # max_seq_length x real_bsz per step
+    assert {"val_ce", "val_teacher_ce", "val_kl"} <= set(rows[1]) and "val_ce" not in rows[0]
