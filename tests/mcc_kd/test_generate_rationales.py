@@ -66,3 +66,26 @@ def test_killed_and_rerun_neither_repeats_nor_loses_a_question(tmp_path):
     by_instruction = {r["instruction"]: r for r in after}
     for x in load_task_file(tmp_path / "out.json", train=True):  # the schema prepare_data filters
         assert x["output"] == [o for o in by_instruction[x["instruction"]]["output"] if o.strip()]
+
+
+def test_teacher_prompts_are_the_chat_template_token_ids_transformers_builds(smollm2_dir, tmp_path, monkeypatch):
+    """The ids handed to the sampler are transformers' own apply_chat_template of the user turn (question + the
+    step-by-step cue) with the generation prompt, not merely a run that says "chat template"."""
+    from transformers import AutoTokenizer
+
+    from mcc_kd import generate_rationales
+    items = questions(tmp_path / "q.json", 2)
+    real, seen = generate_rationales.generate, []
+
+    def recording(model, prompts, **kw):
+        seen.extend(prompts)
+        return real(model, prompts, **kw)
+    monkeypatch.setattr(generate_rationales, "generate", recording)
+    generate_rationales.main(task="SVAMP", input_file=str(tmp_path / "q.json"), teacher=str(smollm2_dir),
+                             output_file=str(tmp_path / "out.jsonl"), samples=2, max_new_tokens=2, batch_size=2)
+    hf_tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    want = [list(hf_tok.apply_chat_template([{"role": "user", "content": f"{x['instruction'].strip()}\nLet's think "
+                                                                          "step by step."}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=False))
+            for x in items for _ in range(2)]
+    assert [list(p) for p in seen] == want

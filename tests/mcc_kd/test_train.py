@@ -126,15 +126,21 @@ def _plan_and_batch(tp_size, mcc_file, tok_path):
 
 
 @pytest.mark.parametrize("tp_size", [2, 1])
-def test_every_tp_rank_of_a_dp_group_gets_the_same_batch(tiny, tp_size):
-    ranks = run_distributed(_plan_and_batch, 2, tp_size, str(tiny / "mcc.json"), str(tiny / "ckpt" / "tokenizer.model"))
-    n_items = len(json.load(open(tiny / "mcc.json")))
+def test_every_tp_rank_of_a_dp_group_gets_the_same_batch(tiny, tp_size, tmp_path):
+    items = json.load(open(tiny / "mcc.json"))[:8]  # an even count: two DP ranks split it without padding
+    assert len(items) == 8
+    json.dump(items, open(tmp_path / "mcc8.json", "w"))
+    (tmp_path / "mcc8.meta.json").write_text((tiny / "mcc.meta.json").read_text())
+    ranks = run_distributed(_plan_and_batch, 2, tp_size, str(tmp_path / "mcc8.json"),
+                            str(tiny / "ckpt" / "tokenizer.model"))
     if tp_size == 2:  # one DP group of two TP ranks: identical plans and identical batches
         assert torch.equal(ranks[0]["plan"], ranks[1]["plan"]) and torch.equal(ranks[0]["tokens"], ranks[1]["tokens"])
-        assert ranks[0]["plan"].tolist() == list(range(n_items))
-    else:  # two DP ranks: each item on exactly one rank (items are padded only to equal counts)
-        assert set(ranks[0]["plan"].tolist()).isdisjoint(ranks[1]["plan"].tolist()) or n_items % 2
-        assert set(ranks[0]["plan"].tolist()) | set(ranks[1]["plan"].tolist()) == set(range(n_items))
+        assert ranks[0]["plan"].tolist() == list(range(8))
+    else:  # two DP ranks: each item on exactly one rank, and the two halves make the epoch
+        plans = [set(r["plan"].tolist()) for r in ranks]
+        assert len(ranks[0]["plan"]) == len(ranks[1]["plan"]) == 4
+        assert plans[0].isdisjoint(plans[1]) and plans[0] | plans[1] == set(range(8))
+        assert not torch.equal(ranks[0]["tokens"], ranks[1]["tokens"])
 
 
 def train_command(tiny, save_dir):
