@@ -56,11 +56,17 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def keyed_seed(*keys) -> int:
+    """A seed that depends on nothing but `keys` (e.g. seed, question, sample): the same on every rank, in a
+    resumed run and whatever the batching; different for different keys."""
+    digest = hashlib.sha256("-".join(map(str, keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2  # < 2**62, what torch.Generator.manual_seed takes
+
+
 def rank_seed(seed: int, step: int, dp_rank: int) -> int:
     """A seed for sampling at `step` on one DP rank: different across DP ranks and steps, the same on every
     TP rank of a group and on a resumed run (it depends on nothing but its arguments)."""
-    digest = hashlib.sha256(f"{seed}-{step}-{dp_rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2  # < 2**62, what torch.Generator.manual_seed takes
+    return keyed_seed(seed, step, dp_rank)
 
 
 def init_process_group() -> None:
@@ -129,7 +135,11 @@ def print0(*args, **kwargs) -> None:
 
 
 def shutdown() -> None:
-    """Wait for every rank, then tear the process group down (exiting with live gloo/nccl threads can abort)."""
+    """Wait for every rank, then tear the process groups down, fairscale's too: a process that exits with live
+    gloo/nccl threads can abort ("terminate called without an active exception"), failing a finished run."""
     if dist.is_initialized():
         dist.barrier()
+        fs = _fairscale_mp()
+        if fs:
+            fs.destroy_model_parallel()
         dist.destroy_process_group()
