@@ -5,6 +5,8 @@
     total = all_reduce_dp(torch.tensor(n)).item()  # summed over DP ranks (a no-op for one)
     rows = gather_object(my_rows, lay)           # list of every rank's rows on rank 0, None elsewhere
     print0(f"step {step}")                       # global rank 0 only
+    set_timeout(600)                             # later collectives fail after 600 s without an answer
+    peer_failure(error)                          # did a collective fail because another rank ended or stopped?
     shutdown()                                   # barrier, then destroy the process group
 
 Nothing here touches fairscale's model-parallel state, so a Hugging Face run never initialises it (nor
@@ -12,6 +14,7 @@ imports the TP model). The helpers also serve the TP path (common/parallel.py im
 from here): `dp_group` is fairscale's data-parallel group when fairscale model parallelism has been set
 up, and the whole world otherwise.
 """
+import datetime
 import hashlib
 import os
 import random
@@ -132,6 +135,23 @@ def gather_object(obj, lay: Layout):
 def print0(*args, **kwargs) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def set_timeout(seconds: float) -> None:
+    """Bound every later collective of the default group: a rank that died or stopped then fails the others
+    after `seconds` instead of the backend's default (30 min on gloo). Set it after the start-up, whose waits
+    (a rank loading a model the others do not) can be longer."""
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))  # torch has no public setter
+
+
+PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+               "Application timeout caused pair closure", "Broken pipe")
+
+
+def peer_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective or send/recv that failed because another process ended or stopped answering
+    (gloo raises plain RuntimeErrors that say so; nccl and the stores raise DistError)."""
+    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_ERRORS)
 
 
 def shutdown() -> None:

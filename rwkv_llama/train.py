@@ -24,14 +24,15 @@ import torch
 import yaml
 
 from common import hf
-from common.distributed import all_reduce_dp, print0, setup, shutdown
+from common.cli import run_cli
+from common.distributed import all_reduce_dp, peer_failure, print0, set_timeout, setup, shutdown
 from common.hf_training import (autocast, grad_sync, load_checkpoint, optimizer_step, save_checkpoint, unwrap,
                                 wrap_ddp)
 from common.io import append_jsonl, atomic_write_json, read_tensors, save_tensors
 from common.losses import cross_entropy, forward_kl, hidden_mse
 from rwkv_llama.data import IGNORE, c4_stream, chat_stream, rank_batches
 from rwkv_llama.model import all_hidden_states, build_hybrid, head_size_for, rwkv_modules
-from rwkv_llama.teacher_server import InProcessTeacher, client_for_rank
+from rwkv_llama.teacher_server import InProcessTeacher, TeacherError, client_for_rank, why_failed
 
 # YAML field -> (flag, type, default). The original's fields, plus the server's dtype and timeouts.
 FIELDS = {
@@ -332,6 +333,8 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     os.makedirs(output_dir, exist_ok=True)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     real_bsz = micro_bsz * accumulate_grad_batches * lay.dp_size
+    if cfg["is_client"] and lay.world_size > 1:   # a trainer that ends or stops ends the others in time too
+        set_timeout(cfg["reply_timeout_s"])
     bar = tqdm(total=total_steps, initial=state["step"], disable=not lay.is_main, desc="stage 1" if
                cfg["is_hidden_align"] else "stage 2", file=sys.stdout)
     epoch, this_epoch = -1, None
@@ -377,11 +380,24 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     return None
 
 
-if __name__ == "__main__":
-    import fire
+def end_on_fault(e: BaseException) -> None:
+    """A peer of this trainer ended or stopped: the teacher server (TeacherError) or another trainer (a failed
+    collective). One line, from the trainer of the group that reports it, then exit 1 without the interpreter's
+    teardown: gloo's threads may still hold the sockets of dead peers. Anything else is re-raised."""
+    if isinstance(e, TeacherError):
+        if e.report:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    elif peer_failure(e):
+        print(f"error: trainer rank {os.environ.get('RANK', '0')}: another trainer of this data-parallel group "
+              f"ended or stopped ({why_failed(e)})", file=sys.stderr, flush=True)
+    else:
+        raise e
+    sys.stdout.flush()
+    os._exit(1)
 
+
+if __name__ == "__main__":
     try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError) as e:     # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        run_cli(main)
+    except RuntimeError as e:
+        end_on_fault(e)
