@@ -74,7 +74,7 @@ def test_killed_and_rerun_writes_the_file_of_an_uninterrupted_run_byte_for_byte(
     kwargs = dict(task="SVAMP", input_file=str(tmp_path / "q.json"), teacher=teacher, output_file=str(out), **flags)
     child = mp.get_context("spawn").Process(target=_run_killed_in_batch, args=(kwargs, 3))
     child.start()
-    child.join(600)
+    child.join(1200)
     assert child.exitcode == -signal.SIGKILL
     lines = out.read_bytes().splitlines(keepends=True)
     assert len(lines) == 9 and all(line.endswith(b"\n") for line in lines)  # batches 0-2 committed, no more

@@ -91,7 +91,7 @@ def test_kill_9_during_stage_2_then_rerun_gives_the_weights_of_an_uninterrupted_
     whole = run(setup_dir, tmp_path / "whole", **STREAM_FLAGS)
     child = mp.get_context("spawn").Process(target=_killed_run, args=(setup_dir, tmp_path / "cut"))
     child.start()
-    child.join(600)
+    child.join(1200)
     assert child.exitcode == -signal.SIGKILL
     assert not (tmp_path / "cut/student.safetensors").exists()
     assert os.path.exists(tmp_path / "cut/checkpoints/step-00000003/state.json")
