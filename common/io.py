@@ -9,6 +9,8 @@ model, so a Hugging Face-only run can use it.
     state = load_shard("ckpt", tp_rank=0, tp_size=1)        # this rank's consolidated.*.pth of a shard folder
     rows = read_jsonl("preds.jsonl")                        # a bad line names the file and the line number
     append_jsonl("preds.jsonl", row)                        # flushed per call: a resumed run skips len(rows)
+    for row in iter_rows("c4-train.00000.json.gz"): ...      # one row at a time (.jsonl[.gz], .parquet, .json)
+    n = count_rows("c4-train.00000.json.gz")                # without parsing (parquet: from its metadata)
 
 A reader never sees half a file: each write goes to `<path>.tmp.<pid>` and is renamed over `path`
 (os.replace is atomic on POSIX). `append_jsonl` cannot be atomic; `read_jsonl(..., drop_partial_last=True)`
@@ -22,6 +24,7 @@ import os
 import re
 import pickle
 import shutil
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -116,8 +119,55 @@ def read_jsonl(path: str, drop_partial_last: bool = False) -> list:
         except json.JSONDecodeError as e:
             if drop_partial_last and not any(rest.strip() for rest in lines[i:]):
                 break
-            raise ValueError(f"{path}:{i} is not valid JSON ({e.msg}, column {e.colno}); fix or delete that line") from None
+            raise _bad_line(path, i, e) from None
     return rows
+
+
+def _bad_line(path: str, line: int, e: json.JSONDecodeError) -> ValueError:
+    return ValueError(f"{path}:{line} is not valid JSON ({e.msg}, column {e.colno}); fix or delete that line")
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _parquet(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
+    return pq.ParquetFile(path)
+
+
+def iter_rows(path: str) -> Iterator:
+    """The rows of a .jsonl / .jsonl.gz / .json.gz (one JSON value per line), .parquet (dicts, one record batch
+    at a time) or .json (a list, read whole) file, one at a time: memory stays bounded whatever the file's size."""
+    if path.endswith(".parquet"):
+        for batch in _parquet(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            yield from json.load(f)
+        return
+    with _open_text(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _bad_line(path, i, e) from None
+
+
+def count_rows(path: str) -> int:
+    """len(list(iter_rows(path))) without parsing a row: non-empty lines, or the parquet metadata."""
+    if path.endswith(".parquet"):
+        return _parquet(path).metadata.num_rows
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            return len(json.load(f))
+    with _open_text(path) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def write_jsonl(rows, path: str) -> None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from common.cli import UserError, run_cli
 from common.generation import generate
 from common.model import load_model, model_args
-from common.parallel import Layout, dp_group, print0, setup
+from common.parallel import Layout, dp_group, print0, setup, shutdown
 from common.tokenizer import load_tokenizer
 from common.training import load_weights
 from mcc_kd.answers import check_task, extract_answer, is_correct
@@ -130,6 +130,7 @@ def main(task: str, ckpt_dir: str, label_file: str, model_type: str = None, lora
         load_weights(lora_dir, model, lay)
     records, metrics = evaluate(model, tokenizer, items, task, eval_batch_size, max_seq_len, lay, chat_template)
     write_results(log_dir, task, split_name(label_file), records, metrics, lay)
+    shutdown()
 
 
 if __name__ == "__main__":

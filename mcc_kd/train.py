@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from common.cli import run_cli
 from common.losses import token_log_probs
-from common.parallel import print0
+from common.parallel import print0, shutdown
 from common.training import (Throughput, average_gradients, dp_shard, global_count, load_latest_checkpoint,
                              load_weights, save_checkpoint, save_weights)
 from mcc_kd.answers import check_task
@@ -169,6 +169,7 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
         records, metrics = evaluate(model, tokenizer, load_task_file(cfg.label_file), cfg.task, cfg.eval_batch_size,
                                     cfg.max_seq_len, lay, cfg.chat_template)
         write_results(cfg.log_dir, cfg.task, split_name(cfg.label_file), records, metrics, lay)
+    shutdown()
 
 
 def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: str, model_type: str = None,

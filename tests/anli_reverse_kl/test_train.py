@@ -146,8 +146,9 @@ def test_kill_9_during_minillm_then_rerun_gives_the_weights_of_an_uninterrupted_
     proc = subprocess.Popen([sys.executable, TRAIN, *flags(options), f"--save={save}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 600
-    while not glob.glob(str(save / "checkpoints" / "*" / "state.json")) and time.time() < deadline:
+    deadline = time.monotonic() + 900
+    while not glob.glob(str(save / "checkpoints" / "*" / "state.json")):  # a checkpoint committed
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before a checkpoint"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -87,21 +88,26 @@ def _args(root, save, **extra):
 
 
 def _run(args, nproc=1, wait=True):
+    """contra_kd/train.py as a command (torchrun --standalone for 2 processes: its store binds a port the OS
+    picks, so parallel test runs cannot collide); output to a file, so a full pipe never blocks the run."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(_free_port())] if nproc > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(launcher + [os.path.join(ROOT, "contra_kd/train.py")] + args, env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     if not wait:
         return proc
-    out, _ = proc.communicate(timeout=600)
+    proc.wait(timeout=900)
+    out = _output(proc)
     assert proc.returncode == 0, out[-3000:]
     return out
 
 
-def _free_port():
-    from tests.distributed import free_port
-    return free_port()
+def _output(proc):
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def _curve(save):
@@ -134,12 +140,17 @@ def test_two_processes_follow_the_one_process_loss_curve_for_distillm_contra_wit
 
 
 def _wait_for_unit(proc, save, unit):
+    """Until metrics.jsonl has a complete line (the run appends them: the last may be half written) of `unit`."""
     path = os.path.join(save, "metrics.jsonl")
-    while proc.poll() is None:
-        if os.path.exists(path) and any(json.loads(line)["unit"] >= unit for line in open(path) if line.strip()):
-            return
+    deadline = time.monotonic() + 900
+    while proc.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")[:-1]      # the part after the last newline may be unfinished
+            if any(json.loads(line)["unit"] >= unit for line in lines if line.strip()):
+                return
         time.sleep(0.05)
-    raise AssertionError(f"run ended before unit {unit}: {proc.stdout.read()[-2000:]}")
+    raise AssertionError(f"run ended or stalled before unit {unit}: {_output(proc)[-2000:]}")
 
 
 def test_kill_minus_nine_in_student_epoch_and_in_refit_then_rerun_gives_the_same_final_weights(workspace, tmp_path):

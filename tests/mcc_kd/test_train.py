@@ -14,6 +14,7 @@ import torch
 from common.checkpoint import merge_state_dicts
 from common.checkpoint_split import init, split
 from common.io import read_tensors
+from common.training import latest_checkpoint
 from common.model import load_model
 from common.parallel import layout, setup
 from common.tokenizer import load_tokenizer, train_sentencepiece
@@ -158,9 +159,10 @@ def run(cmd, env):
 
 
 def final_checkpoint(save_dir):
-    folders = sorted((save_dir / "checkpoints").glob("step-*"))
-    state = json.load(open(folders[-1] / "state.json"))
-    return state, read_tensors(str(folders[-1] / "consolidated.00.pth"))
+    """The newest committed checkpoint (the one a rerun resumes from): a kill may leave a newer folder whose
+    save never finished (no state.json)."""
+    folder, state = latest_checkpoint(str(save_dir))
+    return state, read_tensors(os.path.join(folder, "consolidated.00.pth"))
 
 
 def test_killed_training_resumes_to_the_same_final_weights(tiny, tmp_path):
@@ -170,8 +172,9 @@ def test_killed_training_resumes_to_the_same_final_weights(tiny, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_command(tiny, killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((killed / "checkpoints").glob("step-0000000[2-9]/state.json")):
+    deadline = time.monotonic() + 600
+    while not list((killed / "checkpoints").glob("step-0000000[2-9]/state.json")):  # step 2 committed
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 2"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -213,8 +216,8 @@ def test_tp2_and_dp2_training_equal_one_process(tiny, tmp_path):
     run_distributed(_train_worker, 2, train_kwargs(tiny, train_file, tmp_path / "dp2", tp_size=1,
                                                    max_batch_size=1, accumulation_steps=1))
     _, one = final_checkpoint(tmp_path / "one")
-    folders = sorted((tmp_path / "tp2" / "checkpoints").glob("step-*"))
-    tp2 = merge_state_dicts([read_tensors(str(folders[-1] / f"consolidated.0{r}.pth")) for r in range(2)])
+    folder, _ = latest_checkpoint(str(tmp_path / "tp2"))
+    tp2 = merge_state_dicts([read_tensors(os.path.join(folder, f"consolidated.0{r}.pth")) for r in range(2)])
     _, dp2 = final_checkpoint(tmp_path / "dp2")
     assert any(one[k].abs().sum() > 0 for k in one if "lora_b_" in k)
     for other in (tp2, dp2):

@@ -63,6 +63,12 @@ def test_stage1_then_stage2_reduce_their_losses(setup_dir, tmp_path):
     assert set(read_tensors(str(tmp_path / "s2/student.safetensors"))) == set(w1)
 
 
+# 24 rows in shuffle windows of 10: 6 micro-batches of 4 per epoch, so the 8 steps cross an epoch boundary and a
+# resumed run must continue the stream mid-window and mid-epoch
+STREAM_FLAGS = dict(max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1, max_rows=24,
+                    shuffle_buffer=10)
+
+
 def _killed_run(d, out):
     """Stage 2 that SIGKILLs itself after its 5th optimiser step (checkpoint at 3): no cleanup of any kind."""
     real = train.optimizer_step
@@ -75,20 +81,22 @@ def _killed_run(d, out):
             os.kill(os.getpid(), signal.SIGKILL)
         return norm
     train.optimizer_step = step_then_die
-    run(d, out, max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1)
-    os._exit(0)
+    run(d, out, **STREAM_FLAGS)
 
+
+# Children are spawned, not forked: a fresh interpreter inherits no process group from the tests before.
 
 def test_kill_9_during_stage_2_then_rerun_gives_the_weights_of_an_uninterrupted_run(setup_dir, tmp_path):
     import multiprocessing as mp
-    run(setup_dir, tmp_path / "whole", max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1)
-    child = mp.get_context("fork").Process(target=_killed_run, args=(setup_dir, tmp_path / "cut"))
+    whole = run(setup_dir, tmp_path / "whole", **STREAM_FLAGS)
+    child = mp.get_context("spawn").Process(target=_killed_run, args=(setup_dir, tmp_path / "cut"))
     child.start()
-    child.join(300)
+    child.join(1200)
     assert child.exitcode == -signal.SIGKILL
     assert not (tmp_path / "cut/student.safetensors").exists()
     assert os.path.exists(tmp_path / "cut/checkpoints/step-00000003/state.json")
-    run(setup_dir, tmp_path / "cut", max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1)
+    cut = run(setup_dir, tmp_path / "cut", **STREAM_FLAGS)
+    assert [r["loss"] for r in cut[-5:]] == [r["loss"] for r in whole[-5:]]     # steps 4-8 on the same batches
     a = read_tensors(str(tmp_path / "whole/student.safetensors"))
     b = read_tensors(str(tmp_path / "cut/student.safetensors"))
     assert a.keys() == b.keys()
@@ -96,19 +104,18 @@ def test_kill_9_during_stage_2_then_rerun_gives_the_weights_of_an_uninterrupted_
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
-def _trainer(d, out, rank, port, served=True):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    run(d, out, max_steps=4, is_client=served, is_hidden_align=True, connect_timeout_s=120, reply_timeout_s=60)
-    os._exit(0)
+def _trainer(d, out, rank, env, served=True):
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    run(d, out, max_steps=4, is_client=served, is_hidden_align=True, connect_timeout_s=300, reply_timeout_s=300)
 
 
 def _server(d, id_file):
     from transformers import AutoModelForCausalLM
     from rwkv_llama.teacher_server import serve
-    model = AutoModelForCausalLM.from_pretrained(str(d / "teacher")).eval()
-    os._exit(serve(model, batch=4, length=32, size=3, nccl_id_file=id_file, output_all_hiddens=True, pad_id=1,
-                   backend="gloo", connect_timeout_s=120, request_timeout_s=60))
+    code = serve(lambda: (AutoModelForCausalLM.from_pretrained(str(d / "teacher")).eval(), 1), batch=4, length=32,
+                 size=3, nccl_id_file=id_file, output_all_hiddens=True, backend="gloo", connect_timeout_s=300,
+                 request_timeout_s=300)
+    os._exit(code)
 
 
 def _run_all(procs):
@@ -116,7 +123,7 @@ def _run_all(procs):
         for p in procs:
             p.start()
         for p in procs:
-            p.join(300)
+            p.join(900)
         assert [p.exitcode for p in procs] == [0] * len(procs)
     finally:
         for p in procs:            # nothing is left running
@@ -127,13 +134,14 @@ def _run_all(procs):
 
 def test_two_ddp_trainers_on_a_teacher_server_train_as_with_the_in_process_teacher(setup_dir, tmp_path):
     import multiprocessing as mp
-    from tests.distributed import free_port
-    fork = mp.get_context("fork")
-    port = free_port()
-    _run_all([fork.Process(target=_server, args=(setup_dir, str(setup_dir / "nccl.txt_0")))] +
-             [fork.Process(target=_trainer, args=(setup_dir, tmp_path / "served", r, port)) for r in range(2)])
-    port = free_port()
-    _run_all([fork.Process(target=_trainer, args=(setup_dir, tmp_path / "local", r, port, False)) for r in range(2)])
+    from tests.distributed import rendezvous_env
+    spawn = mp.get_context("spawn")
+    with rendezvous_env(2) as env:
+        _run_all([spawn.Process(target=_server, args=(setup_dir, str(setup_dir / "nccl.txt_0")))] +
+                 [spawn.Process(target=_trainer, args=(setup_dir, tmp_path / "served", r, env)) for r in range(2)])
+    with rendezvous_env(2) as env:
+        _run_all([spawn.Process(target=_trainer, args=(setup_dir, tmp_path / "local", r, env, False))
+                  for r in range(2)])
     served = read_tensors(str(tmp_path / "served/student.safetensors"))
     local = read_tensors(str(tmp_path / "local/student.safetensors"))
     for k in served:   # the server's batched forward over both trainers' rows differs from each rank's own in ulps
