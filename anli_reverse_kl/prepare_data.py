@@ -17,7 +17,6 @@ dropped; prompts over `max_prompt_length` tokens are dropped, as MiniLLM drops t
 row, with target = the label word when the reason is empty or unusable.
 """
 import glob
-import json
 import os
 import re
 import sys
@@ -30,7 +29,7 @@ if __package__ in (None, ""):  # run as a file
 import numpy as np
 
 from common.binarized import best_dtype, read_split, write_indexed
-from common.io import write_jsonl
+from common.io import iter_rows, write_jsonl
 
 LABEL_WORDS = ("entailment", "neutral", "contradiction")  # ANLI's label ids 0, 1, 2
 OPTIONS = "OPTIONS:\n- entailment\n- contradiction\n- neutral"  # one plain string for every split (the fork's
@@ -91,23 +90,9 @@ def find_split_file(data_dir: str, split: str, round_: str) -> str:
 
 
 def read_rows(path: str) -> list:
-    """Rows of one ANLI file (parquet or JSONL), checked: premise / hypothesis / label present, label in 0-2."""
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give the rows "
-                              f"as JSONL") from None
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = []
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: row {len(rows)} (line {i + 1}) is not JSON: {e}") from None
+    """Rows of one ANLI file (parquet or JSONL, common.io), checked: premise / hypothesis / label present, label
+    in 0-2."""
+    rows = list(iter_rows(path))
     for i, row in enumerate(rows):
         for field in REQUIRED:
             if row.get(field) is None:

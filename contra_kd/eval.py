@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import UserError, run_cli
+from common.io import read_jsonl
 from common.metrics import rouge_l
 
 SET_FILES = {"dolly": "dolly/valid.jsonl", "self-inst": "self-inst/valid.jsonl", "vicuna": "vicuna/valid.jsonl",
@@ -117,8 +118,7 @@ def read_set(data_dir: str, name: str, num=None) -> list:
     path = os.path.join(data_dir, SET_FILES[name])
     if not os.path.exists(path):
         raise UserError(f"{path}: evaluation set {name!r} is missing (data/README.md lists the shipped sets)")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path)
     records = records[:UINST_ITEMS] if name == "uinst" else records
     if not records:
         raise UserError(f"{path}: evaluation set {name!r} holds no records")
