@@ -16,10 +16,11 @@ def _dp_worker():
     sample = torch.multinomial(torch.ones(1000), 8, generator=gen)
     total = D.all_reduce_dp(torch.tensor([float(lay.rank + 1)]))
     gathered = D.gather_object({"rank": lay.rank, "rows": list(range(lay.rank + 1))}, lay)
+    everywhere = D.gather_object(lay.rank * 10, lay, everywhere=True)
     fs = sys.modules.get("fairscale.nn.model_parallel.initialize")
     D.shutdown()
     return {"layout": [lay.rank, lay.world_size, lay.tp_rank, lay.tp_size, lay.dp_rank, lay.dp_size],
-            "init": same_init, "sample": sample, "total": total, "gathered": gathered,
+            "init": same_init, "sample": sample, "total": total, "gathered": gathered, "everywhere": everywhere,
             "fairscale_imported": fs is not None, "destroyed": not torch.distributed.is_initialized()}
 
 
@@ -30,6 +31,7 @@ def test_two_process_data_parallel_setup_seeds_gathers_and_sums_without_fairscal
     assert not torch.equal(r0["sample"], r1["sample"])  # sampling differs between DP ranks
     assert r0["total"].item() == r1["total"].item() == 3.0
     assert r0["gathered"] == [{"rank": 0, "rows": [0]}, {"rank": 1, "rows": [0, 1]}] and r1["gathered"] is None
+    assert r0["everywhere"] == r1["everywhere"] == [0, 10]
     assert not r0["fairscale_imported"] and not r1["fairscale_imported"]
     assert r0["destroyed"] and r1["destroyed"]
 
