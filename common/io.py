@@ -132,7 +132,8 @@ def _parquet(path: str):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
+        raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") \
+            from None
     return pq.ParquetFile(path)
 
 

@@ -138,7 +138,8 @@ def chat_stream(paths, max_rows: Optional[int] = None) -> Stream:
     return Stream([paths], "messages", max_rows)
 
 
-def c4_stream(local_c4_dir: str, languages=("en", "zh"), split: str = "train", max_rows: Optional[int] = None) -> Stream:
+def c4_stream(local_c4_dir: str, languages=("en", "zh"), split: str = "train",
+              max_rows: Optional[int] = None) -> Stream:
     """Texts of {local_c4_dir}/{lang}/*{split}*.(jsonl|jsonl.gz|json.gz|parquet), the languages interleaved."""
     sources = []
     for lang in [languages] if isinstance(languages, str) else languages:

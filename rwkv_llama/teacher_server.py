@@ -109,9 +109,9 @@ def _wait(work, timeout_s: float):
 
 
 def _wait_all(works: dict, timeout_s: float) -> dict:
-    """Wait for every work at once, one thread each (a gloo wait that times out closes its connection, so
-    they cannot be polled): {key: error} of those that failed or did not finish within timeout_s, collected
-    until a second after the first failure; empty when all finished."""
+    """Wait for every work {(client, part): work} at once, one thread each (a gloo wait that times out closes
+    its connection, so they cannot be polled): {client: error} of those that failed or did not finish within
+    timeout_s, collected until a second after the first failure; empty when all finished."""
     results = queue.Queue()
 
     def wait(key, work):
@@ -129,7 +129,7 @@ def _wait_all(works: dict, timeout_s: float) -> dict:
         except queue.Empty:
             break
         if error is not None:
-            failed[key] = error
+            failed.setdefault(key[0], error)
             deadline = deadline or time.monotonic() + 1.0
     return failed
 
@@ -245,7 +245,7 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
 
     # handshake: every client's header first (a client blocked in its send could not hear an error), then ours
     headers = {c: torch.zeros(len(HEADER), dtype=torch.long, device=device) for c in clients}
-    failed = _wait_all({c: pg.recv([headers[c]], c, REQUEST_TAG) for c in clients}, connect_timeout_s)
+    failed = _wait_all({(c, 0): pg.recv([headers[c]], c, REQUEST_TAG) for c in clients}, connect_timeout_s)
     if failed:
         return fail(f"the handshake failed: {_clients_failed(failed, connect_timeout_s)}", failed)
     for c in clients:
@@ -255,15 +255,14 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
     failed = _wait_all({(c, i): w for c in clients for i, w in enumerate(
         replies(c, OK) + [pg.send([own.to(device)], c, REPLY_TAG)])}, connect_timeout_s)
     if failed:
-        return fail(f"the handshake failed: {_clients_failed({c: e for (c, _), e in failed.items()}, connect_timeout_s)}",
-                    {c for c, _ in failed})
+        return fail(f"the handshake failed: {_clients_failed(failed, connect_timeout_s)}", failed)
     print(f"[teacher {nccl_id_file}] handshake done with {len(clients)} clients", flush=True)
 
     seq, t_infer, t_transfer = 0, 0.0, 0.0
     while clients:
         t0 = time.perf_counter()
         heads = {c: torch.zeros(4, dtype=torch.long, device=device) for c in clients}
-        failed = _wait_all({c: pg.recv([heads[c]], c, REQUEST_TAG) for c in clients}, request_timeout_s)
+        failed = _wait_all({(c, 0): pg.recv([heads[c]], c, REQUEST_TAG) for c in clients}, request_timeout_s)
         if failed:
             return fail(f"waiting for the requests of round {seq}: {_clients_failed(failed, request_timeout_s)}",
                         failed)
@@ -286,9 +285,7 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
         failed = _wait_all({(c, i): pg.recv([t[c]], c, REQUEST_TAG) for c in forwarders
                             for i, t in enumerate((ids, lengths))}, request_timeout_s)
         if failed:
-            return fail(f"receiving the inputs of round {seq}: "
-                        f"{_clients_failed({c: e for (c, _), e in failed.items()}, request_timeout_s)}",
-                        {c for c, _ in failed})
+            return fail(f"receiving the inputs of round {seq}: {_clients_failed(failed, request_timeout_s)}", failed)
         t1 = time.perf_counter()
         try:
             logits, hidden = teacher_outputs(model, torch.cat([ids[c] for c in forwarders]),
@@ -309,9 +306,7 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
                 sends[(c, k)] = w
         failed = _wait_all(sends, request_timeout_s)
         if failed:
-            return fail(f"sending the replies of round {seq}: "
-                        f"{_clients_failed({c: e for (c, _), e in failed.items()}, request_timeout_s)}",
-                        {c for c, _ in failed})
+            return fail(f"sending the replies of round {seq}: {_clients_failed(failed, request_timeout_s)}", failed)
         seq += 1
         t_infer += t2 - t1
         t_transfer += time.perf_counter() - t0 - (t2 - t1)

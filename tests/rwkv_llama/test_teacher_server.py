@@ -254,8 +254,8 @@ class Group:
                 "--reply_timeout_s", FAULT_TIMEOUT, "--output_dir", str(root / "out"))
 
     def _start(self, name, env, *argv):
-        return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env,
-                                stdout=open(self.root / f"{name}.out", "w"), stderr=open(self.root / f"{name}.err", "w"))
+        return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env, stdout=open(
+            self.root / f"{name}.out", "w"), stderr=open(self.root / f"{name}.err", "w"))
 
     def wait_for_steps(self, n):
         """Until rank 0 has logged n steps (complete lines of metrics.jsonl); every process must still run."""
