@@ -110,8 +110,9 @@ def _wait(work, timeout_s: float):
 
 def _wait_all(works: dict, timeout_s: float) -> dict:
     """Wait for every work {(client, part): work} at once, one thread each (a gloo wait that times out closes
-    its connection, so they cannot be polled): {client: error} of those that failed or did not finish within
-    timeout_s, collected until a second after the first failure; empty when all finished."""
+    the connections, so they cannot be polled): {client: error} of those that failed or did not finish within
+    timeout_s, collected until a second after the first failure; empty when all finished. A wait failed only
+    because another one timed out (gloo then closes every connection) is not held against its client."""
     results = queue.Queue()
 
     def wait(key, work):
@@ -128,16 +129,20 @@ def _wait_all(works: dict, timeout_s: float) -> dict:
             key, error = results.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             break
-        if error is not None:
+        if error is not None and COLLATERAL not in str(error):
             failed.setdefault(key[0], error)
+        if error is not None:
             deadline = deadline or time.monotonic() + 1.0
     return failed
+
+
+COLLATERAL = "Application timeout caused pair closure"
 
 
 def why_failed(e: Exception, timeout_s: Optional[float] = None) -> str:
     """A failed wait on a peer in words: it timed out, its connection closed, or the transport's first line."""
     text = str(e)
-    if "imed out" in text or "timeout" in text:
+    if "imed out" in text or ("timeout" in text and COLLATERAL not in text):
         within = f" within {timeout_s:g}s" if timeout_s is not None else " in time"
         return f"no answer{within} (dead, stopped, or held up by another trainer that is)"
     if "closed" in text or "reset by peer" in text:
@@ -211,12 +216,16 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
         print(f"[teacher {nccl_id_file}] error: {text}", file=sys.stderr, flush=True)
         return 1
 
+    def last_word(text, reporter=None):
+        """The reason the group stops, in the rendezvous file: a trainer that finds its server gone reads it."""
+        atomic_write_json(dict(rendezvous, error=text, reporter=reporter), nccl_id_file)
+
     try:
         model, pad_id = load()
     except Exception as e:      # waiting trainers read it from the store, later ones from the file
         why = f"could not load the teacher: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         store.set("error", why)
-        atomic_write_json(dict(rendezvous, error=why), nccl_id_file)
+        last_word(why)
         if not isinstance(e, UserError):
             traceback.print_exc()       # a bug keeps its traceback
         return error(why)
@@ -228,19 +237,25 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
     try:
         pg = _process_group(backend, store, rank, size, connect_timeout_s)
     except RuntimeError as e:
-        return error(f"not all {size - 1} clients joined within {connect_timeout_s:g}s: {str(e).splitlines()[0]}")
+        text = f"not all {size - 1} clients joined within {connect_timeout_s:g}s: {str(e).splitlines()[0]}"
+        last_word(text)
+        return error(text)
 
     def replies(c, status, text="", report=False):
         head = torch.tensor([status, int(report), 0, 0], device=device)
         return [pg.send([head], c, REPLY_TAG), pg.send([_message(text, device)], c, REPLY_TAG)]
 
     def fail(text, failed=()):
-        """Print the line, tell every other client (the lowest of them reports it), return 1."""
-        error(text)
+        """Print the line, tell every other client why (the lowest of them reports it), return 1."""
         told = [c for c in clients if c not in failed]
-        works = {(c, i): w for c in told
-                 for i, w in enumerate(replies(c, ERROR, f"teacher server {nccl_id_file}: {text}", c == told[0]))}
-        _wait_all(works, 10)     # best effort: a client that cannot hear it times out on its own
+        last_word(text, told[0] if told else None)
+        error(text)
+        try:    # after a timeout gloo has closed every connection: they find the reason in the file
+            works = {(c, i): w for c in told for i, w in enumerate(
+                replies(c, ERROR, f"teacher server {nccl_id_file}: {text}", c == told[0]))}
+            _wait_all(works, 10)
+        except RuntimeError:
+            pass
         return 1
 
     # handshake: every client's header first (a client blocked in its send could not hear an error), then ours
@@ -322,7 +337,7 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
 # Client
 
 def _load_error(path: str, info: dict, report: bool) -> TeacherError:
-    return TeacherError(f"teacher server {path} (pid {info.get('pid')}) {info['error']}", report)
+    return TeacherError(f"teacher server {path} (pid {info.get('pid')}): {info['error']}", report)
 
 
 def _join_store(path: str, size: int, timeout_s: float, report: bool):
@@ -405,6 +420,7 @@ class TeacherClient:
                             logits_dtype=logits_dtype, output_all_hiddens=output_all_hiddens, pad_id=pad_id,
                             size=size)
         self.store, info = _join_store(nccl_id_file, size, connect_timeout_s, report=rank == 0)
+        self.nonce = info["nonce"]
         backend = _resolve_backend(backend, self.device)
         if info["backend"] != backend:
             raise ValueError(f"{nccl_id_file}: the server uses {info['backend']} but this trainer {backend} "
@@ -425,7 +441,17 @@ class TeacherClient:
             raise TeacherError(f"{nccl_id_file}: {problem}", self.rank == 0)
 
     def _where(self, phase, e) -> TeacherError:
-        """The server failed this client (every client of the group sees it; client 0 reports it)."""
+        """Why the server failed this client: the reason it left in the rendezvous file (the client it names
+        reports it), else what this client saw (every client sees it; client 0 reports it)."""
+        try:
+            with open(self.file) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            info = {}
+        if info.get("error") and info.get("nonce") == self.nonce:
+            reporter = info.get("reporter")
+            return TeacherError(f"teacher server {self.file} (pid {info.get('pid')}): {info['error']}",
+                                self.rank == (0 if reporter is None else reporter))
         timeout_s = self.connect_timeout_s if phase == "handshake" else self.reply_timeout_s
         return TeacherError(f"teacher server {self.file} (rank {self.size - 1}): {why_failed(e, timeout_s)}, in the "
                             f"{phase} of client {self.rank}, request {self.seq}", self.rank == 0)
