@@ -7,9 +7,9 @@ model, so a Hugging Face-only run can use it.
     with atomic_folder("out/export") as tmp:                # write into a sibling folder, swapped in on success
         model.save_pretrained(tmp)
     rows = read_jsonl("preds.jsonl")                        # a bad line names the file and the line number
+    rows = read_jsonl("data.jsonl", fields=("prompt",))     # ... and a row without the field names it
     append_jsonl("preds.jsonl", row)                        # flushed per call: a resumed run skips len(rows)
     for row in iter_rows("c4-train.00000.json.gz"): ...      # one row at a time (.jsonl[.gz], .parquet, .json)
-    n = count_rows("c4-train.00000.json.gz")                # without parsing (parquet: from its metadata)
 
 A reader never sees half a file: each write goes to `<path>.tmp.<pid>` and is renamed over `path`
 (os.replace is atomic on POSIX). `append_jsonl` cannot be atomic; `read_jsonl(..., drop_partial_last=True)`
@@ -25,6 +25,8 @@ from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from common.cli import UserError
 
 
 def _tmp(path: str) -> str:
@@ -52,19 +54,19 @@ def save_tensors(tensors: dict, path: str) -> None:
 def read_tensors(path: str) -> dict:
     """A flat {name: tensor} from one .pth/.bin/.pt (weights_only) or .safetensors file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        raise UserError(f"{path} does not exist")
     if path.endswith(".safetensors"):
         return load_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors, so torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}). "
-                         "Re-save just the state dict (torch.save(model.state_dict(), path)) or convert it to .safetensors") from None
+        raise UserError(f"{path} holds more than tensors, so torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}). "
+                        "Re-save just the state dict (torch.save(model.state_dict(), path)) or convert it to .safetensors") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))  # {"model": state_dict} / {"state_dict": ...}
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)] if isinstance(obj, dict) else ["<not a dict>"]
     if bad:
-        raise ValueError(f"{path} is not a flat dict of tensors (offending entries: {bad[:5]}); save a state dict of tensors")
+        raise UserError(f"{path} is not a flat dict of tensors (offending entries: {bad[:5]}); save a state dict of tensors")
     return obj
 
 
@@ -102,9 +104,17 @@ def atomic_folder(path: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_jsonl(path: str, drop_partial_last: bool = False) -> list:
+def read_jsonl(path: str, drop_partial_last: bool = False, fields=(), fix: str = "fix or delete that line") -> list:
     """One JSON value per non-empty line (a .gz path is read through gzip). `drop_partial_last`: ignore an
-    unparsable last line (an append cut short by a crash) instead of raising."""
+    unparsable last line (an append cut short by a crash) instead of raising. `fields`: every row must be an
+    object holding them. Bad input is a UserError naming the file, the line, the field and `fix`."""
+    return [row for _, row in numbered_jsonl(path, drop_partial_last, fields, fix)]
+
+
+def numbered_jsonl(path: str, drop_partial_last: bool = False, fields=(), fix: str = "fix or delete that line") -> list:
+    """read_jsonl's rows as (line number, value) pairs, for a reader whose own checks name the line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file" if not os.path.isdir(path) else f"{path} is a folder, not a JSONL file")
     with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path)) as f:
         lines = f.read().split("\n")
     rows = []
@@ -112,16 +122,17 @@ def read_jsonl(path: str, drop_partial_last: bool = False) -> list:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             if drop_partial_last and not any(rest.strip() for rest in lines[i:]):
                 break
-            raise _bad_line(path, i, e) from None
+            raise UserError(f"{path}:{i} is not valid JSON ({e.msg}, column {e.colno}); {fix}") from None
+        missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+        if missing:
+            what = f"no field '{missing[0]}'" if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
+            raise UserError(f"{path}:{i}: {what} (rows need {', '.join(fields)}); {fix}")
+        rows.append((i, row))
     return rows
-
-
-def _bad_line(path: str, line: int, e: json.JSONDecodeError) -> ValueError:
-    return ValueError(f"{path}:{line} is not valid JSON ({e.msg}, column {e.colno}); fix or delete that line")
 
 
 def _open_text(path: str):
@@ -132,9 +143,20 @@ def _parquet(path: str):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") \
+        raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") \
             from None
     return pq.ParquetFile(path)
+
+
+def _json_list(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno} is not valid JSON ({e.msg}, column {e.colno}); fix the file") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: a .json file holds a list of rows, this one a {type(rows).__name__}")
+    return rows
 
 
 def iter_rows(path: str) -> Iterator:
@@ -145,8 +167,7 @@ def iter_rows(path: str) -> Iterator:
             yield from batch.to_pylist()
         return
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            yield from json.load(f)
+        yield from _json_list(path)
         return
     with _open_text(path) as f:
         for i, line in enumerate(f, 1):
@@ -154,28 +175,5 @@ def iter_rows(path: str) -> Iterator:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise _bad_line(path, i, e) from None
-
-
-def count_rows(path: str) -> int:
-    """len(list(iter_rows(path))) without parsing a row: non-empty lines, or the parquet metadata."""
-    if path.endswith(".parquet"):
-        return _parquet(path).metadata.num_rows
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            return len(json.load(f))
-    with _open_text(path) as f:
-        return sum(1 for line in f if line.strip())
-
-
-def write_jsonl(rows, path: str) -> None:
-    atomic_write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), path)
-
-
-def append_jsonl(path: str, *rows) -> None:
-    """Append rows and flush them to disk, so outputs written so far survive a crash."""
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+                    raise UserError(f"{path}:{i} is not valid JSON ({e.msg}, column {e.colno}); fix or delete that "
+                                    "line") from None

@@ -213,7 +213,7 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
           f"{size - 1} clients (batch {batch}, length {length}, {backend})", flush=True)
 
     def error(text):
-        print(f"[teacher {nccl_id_file}] error: {text}", file=sys.stderr, flush=True)
+        print(f"error: teacher server {nccl_id_file}: {text}", file=sys.stderr, flush=True)
         return 1
 
     def last_word(text, reporter=None):
@@ -519,12 +519,18 @@ def main(model_id: str, batch: int, length: int, size: int, output_all_hiddens: 
     """Load the teacher (bf16 on a GPU, fp32 on CPU) and serve one group of trainers. Exits 0 when every
     trainer has left, 1 with one line when loading or a peer failed (a bug keeps its traceback)."""
     from common import hf
+    from common.cli import check_choice, check_range
 
+    for flag, value in (("--batch", batch), ("--length", length)):
+        check_range(flag, value, low=1)
+    check_range("--size", size, low=2)  # the server and at least one trainer
+    check_choice("--logits_dtype", logits_dtype, WIRE_DTYPES)
+    check_choice("--backend", backend, ("auto", "nccl", "gloo"))
     device = torch.device(f"cuda:{device_id}" if torch.cuda.is_available() and backend != "gloo" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    def load():
+    def load():     # inside serve: trainers already waiting learn that it failed (a missing folder first of all)
         tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
         model = hf.load_model(model_id, dtype="bfloat16" if device.type == "cuda" else "float32", device=device,
                               frozen=True, flag="--model_id")
@@ -542,6 +548,6 @@ def main(model_id: str, batch: int, length: int, size: int, output_all_hiddens: 
 
 
 if __name__ == "__main__":
-    import fire
+    from common.cli import run_cli
 
-    fire.Fire(main)
+    run_cli(main)

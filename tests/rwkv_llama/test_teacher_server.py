@@ -311,7 +311,7 @@ class Group:
 
 def one_error_line(text):
     """The one error line of a process's stderr (asserting there is exactly one and no traceback)."""
-    lines = [line for line in text.splitlines() if line.startswith("error:") or "] error:" in line]
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in text, text
     return lines[0]
 
