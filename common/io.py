@@ -135,6 +135,19 @@ def numbered_jsonl(path: str, drop_partial_last: bool = False, fields=(), fix: s
     return rows
 
 
+def write_jsonl(rows, path: str) -> None:
+    atomic_write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), path)
+
+
+def append_jsonl(path: str, *rows) -> None:
+    """Append rows and flush them to disk, so outputs written so far survive a crash."""
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _open_text(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
