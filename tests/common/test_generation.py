@@ -302,6 +302,9 @@ def test_generate_cli_writes_what_generate_returns_in_input_order(tmp_path):
     cli.main(str(tmp_path / "ckpt"), sp, str(tmp_path / "p.jsonl"), str(tmp_path / "o.jsonl"), max_new_tokens=6,
              max_batch_size=3, max_seq_len=64)
     written = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    from fairscale.nn.model_parallel import initialize as fs_init
+    # it ends by tearing the process groups down: exiting with live gloo threads can abort a finished run
+    assert not torch.distributed.is_initialized() and not fs_init.model_parallel_is_initialized()
     setup()
     expected = generate(ours_from_hf(hf, max_seq_len=64, max_batch_size=4),
                         [tok.encode(t, bos=True, eos=False) for t in texts], 6, eos_id=tok.eos_id)
