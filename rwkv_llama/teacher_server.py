@@ -355,10 +355,10 @@ def _join_store(path: str, size: int, timeout_s: float, report: bool):
             time.sleep(0.2)
             continue
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a teacher-server rendezvous file ({e}); delete it and restart the server")
+            raise UserError(f"{path}: not a teacher-server rendezvous file ({e}); delete it and restart the server")
         if info.get("protocol") != PROTOCOL:
-            raise ValueError(f"{path}: protocol {info.get('protocol')!r}, expected {PROTOCOL!r} (a file from "
-                             "another program or the original cupy server); delete it and restart the server")
+            raise UserError(f"{path}: protocol {info.get('protocol')!r}, expected {PROTOCOL!r} (a file from "
+                            "another program or the original cupy server); delete it and restart the server")
         if info.get("error"):
             raise _load_error(path, info, report)
         try:
@@ -376,8 +376,8 @@ def _join_store(path: str, size: int, timeout_s: float, report: bool):
             time.sleep(0.5)
             continue
         if info["size"] != size:
-            raise ValueError(f"{path}: the server was started with --size {info['size']} but this trainer's group "
-                             f"has size {size} (num_devices / num_groups + 1); restart one side to match")
+            raise UserError(f"{path}: the server was started with --size {info['size']} but this trainer's group "
+                            f"has size {size} (num_devices / num_groups + 1); restart one side to match")
         while time.monotonic() < deadline:
             try:
                 if store.check(["error"]):
@@ -423,8 +423,8 @@ class TeacherClient:
         self.nonce = info["nonce"]
         backend = _resolve_backend(backend, self.device)
         if info["backend"] != backend:
-            raise ValueError(f"{nccl_id_file}: the server uses {info['backend']} but this trainer {backend} "
-                             f"(device {self.device}); pass --backend {info['backend']} or run both on one kind")
+            raise UserError(f"{nccl_id_file}: the server uses {info['backend']} but this trainer {backend} "
+                            f"(device {self.device}); pass --backend {info['backend']} or run both on one kind")
         try:
             self.pg = _process_group(backend, self.store, rank, size, connect_timeout_s)
             sent = self.pg.send([own.to(self.device)], size - 1, REQUEST_TAG)
@@ -505,7 +505,7 @@ def client_for_rank(nccl_file: str, global_rank: int, world_size: int, num_group
     """The original's layout: S = world/num_groups + 1, group = rank // (S-1), local = rank % (S-1); group g
     reads f"{nccl_file}_{g}"."""
     if world_size % num_groups:
-        raise ValueError(f"teach_mode.num_groups {num_groups} must divide the number of trainers {world_size}")
+        raise UserError(f"teach_mode.num_groups {num_groups} must divide the number of trainers {world_size}")
     per_group = world_size // num_groups
     group, local = divmod(global_rank, per_group)
     return TeacherClient(f"{nccl_file}_{group}", local, per_group + 1, **kwargs)
