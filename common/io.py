@@ -11,7 +11,6 @@ model, so a Hugging Face-only run can use it.
     rows = read_jsonl("data.jsonl", fields=("prompt",))     # ... and a row without the field names it
     append_jsonl("preds.jsonl", row)                        # flushed per call: a resumed run skips len(rows)
     for row in iter_rows("c4-train.00000.json.gz"): ...      # one row at a time (.jsonl[.gz], .parquet, .json)
-    n = count_rows("c4-train.00000.json.gz")                # without parsing (parquet: from its metadata)
 
 A reader never sees half a file: each write goes to `<path>.tmp.<pid>` and is renamed over `path`
 (os.replace is atomic on POSIX). `append_jsonl` cannot be atomic; `read_jsonl(..., drop_partial_last=True)`
@@ -143,49 +142,6 @@ def _bad_line(path: str, line: int, e: json.JSONDecodeError, fix: str = "fix or 
     return UserError(f"{path}:{line} is not valid JSON ({e.msg}, column {e.colno}); {fix}")
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def _parquet(path: str):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
-    return pq.ParquetFile(path)
-
-
-def iter_rows(path: str) -> Iterator:
-    """The rows of a .jsonl / .jsonl.gz / .json.gz (one JSON value per line), .parquet (dicts, one record batch
-    at a time) or .json (a list, read whole) file, one at a time: memory stays bounded whatever the file's size."""
-    if path.endswith(".parquet"):
-        for batch in _parquet(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-        return
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            yield from json.load(f)
-        return
-    with _open_text(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _bad_line(path, i, e) from None
-
-
-def count_rows(path: str) -> int:
-    """len(list(iter_rows(path))) without parsing a row: non-empty lines, or the parquet metadata."""
-    if path.endswith(".parquet"):
-        return _parquet(path).metadata.num_rows
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            return len(json.load(f))
-    with _open_text(path) as f:
-        return sum(1 for line in f if line.strip())
-
-
 def write_jsonl(rows, path: str) -> None:
     atomic_write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), path)
 
@@ -197,6 +153,49 @@ def append_jsonl(path: str, *rows) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _parquet(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") \
+            from None
+    return pq.ParquetFile(path)
+
+
+def _json_list(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno} is not valid JSON ({e.msg}, column {e.colno}); fix the file") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: a .json file holds a list of rows, this one a {type(rows).__name__}")
+    return rows
+
+
+def iter_rows(path: str) -> Iterator:
+    """The rows of a .jsonl / .jsonl.gz / .json.gz (one JSON value per line), .parquet (dicts, one record batch
+    at a time) or .json (a list, read whole) file, one at a time: memory stays bounded whatever the file's size."""
+    if path.endswith(".parquet"):
+        for batch in _parquet(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
+    if path.endswith(".json"):
+        yield from _json_list(path)
+        return
+    with _open_text(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _bad_line(path, i, e) from None
 
 
 # shard folders of the TP model (common.checkpoint writes them; common.model loads them)

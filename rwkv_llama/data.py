@@ -8,9 +8,9 @@ shift.
     text:  per-language C4 folders, interleaved round-robin (c4 en/zh) -> c4_stream, text_batch
     for batch in rank_batches(stream, tokenizer, L, micro_bsz, epoch=e, seed=s, dp_rank=r, dp_size=n): ...
 
-Nothing is read up front: a Stream reads its files row by row, rank_batches keeps one shuffle window of raw
-rows and tokenises only this rank's rows, one micro-batch at a time, so memory is bounded by the window
-whatever the corpus size (the paper's C4 mix is 0.74B tokens).
+Nothing is held: a Stream reads its files row by row (once up front to count and check them, then once per
+epoch), rank_batches keeps one shuffle window of raw rows and tokenises only this rank's rows, one micro-batch
+at a time, so memory is bounded by the window whatever the corpus size (the paper's C4 mix is 0.74B tokens).
 """
 import glob
 import os
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from common.cli import UserError
-from common.io import count_rows, iter_rows
+from common.io import iter_rows
 
 IGNORE = -100
 
@@ -112,16 +112,10 @@ class Stream:
 
     @cached_property
     def n_rows(self) -> int:
-        """len(list(self)), counted without parsing (each source only as far as max_rows needs)."""
+        """len(list(self)), from one pass that keeps nothing (each source only as far as max_rows needs) and
+        checks every row: a malformed line or a row without the field stops a run before its models load."""
         need = None if self.max_rows is None else -(-self.max_rows // len(self.sources))
-        counts = []
-        for files in self.sources:
-            n = 0
-            for path in files:
-                if need is not None and n >= need:
-                    break
-                n += count_rows(path)
-            counts.append(n)
+        counts = [sum(1 for _ in islice(self._read(files), need)) for files in self.sources]
         n = min(counts) * len(counts)
         return n if self.max_rows is None else min(n, self.max_rows)
 
@@ -131,14 +125,11 @@ EXPECTED = {"messages": "UltraChat rows are {messages: [{role, content}, ...]}",
 
 def chat_stream(paths, max_rows: Optional[int] = None) -> Stream:
     """Every conversation of the given files, in order (train_gen + train_sft in the original)."""
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such file (UltraChat-style JSONL or parquet with a messages field)")
-    return Stream([paths], "messages", max_rows)
+    return Stream([[paths] if isinstance(paths, str) else list(paths)], "messages", max_rows)
 
 
-def c4_stream(local_c4_dir: str, languages=("en", "zh"), split: str = "train", max_rows: Optional[int] = None) -> Stream:
+def c4_stream(local_c4_dir: str, languages=("en", "zh"), split: str = "train",
+              max_rows: Optional[int] = None) -> Stream:
     """Texts of {local_c4_dir}/{lang}/*{split}*.(jsonl|jsonl.gz|json.gz|parquet), the languages interleaved."""
     sources = []
     for lang in [languages] if isinstance(languages, str) else languages:

@@ -109,6 +109,8 @@ def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str 
     if ckpt_file:
         read_student_meta(ckpt_file)
     hf.check_model_folder(model_id, "--model_id")
+    stream = data_stream(val_data, c4_data, languages, "validation")
+    stream.n_rows                       # every row read and checked once before the model loads
     t0 = time.perf_counter()
     tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
     tokenizer.pad_token = tokenizer.eos_token

@@ -109,9 +109,10 @@ def _wait(work, timeout_s: float):
 
 
 def _wait_all(works: dict, timeout_s: float) -> dict:
-    """Wait for every work at once, one thread each (a gloo wait that times out closes its connection, so
-    they cannot be polled): {key: error} of those that failed or did not finish within timeout_s, collected
-    until a second after the first failure; empty when all finished."""
+    """Wait for every work {(client, part): work} at once, one thread each (a gloo wait that times out closes
+    the connections, so they cannot be polled): {client: error} of those that failed or did not finish within
+    timeout_s, collected until a second after the first failure; empty when all finished. A wait failed only
+    because another one timed out (gloo then closes every connection) is not held against its client."""
     results = queue.Queue()
 
     def wait(key, work):
@@ -128,16 +129,20 @@ def _wait_all(works: dict, timeout_s: float) -> dict:
             key, error = results.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             break
+        if error is not None and COLLATERAL not in str(error):
+            failed.setdefault(key[0], error)
         if error is not None:
-            failed[key] = error
             deadline = deadline or time.monotonic() + 1.0
     return failed
+
+
+COLLATERAL = "Application timeout caused pair closure"
 
 
 def why_failed(e: Exception, timeout_s: Optional[float] = None) -> str:
     """A failed wait on a peer in words: it timed out, its connection closed, or the transport's first line."""
     text = str(e)
-    if "imed out" in text or "timeout" in text:
+    if "imed out" in text or ("timeout" in text and COLLATERAL not in text):
         within = f" within {timeout_s:g}s" if timeout_s is not None else " in time"
         return f"no answer{within} (dead, stopped, or held up by another trainer that is)"
     if "closed" in text or "reset by peer" in text:
@@ -208,15 +213,19 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
           f"{size - 1} clients (batch {batch}, length {length}, {backend})", flush=True)
 
     def error(text):
-        print(f"[teacher {nccl_id_file}] error: {text}", file=sys.stderr, flush=True)
+        print(f"error: teacher server {nccl_id_file}: {text}", file=sys.stderr, flush=True)
         return 1
+
+    def last_word(text, reporter=None):
+        """The reason the group stops, in the rendezvous file: a trainer that finds its server gone reads it."""
+        atomic_write_json(dict(rendezvous, error=text, reporter=reporter), nccl_id_file)
 
     try:
         model, pad_id = load()
     except Exception as e:      # waiting trainers read it from the store, later ones from the file
         why = f"could not load the teacher: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         store.set("error", why)
-        atomic_write_json(dict(rendezvous, error=why), nccl_id_file)
+        last_word(why)
         if not isinstance(e, UserError):
             traceback.print_exc()       # a bug keeps its traceback
         return error(why)
@@ -228,24 +237,30 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
     try:
         pg = _process_group(backend, store, rank, size, connect_timeout_s)
     except RuntimeError as e:
-        return error(f"not all {size - 1} clients joined within {connect_timeout_s:g}s: {str(e).splitlines()[0]}")
+        text = f"not all {size - 1} clients joined within {connect_timeout_s:g}s: {str(e).splitlines()[0]}"
+        last_word(text)
+        return error(text)
 
     def replies(c, status, text="", report=False):
         head = torch.tensor([status, int(report), 0, 0], device=device)
         return [pg.send([head], c, REPLY_TAG), pg.send([_message(text, device)], c, REPLY_TAG)]
 
     def fail(text, failed=()):
-        """Print the line, tell every other client (the lowest of them reports it), return 1."""
-        error(text)
+        """Print the line, tell every other client why (the lowest of them reports it), return 1."""
         told = [c for c in clients if c not in failed]
-        works = {(c, i): w for c in told
-                 for i, w in enumerate(replies(c, ERROR, f"teacher server {nccl_id_file}: {text}", c == told[0]))}
-        _wait_all(works, 10)     # best effort: a client that cannot hear it times out on its own
+        last_word(text, told[0] if told else None)
+        error(text)
+        try:    # after a timeout gloo has closed every connection: they find the reason in the file
+            works = {(c, i): w for c in told for i, w in enumerate(
+                replies(c, ERROR, f"teacher server {nccl_id_file}: {text}", c == told[0]))}
+            _wait_all(works, 10)
+        except RuntimeError:
+            pass
         return 1
 
     # handshake: every client's header first (a client blocked in its send could not hear an error), then ours
     headers = {c: torch.zeros(len(HEADER), dtype=torch.long, device=device) for c in clients}
-    failed = _wait_all({c: pg.recv([headers[c]], c, REQUEST_TAG) for c in clients}, connect_timeout_s)
+    failed = _wait_all({(c, 0): pg.recv([headers[c]], c, REQUEST_TAG) for c in clients}, connect_timeout_s)
     if failed:
         return fail(f"the handshake failed: {_clients_failed(failed, connect_timeout_s)}", failed)
     for c in clients:
@@ -255,15 +270,14 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
     failed = _wait_all({(c, i): w for c in clients for i, w in enumerate(
         replies(c, OK) + [pg.send([own.to(device)], c, REPLY_TAG)])}, connect_timeout_s)
     if failed:
-        return fail(f"the handshake failed: {_clients_failed({c: e for (c, _), e in failed.items()}, connect_timeout_s)}",
-                    {c for c, _ in failed})
+        return fail(f"the handshake failed: {_clients_failed(failed, connect_timeout_s)}", failed)
     print(f"[teacher {nccl_id_file}] handshake done with {len(clients)} clients", flush=True)
 
     seq, t_infer, t_transfer = 0, 0.0, 0.0
     while clients:
         t0 = time.perf_counter()
         heads = {c: torch.zeros(4, dtype=torch.long, device=device) for c in clients}
-        failed = _wait_all({c: pg.recv([heads[c]], c, REQUEST_TAG) for c in clients}, request_timeout_s)
+        failed = _wait_all({(c, 0): pg.recv([heads[c]], c, REQUEST_TAG) for c in clients}, request_timeout_s)
         if failed:
             return fail(f"waiting for the requests of round {seq}: {_clients_failed(failed, request_timeout_s)}",
                         failed)
@@ -286,9 +300,7 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
         failed = _wait_all({(c, i): pg.recv([t[c]], c, REQUEST_TAG) for c in forwarders
                             for i, t in enumerate((ids, lengths))}, request_timeout_s)
         if failed:
-            return fail(f"receiving the inputs of round {seq}: "
-                        f"{_clients_failed({c: e for (c, _), e in failed.items()}, request_timeout_s)}",
-                        {c for c, _ in failed})
+            return fail(f"receiving the inputs of round {seq}: {_clients_failed(failed, request_timeout_s)}", failed)
         t1 = time.perf_counter()
         try:
             logits, hidden = teacher_outputs(model, torch.cat([ids[c] for c in forwarders]),
@@ -309,9 +321,7 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
                 sends[(c, k)] = w
         failed = _wait_all(sends, request_timeout_s)
         if failed:
-            return fail(f"sending the replies of round {seq}: "
-                        f"{_clients_failed({c: e for (c, _), e in failed.items()}, request_timeout_s)}",
-                        {c for c, _ in failed})
+            return fail(f"sending the replies of round {seq}: {_clients_failed(failed, request_timeout_s)}", failed)
         seq += 1
         t_infer += t2 - t1
         t_transfer += time.perf_counter() - t0 - (t2 - t1)
@@ -327,7 +337,7 @@ def serve(load, *, batch: int, length: int, size: int, nccl_id_file: str, output
 # Client
 
 def _load_error(path: str, info: dict, report: bool) -> TeacherError:
-    return TeacherError(f"teacher server {path} (pid {info.get('pid')}) {info['error']}", report)
+    return TeacherError(f"teacher server {path} (pid {info.get('pid')}): {info['error']}", report)
 
 
 def _join_store(path: str, size: int, timeout_s: float, report: bool):
@@ -345,10 +355,10 @@ def _join_store(path: str, size: int, timeout_s: float, report: bool):
             time.sleep(0.2)
             continue
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a teacher-server rendezvous file ({e}); delete it and restart the server")
+            raise UserError(f"{path}: not a teacher-server rendezvous file ({e}); delete it and restart the server")
         if info.get("protocol") != PROTOCOL:
-            raise ValueError(f"{path}: protocol {info.get('protocol')!r}, expected {PROTOCOL!r} (a file from "
-                             "another program or the original cupy server); delete it and restart the server")
+            raise UserError(f"{path}: protocol {info.get('protocol')!r}, expected {PROTOCOL!r} (a file from "
+                            "another program or the original cupy server); delete it and restart the server")
         if info.get("error"):
             raise _load_error(path, info, report)
         try:
@@ -366,8 +376,8 @@ def _join_store(path: str, size: int, timeout_s: float, report: bool):
             time.sleep(0.5)
             continue
         if info["size"] != size:
-            raise ValueError(f"{path}: the server was started with --size {info['size']} but this trainer's group "
-                             f"has size {size} (num_devices / num_groups + 1); restart one side to match")
+            raise UserError(f"{path}: the server was started with --size {info['size']} but this trainer's group "
+                            f"has size {size} (num_devices / num_groups + 1); restart one side to match")
         while time.monotonic() < deadline:
             try:
                 if store.check(["error"]):
@@ -410,10 +420,11 @@ class TeacherClient:
                             logits_dtype=logits_dtype, output_all_hiddens=output_all_hiddens, pad_id=pad_id,
                             size=size)
         self.store, info = _join_store(nccl_id_file, size, connect_timeout_s, report=rank == 0)
+        self.nonce = info["nonce"]
         backend = _resolve_backend(backend, self.device)
         if info["backend"] != backend:
-            raise ValueError(f"{nccl_id_file}: the server uses {info['backend']} but this trainer {backend} "
-                             f"(device {self.device}); pass --backend {info['backend']} or run both on one kind")
+            raise UserError(f"{nccl_id_file}: the server uses {info['backend']} but this trainer {backend} "
+                            f"(device {self.device}); pass --backend {info['backend']} or run both on one kind")
         try:
             self.pg = _process_group(backend, self.store, rank, size, connect_timeout_s)
             sent = self.pg.send([own.to(self.device)], size - 1, REQUEST_TAG)
@@ -430,7 +441,17 @@ class TeacherClient:
             raise TeacherError(f"{nccl_id_file}: {problem}", self.rank == 0)
 
     def _where(self, phase, e) -> TeacherError:
-        """The server failed this client (every client of the group sees it; client 0 reports it)."""
+        """Why the server failed this client: the reason it left in the rendezvous file (the client it names
+        reports it), else what this client saw (every client sees it; client 0 reports it)."""
+        try:
+            with open(self.file) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            info = {}
+        if info.get("error") and info.get("nonce") == self.nonce:
+            reporter = info.get("reporter")
+            return TeacherError(f"teacher server {self.file} (pid {info.get('pid')}): {info['error']}",
+                                self.rank == (0 if reporter is None else reporter))
         timeout_s = self.connect_timeout_s if phase == "handshake" else self.reply_timeout_s
         return TeacherError(f"teacher server {self.file} (rank {self.size - 1}): {why_failed(e, timeout_s)}, in the "
                             f"{phase} of client {self.rank}, request {self.seq}", self.rank == 0)
@@ -484,7 +505,7 @@ def client_for_rank(nccl_file: str, global_rank: int, world_size: int, num_group
     """The original's layout: S = world/num_groups + 1, group = rank // (S-1), local = rank % (S-1); group g
     reads f"{nccl_file}_{g}"."""
     if world_size % num_groups:
-        raise ValueError(f"teach_mode.num_groups {num_groups} must divide the number of trainers {world_size}")
+        raise UserError(f"teach_mode.num_groups {num_groups} must divide the number of trainers {world_size}")
     per_group = world_size // num_groups
     group, local = divmod(global_rank, per_group)
     return TeacherClient(f"{nccl_file}_{group}", local, per_group + 1, **kwargs)
@@ -498,21 +519,18 @@ def main(model_id: str, batch: int, length: int, size: int, output_all_hiddens: 
     """Load the teacher (bf16 on a GPU, fp32 on CPU) and serve one group of trainers. Exits 0 when every
     trainer has left, 1 with one line when loading or a peer failed (a bug keeps its traceback)."""
     from common import hf
-
     from common.cli import check_choice, check_range
-    from common.hf import check_model_folder
 
     for flag, value in (("--batch", batch), ("--length", length)):
         check_range(flag, value, low=1)
     check_range("--size", size, low=2)  # the server and at least one trainer
     check_choice("--logits_dtype", logits_dtype, WIRE_DTYPES)
     check_choice("--backend", backend, ("auto", "nccl", "gloo"))
-    check_model_folder(model_id, "--model_id")
     device = torch.device(f"cuda:{device_id}" if torch.cuda.is_available() and backend != "gloo" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    def load():
+    def load():     # inside serve: trainers already waiting learn that it failed (a missing folder first of all)
         tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
         model = hf.load_model(model_id, dtype="bfloat16" if device.type == "cuda" else "float32", device=device,
                               frozen=True, flag="--model_id")

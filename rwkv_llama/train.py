@@ -313,8 +313,9 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
         raise UserError(f"--strategy {strategy}: only ddp (and deepspeed_stage_2*, run as ddp) is built; FSDP "
                         "for large students is not yet")
     check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout, max_steps,
-                 dict(max_epochs=max_epochs, max_seq_length=max_seq_length, micro_bsz=micro_bsz,
-                      accumulate_grad_batches=accumulate_grad_batches, epoch_count=epoch_count, head_size=head_size,
+                 dict(max_epochs=max_epochs, max_seq_length=max_seq_length, micro_bsz=micro_bsz, max_rows=max_rows,
+                      shuffle_buffer=shuffle_buffer, accumulate_grad_batches=accumulate_grad_batches,
+                      epoch_count=epoch_count, head_size=head_size,
                       chunk_len=chunk_len, log_every_n_steps=log_every_n_steps,
                       val_check_interval=val_check_interval, num_devices=num_devices, num_nodes=num_nodes))
     lay = setup(seed)
@@ -324,8 +325,11 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     dtype = dtype or ("bfloat16" if lay.device.type == "cuda" else "float32")
     tokenizer = hf.load_tokenizer(cfg["model_id"], flag="Llama.model_id")
     tokenizer.pad_token = tokenizer.eos_token
-    stream = data_stream(train_data, c4_data, languages, "train", max_rows)  # opened before the models load
+    stream = data_stream(train_data, c4_data, languages, "train", max_rows)
     val_stream = data_stream(val_data, c4_data, languages, "validation")
+    for s in (stream, val_stream):
+        if s is not None:
+            s.n_rows                    # every row read and checked once, before the models load
     teacher_model = hf.load_model(cfg["model_id"], dtype="float32", device=lay.device, frozen=True,
                                   flag="Llama.model_id")
     mode = "att_only" if cfg["is_rwkv_att_only"] else "llama_ffn" if cfg["is_llama_ffn"] else "block"

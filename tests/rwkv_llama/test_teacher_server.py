@@ -242,7 +242,8 @@ def test_two_servers_serve_two_groups_as_the_original_layout(tmp_path):
 # gloo, started as torchrun starts them). Once the trainers have logged FAULT_STEP steps one process is killed
 # (SIGKILL) or stopped (SIGSTOP); every other process must end with exit code 1 and one line, within the timeout.
 
-FAULT_TIMEOUT = 10   # the server's --request_timeout_s and the trainers' teach_mode.reply_timeout_s
+FAULT_TIMEOUT = 30   # the server's --request_timeout_s and the trainers' teach_mode.reply_timeout_s: a healthy
+                     # step must fit in it, on a machine loaded 15-fold (10 s did not, once in 6 runs)
 MARGIN = 60          # exiting on a loaded machine, the server's last words to the others (up to 10 s)
 FAULT_STEP = 2
 C4 = os.path.join(ROOT, "data/rwkv_llama/c4_standin")
@@ -272,15 +273,15 @@ class Group:
                 "--reply_timeout_s", FAULT_TIMEOUT, "--output_dir", str(root / "out"))
 
     def _start(self, name, env, *argv):
-        return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env,
-                                stdout=open(self.root / f"{name}.out", "w"), stderr=open(self.root / f"{name}.err", "w"))
+        return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env, stdout=open(
+            self.root / f"{name}.out", "w"), stderr=open(self.root / f"{name}.err", "w"))
 
     def wait_for_steps(self, n):
         """Until rank 0 has logged n steps (complete lines of metrics.jsonl); every process must still run."""
         deadline = time.monotonic() + 600
         while not (self.metrics.exists() and self.metrics.read_bytes().count(b"\n") >= n):
             ended = {k: p.poll() for k, p in self.procs.items() if p.poll() is not None}
-            assert not ended and time.monotonic() < deadline, (ended, self.stderr())
+            assert not ended and time.monotonic() < deadline, f"{ended}\n{self.tails()}"
             time.sleep(0.1)
 
     def signal(self, name, sig):
@@ -295,11 +296,15 @@ class Group:
                 if name not in ended and self.procs[name].poll() is not None:
                     ended[name] = time.monotonic() - since
             time.sleep(0.05)
-        assert len(ended) == len(names), (f"still running after {limit}s: {set(names) - set(ended)}", self.stderr())
+        assert len(ended) == len(names), f"still running after {limit}s: {set(names) - set(ended)}\n{self.tails()}"
         return ended
 
     def stderr(self):
         return {name: (self.root / f"{name}.err").read_text() for name in self.procs}
+
+    def tails(self):
+        """The last lines of every process's stderr, for an assertion message."""
+        return "\n".join(f"--- {name}:\n" + "\n".join(text.splitlines()[-12:]) for name, text in self.stderr().items())
 
     def codes(self):
         """Exit codes (minus the signal for a killed process), None for one still running (stopped)."""
@@ -324,7 +329,7 @@ class Group:
 
 def one_error_line(text):
     """The one error line of a process's stderr (asserting there is exactly one and no traceback)."""
-    lines = [line for line in text.splitlines() if line.startswith("error:") or "] error:" in line]
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in text, text
     return lines[0]
 
