@@ -24,11 +24,11 @@ import gc
 import threading
 import time
 
-import fire
 import torch
 import torch.nn.functional as F
 
 from benchmarks.generation import build_models, resolve, sync
+from common.cli import run_cli
 
 PAGE = 4096
 
@@ -268,4 +268,4 @@ def lora_main_job(device, repeats, seed):
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)
