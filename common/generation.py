@@ -90,7 +90,7 @@ class TPDecoder:
             self.model.flush_cache()
             return
         attention = self.model.layers[0].attention
-        if attention.cache_k is None or not attention.cache_zeroed:  # zero-filled for the static step, kept
+        if attention.cache_k is None or not attention.cache_finite:  # zero-filled for the static step, kept
             for layer in self.model.layers:
                 layer.attention.allocate_cache(attention.wk.weight.dtype, self.device, zeros=True)
         if attention_mask is not None:  # the static step reads max_seq_len keys; columns past the grid are future

@@ -305,7 +305,7 @@ class Attention(nn.Module):
                 add_lora(self, t, n_in, n_out, "column", args)
             add_lora(self, "wo", q_out, args.dim, "row", args)
         self.cache_k = self.cache_v = None  # [max_batch, n_local_kv_heads, max_seq_len, head_dim]
-        self.cache_zeroed = False
+        self.cache_finite = False  # every position holds a number (what a static step, reading them all, needs)
 
     def forward(self, x, rope, start_pos, use_cache: bool, mask: Optional[torch.Tensor], lengths=None):
         """lengths (a list): x [1, N, D] holds rows of these lengths one after another (`Transformer.hidden`)."""
@@ -326,9 +326,10 @@ class Attention(nn.Module):
             if self.cache_k is None:
                 self.allocate_cache(k.dtype, k.device, zeros=isinstance(start_pos, torch.Tensor))
             if isinstance(start_pos, torch.Tensor):  # static step: write at a tensor position, read the whole cache
-                if not self.cache_zeroed:  # its unwritten positions are masked, but 0 * NaN = NaN
-                    raise ValueError("the static step reads the whole cache, so it needs one allocated zero-filled "
-                                     "before the prefill (allocate_cache(zeros=True), as TPDecoder.begin does)")
+                if not self.cache_finite:  # unwritten positions are masked, but 0 * NaN = NaN: zero them (once)
+                    self.cache_k[:, :, int(start_pos) + S:] = 0
+                    self.cache_v[:, :, int(start_pos) + S:] = 0
+                    self.cache_finite = True
                 # index_put_ on the whole cache: a write into the [:B] view would make torch.compile copy that view
                 at = (torch.arange(B, device=x.device)[:, None, None], torch.arange(k.shape[1], device=x.device)[:, None],
                       start_pos + torch.arange(S, device=x.device))
@@ -350,7 +351,7 @@ class Attention(nn.Module):
         shape = (self.args.max_batch_size, self.n_local_kv_heads, self.args.max_seq_len, self.head_dim)
         make = torch.zeros if zeros else torch.empty
         self.cache_k, self.cache_v = make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device)
-        self.cache_zeroed = zeros
+        self.cache_finite = zeros
 
     def attend_rows(self, q, k, v, lengths):
         """Causal attention within each row of packed q, k, v [N, H, hd] (rows of `lengths`, one after another):

@@ -128,6 +128,23 @@ def test_static_step_ignores_stale_cache_and_honours_the_key_mask():
     torch.testing.assert_close(padded[1:, -1], unpadded, atol=ATOL, rtol=0)
 
 
+def test_static_step_after_an_uninitialised_cache_reads_no_garbage():
+    """The eager path allocates its cache uninitialised; a static step reads every position (masked, 0 * NaN = NaN)."""
+    setup()
+    model = ours_from_hf(tiny_hf_model("llama"), max_seq_len=16, max_batch_size=2)
+    tokens = torch.randint(3, 128, (2, 8))
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.allocate_cache(torch.float32, "cpu", zeros=False)
+            layer.attention.cache_k.fill_(float("nan"))
+            layer.attention.cache_v.fill_(float("nan"))
+        model(tokens[:, :7], start_pos=0, use_cache=True)
+        static = model(tokens[:, 7:], start_pos=torch.tensor(7), use_cache=True)
+        model.flush_cache()
+        full = model(tokens)[:, 7:]
+    torch.testing.assert_close(static, full, atol=ATOL, rtol=0)
+
+
 def test_cache_overflow_is_a_clear_error():
     setup()
     model = ours_from_hf(tiny_hf_model("llama"), max_seq_len=8, max_batch_size=2)
