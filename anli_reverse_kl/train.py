@@ -16,6 +16,10 @@ target token of the decoder (position t scores target token t):
                minibatches of --batch_size x --gradient_accumulation_steps per rank, each an optimiser step on
                L_pg [+ L_reg with --single_step_reg] [+ lm_coef·((1 - λ) CE + λ soft-CE) on a --lm_data_dir batch]
 
+--fast_kd (default) is the fast step of sft / kd / seqkd and of MiniLLM's PT term (common.hf_training.lm_logits):
+the teacher under inference_mode (cast to --dtype), both models stopped before their (T5: scaled, tied) heads and
+the losses computed KD_CHUNK_SIZE decoder positions at a time; --fast_kd false computes the full logits first.
+
 Checkpoints under --save/checkpoints (common.hf_training; sft/kd/seqkd every --save_interval optimiser
 steps, minillm after every --save_interval rollout iterations); rerunning the same command resumes from the
 last one. The final weights go to --save/model; --save/log.jsonl gets one line per optimiser step.
@@ -35,9 +39,9 @@ import torch
 from anli_reverse_kl.minillm import STORE_FIELDS, minillm_loss, sample_responses, score_rollouts
 from anli_reverse_kl.prepare_data import read_items
 from common import hf
-from common.distributed import all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
-from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
-                                optimizer_step, save_checkpoint, unwrap, wrap_ddp)
+from common.distributed import all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown, to_dtype
+from common.hf_training import (KD_CHUNK_SIZE, autocast, export_model, grad_scaler, grad_sync, lm_logits,
+                                load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from common.labels import seq2seq_batch, targets_and_mask
 from common.losses import cross_entropy, soft_cross_entropy
@@ -124,18 +128,22 @@ def first_token_masks(mask):
     return first, mask & ~first
 
 
-def sft_loss(logits, batch, loss_ratio, n_first, n_rest):
+def sft_loss(logits, batch, loss_ratio, n_first, n_rest, chunk_size=None):
     """r·CE(first target token) + (1 - r)·CE(other target tokens), each divided by its whole-step count."""
     first, rest = first_token_masks(batch["mask"])
-    return (loss_ratio * cross_entropy(logits, target_ids=batch["targets"], mask=first, normalizer=max(n_first, 1))
+    return (loss_ratio * cross_entropy(logits, target_ids=batch["targets"], mask=first, normalizer=max(n_first, 1),
+                                       chunk_size=chunk_size)
             + (1 - loss_ratio) * cross_entropy(logits, target_ids=batch["targets"], mask=rest,
-                                               normalizer=max(n_rest, 1)))
+                                               normalizer=max(n_rest, 1), chunk_size=chunk_size))
 
 
-def kd_loss(logits, teacher_logits, batch, kd_ratio, n_tokens):
-    """(1 - λ)·CE + λ·soft-CE(p, q) per target token, divided by the whole step's target tokens."""
-    ce = cross_entropy(logits, target_ids=batch["targets"], mask=batch["mask"], normalizer=max(n_tokens, 1))
-    kd = soft_cross_entropy(logits, teacher_logits, mask=batch["mask"], normalizer=max(n_tokens, 1))
+def kd_loss(logits, teacher_logits, batch, kd_ratio, n_tokens, chunk_size=None):
+    """(1 - λ)·CE + λ·soft-CE(p, q) per target token, divided by the whole step's target tokens. Logits or, on
+    the fast path, common.losses.HeadLogits with a chunk_size."""
+    ce = cross_entropy(logits, target_ids=batch["targets"], mask=batch["mask"], normalizer=max(n_tokens, 1),
+                       chunk_size=chunk_size)
+    kd = soft_cross_entropy(logits, teacher_logits, mask=batch["mask"], normalizer=max(n_tokens, 1),
+                            chunk_size=chunk_size)
     return (1 - kd_ratio) * ce + kd_ratio * kd
 
 
@@ -148,7 +156,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
           gamma: float = 0.95, reward_scaling: float = 0.5, cliprange_reward: float = 100.0, cliprange: float = 0.2,
           length_norm: bool = True, single_step_reg: bool = False, lm_data_dir: str = None, lm_coef: float = 1.0,
           max_new_tokens: int = 180, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-          dtype: str = "float32", save_interval: int = 500, seed: int = 10):
+          dtype: str = "float32", save_interval: int = 500, seed: int = 10, fast_kd: bool = True):
     if type not in TYPES:
         raise ValueError(f"--type must be one of {', '.join(TYPES)}, got {type!r}")
     for flag, value in (("--model_path", model_path), ("--data_dir", data_dir), ("--save", save)):
@@ -172,6 +180,8 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
     if type in ("kd", "minillm"):
         teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher_model_path")
         teacher_tok = hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path")
+        if fast_kd and dtype != "float32":
+            teacher.to(to_dtype(dtype))  # the fast step's teacher: in the autocast dtype, never cast per forward
     check_models(model, teacher, tok, teacher_tok, model_path, teacher_model_path)
     model.train()
     start_id = model.config.decoder_start_token_id
@@ -228,6 +238,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
         return sums
 
     meter = Throughput()
+    chunk = KD_CHUNK_SIZE if fast_kd else None
     if type != "minillm":
         while state["step"] < total_steps:
             step = state["step"]
@@ -240,13 +251,12 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
             n_tok = global_count(sum(int(b["mask"].sum()) for b in micro), lay.device)
 
             def loss_fn(batch):
-                logits = ddp(**model_inputs(batch)).logits
+                _, logits = lm_logits(ddp, model_inputs(batch), fast=fast_kd)
                 if type == "kd":
-                    with torch.no_grad():
-                        teacher_logits = teacher(**model_inputs(batch)).logits
-                    loss = kd_loss(logits, teacher_logits, batch, kd_ratio, n_tok)
+                    _, teacher_logits = lm_logits(teacher, model_inputs(batch), fast=fast_kd, frozen=True)
+                    loss = kd_loss(logits, teacher_logits, batch, kd_ratio, n_tok, chunk)
                 else:
-                    loss = sft_loss(logits, batch, loss_ratio, n_first, n_tok - n_first)
+                    loss = sft_loss(logits, batch, loss_ratio, n_first, n_tok - n_first, chunk)
                 return loss, dict(loss=loss.detach())
 
             sums = backward_step(micro, loss_fn)
@@ -304,10 +314,10 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
                         terms = minillm_loss(ddp, teacher, batch, clip_range=cliprange,
                                              single_step_reg=single_step_reg, normalizer=max(n_resp, 1))
                         if "lm" in batch:
-                            logits = ddp(**model_inputs(batch["lm"])).logits
-                            with torch.no_grad():
-                                teacher_logits = teacher(**model_inputs(batch["lm"])).logits
-                            terms["pt"] = kd_loss(logits, teacher_logits, batch["lm"], kd_ratio, n_lm)
+                            _, logits = lm_logits(ddp, model_inputs(batch["lm"]), fast=fast_kd)
+                            _, teacher_logits = lm_logits(teacher, model_inputs(batch["lm"]), fast=fast_kd,
+                                                          frozen=True)
+                            terms["pt"] = kd_loss(logits, teacher_logits, batch["lm"], kd_ratio, n_lm, chunk)
                             terms["loss"] = terms["loss"] + lm_coef * terms["pt"]
                         return terms["loss"], {k: v.detach() for k, v in terms.items()}
 

@@ -330,6 +330,13 @@ class HeadLogits:
         hidden, weight = zip(*self.terms)
         return hidden + weight + (() if self.bias is None else (self.bias,))
 
+    def first(self, vocab=None):
+        """The logits of the first `vocab` vocabulary entries (None: all), as logits[..., :vocab]."""
+        if vocab is None:
+            return self
+        hidden, weight = zip(*self.terms)
+        return HeadLogits(hidden, tuple(w[:vocab] for w in weight), None if self.bias is None else self.bias[:vocab])
+
     def detach(self):
         detached = [t.detach() for t in self.tensors()]
         n = len(self.terms)

@@ -19,6 +19,9 @@ Objective per optimiser step (λ = kd_ratio, token means over response tokens of
     any type     + lm_coef·CE on an OpenWebText chunk per micro-batch when --lm-data-dir is given
 AdamW (weight decay 0.01, none on biases and norms), cosine from lr to lr_min over all steps, no warmup,
 clip 1.0; `--dtype bfloat16` / `float16` runs every forward (sampling included) under autocast over fp32 weights.
+`--fast-kd` (default) is the fast step (common.hf_training.lm_logits): the teacher under inference_mode (cast to
+--dtype), both models stopped before their heads and every loss over the vocabulary computed KD_CHUNK_SIZE
+rows at a time from the hidden states; `--fast-kd false` computes the full logits first, as the original.
 Each epoch ends with the dev CE (DistiLLM's threshold; `--select-by loss`) and the dev Rouge-L of
 sampled responses (`--select-by rougeL`, default); the best epoch is exported to `save/best`, the last to
 `save/final`.
@@ -46,10 +49,10 @@ from tqdm import tqdm
 
 from common import hf
 from common.cli import UserError, run_cli
-from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown
+from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown, to_dtype
 from common.generation import generate
-from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
-                                optimizer_step, save_checkpoint, unwrap, wrap_ddp)
+from common.hf_training import (KD_CHUNK_SIZE, autocast, export_model, grad_scaler, grad_sync, lm_logits,
+                                load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_save, atomic_write_json, read_jsonl, write_jsonl
 from common.losses import (contra_loss, cross_entropy, fdd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl,
                            soft_cross_entropy)
@@ -101,9 +104,11 @@ def build_optimizer(model, lr: float, weight_decay: float = 0.01):
 
 def per_sequence_mean(loss_fn, student_logits, teacher_logits, mask, rows, **kwargs):
     """Σ over `rows` of each sequence's token mean (DistiLLM-2 reduces per sequence, then over the batch)."""
-    total = student_logits.new_zeros(())
+    total = torch.zeros((), device=mask.device)
     for b in rows:
-        total = total + loss_fn(student_logits[b:b + 1], teacher_logits[b:b + 1], mask=mask[b:b + 1], **kwargs)
+        own = torch.zeros_like(mask)
+        own[b] = mask[b]
+        total = total + loss_fn(student_logits, teacher_logits, mask=own, **kwargs)
     return total
 
 
@@ -128,7 +133,8 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
          velocity_update_interval: int = 1, velocity_field: str = None, projector: str = None,
          velocity_dropout: float = 0.1, gradual_beta: bool = False, peft: str = None, peft_lora_r: int = 16,
          peft_lora_alpha: float = 64, peft_lora_dropout: float = 0.1, select_by: str = "rougeL",
-         save_steps: int = 0, clip_grad: float = 1.0, dtype: str = "float32", eval_batch_size: int = 8):
+         save_steps: int = 0, clip_grad: float = 1.0, dtype: str = "float32", eval_batch_size: int = 8,
+         fast_kd: bool = True):
     base, contra, loss = parse_type(type, loss)
     for flag, value in (("--model-path", model_path), ("--data-dir", data_dir), ("--save", save)):
         if not value:
@@ -155,6 +161,8 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     if needs_teacher:
         teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher-model-path")
         hf.check_vocab(student, teacher, tokenizer)
+        if fast_kd and dtype != "float32":
+            teacher.to(to_dtype(dtype))  # the fast step's teacher: in the autocast dtype, never cast per forward
     if peft:
         student = add_lora(student, peft_lora_r, peft_lora_alpha, peft_lora_dropout, model_path)
     pairing = layer_pairing(student, teacher, num_distill_layers) if base == "fdd" or contra else None
@@ -314,32 +322,36 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
             out.append(pairs)
         return out, source
 
-    def objective(out, t_out, batch, k, n_tok, n_fdd, n_pairs, step):
-        """The step's loss for one micro-batch (already divided by whole-step counts) and its logged terms."""
-        logits, mask = out.logits, batch["mask"]
+    chunk = KD_CHUNK_SIZE if fast_kd else None
+
+    def objective(out, logits, t_out, t_logits, batch, k, n_tok, n_fdd, n_pairs, step):
+        """The step's loss for one micro-batch (already divided by whole-step counts) and its logged terms.
+        logits, t_logits: the models' logits, or with --fast-kd their HeadLogits (computed chunk by chunk)."""
+        mask = batch["mask"]
         terms = {}
         if base == "distillm2":
-            half = logits.shape[0] // 2
+            half = mask.shape[0] // 2
             beta = 1 + 0.5 * min(1.0, 2 * step / total_iters) if gradual_beta else 1.0
-            tgo = per_sequence_mean(skew_forward_kl, logits, t_out.logits, mask, range(half), alpha=skew_alpha)
-            sgo = per_sequence_mean(skew_reverse_kl, logits, t_out.logits, mask, range(half, 2 * half),
-                                    alpha=skew_alpha, detach_mixture=True)
+            tgo = per_sequence_mean(skew_forward_kl, logits, t_logits, mask, range(half), alpha=skew_alpha,
+                                    chunk_size=chunk)
+            sgo = per_sequence_mean(skew_reverse_kl, logits, t_logits, mask, range(half, 2 * half),
+                                    alpha=skew_alpha, detach_mixture=True, chunk_size=chunk)
             terms["loss_tgo_skl"], terms["loss_sgo_srkl"] = tgo / n_pairs, sgo / n_pairs
             total = ((2 - beta) * tgo + beta * sgo) / n_pairs
         else:
-            ce = cross_entropy(logits, target_ids=batch["target_ids"], mask=mask, normalizer=n_tok)
+            ce = cross_entropy(logits, target_ids=batch["target_ids"], mask=mask, normalizer=n_tok, chunk_size=chunk)
             terms["loss_ce"] = ce
             if base in ("sft", "seqkd"):
                 total = ce
             elif base == "kd":
-                kd = soft_cross_entropy(logits, t_out.logits, mask=mask, normalizer=n_tok)
+                kd = soft_cross_entropy(logits, t_logits, mask=mask, normalizer=n_tok, chunk_size=chunk)
                 terms["loss_kd"], total = kd, (1 - kd_ratio) * ce + kd_ratio * kd
             elif base == "distillm":
                 divergence = skew_forward_kl if loss == "skl" else skew_reverse_kl
-                d = divergence(logits, t_out.logits, mask=mask, alpha=skew_alpha, normalizer=n_tok)
+                d = divergence(logits, t_logits, mask=mask, alpha=skew_alpha, normalizer=n_tok, chunk_size=chunk)
                 terms[f"loss_{loss}"], total = d, (1 - kd_ratio) * ce + kd_ratio * d
             else:  # fdd
-                rkl = reverse_kl(logits, t_out.logits, mask=mask, normalizer=n_tok)
+                rkl = reverse_kl(logits, t_logits, mask=mask, normalizer=n_tok, chunk_size=chunk)
                 fmask = mask if fdd_mask == "response" else batch["attention_mask"].bool()
                 head_s, head_t = unwrap(student).get_output_embeddings(), teacher.get_output_embeddings()
                 fdd = fdd_loss([out.hidden_states[i] for i in pairing["student_layers"]],
@@ -372,20 +384,20 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
             if lm:  # its own backward, never the step's last, so DDP syncs once
                 with grad_sync(ddp, False):
                     with autocast(dtype, lay.device):
-                        lm_logits = ddp(**model_inputs(lm_batches[m])).logits
-                        lm_loss = lm_coef * cross_entropy(lm_logits, target_ids=lm_batches[m]["target_ids"],
-                                                          mask=lm_batches[m]["mask"], normalizer=n_lm)
+                        _, logits = lm_logits(ddp, model_inputs(lm_batches[m]), fast=fast_kd)
+                        lm_loss = lm_coef * cross_entropy(logits, target_ids=lm_batches[m]["target_ids"],
+                                                          mask=lm_batches[m]["mask"], normalizer=n_lm, chunk_size=chunk)
                     scaler.scale(lm_loss).backward()
                 logged["loss_lm"] = logged.get("loss_lm", 0.0) + lm_loss.detach() / lm_coef
                 tokens += int(lm_batches[m]["attention_mask"].sum())
             with grad_sync(ddp, m == len(batches) - 1):
                 with autocast(dtype, lay.device):
-                    out = ddp(**model_inputs(batch), output_hidden_states=hidden)
-                    t_out = None
+                    out, logits = lm_logits(ddp, model_inputs(batch), fast=fast_kd, output_hidden_states=hidden)
+                    t_out = t_logits = None
                     if teacher is not None:
-                        with torch.no_grad():
-                            t_out = teacher(**model_inputs(batch), output_hidden_states=base == "fdd")
-                    total, terms = objective(out, t_out, batch, k, n_tok, n_fdd, n_pairs, step)
+                        t_out, t_logits = lm_logits(teacher, model_inputs(batch), fast=fast_kd, frozen=True,
+                                                    output_hidden_states=base == "fdd")
+                    total, terms = objective(out, logits, t_out, t_logits, batch, k, n_tok, n_fdd, n_pairs, step)
                 scaler.scale(total).backward()
             for name, value in terms.items():
                 logged[name] = logged.get(name, 0.0) + value.detach()
