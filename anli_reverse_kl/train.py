@@ -44,7 +44,7 @@ from common.hf_training import (KD_CHUNK_SIZE, autocast, export_model, grad_scal
                                 load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from common.labels import seq2seq_batch, targets_and_mask
-from common.losses import cross_entropy, soft_cross_entropy
+from common.losses import compiled_chunks, cross_entropy, soft_cross_entropy
 from common.training import Throughput, dp_shard, global_count
 
 TYPES = ("sft", "kd", "seqkd", "minillm")
@@ -230,7 +230,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
         sums = {}
         for k, batch in enumerate(micro):
             with grad_sync(ddp, k == len(micro) - 1):
-                with autocast(dtype, lay.device):
+                with autocast(dtype, lay.device), compiled_chunks(fast_kd):
                     loss, terms = loss_fn(batch)
                 scaler.scale(loss).backward()
             for name, v in terms.items():

@@ -157,14 +157,15 @@ def micro_batch_loss(student, teacher, batch: dict, kl_method: str, *, dtype="fl
     `vocab` logits only (vocabularies padded to different widths, e.g. Pythia sizes).
 
     fast (common.hf_training.lm_logits): the teacher under inference_mode, both models stopped before their
-    heads, and the loss computes the logits KD_CHUNK_SIZE rows at a time (the logits returned are
+    heads, and the loss computes the logits KD_CHUNK_SIZE rows at a time, each chunk's divergence compiled
+    where the vocabulary is wide (common.losses.compiled_chunks; the logits returned are
     common.losses.HeadLogits); else the full logits of both models, as the release computes them."""
     device = next(student.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
     targets, _ = targets_and_mask(batch["labels"].to(device), shift=True)
     teacher_logits = None
     if fast:
-        with autocast(dtype, device):
+        with autocast(dtype, device), losses.compiled_chunks():
             if kl_method != "seqkd":
                 teacher_logits = lm_logits(teacher, inputs, fast=True, frozen=True)[1].first(vocab)
             student_logits = lm_logits(student, inputs, fast=True)[1]
@@ -337,7 +338,8 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
             step_loss += loss.detach()
             if log_now and kl_method in ("jsd", "dkd", "atkd"):
                 n = int((targets != IGNORE_INDEX).sum())
-                with autocast(dtype, lay.device) if fast_kd else contextlib.nullcontext():
+                with autocast(dtype, lay.device) if fast_kd else contextlib.nullcontext(), \
+                        losses.compiled_chunks(fast_kd):
                     parts = loss_terms(kl_method, s_logits, t_logits, targets, setting=setting,
                                        chunk_size=KD_CHUNK_SIZE if fast_kd else None)
                 for k, v in parts.items():

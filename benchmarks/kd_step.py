@@ -17,16 +17,20 @@ Rows (one process, the same initial student weights, the same batch):
               weights, full logits (bf16) into the loss
   fast        common.hf_training's fast path: bf16 teacher under inference_mode, student under bf16 autocast,
               both stopped before the head (common.hf.head_logits); the head and the divergence computed
-              KD_CHUNK_SIZE rows at a time (common.losses.HeadLogits), so no [B, S, V] logits exist
+              KD_CHUNK_SIZE rows at a time (common.losses.HeadLogits), so no [B, S, V] logits exist, each
+              chunk's divergence and its gradient compiled (common.losses.compiled_chunks)
+  fast, eager chunks   the same without compiling
   trl         TRL's GKDTrainer.training_step (lmbda 0: offline; beta 0) with bf16=True (accelerate's autocast),
               the bf16 teacher, then the same AdamW step
   matmul-only every matmul of one fast step (forward and backward, both models; recorded with a dispatch
               mode) replayed alone at its shapes, strides and dtype; the fused attention kernel counts as
               its two forward and four backward batched matmuls
-Columns: seconds per step (median of `repeats` interleaved rounds after one warm-up each), tokens/s, the peak
-memory rise of one more step (CPU: sampled resident set, large blocks unmapped when freed; CUDA:
-max_memory_allocated) and the share of the limit, matmul-only time / step time. The machine's load average is
-printed: on a shared machine only ratios from the same run mean anything.
+Every row steps one shared student with AdamW at lr 0 (same work, unchanged weights: the rows' loss values
+must agree, and are printed). Columns: seconds per step (median of `repeats` interleaved rounds after one
+warm-up each; `--clock cpu` takes the process's CPU time instead of the wall clock, which a loaded machine
+inflates far less at --threads 1), tokens/s, the peak memory rise of one more step (CPU: sampled resident set,
+large blocks unmapped when freed; CUDA: max_memory_allocated) and the share of the limit, matmul-only time /
+step time. The machine's load average is printed: on a shared machine only ratios from one run mean anything.
 """
 import copy
 import json
@@ -87,41 +91,44 @@ def next_token_mask(ids):
     return mask
 
 
-def optimizer_for(model, lr=1e-5):
+def optimizer_for(model, lr):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The steps
 
-def plain_step(student, teacher, optimizer, ids, dtype):
-    """Today's path (atkd/train.py micro_batch_loss, kl_method forward): full logits, then the loss."""
+def kd_step(student, teacher, optimizer, ids, dtype, fast, compiled=True, micro_batches=1):
+    """One optimiser step of forward KL on `ids`, in `micro_batches` accumulated micro-batches (each loss divided
+    by the whole step's token count). fast=False: today's path (atkd/train.py micro_batch_loss, kl_method
+    forward): full logits, then the loss. fast=True: both models stop before their heads; head + divergence
+    chunked (common.hf_training.lm_logits, KD_CHUNK_SIZE), each chunk's divergence compiled unless not
+    `compiled` (common.losses.compiled_chunks, as the methods' train.py run it)."""
     mask = next_token_mask(ids)
-    with autocast(dtype, ids.device):
-        _, t_logits = lm_logits(teacher, {"input_ids": ids}, fast=False, frozen=True)
-        _, s_logits = lm_logits(student, {"input_ids": ids}, fast=False)
-    loss = losses.forward_kl(s_logits, t_logits, mask=mask)
-    loss.backward()
+    n = int(mask.sum())
+    total = 0.0
+    for part in torch.arange(ids.shape[0], device=ids.device).chunk(micro_batches):
+        inputs = {"input_ids": ids[part]}
+        with autocast(dtype, ids.device), losses.compiled_chunks(compiled):
+            _, t_logits = lm_logits(teacher, inputs, fast=fast, frozen=True)
+            _, s_logits = lm_logits(student, inputs, fast=fast)
+            if fast:
+                loss = losses.forward_kl(s_logits, t_logits, mask=mask[part], chunk_size=KD_CHUNK_SIZE, normalizer=n)
+        if not fast:
+            loss = losses.forward_kl(s_logits, t_logits, mask=mask[part], normalizer=n)
+        loss.backward()
+        total += loss.detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-def fast_step(student, teacher, optimizer, ids, dtype, compiled=False):
-    """The fast path: both models stop before the head; head + divergence chunked."""
-    mask = next_token_mask(ids)
-    with autocast(dtype, ids.device), losses.compiled_chunks(compiled):
-        _, t_logits = lm_logits(teacher, {"input_ids": ids}, fast=True, frozen=True)
-        _, s_logits = lm_logits(student, {"input_ids": ids}, fast=True)
-        loss = losses.forward_kl(s_logits, t_logits, mask=mask, chunk_size=KD_CHUNK_SIZE)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return total
 
 
 def trl_step_fn(student, teacher, optimizer, tokenizer, dtype, device):
-    """TRL's GKDTrainer.training_step (lmbda 0, beta 0: offline forward KL) and the same AdamW step."""
+    """TRL's GKDTrainer.training_step (lmbda 0, beta 0: offline forward KL) and the same AdamW step.
+
+    accelerate (inside GKDTrainer) gives the models it prepares a forward of their own under mixed precision
+    (autocast, outputs cast to fp32); it is put in place for TRL's steps only, so that the other rows can share
+    the student and the teacher (memory, on a shared machine)."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -133,11 +140,21 @@ def trl_step_fn(student, teacher, optimizer, tokenizer, dtype, device):
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=unused,
                          processing_class=tokenizer)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which we bypass to time one step
+    if trainer.model is not student or trainer.teacher_model is not teacher:
+        raise RuntimeError("GKDTrainer wrapped the models: give it copies of its own")
+    prepared = {m: m.__dict__.pop("forward", None) for m in (student, teacher)}
 
     def step(ids):
         inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone(), prompts=ids[:, :1],
                       prompt_attention_mask=torch.ones_like(ids[:, :1]))
-        loss = trainer.training_step(trainer.model, inputs)
+        for model, forward in prepared.items():
+            if forward is not None:
+                model.forward = forward
+        try:
+            loss = trainer.training_step(trainer.model, inputs)
+        finally:
+            for model in prepared:
+                model.__dict__.pop("forward", None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -209,16 +226,16 @@ def linear_flops(func, args):
     return 2 * torch.Size(a[1]).numel() * b[1][-1]
 
 
-def matmul_only_seconds(seen, device, repeats=3):
+def matmul_only_seconds(seen, device, timer, repeats=3):
     calls = replay_calls(seen)
     best = float("inf")
     for _ in range(repeats):
         sync(device)
-        start = time.perf_counter()
+        start = timer()
         for call in calls:
             call()
         sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, timer() - start)
     return best
 
 
@@ -236,7 +253,7 @@ def load_average():
         return "?"
 
 
-def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, repeats=3, compiled=False,
+def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, repeats=3, clock="wall",
          model_dir=str(MODEL_DIR)):
     """The table and the one-line summary (ratios of the fast row against fp32, bf16 and TRL)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -250,35 +267,36 @@ def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, r
     teacher16 = copy.deepcopy(teacher32).to(dtype)
     ids = token_rows(tokenizer, "train", batch, seq_len).to(device)
     n_tokens = ids.numel()
-    # fp32, bf16 and fast share one student and optimiser (memory on a shared machine); TRL gets copies of the
-    # student and the teacher because accelerate (inside GKDTrainer) wraps the forward of the models it prepares
-    optimizer = optimizer_for(student0)
+    # every row steps the same student (memory, on a shared machine); lr 0 keeps its weights, so that the rows'
+    # loss values compare (AdamW does all its work at lr 0 too)
+    optimizer = optimizer_for(student0, lr=0.0)
     steps = {
-        "fp32": lambda: plain_step(student0, teacher32, optimizer, ids, torch.float32),
-        "bf16": lambda: plain_step(student0, teacher16, optimizer, ids, dtype),
-        "fast": lambda: fast_step(student0, teacher16, optimizer, ids, dtype, compiled),
+        "fp32": lambda: kd_step(student0, teacher32, optimizer, ids, torch.float32, fast=False),
+        "bf16": lambda: kd_step(student0, teacher16, optimizer, ids, dtype, fast=False),
+        "fast": lambda: kd_step(student0, teacher16, optimizer, ids, dtype, fast=True),
+        "fast, eager chunks": lambda: kd_step(student0, teacher16, optimizer, ids, dtype, fast=True, compiled=False),
+        "trl": lambda: trl(ids),
     }
-    trl_student = copy.deepcopy(student0)
-    trl = trl_step_fn(trl_student, copy.deepcopy(teacher16), optimizer_for(trl_student), tokenizer, dtype, device)
-    steps["trl"] = lambda: trl(ids)
+    trl = trl_step_fn(student0, teacher16, optimizer, tokenizer, dtype, device)
     trainable = sum(p.numel() for p in student0.parameters() if p.requires_grad)
     print(f"teacher SmolLM2-135M-Instruct (30 blocks), student its blocks {','.join(map(str, STUDENT_LAYERS))} "
           f"({'LoRA r 16, ' if lora else 'full fine-tuning, '}{trainable / 1e6:.1f}M trainable), batch {batch} x "
           f"{seq_len}, vocab {hf.vocab_width(teacher32)}, forward KL, AdamW; device {device}, "
           f"{torch.get_num_threads() if device.type == 'cpu' else ''} threads, low precision {dtype}, "
-          f"chunk {KD_CHUNK_SIZE}{', compiled chunks' if compiled else ''}", flush=True)
+          f"chunk {KD_CHUNK_SIZE}, {clock} clock", flush=True)
     print(f"load average before: {load_average()}", flush=True)
 
     values = {name: float(step()) for name, step in steps.items()}  # warm-up (compiles, allocates optimiser state)
-    print("forward KL of the first step: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+    print("forward KL, same weights: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+    timer = {"wall": time.perf_counter, "cpu": time.process_time}[clock]
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             sync(device)
-            start = time.perf_counter()
+            start = timer()
             step()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timer() - start)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     peak = {}
     for name, step in steps.items():
@@ -289,13 +307,14 @@ def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, r
     def fast_forward_backward():  # the fast step without the optimiser, for the matmul record
         mask = next_token_mask(ids)
         with autocast(dtype, device):
-            _, t_logits = lm_logits(teacher16, {"input_ids": ids}, fast=True, frozen=True)
+            with torch.no_grad():  # the same matmuls as under inference_mode, which the recorder does not see
+                _, t_logits = hf.head_logits(teacher16, input_ids=ids)
             _, s_logits = lm_logits(student0, {"input_ids": ids}, fast=True)
             loss = losses.forward_kl(s_logits, t_logits, mask=mask, chunk_size=KD_CHUNK_SIZE)
         loss.backward()
         student0.zero_grad(set_to_none=True)
     seen = record_matmuls(fast_forward_backward)
-    matmul_s = matmul_only_seconds(seen, device)
+    matmul_s = matmul_only_seconds(seen, device, timer)
     flops = sum(linear_flops(func, args) for func, args in seen)
     print(f"load average after: {load_average()}", flush=True)
 
@@ -313,5 +332,81 @@ def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, r
           f"{peak['fast'] / max(peak['trl'], 1):.2f}x, {100 * matmul_s / seconds['fast']:.0f}% matmul share")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Accuracy: the fast path trains as the plain one does
+
+@torch.no_grad()
+def held_out_kl(student, teacher, rows, batch):
+    """Per-sequence token-mean forward KL(teacher ‖ student), fp32 models, full logits, plain loss."""
+    out = []
+    for i in range(0, rows.shape[0], batch):
+        ids = rows[i:i + batch]
+        mask = next_token_mask(ids)
+        s, t = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+        out += [losses.forward_kl(s[b:b + 1], t[b:b + 1], mask=mask[b:b + 1]).item() for b in range(ids.shape[0])]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=25, plain_dtype="float32",
+             micro_batches=1, device=None, dtype=None, threads=2, model_dir=str(MODEL_DIR), out=None):
+    """Train the student `steps` AdamW steps (constant lr) twice from the same cut on the same batches of the
+    train split, by the plain path (full logits, `plain_dtype`) and by the fast path (bf16), one after the other;
+    every `eval_every` steps both are scored on `eval_rows` held-out sequences (the validation split) by the
+    token-mean forward KL to the teacher, fp32 throughout. Prints each path's mean and the paired difference
+    with its standard error over the sequences (the noise of the held-out estimate); `out`: a JSON of it all."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = to_dtype(dtype or "bfloat16")
+    if device.type == "cpu":
+        torch.set_num_threads(int(threads))
+        release_freed_memory()
+    tokenizer = hf.load_tokenizer(model_dir, flag="--model_dir")
+    train_rows = token_rows(tokenizer, "train", steps * batch, seq_len).to(device)
+    eval_ids = token_rows(tokenizer, "validation", eval_rows, seq_len).to(device)
+    print(f"{steps} steps of {batch} x {seq_len} tokens, lr {lr}; held-out: {eval_rows} validation sequences; "
+          f"plain path {plain_dtype}, fast path {dtype}; load average {load_average()}", flush=True)
+    results = {}
+    for path in ("plain", "fast"):
+        torch.manual_seed(0)
+        teacher32, student = load_pair(model_dir, device)
+        teacher = teacher32 if path == "plain" and to_dtype(plain_dtype) == torch.float32 else \
+            copy.deepcopy(teacher32).to(to_dtype(plain_dtype) if path == "plain" else dtype)
+        optimizer = optimizer_for(student, lr)
+        curve, start = {}, time.perf_counter()
+        for step in range(steps + 1):
+            if step % eval_every == 0 or step == steps:
+                student.eval()
+                curve[step] = held_out_kl(student, teacher32, eval_ids, batch)
+                student.train()
+                print(f"{path} step {step}: held-out KL {curve[step].mean():.4f} "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+            if step == steps:
+                break
+            ids = train_rows[step * batch:(step + 1) * batch]
+            kd_step(student, teacher, optimizer, ids, to_dtype(plain_dtype) if path == "plain" else dtype,
+                    fast=path == "fast", micro_batches=micro_batches)
+        results[path] = curve
+        del teacher32, teacher, student, optimizer
+    print()
+    print("| step | plain held-out KL | fast held-out KL | fast - plain (paired) | its standard error |")
+    print("|---|---|---|---|---|")
+    summary = {}
+    for step in results["plain"]:
+        a, b = results["plain"][step], results["fast"][step]
+        diff = b - a
+        se = diff.std().item() / len(diff) ** 0.5
+        summary[step] = dict(plain=a.mean().item(), fast=b.mean().item(), diff=diff.mean().item(), se=se)
+        print(f"| {step} | {a.mean():.4f} | {b.mean():.4f} | {diff.mean():+.4f} | {se:.4f} |")
+    last = summary[steps]
+    print(f"\nkd_step accuracy: after {steps} steps held-out KL plain {last['plain']:.4f}, fast {last['fast']:.4f}, "
+          f"difference {last['diff']:+.4f} ± {last['se']:.4f} (paired SE), from {summary[0]['plain']:.4f} at step 0")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"settings": dict(steps=steps, lr=lr, batch=batch, seq_len=seq_len, eval_rows=eval_rows,
+                                        plain_dtype=plain_dtype, dtype=str(dtype)),
+                       "summary": summary, "per_sequence": {p: {k: v.tolist() for k, v in c.items()}
+                                                            for p, c in results.items()}}, f, indent=1)
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire({"main": main, "accuracy": accuracy} if len(sys.argv) > 1 and sys.argv[1] in ("main", "accuracy")
+              else main)

@@ -151,7 +151,7 @@ def lr_schedule(optimizer, name: str, warmup_steps: int = 0, total_steps: Option
 
 # ---------------------------------------------------------------------------- the KD step's fast path
 
-KD_CHUNK_SIZE = 1024  # logits rows per chunk of the fast path: fp32 temporaries of [1024, V] (200 MB at V = 49152)
+KD_CHUNK_SIZE = 256  # logits rows per chunk of the fast path: fp32 temporaries of [256, V] (50 MB at V = 49152)
 
 
 def lm_logits(model, inputs: dict, *, fast: bool, frozen: bool = False, **kwargs):

@@ -377,12 +377,12 @@ def _rows(t, rows):
 def _head_rows(head, rows, vocab, group):
     """Logits of a HeadLogits at flat positions `rows`, with autograd (the plain path)."""
     dtype = head.matmul_dtype()
-    z = 0
+    z = None
     for h, w in head.terms:
         h = _rows(h, rows).to(dtype)
         if group is not None and h.requires_grad:
             h = _ReplicatedIntoShard.apply(h, group)  # replicated input: its gradient sums the shards' parts
-        z = z + h @ w[:vocab].to(dtype).T
+        z = h @ w[:vocab].to(dtype).T if z is None else z + h @ w[:vocab].to(dtype).T
     return z if head.bias is None else z + head.bias[:vocab].to(dtype)
 
 
@@ -403,29 +403,42 @@ def _rows_value(per_token, xi, yi, row_data, weight, temperature, group, dtype=N
     return (d if weight is None else d * weight).sum()
 
 
-_compiled = {"on": False, "fn": None}
+_compiled = {"min_vocab": None, "fn": None}
 
 
 @contextlib.contextmanager
-def compiled_chunks(enabled: bool = True):
+def compiled_chunks(enabled: bool = True, min_vocab: int = 8192):
     """Within it, a chunked loss evaluates each chunk's value and logit gradient with torch.compile (the
-    elementwise work over the vocabulary fused into a few passes; several times faster on CPU). Same values up
-    to float rounding. Off by default: the first call of each loss compiles for seconds. Unsharded only
-    (`group=None`); vocab-parallel losses stay eager."""
-    before = _compiled["on"]
-    _compiled["on"] = enabled
+    elementwise work over the vocabulary fused into a few passes; on a CPU the eager chunk spends more time
+    there than in the head's matmuls). Same values up to float rounding. Off by default: the first call of each
+    loss compiles for seconds, which pays only where chunks are wide, so chunks narrower than `min_vocab`
+    columns stay eager. Unsharded only (`group=None`); where torch.compile cannot build a kernel (no C++
+    compiler), a warning and eager chunks."""
+    before = _compiled["min_vocab"]
+    _compiled["min_vocab"] = min_vocab if enabled else None
     try:
         yield
     finally:
-        _compiled["on"] = before
+        _compiled["min_vocab"] = before
 
 
-def _chunk_kernel(group):
-    if not _compiled["on"] or group is not None:
+def _chunk_kernel(group, vocab):
+    if _compiled["min_vocab"] is None or group is not None or vocab < _compiled["min_vocab"]:
         return None
     if _compiled["fn"] is None:
         _compiled["fn"] = torch.compile(_rows_value, dynamic=True)
     return _compiled["fn"]
+
+
+def _compiled_value(kernel, *args, **kwargs):
+    try:
+        return kernel(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        cause = getattr(e, "inner_exception", e)
+        warnings.warn(f"compiled_chunks: torch.compile failed ({type(cause).__name__}: {str(cause)[:200]}); "
+                      f"chunks run eager")
+        _compiled["fn"] = _rows_value
+        return _rows_value(*args, **kwargs)
 
 
 class _Side:
@@ -447,8 +460,10 @@ class _Side:
         if not self.head:
             return _rows(self.x[..., :self.vocab], idx)
         self.inputs = [_rows(h, idx).to(self.dtype) for h, _ in self.x.terms]  # kept for the weight gradient
-        z = sum(h @ w.T for h, w in zip(self.inputs, self.weights))
-        return z if self.bias is None else z + self.bias
+        z = self.inputs[0] @ self.weights[0].T
+        for h, w in zip(self.inputs[1:], self.weights[1:]):
+            z.addmm_(h, w.T)
+        return z if self.bias is None else z.add_(self.bias)
 
     def add_grad(self, idx, dz):
         if not self.head:
@@ -485,9 +500,9 @@ class _ChunkedRowSum(torch.autograd.Function):
         per_token, x, y, x_rows, y_rows, row_data, weight, temperature, group, vocab, chunk_size, needs = plan
         dtype = _compute_dtype(x)
         sides = [_Side(x, vocab, group, needs[0])] + ([] if y is None else [_Side(y, vocab, group, needs[1])])
-        kernel = _chunk_kernel(group)
         total = torch.zeros((), dtype=dtype, device=x.device)
         for start in range(0, x_rows.numel(), chunk_size):
+            kernel = _chunk_kernel(group, vocab)
             part = slice(start, start + chunk_size)
             idx = [x_rows[part]] + ([] if y is None else [y_rows[part]])
             data = ([d[part] for d in row_data], None if weight is None else weight[part], temperature, group)
@@ -498,7 +513,8 @@ class _ChunkedRowSum(torch.autograd.Function):
             else:  # the rows in their own dtype as the leaves, cast inside the compiled kernel
                 z = [side.rows(i).requires_grad_(side.needs_grad) for side, i in zip(sides, idx)]
                 with torch.enable_grad() if any(needs) else nullcontext():
-                    value = kernel(per_token, z[0], z[1] if y is not None else None, *data, dtype=dtype)
+                    value = _compiled_value(kernel, per_token, z[0], z[1] if y is not None else None, *data,
+                                            dtype=dtype)
             todo = [(side, i, leaf) for side, i, leaf in zip(sides, idx, z) if side.needs_grad]
             if todo:
                 grads = torch.autograd.grad(value, [leaf for _, _, leaf in todo])

@@ -21,7 +21,8 @@ AdamW (weight decay 0.01, none on biases and norms), cosine from lr to lr_min ov
 clip 1.0; `--dtype bfloat16` / `float16` runs every forward (sampling included) under autocast over fp32 weights.
 `--fast-kd` (default) is the fast step (common.hf_training.lm_logits): the teacher under inference_mode (cast to
 --dtype), both models stopped before their heads and every loss over the vocabulary computed KD_CHUNK_SIZE
-rows at a time from the hidden states; `--fast-kd false` computes the full logits first, as the original.
+rows at a time from the hidden states (each chunk's divergence compiled where the vocabulary is wide:
+common.losses.compiled_chunks); `--fast-kd false` computes the full logits first, as the original.
 Each epoch ends with the dev CE (DistiLLM's threshold; `--select-by loss`) and the dev Rouge-L of
 sampled responses (`--select-by rougeL`, default); the best epoch is exported to `save/best`, the last to
 `save/final`.
@@ -54,8 +55,8 @@ from common.generation import generate
 from common.hf_training import (KD_CHUNK_SIZE, autocast, export_model, grad_scaler, grad_sync, lm_logits,
                                 load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_save, atomic_write_json, read_jsonl, write_jsonl
-from common.losses import (contra_loss, cross_entropy, fdd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl,
-                           soft_cross_entropy)
+from common.losses import (compiled_chunks, contra_loss, cross_entropy, fdd_loss, reverse_kl, skew_forward_kl,
+                           skew_reverse_kl, soft_cross_entropy)
 from common.metrics import rouge_l
 from common.training import complete_checkpoints, global_count
 from contra_kd.data import (ChunkSplit, InstructionSplit, collate, epoch_order, model_inputs, rank_micro_batches)
@@ -383,7 +384,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         for m, batch in enumerate(batches):
             if lm:  # its own backward, never the step's last, so DDP syncs once
                 with grad_sync(ddp, False):
-                    with autocast(dtype, lay.device):
+                    with autocast(dtype, lay.device), compiled_chunks(fast_kd):
                         _, logits = lm_logits(ddp, model_inputs(lm_batches[m]), fast=fast_kd)
                         lm_loss = lm_coef * cross_entropy(logits, target_ids=lm_batches[m]["target_ids"],
                                                           mask=lm_batches[m]["mask"], normalizer=n_lm, chunk_size=chunk)
@@ -391,7 +392,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
                 logged["loss_lm"] = logged.get("loss_lm", 0.0) + lm_loss.detach() / lm_coef
                 tokens += int(lm_batches[m]["attention_mask"].sum())
             with grad_sync(ddp, m == len(batches) - 1):
-                with autocast(dtype, lay.device):
+                with autocast(dtype, lay.device), compiled_chunks(fast_kd):
                     out, logits = lm_logits(ddp, model_inputs(batch), fast=fast_kd, output_hidden_states=hidden)
                     t_out = t_logits = None
                     if teacher is not None:

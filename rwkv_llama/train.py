@@ -27,7 +27,7 @@ from common.distributed import all_reduce_dp, print0, setup, shutdown
 from common.hf_training import (KD_CHUNK_SIZE, autocast, grad_sync, lm_logits, load_checkpoint, optimizer_step,
                                 save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_write_json, read_tensors, save_tensors
-from common.losses import cross_entropy, forward_kl, hidden_mse
+from common.losses import compiled_chunks, cross_entropy, forward_kl, hidden_mse
 from rwkv_llama.data import IGNORE, chat_dataset, collate, load_and_interleave_c4, text_dataset
 from rwkv_llama.model import all_hidden_states, build_hybrid, head_size_for, rwkv_modules
 from rwkv_llama.teacher_server import InProcessTeacher, client_for_rank
@@ -356,7 +356,7 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
         norm = step_normaliser(batches, lay)
         logged = {}
         for i, batch in enumerate(batches):
-            with grad_sync(model, i == len(batches) - 1), autocast(dtype, lay.device):
+            with grad_sync(model, i == len(batches) - 1), autocast(dtype, lay.device), compiled_chunks(fast_kd):
                 loss, parts = step_losses(model, batch, teacher, cfg, norm, fast=fast_kd)
                 loss.backward()
             for name, v in dict(loss=loss.detach(), **parts).items():
