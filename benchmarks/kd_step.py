@@ -136,7 +136,8 @@ def trl_step_fn(student, teacher, optimizer, tokenizer, dtype, device):
     args = GKDConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, lmbda=0.0, beta=0.0,
                      temperature=1.0, report_to=[], use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16,
                      disable_dropout=True, logging_strategy="no", save_strategy="no", gradient_checkpointing=False)
-    unused = Dataset.from_list([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    unused = Dataset.from_list([{"messages": [{"role": "user", "content": "a"},
+                                              {"role": "assistant", "content": "b"}]}])
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=unused,
                          processing_class=tokenizer)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which we bypass to time one step
@@ -174,7 +175,8 @@ def record_matmuls(fn):
              aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
              aten._scaled_dot_product_efficient_attention.default,
              aten._scaled_dot_product_efficient_attention_backward.default,
-             aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_flash_attention_backward.default,
+             aten._scaled_dot_product_flash_attention.default,
+             aten._scaled_dot_product_flash_attention_backward.default,
              aten._scaled_dot_product_cudnn_attention.default, aten._scaled_dot_product_cudnn_attention_backward.default}
     seen = []
 
@@ -327,9 +329,10 @@ def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, r
     print(f"| matmul-only ({len(seen)} matmuls, {flops / 1e12:.2f} TFLOP in the linear ones) | {matmul_s:.2f} | "
           f"{n_tokens / matmul_s:.0f} | - | 100% |")
     print()
-    print(f"kd_step: fast/fp32 {seconds['fp32'] / seconds['fast']:.2f}x, fast/bf16 {seconds['bf16'] / seconds['fast']:.2f}x, "
-          f"fast/TRL {seconds['trl'] / seconds['fast']:.2f}x tokens/s, fast/TRL memory "
-          f"{peak['fast'] / max(peak['trl'], 1):.2f}x, {100 * matmul_s / seconds['fast']:.0f}% matmul share")
+    speedup = {name: seconds[name] / seconds["fast"] for name in ("fp32", "bf16", "trl")}
+    print(f"kd_step: fast/fp32 {speedup['fp32']:.2f}x, fast/bf16 {speedup['bf16']:.2f}x, "
+          f"fast/TRL {speedup['trl']:.2f}x tokens/s, fast/TRL memory {peak['fast'] / max(peak['trl'], 1):.2f}x, "
+          f"{100 * matmul_s / seconds['fast']:.0f}% matmul share")
 
 
 # ---------------------------------------------------------------------------------------------------------

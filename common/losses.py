@@ -32,8 +32,8 @@ Index
 §3 target-aware, fn(student_logits, teacher_logits, *, mask, target_ids, ...): dkd(alpha, beta, reverse),
     atkd(lam, reverse).
 Student-only: cross_entropy(logits, *, target_ids, mask, chunk_size, normalizer, group);
-HeadLogits(hidden, weight, bias=None) in place of any logits; compiled_chunks() context;
     token_log_probs(logits, *, target_ids, temperature, chunk_size, group) -> [B, S], 0 where the target is -100.
+Any logits argument: HeadLogits(hidden, weight, bias=None), the head's input and weights; compiled_chunks().
 §4.1 mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, ...).
 §4.2 fdd_loss(student_states, teacher_states, student_head, teacher_head, *, mask, ...), distill_layer_indices.
 §4.3 velocity_field_loss(velocity_field, projector, student_states, teacher_states, *, mask, ...),
@@ -66,7 +66,7 @@ gradient goes straight on to the hidden states and the head weights (dz @ W and 
 linear + loss in PyTorch): neither model's [B, S, V] logits ever exist, in any dtype. Under autocast the head
 matmuls run in the autocast dtype (bf16), the divergence in fp32, and the gradients land in the inputs' own
 dtype (fp32 master weights). `with compiled_chunks():` evaluates each chunk's divergence and its logit gradient
-with torch.compile (the elementwise work over the vocabulary fused; opt-in, the first call compiles).
+with torch.compile (the elementwise work over the vocabulary fused; opt-in, chunks of at least 8192 columns).
 
 Vocab-parallel (`group=<process group>`): the logits are this rank's shard of the vocabulary, as
 fairscale's `ColumnParallelLinear(..., gather_output=False)` returns them for the output head: rank r of the
@@ -340,7 +340,8 @@ class HeadLogits:
     def detach(self):
         detached = [t.detach() for t in self.tensors()]
         n = len(self.terms)
-        return HeadLogits(tuple(detached[:n]), tuple(detached[n:2 * n]), detached[2 * n] if self.bias is not None else None)
+        return HeadLogits(tuple(detached[:n]), tuple(detached[n:2 * n]),
+                          detached[2 * n] if self.bias is not None else None)
 
     def matmul_dtype(self):
         device = self.device.type
@@ -869,7 +870,8 @@ def mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, temperature=1.0, max_se
     if reduction not in ("item", "token"):
         raise ValueError(f"reduction must be 'item' or 'token', got {reduction!r}")
     group = _sharded(group)
-    _check_pair(logits_a, logits_b, torch.ones(logits_a.shape[:2], dtype=torch.bool, device=logits_a.device), None, group)
+    _check_pair(logits_a, logits_b, torch.ones(logits_a.shape[:2], dtype=torch.bool, device=logits_a.device), None,
+                group)
     device = logits_a.device
     spans_a = torch.as_tensor(spans_a, dtype=torch.long, device=device).reshape(-1, 2)
     spans_b = torch.as_tensor(spans_b, dtype=torch.long, device=device).reshape(-1, 2)

@@ -148,7 +148,8 @@ def test_head_logits_without_grad_compute_only_the_value():
 def test_mismatched_head_terms_are_an_error():
     h = torch.randn(B, S, D)
     with pytest.raises(ValueError, match="pair up"):
-        L.forward_kl(L.HeadLogits(h, torch.randn(V, D + 1)), torch.randn(B, S, V), mask=torch.ones(B, S, dtype=torch.bool))
+        L.forward_kl(L.HeadLogits(h, torch.randn(V, D + 1)), torch.randn(B, S, V),
+                     mask=torch.ones(B, S, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------------------------
