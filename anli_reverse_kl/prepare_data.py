@@ -30,7 +30,7 @@ import numpy as np
 
 from common.binarized import best_dtype, read_split, write_indexed
 from common.cli import UserError, check_range, run_cli
-from common.io import numbered_jsonl, write_jsonl
+from common.io import iter_rows, numbered_jsonl, write_jsonl
 
 LABEL_WORDS = ("entailment", "neutral", "contradiction")  # ANLI's label ids 0, 1, 2
 OPTIONS = "OPTIONS:\n- entailment\n- contradiction\n- neutral"  # one plain string for every split (the fork's
@@ -91,15 +91,10 @@ def find_split_file(data_dir: str, split: str, round_: str) -> str:
 
 
 def read_rows(path: str) -> list:
-    """Rows of one ANLI file (parquet or JSONL), checked: premise / hypothesis / label present, label in 0-2.
-    A bad row is a UserError naming the file and its line (JSONL) or row (parquet), and the field."""
+    """Rows of one ANLI file (parquet or JSONL, read by common.io), checked: premise / hypothesis / label present,
+    label in 0-2. A bad row is a UserError naming the file and its line (JSONL) or row (parquet), and the field."""
     if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give the rows "
-                            f"as JSONL") from None
-        rows = pq.read_table(path).to_pylist()
+        rows = list(iter_rows(path))
         where = [f"{path}: row {i}" for i in range(len(rows))]
     else:
         numbered = numbered_jsonl(path)

@@ -34,6 +34,7 @@ from common.hf_training import (KD_CHUNK_SIZE, autocast, enable_gradient_checkpo
                                 wrap_ddp)
 from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
 from common.labels import IGNORE_INDEX, causal_lm_batch, targets_and_mask  # noqa: E402
+from common.training import adamw, epoch_order  # noqa: E402
 
 KL_METHODS = ("forward", "reverse", "jsd", "gjsd", "dkd", "tvd", "atkd", "seqkd")
 SAMPLE_SOURCES = ("gt", "teacher", "student", "mix_token", "mix_request_teacher", "mix_request_gt")
@@ -45,9 +46,10 @@ MIX_TOKEN_MAX_NEW_TOKENS = 128
 # ---- losses (atkd.md §2) ----
 
 def kd_loss(kl_method: str, student_logits, teacher_logits, targets, *, alpha: float = 0.2, beta: float = 1.0,
-            gjsd_beta: float = 0.5, setting: str = "vanilla", normalizer=None, chunk_size=None):
+            gjsd_beta: float = 0.5, setting: str = "vanilla", normalizer=None, parts: dict = None, chunk_size=None):
     """The `kl_method` objective on logits [B, S, V] (or common.losses.HeadLogits) and the targets aligned with
-    them (-100: not counted)."""
+    them (-100: not counted). atkd with a `parts` dict fills it with the split and its terms (losses.atkd's, from
+    the same pass)."""
     mask = targets != IGNORE_INDEX
     kw = dict(mask=mask, normalizer=normalizer, chunk_size=chunk_size)
     if kl_method == "forward":
@@ -63,24 +65,23 @@ def kd_loss(kl_method: str, student_logits, teacher_logits, targets, *, alpha: f
     if kl_method == "dkd":
         return losses.dkd(student_logits, teacher_logits, target_ids=targets, alpha=alpha, beta=beta, **kw)
     if kl_method == "atkd":
-        return losses.atkd(student_logits, teacher_logits, target_ids=targets, lam=alpha,
-                           reverse=setting == "reverse", **kw)
+        out = losses.atkd(student_logits, teacher_logits, target_ids=targets, lam=alpha,
+                          reverse=setting == "reverse", return_parts=parts is not None, **kw)
+        if parts is None:
+            return out
+        parts.update(out[1])
+        return out[0]
     if kl_method == "seqkd":
         return losses.cross_entropy(student_logits, target_ids=targets, **kw)
     check_choice("--kl_method", kl_method, KL_METHODS)
 
 
 @torch.no_grad()
-def loss_terms(kl_method: str, student_logits, teacher_logits, targets, *, setting: str = "vanilla",
-               chunk_size=None) -> dict:
-    """The parts of a compound loss, each a token mean over this micro-batch, for the log.
-
-    jsd: fkl, rkl. dkd: tckd, nckd. atkd: the teacher-uncertainty split (losses.md §3.2), n_easy / n_hard and
-    nckd_easy, tckd_hard, nckd_hard (so loss = λ·nckd_easy + (1-λ)·(tckd_hard + nckd_hard)).
-    """
+def loss_terms(kl_method: str, student_logits, teacher_logits, targets, *, chunk_size=None) -> dict:
+    """The parts of a compound loss, each a token mean over this micro-batch, for the log: jsd: fkl, rkl;
+    dkd: tckd, nckd. (atkd's split and parts come from the loss itself: kd_loss(..., parts={}).)"""
     mask = targets != IGNORE_INDEX
     s, t = student_logits, teacher_logits
-    reverse = setting == "reverse"
     kw = dict(chunk_size=chunk_size)
     if kl_method == "jsd":
         return dict(fkl=losses.forward_kl(s, t, mask=mask, **kw).item(),
@@ -88,21 +89,7 @@ def loss_terms(kl_method: str, student_logits, teacher_logits, targets, *, setti
     if kl_method == "dkd":
         return dict(tckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=1.0, beta=0.0, **kw).item(),
                     nckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=0.0, beta=1.0, **kw).item())
-    if kl_method != "atkd":
-        return {}
-    if not mask.any():
-        return dict(n_easy=0, n_hard=0, nckd_easy=0.0, tckd_hard=0.0, nckd_hard=0.0)
-    uncertainty = -torch.expm1(losses.token_log_probs(t, target_ids=targets, **kw))  # UnC_t = 1 - p_t(g_t)
-    hard = mask & (uncertainty >= torch.median(uncertainty[mask]))
-    easy = mask & ~hard
-
-    def part(subset, tckd, nckd):
-        if not subset.any():
-            return 0.0
-        return losses.dkd(s, t, mask=subset, target_ids=targets, alpha=tckd, beta=nckd, reverse=reverse,
-                          **kw).item()
-    return dict(n_easy=int(easy.sum()), n_hard=int(hard.sum()), nckd_easy=part(easy, 0.0, 1.0),
-                tckd_hard=part(hard, 1.0, 0.0), nckd_hard=part(hard, 0.0, 1.0))
+    return {}
 
 
 # ---- sample sources (atkd.md §3) ----
@@ -184,11 +171,10 @@ def micro_batch_loss(student, teacher, batch: dict, kl_method: str, *, dtype="fl
 # ---- the run ----
 
 def _step_items(n_items: int, step: int, steps_per_epoch: int, step_size: int, seed: int, shuffle: bool) -> list:
-    """The item indices of global optimiser step `step`: epoch e is a permutation seeded by (seed, e)."""
+    """The item indices of global optimiser step `step`: epoch e in common.training.epoch_order(seed, e)."""
     epoch, k = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle \
-        else torch.arange(n_items)
-    return order[k * step_size:(k + 1) * step_size].tolist()
+    order = epoch_order(n_items, seed, epoch) if shuffle else list(range(n_items))
+    return order[k * step_size:(k + 1) * step_size]
 
 
 def _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strategy, save_strategy,
@@ -299,10 +285,7 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     student.config.use_cache = False
     if gradient_checkpointing:
         enable_gradient_checkpointing(student)
-    decay = [p for p in student.parameters() if p.dim() >= 2]  # biases and norms without weight decay, as HF
-    no_decay = [p for p in student.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
-                                   dict(params=no_decay, weight_decay=0.0)], lr=learning_rate, betas=(0.9, 0.999))
+    optimizer = adamw(student, learning_rate, weight_decay, betas=(0.9, 0.999))
     scheduler = lr_schedule(optimizer, lr_scheduler_type, math.ceil(warmup_ratio * total_steps), total_steps)
     state = load_checkpoint(str(out), lay, student, optimizer, scheduler) or dict(step=0)
     metrics_path = out / "metrics.jsonl"
@@ -344,19 +327,24 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
         log_now = (step + 1) % logging_steps == 0
         step_loss, terms = torch.zeros((), device=lay.device, dtype=torch.float64), {}
         for m, (batch, _) in enumerate(micro_batches):
+            parts = {} if log_now and kl_method == "atkd" else None
             with grad_sync(model, m == gradient_accumulation_steps - 1):
                 loss, s_logits, t_logits, targets = micro_batch_loss(model, teacher, batch, kl_method, dtype=dtype,
-                                                                     normalizer=max(n_targets, 1.0), fast=fast_kd,
+                                                                     normalizer=max(n_targets, 1.0), parts=parts,
+                                                                     fast=fast_kd,
                                                                      **loss_options)
                 loss.backward()
             step_loss += loss.detach()
             if log_now and kl_method in ("jsd", "dkd", "atkd"):
                 n = int((targets != IGNORE_INDEX).sum())
-                with autocast(dtype, lay.device) if fast_kd else contextlib.nullcontext(), \
-                        losses.compiled_chunks(fast_kd):
-                    parts = loss_terms(kl_method, s_logits, t_logits, targets, setting=setting,
-                                       chunk_size=KD_CHUNK_SIZE if fast_kd else None)
-                for k, v in parts.items():
+                if kl_method == "atkd":
+                    values = parts
+                else:
+                    with autocast(dtype, lay.device) if fast_kd else contextlib.nullcontext(), \
+                            losses.compiled_chunks(fast_kd):
+                        values = loss_terms(kl_method, s_logits, t_logits, targets,
+                                            chunk_size=KD_CHUNK_SIZE if fast_kd else None)
+                for k, v in values.items():
                     terms[k] = terms.get(k, 0.0) + (v if k.startswith("n_") else v * n)
                 terms["_weight"] = terms.get("_weight", 0.0) + n
         # 4. clip, AdamW, schedule

@@ -16,41 +16,15 @@ from typing import Optional
 import torch
 
 from common.cli import UserError
-from common.io import atomic_save, atomic_write_json, read_tensors
+from common.io import DROPPED, atomic_save, atomic_write_json, load_shard, read_tensors, shard_paths  # noqa: F401
 from common.model import ModelArgs
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
-DROPPED = ("rope.freqs", "inv_freq")  # recomputed buffers
 COLUMN = {"wq", "wk", "wv", "w1", "w3", "output"}  # split on the output dim (0)
 ROW = {"wo", "w2"}  # split on the input dim (1)
 REPLICATED = {"attention_norm", "ffn_norm", "norm", "gate"}
-
-
-# ---------------------------------------------------------------------------- shard files
-
-def shard_paths(ckpt_dir: str) -> list:
-    """consolidated.*.pth|safetensors sorted by their number (so the old `consolidated.010.pth` names load too)."""
-    found = []
-    for path in glob.glob(os.path.join(ckpt_dir, "consolidated.*")):
-        m = re.fullmatch(r"consolidated\.(\d+)\.(pth|safetensors)", os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
-
-
-def load_shard(ckpt_dir: str, tp_rank: int, tp_size: int) -> dict:
-    paths = shard_paths(ckpt_dir)
-    if not paths:
-        raise UserError(f"no consolidated.*.pth in {ckpt_dir}; make one with "
-                        f"`python -m common.checkpoint_split --ckpt_file SRC --save_path {ckpt_dir} --n {tp_size}`")
-    if len(paths) != tp_size:
-        raise UserError(f"{ckpt_dir} holds {len(paths)} shards but the tensor-parallel size is {tp_size}: launch with "
-                        f"--nproc_per_node {len(paths)} (or tp_size={len(paths)}), or re-split with `python -m "
-                        f"common.checkpoint_split --ckpt_file {ckpt_dir} --save_path NEW_DIR --n {tp_size}`")
-    state = read_tensors(paths[tp_rank])
-    return {k: v for k, v in state.items() if not k.endswith(DROPPED)}
 
 
 # ---------------------------------------------------------------------------- tensor-parallel split rules

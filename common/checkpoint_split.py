@@ -14,19 +14,12 @@ import sys
 
 from common import checkpoint as ckpt
 from common.cli import UserError, check_range, run_cli
-from common.model import model_args
+from common.model import lora_scale, model_args
 from common.tokenizer import load_tokenizer
 
 
 def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def lora_scale(lora_rank, lora_alpha) -> float:
-    """1 (the original) unless an alpha is given, then alpha / rank, as common.model.lora_scale."""
-    if lora_alpha is not None and not (lora_rank or 0) > 0:
-        raise UserError(f"--lora_alpha {lora_alpha} needs the adapters' --lora_rank (> 0) to give the scale alpha / rank")
-    return 1.0 if lora_alpha is None else float(lora_alpha) / int(lora_rank)
 
 
 def split(ckpt_file, save_path: str, n: int = 1, tokenizer: str = None):

@@ -23,7 +23,7 @@ from common.distributed import DTYPES
 from common.generation import generate
 from common.io import read_jsonl
 from common.model import load_model, model_args
-from common.parallel import setup
+from common.parallel import setup, shutdown
 from common.tokenizer import load_tokenizer
 
 
@@ -102,6 +102,7 @@ def main(ckpt_dir: str, tokenizer: str, prompts_file: str, out_file: str, max_ne
         gathered = [None] * lay.world_size
         dist.all_gather_object(gathered, mine if lay.tp_rank == 0 else {})
         mine = {i: ids for part in gathered for i, ids in part.items()}
+    shutdown()  # nothing distributed is left: rank 0 only writes the file
     if not lay.is_main:
         return None
     records = []

@@ -22,6 +22,7 @@ from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_regi
 from torch import nn
 
 from common.cli import UserError
+from common.io import load_shard
 
 
 @dataclass
@@ -240,8 +241,11 @@ def add_lora(module: nn.Module, target: str, in_features: int, out_features: int
     setattr(module, f"lora_b_{target}", b.to(dtype))
 
 
-def lora_scale(args: ModelArgs) -> float:
-    return 1.0 if args.lora_alpha is None else args.lora_alpha / args.lora_rank
+def lora_scale(lora_rank: int, lora_alpha: Optional[float]) -> float:
+    """The adapter's scale: 1 (the original) unless an alpha is given, then alpha / rank."""
+    if lora_alpha is not None and not (lora_rank or 0) > 0:
+        raise UserError(f"--lora_alpha {lora_alpha} needs the adapters' --lora_rank (> 0) to give the scale alpha / rank")
+    return 1.0 if lora_alpha is None else float(lora_alpha) / int(lora_rank)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -284,7 +288,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         tp = fs_init.get_model_parallel_world_size()
-        self.args, self.scale = args, lora_scale(args)
+        self.args, self.scale = args, lora_scale(args.lora_rank, args.lora_alpha)
         self.n_local_heads, self.n_local_kv_heads = args.n_heads // tp, args.n_kv_heads // tp
         self.head_dim = args.head_dim
         q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -334,7 +338,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.scale = lora_scale(args)
+        self.scale = lora_scale(args.lora_rank, args.lora_alpha)
         self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_identity)
         self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_identity)
         self.w2 = RowParallelLinear(args.hidden_dim, args.dim, bias=False, input_is_parallel=True, init_method=_identity)
@@ -402,7 +406,7 @@ class Transformer(nn.Module):
                                            init_method=_identity)
         if args.lora_rank > 0:
             add_lora(self, "output", args.dim, args.vocab_size, "column", args)
-        self.scale = lora_scale(args)
+        self.scale = lora_scale(args.lora_rank, args.lora_alpha)
         # a plain attribute, not a buffer: Module.to(bfloat16) would round the angles' cos / sin
         self.rope = rope_table(args.head_dim, 2 * args.max_seq_len, args.rope_theta, args.rope_scaling)
 
@@ -475,7 +479,6 @@ def load_model(ckpt_dir: str, model_type: Optional[str] = None, lora_rank: int =
     from the registry.
     LoRA adapters (lora_rank > 0) are freshly initialised and the only trainable parameters.
     """
-    from common.checkpoint import load_shard  # checkpoint imports ModelArgs from here
     from common.parallel import to_dtype
     runtime = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, lora_rank=lora_rank,
                    lora_alpha=lora_alpha, lora_init=lora_init)

@@ -12,7 +12,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 
 from common.cli import UserError
 from common.distributed import Layout, init_process_group, set_seed, to_dtype
-from common.distributed import dp_group, print0  # noqa: F401  (re-exported: TP scripts import them with setup)
+from common.distributed import dp_group, print0, shutdown  # noqa: F401  (TP scripts import them with setup)
 
 
 def setup(tp_size=None, seed=1, dtype="float32") -> Layout:

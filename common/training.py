@@ -20,6 +20,7 @@ all a resumed run needs to make the same choices; torch's global RNG state is sa
 import glob
 import json
 import os
+import random
 import shutil
 import time
 from typing import Optional
@@ -38,6 +39,22 @@ def dp_shard(items: list, dp_rank: int, dp_size: int) -> list:
     per_rank = -(-len(items) // dp_size)
     padded = [items[i % len(items)] for i in range(per_rank * dp_size)]
     return padded[dp_rank::dp_size]
+
+
+def epoch_order(n: int, seed: int, epoch) -> list:
+    """A permutation of range(n) that depends only on (seed, epoch) (epoch may be any key, e.g. "refit-0-1"):
+    the same on every rank, whatever the number of processes, and on resume."""
+    order = list(range(n))
+    random.Random(f"{seed}-order-{epoch}").shuffle(order)
+    return order
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, **kwargs) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and norm weights (the parameters
+    of fewer than 2 dimensions), as Hugging Face's Trainer groups them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, **kwargs)
 
 
 def global_count(count, device) -> float:

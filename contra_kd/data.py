@@ -7,7 +7,6 @@ On disk (common/binarized.py, byte-compatible with MiniLLM / DistiLLM processed 
     processed_data/openwebtext/{model_type}/512/{train_num}/{train,valid}_0.{bin,idx}        512-token chunks
 """
 import os
-import random
 
 import numpy as np
 
@@ -121,13 +120,6 @@ class ChunkSplit:
 
 
 # ---- batching: one global batch per optimiser step, split over DP ranks, then into micro-batches ----
-
-def epoch_order(n: int, seed: int, epoch: int) -> list:
-    """A permutation of range(n) that depends only on (seed, epoch): the same on every rank and on resume."""
-    order = list(range(n))
-    random.Random(f"{seed}-order-{epoch}").shuffle(order)
-    return order
-
 
 def rank_micro_batches(global_items: list, dp_rank: int, dp_size: int, batch_size: int) -> list:
     """This rank's micro-batches of one global batch: [(offset in the global batch, items), ...]. Rank r takes

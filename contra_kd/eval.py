@@ -15,7 +15,6 @@ the paper's, §8); with `--metrics`, `curves.png` of the run's training log.
 """
 import json
 import os
-import re
 import statistics
 import string
 import sys
@@ -94,7 +93,7 @@ def sample_responses(model, tokenizer, prompts, *, lay, seed: int, batch_size: i
                      max_new_tokens: int = 256, no_repeat_ngram_size: int = 0, desc: str = "sampling"):
     """Sampled responses (strings) for `prompts` (strings), sharded over DP ranks (item i on rank i % dp), in
     the input order on every rank."""
-    import torch.distributed as dist
+    from common.distributed import gather_object
     from common.generation import generate
 
     mine = list(range(lay.dp_rank, len(prompts), lay.dp_size))
@@ -109,10 +108,7 @@ def sample_responses(model, tokenizer, prompts, *, lay, seed: int, batch_size: i
                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, padding="left",
                         generator=gen, logits_processor=processor)
         out.update({i: clean_response(tokenizer, g) for i, g in zip(chunk, gens)})
-    if lay.dp_size > 1:
-        parts = [None] * lay.dp_size
-        dist.all_gather_object(parts, out)
-        out = {k: v for part in parts for k, v in part.items()}
+    out = {k: v for part in gather_object(out, lay, everywhere=True) for k, v in part.items()}
     return [out[i] for i in range(len(prompts))]
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from common.binarized import best_dtype, split_marker, write_indexed
 from common.cli import UserError, check_range, run_cli
+from common.standins import dolly_dev_without_test
 from contra_kd.data import OWT_NEWLINE, owt_chunks, owt_documents, read_records, tokenize_record
 
 
@@ -113,12 +114,7 @@ def standins(source: str = "../shared/data", output: str = "data/contra_kd", dev
     for name in ("instruct/dolly/valid.jsonl", "instruct/dolly/dev.jsonl", "gsm8k/train.jsonl"):
         if not os.path.isfile(os.path.join(source, name)):
             raise UserError(f"--source {source}: no {name}; point --source at the shared data folder")
-    with open(os.path.join(source, "instruct", "dolly", "valid.jsonl")) as f:
-        test = {json.loads(line)["instruction"] for line in f if line.strip()}
-    with open(os.path.join(source, "instruct", "dolly", "dev.jsonl")) as f:
-        lines = [line for line in f if line.strip()]
-    overlap = [line for line in lines if json.loads(line)["instruction"] in test]
-    lines = [line for line in lines if line not in overlap]
+    lines, overlap = dolly_dev_without_test(source)
     order = list(range(len(lines)))
     random.Random(seed).shuffle(order)
     os.makedirs(os.path.join(output, "dolly_standin"), exist_ok=True)
@@ -134,7 +130,7 @@ def standins(source: str = "../shared/data", output: str = "data/contra_kd", dev
     with open(os.path.join(output, "owt_standin.txt"), "w") as f:
         for doc in docs:
             f.write(OWT_NEWLINE.join(p for p in doc.split("\n") if p) + "\n")
-    print(f"stand-ins: dolly_standin/train.jsonl {len(lines) - dev_num}, dev.jsonl {dev_num} ({len(overlap)} dev "
+    print(f"stand-ins: dolly_standin/train.jsonl {len(lines) - dev_num}, dev.jsonl {dev_num} ({overlap} dev "
           f"items shared with the test set left out); owt_standin.txt {len(docs)} documents -> {output}")
 
 

@@ -9,7 +9,9 @@ hidden states; at each paired layer j (pairing of losses.md §4.2) the student's
 space and the field learns the straight-line velocity y_T - y_S at Y_t = (1-t)·y_S + t·y_T, one t ~ U(0, 1)
 per sequence. Projector and field train jointly (AdamW, weight decay 0.01, cosine to lr_min). Writes
 `velocity_field.safetensors` and `projector.safetensors`, each carrying the hidden sizes and layer pairing it
-was trained for. `fit_step` below is also the per-epoch re-fit of contra_kd/train.py.
+was trained for. `fit_step` below is also the per-epoch re-fit of contra_kd/train.py. A DistiLLM-2 data folder
+(holding `tgo/` and `sgo/`, contra_kd/generate_data.py) trains on the teacher- and student-output sequences
+together, as CONTRA's `lm-distillm2` field.
 """
 import os
 import random
@@ -27,8 +29,8 @@ from common.cli import UserError, check_choice, check_range, run_cli
 from common.distributed import DTYPES, all_reduce_dp, print0, setup, shutdown
 from common.hf_training import autocast, grad_sync, lr_schedule, optimizer_step, unwrap, wrap_ddp
 from common.losses import distill_layer_indices
-from common.training import global_count
-from contra_kd.data import InstructionSplit, collate, epoch_order, model_inputs, rank_micro_batches
+from common.training import epoch_order, global_count
+from contra_kd.data import InstructionSplit, collate, model_inputs, rank_micro_batches
 from contra_kd.flow import Flow, Projector, VelocityField, save_flow
 
 
@@ -71,6 +73,14 @@ def fit_step(flow, student, teacher, micro_batches, pairing, times, lay, dtype="
     return all_reduce_dp(total).item()
 
 
+def flow_data(data_dir: str):
+    """The `full` train split, or for a DistiLLM-2 folder the TGO items followed by the SGO items."""
+    if all(os.path.isdir(os.path.join(data_dir, k)) for k in ("tgo", "sgo")):
+        parts = [InstructionSplit(os.path.join(data_dir, k), "train") for k in ("tgo", "sgo")]
+        return [part[i] for part in parts for i in range(len(part))]
+    return InstructionSplit(data_dir, "train")
+
+
 def flow_optimizer(field, projector, lr: float, weight_decay: float = 0.01):
     return torch.optim.AdamW(list(field.parameters()) + list(projector.parameters()), lr=lr, weight_decay=weight_decay)
 
@@ -88,7 +98,7 @@ def main(model_path: str, teacher_model_path: str, data_dir: str, save: str, epo
     # every input is checked before the models load: the folders, then the data
     hf.check_model_folder(model_path, "--model-path")
     hf.check_model_folder(teacher_model_path, "--teacher-model-path")
-    data = InstructionSplit(data_dir, "train")
+    data = flow_data(data_dir)
     if len(data) and data[0][1] is None:
         raise UserError(f"--data-dir {data_dir} holds prompt-only items; the flow is fitted on the ground-truth "
                         f"responses: pass the `full` variant (processed_data/dolly/full/...)")

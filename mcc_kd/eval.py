@@ -14,7 +14,6 @@ so the folder reads data -> answers -> eval -> train -> train_mcc without a cycl
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/eval.py)
@@ -27,11 +26,11 @@ from tqdm import tqdm
 from common.cli import UserError, check_range, run_cli
 from common.generation import generate
 from common.model import load_model, model_args
-from common.parallel import Layout, dp_group, print0, setup
+from common.parallel import Layout, dp_group, print0, setup, shutdown
 from common.tokenizer import load_tokenizer
 from common.training import load_weights
 from mcc_kd.answers import check_task, extract_answer, is_correct
-from mcc_kd.data import load_task_file, prompt_ids
+from mcc_kd.data import fit_prompt, load_task_file
 
 
 def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max_seq_len, max_batch_size,
@@ -69,13 +68,9 @@ def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max
 
 
 def eval_prompt(tokenizer, instruction: str, max_seq_len: int, chat: bool = False) -> list[int]:
-    """The prompt, cut to max_seq_len - 1 tokens (room for one answer token) with a warning, as the original."""
-    prompt = prompt_ids(tokenizer, instruction, chat)
-    if len(prompt) >= max_seq_len:
-        warnings.warn(f"prompt of {len(prompt)} tokens cut to {max_seq_len - 1} (max_seq_len={max_seq_len}): "
-                      f"{instruction[:60]!r}...")
-        prompt = prompt[:max_seq_len - 1]
-    return prompt
+    """The prompt, cut to max_seq_len - 1 tokens (room for one answer token) with a warning, as the original;
+    a chat prompt loses user text, never its assistant header (`fit_prompt`)."""
+    return fit_prompt(tokenizer, instruction, max_seq_len - 1, chat)
 
 
 @torch.no_grad()
@@ -141,6 +136,7 @@ def main(task: str, ckpt_dir: str, label_file: str, model_type: str = None, lora
         load_weights(lora_dir, model, lay)
     records, metrics = evaluate(model, tokenizer, items, task, eval_batch_size, max_seq_len, lay, chat_template)
     write_results(log_dir, task, split_name(label_file), records, metrics, lay)
+    shutdown()
 
 
 if __name__ == "__main__":

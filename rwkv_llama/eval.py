@@ -13,17 +13,18 @@ import math
 import os
 import sys
 import time
+from itertools import islice
 from typing import Optional
 
 import torch
 
 from common import hf
 from common.cli import UserError, check_range, run_cli
-from common.io import atomic_write_json, write_jsonl
+from common.io import atomic_write_json, iter_rows, write_jsonl
 from common.losses import cross_entropy
-from rwkv_llama.data import IGNORE, collate, read_rows
+from rwkv_llama.data import IGNORE, collate, encode
 from rwkv_llama.model import build_hybrid, greedy_generate, head_size_for
-from rwkv_llama.train import data_files, load_rows, load_student
+from rwkv_llama.train import data_files, data_stream, load_student
 
 
 def read_student_meta(ckpt_file: str) -> dict:
@@ -64,11 +65,13 @@ def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mod
 
 @torch.no_grad()
 def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = None) -> dict:
+    """Over `rows` (any iterable, consumed lazily) in micro-batches, the first `max_batches` of them."""
     from tqdm import tqdm
 
     total, count = 0.0, 0
-    batches = [collate(rows[s:s + micro_bsz]) for s in range(0, len(rows), micro_bsz)][:max_batches]
-    for b in tqdm(batches, desc="perplexity", file=sys.stdout):
+    rows = iter(rows)
+    batches = (collate(chunk) for chunk in iter(lambda: list(islice(rows, micro_bsz)), []))
+    for b in tqdm(islice(batches, max_batches), total=max_batches, desc="perplexity", file=sys.stdout):
         attn = (torch.arange(b["input_ids"].shape[1])[None] < b["lengths"][:, None]).long()
         logits = model(input_ids=b["input_ids"], attention_mask=attn).logits
         mask = b["labels"] != IGNORE
@@ -81,7 +84,7 @@ def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = Non
 def chat_prompts(path: str, n: int) -> list:
     """The first user turn of each conversation, in the training format, ready for "Assistant : "."""
     out = []
-    for row in read_rows(path)[:n]:
+    for row in islice(iter_rows(path), n):
         user = row["messages"][0]["content"]
         out.append(f"User : {user}" + ("" if user.endswith("\n\n") else "\n\n") + "Assistant : ")
     return out
@@ -106,11 +109,14 @@ def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str 
     if ckpt_file:
         read_student_meta(ckpt_file)
     hf.check_model_folder(model_id, "--model_id")
+    stream = data_stream(val_data, c4_data, languages, "validation")
+    stream.n_rows                       # every row read and checked once before the model loads
     t0 = time.perf_counter()
     tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
     tokenizer.pad_token = tokenizer.eos_token
+    stream = data_stream(val_data, c4_data, languages, "validation")  # a bad data file fails before the model loads
     model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout, seed)
-    rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
+    rows = (encode(raw, tokenizer, max_seq_length) for raw in stream)     # in file order, tokenised as consumed
     metrics = dict(label=label, **perplexity(model, rows, micro_bsz, max_batches))
     predictions = []
     if val_data and n_prompts:

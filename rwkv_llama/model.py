@@ -76,10 +76,22 @@ def wkv6_recurrent(r, k, v, log_decay, u, state=None):
 
 
 def _fla_wkv6(r, k, v, log_decay, u, state):
-    """flash-linear-attention's chunked kernel (CUDA only, opt-in with RWKV_WKV=fla; never used by tests)."""
+    """flash-linear-attention's chunked kernel (CUDA only, opt-in with RWKV_WKV=fla), on our [B, T, H, N]
+    tensors. Its layout changed across fla versions, so it is chosen from the signature: `head_first` given
+    explicitly where the function takes it (its default flipped from True to False); versions with `cu_seqlens`
+    but no `head_first` take [B, T, H, N] only (0.5 raises on head_first); the oldest (RWKVinLLAMA's vendored
+    copy) take [B, H, T, N] only."""
+    import inspect
+
     from fla.ops.rwkv6 import chunk_rwkv6
-    y, S = chunk_rwkv6(r, k, v, log_decay, u, scale=1.0, initial_state=state, output_final_state=True)
-    return y, S
+    params = inspect.signature(chunk_rwkv6).parameters
+    kw = dict(scale=1.0, initial_state=state, output_final_state=True)
+    if "head_first" in params:
+        return chunk_rwkv6(r, k, v, log_decay, u, head_first=False, **kw)
+    if "cu_seqlens" in params:
+        return chunk_rwkv6(r, k, v, log_decay, u, **kw)
+    y, S = chunk_rwkv6(*(t.transpose(1, 2) for t in (r, k, v, log_decay)), u, **kw)
+    return y.transpose(1, 2), S
 
 
 # ---------------------------------------------------------------------------------------------------------

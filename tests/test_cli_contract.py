@@ -299,8 +299,9 @@ def table(ws: Path) -> list:
     add(e, "malformed config", ["--config_file", ws / "rwkv" / "bad.yaml"], r"bad\.yaml:\d+ is not valid YAML")
     add(e, "missing model folder", ["--model_id", no, "--layers", "[0]", "--train_data", ws / "rwkv" / "chat.jsonl"],
         rf"Llama\.model_id {no} {folder_error}")
-    add(e, "malformed line", [*rt, "--train_data", bad_jsonl], malformed)
-    add(e, "missing field", [*rt, "--train_data", ws / "rwkv" / "text.jsonl"], r"text\.jsonl: row 0 has no 'messages' field")
+    add(e, "malformed line", [*rt, "--train_data", ws / "rwkv" / "bad.jsonl"],
+        rf"{re.escape(str(ws / 'rwkv' / 'bad.jsonl'))}:2 is not valid JSON .*; fix or delete that line")
+    add(e, "missing field", [*rt, "--train_data", ws / "rwkv" / "text.jsonl"], r"text\.jsonl: row 1 has no 'messages' field")
     e = "rwkv_llama/eval.py"
     add(e, "missing model folder", ["--model_id", no, "--val_data", ws / "rwkv" / "chat.jsonl"],
         rf"--model_id {no} {folder_error}")
@@ -315,8 +316,8 @@ def table(ws: Path) -> list:
     add(e, "size 1", ["--model_id", llama, "--batch", "2", "--length", "8", "--size", "1"], r"--size 1: must be >= 2")
     add(e, "unknown choice", ["--model_id", llama, "--batch", "2", "--length", "8", "--size", "2",
                               "--logits_dtype", "fp16"], r"--logits_dtype 'fp16' is not one of: fp32, bf16")
-    add(e, "missing model folder", ["--model_id", no, "--batch", "2", "--length", "8", "--size", "2"],
-        rf"--model_id {no} {folder_error}")
+    add(e, "missing model folder", ["--model_id", no, "--batch", "2", "--length", "8", "--size", "2",
+                                    "--nccl_id_file", ws / "nccl.txt_0"], rf"--model_id {no} {folder_error}")
     add(e, "unknown flag", ["--model_id", llama, "--batch", "2", "--length", "8", "--size", "2", "--lenght", "9"],
         r"unknown flag --lenght; the flags are: --model_id, --batch, --length")
     add("rwkv_llama/build_data.py", "missing folder", ["--source", no, "--output", ws / "o"], rf"--source {no}: no ")
@@ -427,6 +428,7 @@ def ws(tmp_path_factory):
     write_jsonl(ws / "rwkv" / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                            {"role": "assistant", "content": "hello"}]}] * 4)
     write_jsonl(ws / "rwkv" / "text.jsonl", [{"text": "no messages here"}] * 4)
+    write_jsonl(ws / "rwkv" / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, '{"messages": '])
     (ws / "rwkv" / "bad.yaml").write_text("RWKV:\n  layers: [0, 2\nLlama:\n  model_id: x\n")
     return ws
 
@@ -447,7 +449,7 @@ def child_env() -> dict:
 def run_real(case: Case) -> tuple:
     """(returncode, stdout, stderr) of `python ...` itself (KDZOO_CLI_REAL=1)."""
     done = subprocess.run([sys.executable, *command(case.entry), *case.args], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=1200)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -458,7 +460,7 @@ def run_forked(cases, out: Path, jobs: int = 2) -> dict:
     requests = "".join(json.dumps(dict(id=k, argv=argv[k], cwd=str(ROOT), env=child_env(), stdout=str(files[k][0]),
                                        stderr=str(files[k][1]))) + "\n" for k in argv)
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_fork_server.py"), str(jobs)], input=requests,
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     codes = {r["id"]: r["returncode"] for r in map(json.loads, done.stdout.splitlines())}
     return {k: (codes[k], files[k][0].read_text(), files[k][1].read_text()) for k in argv}
@@ -493,7 +495,7 @@ def test_under_torchrun_the_line_is_printed_once_and_every_rank_exits(ws):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "anli_reverse_kl/train.py", "--model_path", str(ws / "t5"), "--data_dir",
                            str(ws / "nowhere"), "--save", str(ws / "o")], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=1200)
     ours = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert done.returncode != 0
     assert ours == [f"error: --data_dir {ws / 'nowhere'} does not exist; write it with "

@@ -55,6 +55,32 @@ def test_sft_loss_is_first_token_weighted_ce_against_a_hand_computation():
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_sft_loss_with_the_fork_normaliser_equals_its_mean_over_labels_padded_to_max_len():
+    """compute_class_reas_loss: CrossEntropyLoss(reduction="none", ignore_index=-100).mean() over B first tokens
+    and over B x (max_len - 1) other entries of labels right-padded with -100 to max_len."""
+    pairs, tok = toy_batch()
+    model = tiny_model("t5", seed=0)
+    max_len = 30
+    labels = torch.full((len(pairs), max_len), -100)
+    for b, (_, target) in enumerate(pairs):
+        labels[b, :len(target)] = torch.tensor(target)
+    prompts = torch.full((len(pairs), max(len(p) for p, _ in pairs)), 0)
+    for b, (prompt, _) in enumerate(pairs):
+        prompts[b, :len(prompt)] = torch.tensor(prompt)
+    fork_logits = model(input_ids=prompts, attention_mask=(prompts != 0).long(), labels=labels).logits
+    ce = torch.nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
+    first = ce(fork_logits[:, 0], labels[:, 0]).mean()
+    reason = ce(fork_logits[:, 1:].reshape(-1, fork_logits.shape[-1]), labels[:, 1:].reshape(-1)).mean()
+    want = 0.8 * first + 0.2 * reason
+    batch = to_batch(pairs, tok, 0, "cpu")
+    logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids",
+                                             "decoder_attention_mask")}).logits
+    got = sft_loss(logits, batch, 0.8, len(pairs), len(pairs) * (max_len - 1))
+    assert torch.allclose(got, want, atol=1e-5)
+    n_rest = int(batch["mask"].sum()) - len(pairs)
+    assert not torch.allclose(sft_loss(logits, batch, 0.8, len(pairs), n_rest), want, atol=1e-2)
+
+
 def test_sft_and_kd_micro_batches_with_the_whole_step_counts_sum_to_the_full_batch_loss():
     pairs, tok = toy_batch()
     model, teacher = tiny_model("t5", seed=0), tiny_model("t5", seed=1)
@@ -130,8 +156,9 @@ def test_kill_9_during_minillm_then_rerun_gives_the_weights_of_an_uninterrupted_
     proc = subprocess.Popen([sys.executable, TRAIN, *flags(options), f"--save={save}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 600
-    while not glob.glob(str(save / "checkpoints" / "*" / "state.json")) and time.time() < deadline:
+    deadline = time.monotonic() + 900
+    while not glob.glob(str(save / "checkpoints" / "*" / "state.json")):  # a checkpoint committed
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before a checkpoint"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL

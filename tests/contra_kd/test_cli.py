@@ -47,7 +47,7 @@ def run(script, *args, nproc=1):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc_per_node", str(nproc)]
     done = subprocess.run(launcher + [f"contra_kd/{script}", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1200)
     return done.returncode, [line for line in done.stderr.splitlines() if line.strip()]
 
 
