@@ -29,8 +29,9 @@ Every row steps one shared student with AdamW at lr 0 (same work, unchanged weig
 must agree, and are printed). Columns: seconds per step (median of `repeats` interleaved rounds after one
 warm-up each; `--clock cpu` takes the process's CPU time instead of the wall clock, which a loaded machine
 inflates far less at --threads 1), tokens/s, the peak memory rise of one more step (CPU: sampled resident set,
-large blocks unmapped when freed; CUDA: max_memory_allocated) and the share of the limit, matmul-only time /
-step time. The machine's load average is printed: on a shared machine only ratios from one run mean anything.
+large blocks unmapped when freed; CUDA: max_memory_allocated) and its share of the memory limit (the GPU's
+memory; on CPU the cgroup's limit, else the machine's RAM), matmul-only time / step time.
+A quick check: `--repeats 1` (one timed step per row after the warm-up); `--batch 2` for a smaller step. The machine's load average is printed: on a shared machine only ratios from one run mean anything.
 """
 import copy
 import json
@@ -248,6 +249,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def memory_limit(device):
+    """Bytes the step may use: the GPU's memory, or the cgroup's limit where one is set, else the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            return int(limit)
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def load_average():
     try:
         return ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -319,15 +333,17 @@ def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, r
     matmul_s = matmul_only_seconds(seen, device, timer)
     flops = sum(linear_flops(func, args) for func, args in seen)
     print(f"load average after: {load_average()}", flush=True)
+    limit = memory_limit(device)
 
     print()
-    print("| path | s/step | tokens/s | peak memory rise (MiB) | matmul share |")
-    print("|---|---|---|---|---|")
+    print(f"| path | s/step | tokens/s | peak memory rise (MiB) | share of the {limit / 2**30:.0f} GiB limit | "
+          f"matmul share |")
+    print("|---|---|---|---|---|---|")
     for name in steps:
         print(f"| {name} | {seconds[name]:.2f} | {n_tokens / seconds[name]:.0f} | {peak[name] / 2**20:.0f} | "
-              f"{100 * matmul_s / seconds[name]:.0f}% |")
+              f"{100 * peak[name] / limit:.1f}% | {100 * matmul_s / seconds[name]:.0f}% |")
     print(f"| matmul-only ({len(seen)} matmuls, {flops / 1e12:.2f} TFLOP in the linear ones) | {matmul_s:.2f} | "
-          f"{n_tokens / matmul_s:.0f} | - | 100% |")
+          f"{n_tokens / matmul_s:.0f} | - | - | 100% |")
     print()
     speedup = {name: seconds[name] / seconds["fast"] for name in ("fp32", "bf16", "trl")}
     print(f"kd_step: fast/fp32 {speedup['fp32']:.2f}x, fast/bf16 {speedup['bf16']:.2f}x, "
