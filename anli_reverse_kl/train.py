@@ -21,6 +21,10 @@ target token of the decoder (position t scores target token t):
                (--whiten release) or once per store over response tokens (--whiten masked); log-probabilities
                at --temperature as released (the teacher's reward at 1)
 
+--fast_kd (default) is the fast step of sft / kd / seqkd and of MiniLLM's PT term (common.hf_training.lm_logits):
+the teacher under inference_mode (cast to --dtype), both models stopped before their (T5: scaled, tied) heads and
+the losses computed KD_CHUNK_SIZE decoder positions at a time; --fast_kd false computes the full logits first.
+
 Checkpoints under --save/checkpoints (common.hf_training; sft/kd/seqkd every --save_interval optimiser
 steps, minillm after every --save_interval rollout iterations); rerunning the same command resumes from the
 last one. The final weights go to --save/model; --save/log.jsonl gets one line per optimiser step.
@@ -42,12 +46,12 @@ from anli_reverse_kl.minillm import STORE_FIELDS, WHITEN, minillm_loss, sample_r
 from anli_reverse_kl.prepare_data import read_items
 from common import hf
 from common.cli import UserError, check_choice, check_range, run_cli
-from common.distributed import DTYPES, all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
-from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
-                                optimizer_step, save_checkpoint, unwrap, wrap_ddp)
+from common.distributed import DTYPES, all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown, to_dtype
+from common.hf_training import (KD_CHUNK_SIZE, autocast, export_model, grad_scaler, grad_sync, lm_logits,
+                                load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from common.labels import seq2seq_batch, targets_and_mask
-from common.losses import cross_entropy, soft_cross_entropy
+from common.losses import compiled_chunks, cross_entropy, soft_cross_entropy
 from common.training import Throughput, dp_shard, epoch_order, global_count
 
 TYPES = ("sft", "kd", "seqkd", "minillm")
@@ -141,19 +145,23 @@ def first_token_masks(mask):
     return first, mask & ~first
 
 
-def sft_loss(logits, batch, loss_ratio, n_first, n_rest):
+def sft_loss(logits, batch, loss_ratio, n_first, n_rest, chunk_size=None):
     """r·CE(first target token) + (1 - r)·CE(other target tokens), each summed and divided by its whole-step
     normaliser: n_first = the step's items; n_rest = their other tokens, or items x (max_len - 1) as the fork."""
     first, rest = first_token_masks(batch["mask"])
-    return (loss_ratio * cross_entropy(logits, target_ids=batch["targets"], mask=first, normalizer=max(n_first, 1))
+    return (loss_ratio * cross_entropy(logits, target_ids=batch["targets"], mask=first, normalizer=max(n_first, 1),
+                                       chunk_size=chunk_size)
             + (1 - loss_ratio) * cross_entropy(logits, target_ids=batch["targets"], mask=rest,
-                                               normalizer=max(n_rest, 1)))
+                                               normalizer=max(n_rest, 1), chunk_size=chunk_size))
 
 
-def kd_loss(logits, teacher_logits, batch, kd_ratio, n_tokens):
-    """(1 - λ)·CE + λ·soft-CE(p, q) per target token, divided by the whole step's target tokens."""
-    ce = cross_entropy(logits, target_ids=batch["targets"], mask=batch["mask"], normalizer=max(n_tokens, 1))
-    kd = soft_cross_entropy(logits, teacher_logits, mask=batch["mask"], normalizer=max(n_tokens, 1))
+def kd_loss(logits, teacher_logits, batch, kd_ratio, n_tokens, chunk_size=None):
+    """(1 - λ)·CE + λ·soft-CE(p, q) per target token, divided by the whole step's target tokens. Logits or, on
+    the fast path, common.losses.HeadLogits with a chunk_size."""
+    ce = cross_entropy(logits, target_ids=batch["targets"], mask=batch["mask"], normalizer=max(n_tokens, 1),
+                       chunk_size=chunk_size)
+    kd = soft_cross_entropy(logits, teacher_logits, mask=batch["mask"], normalizer=max(n_tokens, 1),
+                            chunk_size=chunk_size)
     return (1 - kd_ratio) * ce + kd_ratio * kd
 
 
@@ -167,7 +175,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
           length_norm: bool = True, single_step_reg: bool = False, whiten: str = "release",
           reason_mean: str = "fork", lm_data_dir: str = None, lm_coef: float = 1.0,
           max_new_tokens: int = 180, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-          dtype: str = "float32", save_interval: int = 500, seed: int = 10):
+          dtype: str = "float32", save_interval: int = 500, seed: int = 10, fast_kd: bool = True):
     check_choice("--type", type, TYPES)
     check_choice("--whiten", whiten, WHITEN)
     check_choice("--reason_mean", reason_mean, REASON_MEANS)
@@ -272,7 +280,7 @@ class Run:
         totals = {}
         for k, batch in enumerate(micro):
             with grad_sync(self.ddp, k == len(micro) - 1):
-                with autocast(self.flags.dtype, self.lay.device):
+                with autocast(self.flags.dtype, self.lay.device), compiled_chunks(self.flags.fast_kd):
                     loss, terms = loss_fn(batch)
                 self.scaler.scale(loss).backward()
             for name, v in terms.items():
@@ -309,6 +317,8 @@ def start_run(flags, cfg) -> Run:
     if flags.type in ("kd", "minillm"):
         teacher = hf.load_model(flags.teacher_model_path, device=lay.device, frozen=True, flag="--teacher_model_path")
         hf.check_vocab(model, teacher, tok, teacher_tok)
+        if flags.fast_kd and flags.dtype != "float32":
+            teacher.to(to_dtype(flags.dtype))  # the fast step's teacher: in the autocast dtype, never cast per forward
     model.train()
     return Run(flags, cfg, lay, tok, model, model, teacher)
 
@@ -325,14 +335,15 @@ def supervised_step(run: Run, items: list, steps_per_epoch: int, total_steps: in
     n_tok = global_count(sum(int(b["mask"].sum()) for b in micro), lay.device)
     n_rest = n_tok - n_first if f.reason_mean == "tokens" else n_first * (run.cfg["max_len"] - 1)
 
+    chunk = KD_CHUNK_SIZE if f.fast_kd else None
+
     def loss_fn(batch):
-        logits = run.ddp(**model_inputs(batch)).logits
+        _, logits = lm_logits(run.ddp, model_inputs(batch), fast=f.fast_kd)
         if f.type == "kd":
-            with torch.no_grad():
-                teacher_logits = run.teacher(**model_inputs(batch)).logits
-            loss = kd_loss(logits, teacher_logits, batch, f.kd_ratio, n_tok)
+            _, teacher_logits = lm_logits(run.teacher, model_inputs(batch), fast=f.fast_kd, frozen=True)
+            loss = kd_loss(logits, teacher_logits, batch, f.kd_ratio, n_tok, chunk)
         else:
-            loss = sft_loss(logits, batch, f.loss_ratio, n_first, n_rest)
+            loss = sft_loss(logits, batch, f.loss_ratio, n_first, n_rest, chunk)
         return loss, dict(loss=loss.detach())
 
     run.step(n_tok, run.backward(micro, loss_fn), epoch=epoch)
@@ -388,10 +399,10 @@ def ppo_step(run: Run, store: dict, rows: list, summary: dict, lm_items) -> None
                              normalizer=max(n_resp, 1), temperature=f.temperature, whiten=f.whiten,
                              width=f.max_new_tokens, group=run.group)
         if "lm" in batch:
-            logits = run.ddp(**model_inputs(batch["lm"])).logits
-            with torch.no_grad():
-                teacher_logits = run.teacher(**model_inputs(batch["lm"])).logits
-            terms["pt"] = kd_loss(logits, teacher_logits, batch["lm"], f.kd_ratio, n_lm)
+            _, logits = lm_logits(run.ddp, model_inputs(batch["lm"]), fast=f.fast_kd)
+            _, teacher_logits = lm_logits(run.teacher, model_inputs(batch["lm"]), fast=f.fast_kd, frozen=True)
+            terms["pt"] = kd_loss(logits, teacher_logits, batch["lm"], f.kd_ratio, n_lm,
+                                  KD_CHUNK_SIZE if f.fast_kd else None)
             terms["loss"] = terms["loss"] + f.lm_coef * terms["pt"]
         return terms["loss"], {k: v.detach() for k, v in terms.items()}
 

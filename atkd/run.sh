@@ -27,7 +27,7 @@ SAMPLE=${SAMPLE:-teacher}
 if [ -z "${REAL:-}" ]; then
   OUT=${OUT:-runs/atkd-tiny}
   : "${N_ITEMS:=128}" "${N_GEN:=96}" "${MAX_LEN:=256}" "${GEN_TOKENS:=48}" "${EVAL_ITEMS:=16}" "${EVAL_SETS:=dolly,vicuna}"
-  : "${SFT_EPOCHS:=6}" "${SFT_LR:=3e-3}" "${KD_EPOCHS:=3}" "${KD_LR:=2e-3}" "${BSZ:=8}"
+  : "${SFT_EPOCHS:=6}" "${SFT_LR:=3e-3}" "${KD_EPOCHS:=3}" "${KD_LR:=2e-3}" "${BSZ:=8}" "${BF16:=False}"
   METHODS=${METHODS:-atkd}
   if [ ! -f "$OUT/student-init/config.json" ]; then
     echo "== tokenizer and random tiny OPT teacher / student -> $OUT"
@@ -64,6 +64,7 @@ else
   OUT=${OUT:-runs/atkd-smollm2}
   : "${N_ITEMS:=256}" "${N_GEN:=64}" "${MAX_LEN:=384}" "${GEN_TOKENS:=64}" "${EVAL_ITEMS:=32}" "${EVAL_SETS:=dolly}"
   : "${SFT_EPOCHS:=0}" "${KD_EPOCHS:=1}" "${KD_LR:=1e-4}" "${BSZ:=4}" "${STUDENT_LAYERS:=10}"
+  : "${BF16:=True}"  # the fast KD step: bf16 teacher, student under bf16 autocast (README "Benchmarks")
   METHODS=${METHODS:-atkd forward}
   TEACHER_INIT=$OUT/smollm2-135m-instruct
   [ -f "$TEACHER_INIT/SOURCE.md" ] || python -m common.pretrained fetch --name smollm2-135m-instruct --save_path "$TEACHER_INIT"
@@ -106,7 +107,7 @@ for KL in $METHODS; do
   python atkd/train.py --student_model_path "$STUDENT_INIT" --teacher_model_path "$TEACHER" --data_path "$GEN" \
     --output_dir "$OUT/$KL" --kl_method "$KL" --sample_source "$SAMPLE" --num_train_epochs "$KD_EPOCHS" \
     --learning_rate "$KD_LR" --per_device_train_batch_size "$BSZ" --gradient_accumulation_steps 1 \
-    --model_max_length "$MAX_LEN" --logging_steps "${LOG_STEPS:-4}"
+    --model_max_length "$MAX_LEN" --logging_steps "${LOG_STEPS:-4}" --bf16 "$BF16"
   python atkd/eval.py --model_path "$OUT/$KL/model" --output_dir "$OUT/eval/$KL" "${EVAL_FLAGS[@]}"
 done
 

@@ -12,6 +12,7 @@ One optimiser step:
   3. per micro-batch: teacher logits under no_grad, student logits, the `kl_method` loss, backward;
   4. clip at 1.0, AdamW, cosine schedule with linear warmup; a log line and a metrics JSONL record.
 """
+import contextlib
 import math
 import sys
 import time
@@ -28,8 +29,9 @@ from common import hf, losses  # noqa: E402
 from common.cli import UserError, check_choice, check_range, run_cli  # noqa: E402
 from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown  # noqa: E402
 from common.generation import generate  # noqa: E402
-from common.hf_training import (autocast, enable_gradient_checkpointing, export_model, grad_sync,  # noqa: E402
-                                load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, wrap_ddp)
+from common.hf_training import (KD_CHUNK_SIZE, autocast, enable_gradient_checkpointing, export_model,  # noqa: E402
+                                grad_sync, lm_logits, load_checkpoint, lr_schedule, optimizer_step, save_checkpoint,
+                                wrap_ddp)
 from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
 from common.labels import IGNORE_INDEX, causal_lm_batch, targets_and_mask  # noqa: E402
 from common.training import adamw, epoch_order  # noqa: E402
@@ -44,11 +46,12 @@ MIX_TOKEN_MAX_NEW_TOKENS = 128
 # ---- losses (atkd.md §2) ----
 
 def kd_loss(kl_method: str, student_logits, teacher_logits, targets, *, alpha: float = 0.2, beta: float = 1.0,
-            gjsd_beta: float = 0.5, setting: str = "vanilla", normalizer=None, parts: dict = None):
-    """The `kl_method` objective on logits [B, S, V] and the targets aligned with them (-100: not counted).
-    atkd with a `parts` dict fills it with the split and its terms (losses.atkd's, from the same pass)."""
+            gjsd_beta: float = 0.5, setting: str = "vanilla", normalizer=None, parts: dict = None, chunk_size=None):
+    """The `kl_method` objective on logits [B, S, V] (or common.losses.HeadLogits) and the targets aligned with
+    them (-100: not counted). atkd with a `parts` dict fills it with the split and its terms (losses.atkd's, from
+    the same pass)."""
     mask = targets != IGNORE_INDEX
-    kw = dict(mask=mask, normalizer=normalizer)
+    kw = dict(mask=mask, normalizer=normalizer, chunk_size=chunk_size)
     if kl_method == "forward":
         return losses.forward_kl(student_logits, teacher_logits, **kw)
     if kl_method == "reverse":
@@ -74,16 +77,18 @@ def kd_loss(kl_method: str, student_logits, teacher_logits, targets, *, alpha: f
 
 
 @torch.no_grad()
-def loss_terms(kl_method: str, student_logits, teacher_logits, targets) -> dict:
+def loss_terms(kl_method: str, student_logits, teacher_logits, targets, *, chunk_size=None) -> dict:
     """The parts of a compound loss, each a token mean over this micro-batch, for the log: jsd: fkl, rkl;
     dkd: tckd, nckd. (atkd's split and parts come from the loss itself: kd_loss(..., parts={}).)"""
     mask = targets != IGNORE_INDEX
     s, t = student_logits, teacher_logits
+    kw = dict(chunk_size=chunk_size)
     if kl_method == "jsd":
-        return dict(fkl=losses.forward_kl(s, t, mask=mask).item(), rkl=losses.reverse_kl(s, t, mask=mask).item())
+        return dict(fkl=losses.forward_kl(s, t, mask=mask, **kw).item(),
+                    rkl=losses.reverse_kl(s, t, mask=mask, **kw).item())
     if kl_method == "dkd":
-        return dict(tckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=1.0, beta=0.0).item(),
-                    nckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=0.0, beta=1.0).item())
+        return dict(tckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=1.0, beta=0.0, **kw).item(),
+                    nckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=0.0, beta=1.0, **kw).item())
     return {}
 
 
@@ -129,14 +134,29 @@ def collate(prompts: list, responses: list, pad_id: int, max_len: int) -> dict:
 
 
 def micro_batch_loss(student, teacher, batch: dict, kl_method: str, *, dtype="float32", normalizer=None,
-                     vocab: int = None, **loss_options) -> tuple:
+                     vocab: int = None, fast: bool = True, **loss_options) -> tuple:
     """Teacher logits (no_grad), student logits, the kl_method loss -> (loss, student_logits, teacher_logits,
     targets); targets are aligned with the logits (position t predicts token t + 1). `vocab`: compare the first
-    `vocab` logits only (vocabularies padded to different widths, e.g. Pythia sizes)."""
+    `vocab` logits only (vocabularies padded to different widths, e.g. Pythia sizes).
+
+    fast (common.hf_training.lm_logits): the teacher under inference_mode, both models stopped before their
+    heads, and the loss computes the logits KD_CHUNK_SIZE rows at a time, each chunk's divergence compiled
+    where the vocabulary is wide (common.losses.compiled_chunks; the logits returned are
+    common.losses.HeadLogits); else the full logits of both models, as the release computes them."""
     device = next(student.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
     targets, _ = targets_and_mask(batch["labels"].to(device), shift=True)
     teacher_logits = None
+    if fast:
+        with autocast(dtype, device), losses.compiled_chunks():
+            if kl_method != "seqkd":
+                teacher_logits = lm_logits(teacher, inputs, fast=True, frozen=True)[1].first(vocab)
+            student_logits = lm_logits(student, inputs, fast=True)[1]
+            if teacher_logits is not None:
+                student_logits = student_logits.first(vocab)
+            loss = kd_loss(kl_method, student_logits, teacher_logits, targets, normalizer=normalizer,
+                           chunk_size=KD_CHUNK_SIZE, **loss_options)
+        return loss, student_logits, teacher_logits, targets
     with autocast(dtype, device):
         if kl_method != "seqkd":
             with torch.no_grad():
@@ -195,13 +215,14 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
          gradient_checkpointing: bool = False, seed: int = 42, logging_steps: int = 1, save_strategy: str = "no",
          save_steps: int = 500, lazy_preprocess: bool = True, allow_padded_vocab: bool = False,
          max_propose_num: int = 5, evaluation_strategy: str = "no", per_device_eval_batch_size: int = 1,
-         run_name: str = None):
+         run_name: str = None, fast_kd: bool = True):
     """Distil `teacher_model_path` into `student_model_path` (flags and defaults of the release, atkd.md §6).
 
     output_dir gets model/ (the student, from_pretrained), metrics.jsonl, checkpoints/ (resume; the last one).
     Extras of ours: --gjsd_beta, --student_request_ratio / --student_token_ratio (the release's hidden 0.5s),
     --max_steps, --max_grad_norm, --seed, --save_steps (resume checkpoints), --allow_padded_vocab (teacher and
-    student vocabularies padded to different widths: the first min(widths) logits are compared).
+    student vocabularies padded to different widths: the first min(widths) logits are compared), --fast_kd
+    (default; false: the release's full-logits step, see micro_batch_loss).
     Accepted for compatibility, no effect: --max_propose_num (OSD's draft length), --per_device_eval_batch_size.
     """
     _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strategy, save_strategy,
@@ -310,12 +331,19 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
             with grad_sync(model, m == gradient_accumulation_steps - 1):
                 loss, s_logits, t_logits, targets = micro_batch_loss(model, teacher, batch, kl_method, dtype=dtype,
                                                                      normalizer=max(n_targets, 1.0), parts=parts,
+                                                                     fast=fast_kd,
                                                                      **loss_options)
                 loss.backward()
             step_loss += loss.detach()
             if log_now and kl_method in ("jsd", "dkd", "atkd"):
                 n = int((targets != IGNORE_INDEX).sum())
-                values = parts if kl_method == "atkd" else loss_terms(kl_method, s_logits, t_logits, targets)
+                if kl_method == "atkd":
+                    values = parts
+                else:
+                    with autocast(dtype, lay.device) if fast_kd else contextlib.nullcontext(), \
+                            losses.compiled_chunks(fast_kd):
+                        values = loss_terms(kl_method, s_logits, t_logits, targets,
+                                            chunk_size=KD_CHUNK_SIZE if fast_kd else None)
                 for k, v in values.items():
                     terms[k] = terms.get(k, 0.0) + (v if k.startswith("n_") else v * n)
                 terms["_weight"] = terms.get("_weight", 0.0) + n

@@ -9,12 +9,14 @@
     student = add_lora(student, r=16, alpha=64, dropout=0.1)                      # peft; None targets: peft's defaults
     merged = merge_lora(student)                                                 # a plain transformers model again
     student = keep_layers(teacher_copy, [0, 3, 6, 9])                             # a smaller student cut from a model
+    out, logits = head_logits(student, **batch)  # logits as common.losses.HeadLogits: the head input and weights
 
     python -m common.hf keep_layers --model_path TEACHER --save_path STUDENT --layers 0,3,6,9
 
 A frozen model is in eval mode with requires_grad off and keeps the dtype it was saved in (`dtype=None`),
 as a teacher should. Everything loads from local folders only (nothing from the hub).
 """
+import contextlib
 import copy
 import json
 import os
@@ -183,6 +185,69 @@ def merge_lora(model):
         return model
     with torch.no_grad():
         return copy.deepcopy(model).merge_and_unload()
+
+
+class _HeadInput(torch.nn.Module):
+    """Stands in for the LM head during one forward and returns what the head would read."""
+
+    def forward(self, x):
+        self.seen = x
+        return x
+
+
+@contextlib.contextmanager
+def _lm_head_bypassed(model):
+    """Inside, `model` (plain, peft or DDP-wrapped) runs without its LM head; yields (head, stand-in)."""
+    inner = getattr(model, "module", model)  # through DDP
+    inner = inner.get_base_model() if is_lora(inner) else inner
+    head = inner.get_output_embeddings()
+    if head is None:
+        raise UserError(f"{type(inner).__name__} has no LM head (get_output_embeddings() is None): train it with "
+                        f"--fast_kd false")
+    stand_in = _HeadInput()
+    inner.set_output_embeddings(stand_in)
+    try:
+        yield head, stand_in
+    finally:
+        inner.set_output_embeddings(head)
+
+
+def _head_terms(head, hidden):
+    """HeadLogits of `head` applied to `hidden`: a Linear, or a peft LoRA Linear (W h + s·B A dropout(h))."""
+    from common.losses import HeadLogits
+
+    if type(head) is torch.nn.Linear:
+        return HeadLogits(hidden, head.weight, head.bias)
+    base = getattr(head, "base_layer", None)
+    if type(base) is torch.nn.Linear and hasattr(head, "lora_A") and not head.merged and not head.disable_adapters:
+        terms, weights = [hidden], [base.weight]
+        for name in head.active_adapters:
+            if name not in head.lora_A:
+                continue
+            if head.use_dora.get(name) or head.lora_B[name].bias is not None:
+                raise UserError(f"the LoRA head adapter {name!r} uses DoRA or a bias: train it with --fast_kd false")
+            a = head.lora_A[name]
+            terms.append(a(head.lora_dropout[name](hidden.to(a.weight.dtype))) * head.scaling[name])
+            weights.append(head.lora_B[name].weight)
+        return HeadLogits(tuple(terms), tuple(weights), base.bias)
+    raise UserError(f"the LM head is a {type(head).__name__}, not a Linear (or a LoRA Linear): train it with "
+                    f"--fast_kd false")
+
+
+def head_logits(model, **inputs):
+    """(output, HeadLogits): one forward of a causal or seq2seq LM that stops before its LM head, and the
+    head's input with its weights, for a loss to compute the logits chunk by chunk (common.losses.HeadLogits).
+    The head input is whatever the model hands its head: after the final norm, T5's d_model**-0.5 scaling of a
+    tied head and the like included. `output.logits` is None. A model that changes the head's output afterwards
+    (logit soft-capping, a logit scale) is refused, as is a head that is not a (LoRA) Linear."""
+    with _lm_head_bypassed(model) as (head, stand_in):
+        out = model(**inputs)
+    if out.logits is not stand_in.seen:
+        raise UserError(f"{type(getattr(model, 'module', model)).__name__} transforms its head's output "
+                        f"(e.g. logit soft-capping or scaling), so its logits are not a linear head's: train it "
+                        f"with --fast_kd false")
+    hidden, out.logits = out.logits, None
+    return out, _head_terms(head, hidden)
 
 
 def keep_layers(model, layers):

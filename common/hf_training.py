@@ -150,6 +150,28 @@ def lr_schedule(optimizer, name: str, warmup_steps: int = 0, total_steps: Option
     return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr=min_lr)
 
 
+# ---------------------------------------------------------------------------- the KD step's fast path
+
+KD_CHUNK_SIZE = 256  # logits rows per chunk of the fast path: fp32 temporaries of [256, V] (50 MB at V = 49152)
+
+
+def lm_logits(model, inputs: dict, *, fast: bool, frozen: bool = False, **kwargs):
+    """(output, logits) of one forward, for a loss from common.losses.
+
+    fast: the model stops before its LM head and `logits` is a common.losses.HeadLogits (the head's input and
+    weights), which a loss given `chunk_size=KD_CHUNK_SIZE` turns into logits one chunk of rows at a time, so the
+    [B, S, V] logits never exist; else `output.logits`. frozen (a teacher): under torch.inference_mode with fast
+    (no autograd bookkeeping at all), under no_grad otherwise. Call it under `autocast(dtype, device)` for the
+    bf16 step: a bf16 teacher, fp32 student weights, bf16 matmuls, the divergence in fp32.
+    """
+    grad = torch.inference_mode() if frozen and fast else torch.no_grad() if frozen else contextlib.nullcontext()
+    with grad:
+        if fast:
+            return hf.head_logits(model, **inputs, **kwargs)
+        out = model(**inputs, **kwargs)
+        return out, out.logits
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 def model_signature(model) -> dict:

@@ -32,8 +32,8 @@ Index
 §3 target-aware, fn(student_logits, teacher_logits, *, mask, target_ids, ...): dkd(alpha, beta, reverse),
     atkd(lam, reverse).
 Student-only: cross_entropy(logits, *, target_ids, mask, chunk_size, normalizer, group);
-HeadLogits(hidden, weight, bias=None) in place of any logits; compiled_chunks() context;
     token_log_probs(logits, *, target_ids, temperature, chunk_size, group) -> [B, S], 0 where the target is -100.
+Any logits argument: HeadLogits(hidden, weight, bias=None), the head's input and weights; compiled_chunks().
 §4.1 mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, ...).
 §4.2 fdd_loss(student_states, teacher_states, student_head, teacher_head, *, mask, ...), distill_layer_indices.
 §4.3 velocity_field_loss(velocity_field, projector, student_states, teacher_states, *, mask, ...),
@@ -66,7 +66,7 @@ gradient goes straight on to the hidden states and the head weights (dz @ W and 
 linear + loss in PyTorch): neither model's [B, S, V] logits ever exist, in any dtype. Under autocast the head
 matmuls run in the autocast dtype (bf16), the divergence in fp32, and the gradients land in the inputs' own
 dtype (fp32 master weights). `with compiled_chunks():` evaluates each chunk's divergence and its logit gradient
-with torch.compile (the elementwise work over the vocabulary fused; opt-in, the first call compiles).
+with torch.compile (the elementwise work over the vocabulary fused; opt-in, chunks of at least 8192 columns).
 
 Vocab-parallel (`group=<process group>`): the logits are this rank's shard of the vocabulary, as
 fairscale's `ColumnParallelLinear(..., gather_output=False)` returns them for the output head: rank r of the
@@ -336,10 +336,18 @@ class HeadLogits:
         hidden, weight = zip(*self.terms)
         return hidden + weight + (() if self.bias is None else (self.bias,))
 
+    def first(self, vocab=None):
+        """The logits of the first `vocab` vocabulary entries (None: all), as logits[..., :vocab]."""
+        if vocab is None:
+            return self
+        hidden, weight = zip(*self.terms)
+        return HeadLogits(hidden, tuple(w[:vocab] for w in weight), None if self.bias is None else self.bias[:vocab])
+
     def detach(self):
         detached = [t.detach() for t in self.tensors()]
         n = len(self.terms)
-        return HeadLogits(tuple(detached[:n]), tuple(detached[n:2 * n]), detached[2 * n] if self.bias is not None else None)
+        return HeadLogits(tuple(detached[:n]), tuple(detached[n:2 * n]),
+                          detached[2 * n] if self.bias is not None else None)
 
     def matmul_dtype(self):
         device = self.device.type
@@ -376,12 +384,12 @@ def _rows(t, rows):
 def _head_rows(head, rows, vocab, group):
     """Logits of a HeadLogits at flat positions `rows`, with autograd (the plain path)."""
     dtype = head.matmul_dtype()
-    z = 0
+    z = None
     for h, w in head.terms:
         h = _rows(h, rows).to(dtype)
         if group is not None and h.requires_grad:
             h = _ReplicatedIntoShard.apply(h, group)  # replicated input: its gradient sums the shards' parts
-        z = z + h @ w[:vocab].to(dtype).T
+        z = h @ w[:vocab].to(dtype).T if z is None else z + h @ w[:vocab].to(dtype).T
     return z if head.bias is None else z + head.bias[:vocab].to(dtype)
 
 
@@ -402,29 +410,42 @@ def _rows_value(per_token, xi, yi, row_data, weight, temperature, group, dtype=N
     return (d if weight is None else d * weight).sum()
 
 
-_compiled = {"on": False, "fn": None}
+_compiled = {"min_vocab": None, "fn": None}
 
 
 @contextlib.contextmanager
-def compiled_chunks(enabled: bool = True):
+def compiled_chunks(enabled: bool = True, min_vocab: int = 8192):
     """Within it, a chunked loss evaluates each chunk's value and logit gradient with torch.compile (the
-    elementwise work over the vocabulary fused into a few passes; several times faster on CPU). Same values up
-    to float rounding. Off by default: the first call of each loss compiles for seconds. Unsharded only
-    (`group=None`); vocab-parallel losses stay eager."""
-    before = _compiled["on"]
-    _compiled["on"] = enabled
+    elementwise work over the vocabulary fused into a few passes; on a CPU the eager chunk spends more time
+    there than in the head's matmuls). Same values up to float rounding. Off by default: the first call of each
+    loss compiles for seconds, which pays only where chunks are wide, so chunks narrower than `min_vocab`
+    columns stay eager. Unsharded only (`group=None`); where torch.compile cannot build a kernel (no C++
+    compiler), a warning and eager chunks."""
+    before = _compiled["min_vocab"]
+    _compiled["min_vocab"] = min_vocab if enabled else None
     try:
         yield
     finally:
-        _compiled["on"] = before
+        _compiled["min_vocab"] = before
 
 
-def _chunk_kernel(group):
-    if not _compiled["on"] or group is not None:
+def _chunk_kernel(group, vocab):
+    if _compiled["min_vocab"] is None or group is not None or vocab < _compiled["min_vocab"]:
         return None
     if _compiled["fn"] is None:
         _compiled["fn"] = torch.compile(_rows_value, dynamic=True)
     return _compiled["fn"]
+
+
+def _compiled_value(kernel, *args, **kwargs):
+    try:
+        return kernel(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        cause = getattr(e, "inner_exception", e)
+        warnings.warn(f"compiled_chunks: torch.compile failed ({type(cause).__name__}: {str(cause)[:200]}); "
+                      f"chunks run eager")
+        _compiled["fn"] = _rows_value
+        return _rows_value(*args, **kwargs)
 
 
 class _Side:
@@ -446,8 +467,10 @@ class _Side:
         if not self.head:
             return _rows(self.x[..., :self.vocab], idx)
         self.inputs = [_rows(h, idx).to(self.dtype) for h, _ in self.x.terms]  # kept for the weight gradient
-        z = sum(h @ w.T for h, w in zip(self.inputs, self.weights))
-        return z if self.bias is None else z + self.bias
+        z = self.inputs[0] @ self.weights[0].T
+        for h, w in zip(self.inputs[1:], self.weights[1:]):
+            z.addmm_(h, w.T)
+        return z if self.bias is None else z.add_(self.bias)
 
     def add_grad(self, idx, dz):
         if not self.head:
@@ -484,9 +507,9 @@ class _ChunkedRowSum(torch.autograd.Function):
         per_token, x, y, x_rows, y_rows, row_data, weight, temperature, group, vocab, chunk_size, needs = plan
         dtype = _compute_dtype(x)
         sides = [_Side(x, vocab, group, needs[0])] + ([] if y is None else [_Side(y, vocab, group, needs[1])])
-        kernel = _chunk_kernel(group)
         total = torch.zeros((), dtype=dtype, device=x.device)
         for start in range(0, x_rows.numel(), chunk_size):
+            kernel = _chunk_kernel(group, vocab)
             part = slice(start, start + chunk_size)
             idx = [x_rows[part]] + ([] if y is None else [y_rows[part]])
             data = ([d[part] for d in row_data], None if weight is None else weight[part], temperature, group)
@@ -497,7 +520,8 @@ class _ChunkedRowSum(torch.autograd.Function):
             else:  # the rows in their own dtype as the leaves, cast inside the compiled kernel
                 z = [side.rows(i).requires_grad_(side.needs_grad) for side, i in zip(sides, idx)]
                 with torch.enable_grad() if any(needs) else nullcontext():
-                    value = kernel(per_token, z[0], z[1] if y is not None else None, *data, dtype=dtype)
+                    value = _compiled_value(kernel, per_token, z[0], z[1] if y is not None else None, *data,
+                                            dtype=dtype)
             todo = [(side, i, leaf) for side, i, leaf in zip(sides, idx, z) if side.needs_grad]
             if todo:
                 grads = torch.autograd.grad(value, [leaf for _, _, leaf in todo])
@@ -882,7 +906,8 @@ def mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, temperature=1.0, max_se
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     group = _sharded(group)
-    _check_pair(logits_a, logits_b, torch.ones(logits_a.shape[:2], dtype=torch.bool, device=logits_a.device), None, group)
+    _check_pair(logits_a, logits_b, torch.ones(logits_a.shape[:2], dtype=torch.bool, device=logits_a.device), None,
+                group)
     device = logits_a.device
     spans_a = torch.as_tensor(spans_a, dtype=torch.long, device=device).reshape(-1, 2)
     spans_b = torch.as_tensor(spans_b, dtype=torch.long, device=device).reshape(-1, 2)

@@ -19,6 +19,10 @@ Objective per optimiser step (λ = kd_ratio, token means over response tokens of
     any type     + lm_coef·CE on an OpenWebText chunk per micro-batch when --lm-data-dir is given
 AdamW (weight decay 0.01, none on biases and norms), cosine from lr to lr_min over all steps, no warmup,
 clip 1.0; `--dtype bfloat16` / `float16` runs every forward (sampling included) under autocast over fp32 weights.
+`--fast-kd` (default) is the fast step (common.hf_training.lm_logits): the teacher under inference_mode (cast to
+--dtype), both models stopped before their heads and every loss over the vocabulary computed KD_CHUNK_SIZE
+rows at a time from the hidden states (each chunk's divergence compiled where the vocabulary is wide:
+common.losses.compiled_chunks); `--fast-kd false` computes the full logits first, as the original.
 Each epoch ends with the dev CE (DistiLLM's threshold; `--select-by loss`) and, with `--select-by rougeL`
 (default), the dev Rouge-L of sampled responses; the best epoch is exported to `save/best`, the last to
 `save/final`.
@@ -47,13 +51,13 @@ from tqdm import tqdm
 
 from common import hf
 from common.cli import UserError, check_choice, check_range, run_cli
-from common.distributed import DTYPES, all_reduce_dp, print0, rank_seed, setup, shutdown
+from common.distributed import DTYPES, all_reduce_dp, print0, rank_seed, setup, shutdown, to_dtype
 from common.generation import generate
-from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
-                                optimizer_step, save_checkpoint, unwrap, wrap_ddp)
+from common.hf_training import (KD_CHUNK_SIZE, autocast, export_model, grad_scaler, grad_sync, lm_logits,
+                                load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_save, read_jsonl, write_jsonl
-from common.losses import (contra_loss, cross_entropy, fdd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl,
-                           soft_cross_entropy)
+from common.losses import (compiled_chunks, contra_loss, cross_entropy, fdd_loss, reverse_kl, skew_forward_kl,
+                           skew_reverse_kl, soft_cross_entropy)
 from common.metrics import rouge_l
 from common.training import adamw, complete_checkpoints, epoch_order, global_count
 from contra_kd.data import ChunkSplit, InstructionSplit, collate, model_inputs, rank_micro_batches
@@ -95,9 +99,11 @@ def add_lora(model, r, alpha, dropout, model_path):
 
 def per_sequence_mean(loss_fn, student_logits, teacher_logits, mask, rows, **kwargs):
     """Σ over `rows` of each sequence's token mean (DistiLLM-2 reduces per sequence, then over the batch)."""
-    total = student_logits.new_zeros(())
+    total = torch.zeros((), device=mask.device)
     for b in rows:
-        total = total + loss_fn(student_logits[b:b + 1], teacher_logits[b:b + 1], mask=mask[b:b + 1], **kwargs)
+        own = torch.zeros_like(mask)
+        own[b] = mask[b]
+        total = total + loss_fn(student_logits, teacher_logits, mask=own, **kwargs)
     return total
 
 
@@ -122,7 +128,8 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
          velocity_update_interval: int = 1, velocity_field: str = None, projector: str = None,
          velocity_dropout: float = 0.1, gradual_beta: bool = False, peft: str = None, peft_lora_r: int = 16,
          peft_lora_alpha: float = 64, peft_lora_dropout: float = 0.1, select_by: str = "rougeL",
-         save_steps: int = 0, clip_grad: float = 1.0, dtype: str = "float32", eval_batch_size: int = 8):
+         save_steps: int = 0, clip_grad: float = 1.0, dtype: str = "float32", eval_batch_size: int = 8,
+         fast_kd: bool = True):
     base, contra, loss = parse_type(type, loss)
     for flag, value in (("--model-path", model_path), ("--data-dir", data_dir), ("--save", save)):
         if not value:
@@ -203,6 +210,8 @@ class Run:
         if self.needs_teacher:
             self.teacher = hf.load_model(f.teacher_model_path, device=lay.device, frozen=True, flag=flags[1])
             hf.check_vocab(self.student, self.teacher, self.tokenizer, teacher_tokenizer, flags=flags)
+            if f.fast_kd and f.dtype != "float32":  # the fast step's teacher: in the autocast dtype, never cast per
+                self.teacher.to(to_dtype(f.dtype))   # forward
         if f.peft:
             self.student = add_lora(self.student, f.peft_lora_r, f.peft_lora_alpha, f.peft_lora_dropout, f.model_path)
         self.pairing = layer_pairing(self.student, self.teacher, f.num_distill_layers) \
@@ -414,21 +423,22 @@ class Run:
         for m, batch in enumerate(batches):
             if self.lm:  # its own backward, never the step's last, so DDP syncs once
                 with grad_sync(self.ddp, False):
-                    with autocast(f.dtype, lay.device):
-                        lm_logits = self.ddp(**model_inputs(lm_batches[m])).logits
-                        lm_loss = f.lm_coef * cross_entropy(lm_logits, target_ids=lm_batches[m]["target_ids"],
-                                                            mask=lm_batches[m]["mask"], normalizer=counts["lm"])
+                    with autocast(f.dtype, lay.device), compiled_chunks(f.fast_kd):
+                        _, logits = lm_logits(self.ddp, model_inputs(lm_batches[m]), fast=f.fast_kd)
+                        lm_loss = f.lm_coef * cross_entropy(logits, target_ids=lm_batches[m]["target_ids"],
+                                                            mask=lm_batches[m]["mask"], normalizer=counts["lm"],
+                                                            chunk_size=KD_CHUNK_SIZE if f.fast_kd else None)
                     self.scaler.scale(lm_loss).backward()
                 logged["loss_lm"] = logged.get("loss_lm", 0.0) + lm_loss.detach() / f.lm_coef
                 tokens += int(lm_batches[m]["attention_mask"].sum())
             with grad_sync(self.ddp, m == len(batches) - 1):
-                with autocast(f.dtype, lay.device):
-                    out = self.ddp(**model_inputs(batch), output_hidden_states=hidden)
-                    t_out = None
+                with autocast(f.dtype, lay.device), compiled_chunks(f.fast_kd):
+                    out, logits = lm_logits(self.ddp, model_inputs(batch), fast=f.fast_kd, output_hidden_states=hidden)
+                    t_out = t_logits = None
                     if self.teacher is not None:
-                        with torch.no_grad():
-                            t_out = self.teacher(**model_inputs(batch), output_hidden_states=self.base == "fdd")
-                    total, terms = objective(self, out, t_out, batch, k, counts, step)
+                        t_out, t_logits = lm_logits(self.teacher, model_inputs(batch), fast=f.fast_kd, frozen=True,
+                                                    output_hidden_states=self.base == "fdd")
+                    total, terms = objective(self, out, logits, t_out, t_logits, batch, k, counts, step)
                 self.scaler.scale(total).backward()
             for name, value in terms.items():
                 logged[name] = logged.get(name, 0.0) + value.detach()
@@ -515,33 +525,37 @@ class Run:
                    f"{f.save}/final")
 
 
-def objective(run: Run, out, t_out, batch, k: float, counts: dict, step: int) -> tuple:
-    """The step's loss for one micro-batch (already divided by whole-step counts) and its logged terms."""
+def objective(run: Run, out, logits, t_out, t_logits, batch, k: float, counts: dict, step: int) -> tuple:
+    """The step's loss for one micro-batch (already divided by whole-step counts) and its logged terms.
+    logits, t_logits: the models' logits, or with --fast-kd their HeadLogits (computed chunk by chunk)."""
     f, base = run.f, run.base
-    logits, mask = out.logits, batch["mask"]
+    mask, chunk = batch["mask"], KD_CHUNK_SIZE if f.fast_kd else None
     terms = {}
     if base == "distillm2":
-        half = logits.shape[0] // 2
+        half = mask.shape[0] // 2
         beta = distillm2_beta(step, run.total_iters, f.gradual_beta)
-        tgo = per_sequence_mean(skew_forward_kl, logits, t_out.logits, mask, range(half), alpha=f.skew_alpha)
-        sgo = per_sequence_mean(skew_reverse_kl, logits, t_out.logits, mask, range(half, 2 * half),
-                                alpha=f.skew_alpha, detach_mixture=True)
+        tgo = per_sequence_mean(skew_forward_kl, logits, t_logits, mask, range(half), alpha=f.skew_alpha,
+                                chunk_size=chunk)
+        sgo = per_sequence_mean(skew_reverse_kl, logits, t_logits, mask, range(half, 2 * half),
+                                alpha=f.skew_alpha, detach_mixture=True, chunk_size=chunk)
         terms["loss_tgo_skl"], terms["loss_sgo_srkl"] = tgo / counts["pairs"], sgo / counts["pairs"]
         total = ((2 - beta) * tgo + beta * sgo) / counts["pairs"]
     else:
-        ce = cross_entropy(logits, target_ids=batch["target_ids"], mask=mask, normalizer=counts["tokens"])
+        ce = cross_entropy(logits, target_ids=batch["target_ids"], mask=mask, normalizer=counts["tokens"],
+                           chunk_size=chunk)
         terms["loss_ce"] = ce
         if base in ("sft", "seqkd"):
             total = ce
         elif base == "kd":
-            kd = soft_cross_entropy(logits, t_out.logits, mask=mask, normalizer=counts["tokens"])
+            kd = soft_cross_entropy(logits, t_logits, mask=mask, normalizer=counts["tokens"], chunk_size=chunk)
             terms["loss_kd"], total = kd, (1 - f.kd_ratio) * ce + f.kd_ratio * kd
         elif base == "distillm":
             divergence = skew_forward_kl if run.loss == "skl" else skew_reverse_kl
-            d = divergence(logits, t_out.logits, mask=mask, alpha=f.skew_alpha, normalizer=counts["tokens"])
+            d = divergence(logits, t_logits, mask=mask, alpha=f.skew_alpha, normalizer=counts["tokens"],
+                           chunk_size=chunk)
             terms[f"loss_{run.loss}"], total = d, (1 - f.kd_ratio) * ce + f.kd_ratio * d
         else:  # fdd
-            rkl = reverse_kl(logits, t_out.logits, mask=mask, normalizer=counts["tokens"])
+            rkl = reverse_kl(logits, t_logits, mask=mask, normalizer=counts["tokens"], chunk_size=chunk)
             fmask = mask if f.fdd_mask == "response" else batch["attention_mask"].bool()
             head_s, head_t = unwrap(run.student).get_output_embeddings(), run.teacher.get_output_embeddings()
             fdd = fdd_loss([out.hidden_states[i] for i in run.pairing["student_layers"]],

@@ -21,6 +21,7 @@ if [ -z "${REAL:-}" ]; then
   TEACHER=$OUT/teacher
   : "${LAYERS:=[0,2]}" "${MODE:=block}" "${HEAD_SIZE:=8}" "${LEN:=64}" "${BSZ:=4}" "${STEPS1:=40}" "${STEPS2:=40}"
   : "${LR1:=3e-3}" "${LR2:=1e-3}" "${WARMUP:=0}" "${GRAD_CP:=1}" "${VAL_BATCHES:=8}" "${EVAL_BATCHES:=$VAL_BATCHES}"
+  : "${DTYPE:=}"           # train.py's default: float32 on a CPU, bfloat16 on a GPU
   DATA=(--c4_data data/rwkv_llama/c4_standin --languages '[en,gsm8k]')
   EVAL_DATA=("${DATA[@]}")
   mkdir -p "$OUT"
@@ -37,6 +38,7 @@ else
   : "${LAYERS:=[2,7,12,17,22,27]}" "${MODE:=att_only}" "${HEAD_SIZE:=64}" "${LEN:=128}" "${BSZ:=4}"
   : "${STEPS1:=20}" "${STEPS2:=30}" "${LR1:=1e-3}" "${LR2:=5e-4}" "${WARMUP:=3}" "${GRAD_CP:=0}"
   : "${VAL_BATCHES:=2}" "${EVAL_BATCHES:=12}"
+  : "${DTYPE:=bfloat16}"  # the fast KD step: the student under bf16 autocast (README "Benchmarks")
   DATA=(--train_data data/rwkv_llama/ultrachat_standin/train.jsonl
         --val_data data/rwkv_llama/ultrachat_standin/validation.jsonl)
   EVAL_DATA=(--val_data data/rwkv_llama/ultrachat_standin/validation.jsonl)
@@ -82,7 +84,7 @@ stage() {  # stage NAME HIDDEN(true|false) STEPS LR [extra train flags]: server 
   torchrun --standalone --nproc_per_node "$NPROC" -m rwkv_llama.train --config_file "$OUT/hybrid.yaml" \
     --is_hidden_align "$hidden" "${DATA[@]}" --max_seq_length "$LEN" --micro_bsz "$BSZ" --max_steps "$steps" \
     --lr_init "$lr" --lr_final "$lr" --warmup_steps "$WARMUP" --head_size "$HEAD_SIZE" --grad_cp "$GRAD_CP" \
-    --val_check_interval 20 \
+    --val_check_interval 20 ${DTYPE:+--dtype "$DTYPE"} \
     --max_val_batches "$VAL_BATCHES" --log_every_n_steps 20 --output_dir "$OUT/$name" "$@"
   wait "$SERVER"; SERVER=""
   echo $((SECONDS - t0)) > "$OUT/$name/seconds"

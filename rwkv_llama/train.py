@@ -26,10 +26,10 @@ import yaml
 from common import hf
 from common.cli import UserError, check_choice, check_range, run_cli
 from common.distributed import DTYPES, all_reduce_dp, peer_failure, print0, set_timeout, setup, shutdown
-from common.hf_training import (autocast, grad_sync, load_checkpoint, optimizer_step, save_checkpoint, unwrap,
-                                wrap_ddp)
+from common.hf_training import (KD_CHUNK_SIZE, autocast, grad_sync, lm_logits, load_checkpoint, optimizer_step,
+                                save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_write_json, read_tensors, save_tensors
-from common.losses import cross_entropy, forward_kl, hidden_mse
+from common.losses import compiled_chunks, cross_entropy, forward_kl, hidden_mse
 from rwkv_llama.data import IGNORE, c4_stream, chat_stream, rank_batches
 from rwkv_llama.model import all_hidden_states, build_hybrid, head_size_for, rwkv_modules
 from rwkv_llama.teacher_server import InProcessTeacher, TeacherError, client_for_rank, why_failed
@@ -175,14 +175,18 @@ def data_stream(chat_files, c4_data, languages, split: str, max_rows: Optional[i
 # ---------------------------------------------------------------------------------------------------------
 # Losses (spec §4). Sums over the step are divided by `norm`, the whole step's count over all ranks.
 
-def step_losses(student, batch, teacher, cfg, norm: dict):
+def step_losses(student, batch, teacher, cfg, norm: dict, fast: bool = True):
+    """The step's loss for one micro-batch and its terms. fast (common.hf_training.lm_logits): the student stops
+    before its head and KL and CE are computed KD_CHUNK_SIZE positions at a time from its hidden states (the
+    teacher's logits, from a server, are read a chunk of rows at a time)."""
     ids, labels, lengths = batch["input_ids"], batch["labels"], batch["lengths"]
     mask = labels != IGNORE
     targets = labels.clamp(min=0)       # pre-shifted: logits[t] predicts labels[t], no second shift
     attn = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+    chunk = KD_CHUNK_SIZE if fast else None
     if cfg["is_sft"]:
-        logits = student(input_ids=ids, attention_mask=attn).logits
-        ce = cross_entropy(logits, target_ids=targets, mask=mask, normalizer=norm["tokens"])
+        _, logits = lm_logits(student, dict(input_ids=ids, attention_mask=attn), fast=fast)
+        ce = cross_entropy(logits, target_ids=targets, mask=mask, normalizer=norm["tokens"], chunk_size=chunk)
         return ce, dict(ce=ce.detach())
     with torch.no_grad():
         t_logits, t_hidden = teacher.forward(ids, lengths)
@@ -190,12 +194,12 @@ def step_losses(student, batch, teacher, cfg, norm: dict):
         _, s_hidden = all_hidden_states(student, ids, attn)
         loss = hidden_mse(s_hidden, t_hidden.to(s_hidden.dtype), mask=mask) / norm["batches"]
         return loss, dict(hidden_mse=loss.detach())
-    logits = student(input_ids=ids, attention_mask=attn).logits
+    _, logits = lm_logits(student, dict(input_ids=ids, attention_mask=attn), fast=fast)
     if cfg["is_all_labels_kl"]:     # batchmean: every position and vocabulary entry, divided by B
-        kl = forward_kl(logits, t_logits, mask=torch.ones_like(mask), normalizer=norm["sequences"])
+        kl = forward_kl(logits, t_logits, mask=torch.ones_like(mask), normalizer=norm["sequences"], chunk_size=chunk)
     else:
-        kl = forward_kl(logits, t_logits, mask=mask, normalizer=norm["tokens"])
-    ce = cross_entropy(logits, target_ids=targets, mask=mask, normalizer=norm["tokens"])
+        kl = forward_kl(logits, t_logits, mask=mask, normalizer=norm["tokens"], chunk_size=chunk)
+    ce = cross_entropy(logits, target_ids=targets, mask=mask, normalizer=norm["tokens"], chunk_size=chunk)
     return cfg["kl_weight"] * kl + cfg["ce_weight"] * ce, dict(kl=kl.detach(), ce=ce.detach())
 
 
@@ -299,10 +303,12 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
          dropout: float = 0.0, strategy: str = "ddp", epoch_count: int = 150,
          weight_decay: float = 0.1, val_check_interval: Optional[int] = None, log_every_n_steps: int = 1000,
          ckpt_file: Optional[str] = None, seed: int = 42, head_size: int = 64, kv_layout: str = "tile",
-         chunk_len: int = 32, max_val_batches: int = 16, dtype: Optional[str] = None, **config_flags):
+         chunk_len: int = 32, max_val_batches: int = 16, dtype: Optional[str] = None, fast_kd: bool = True,
+         **config_flags):
     """Train one stage; writes {output_dir}/student.safetensors, metrics.jsonl and resumable checkpoints.
     The data is streamed: `max_rows` caps the training rows (quick runs), `shuffle_buffer` rows are shuffled at
-    a time (rank_batches)."""
+    a time (rank_batches). --fast_kd (default): stage 2's KL and CE chunked from the student's hidden states
+    (step_losses); false: the full logits first."""
     from tqdm import tqdm
 
     cfg = load_config(config_file, config_flags)
@@ -395,8 +401,8 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
         norm = step_normaliser(batches, lay)
         logged = {}
         for i, batch in enumerate(batches):
-            with grad_sync(model, i == len(batches) - 1), autocast(dtype, lay.device):
-                loss, parts = step_losses(model, batch, teacher, cfg, norm)
+            with grad_sync(model, i == len(batches) - 1), autocast(dtype, lay.device), compiled_chunks(fast_kd):
+                loss, parts = step_losses(model, batch, teacher, cfg, norm, fast=fast_kd)
                 loss.backward()
             for name, v in dict(loss=loss.detach(), **parts).items():
                 logged[name] = logged.get(name, 0.0) + v

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anli_reverse_kl.train import check_seq2seq, kd_loss, sft_loss, to_batch, train
+from anli_reverse_kl.train import check_seq2seq, kd_loss, model_inputs, sft_loss, to_batch, train
 from common.io import read_tensors
 from tests.tiny import char_tokenizer, save_tiny, tiny_model
 
@@ -97,6 +97,30 @@ def test_sft_and_kd_micro_batches_with_the_whole_step_counts_sum_to_the_full_bat
     parts = [losses(to_batch(p, tok, 0, "cpu")) for p in (pairs[:1], pairs[1:])]
     for k in range(2):
         assert torch.allclose(parts[0][k] + parts[1][k], whole[k], atol=1e-5)
+
+
+def test_fast_path_losses_and_gradients_equal_the_full_logits_ones():
+    """--fast_kd: the T5 decoder stops before its (scaled, tied) head and the losses are chunked from the hidden
+    states; in fp32 the values and gradients are those of the full logits."""
+    from common.hf_training import lm_logits
+
+    pairs, tok = toy_batch()
+    model, teacher = tiny_model("t5", seed=0), tiny_model("t5", seed=1, scale_decoder_outputs=True)
+    batch = to_batch(pairs, tok, 0, "cpu")
+    n_tok, n_first = int(batch["mask"].sum()), len(pairs)
+    results = []
+    for fast, chunk in ((False, None), (True, 3)):
+        inputs = model_inputs(batch)
+        _, logits = lm_logits(model, inputs, fast=fast)
+        _, teacher_logits = lm_logits(teacher, inputs, fast=fast, frozen=True)
+        loss = sft_loss(logits, batch, 0.8, n_first, n_tok - n_first, chunk) + kd_loss(
+            logits, teacher_logits, batch, 0.5, n_tok, chunk)
+        results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)))
+    (plain, plain_grads), (fast, fast_grads) = results
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    for g_fast, g_plain in zip(fast_grads, plain_grads):
+        if g_plain is not None:
+            torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-6)
 
 
 def test_decoder_only_model_is_refused_from_its_config_with_one_clear_line(tmp_path):

@@ -43,10 +43,12 @@ def _expected(kl_method, s, t, labels, setting="vanilla"):
     }[kl_method]()
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("kl_method,setting", [(k, "vanilla") for k in KL_METHODS] + [("atkd", "reverse")])
-def test_each_kl_method_training_loss_equals_the_common_losses_value(kl_method, setting):
+def test_each_kl_method_training_loss_equals_the_common_losses_value(kl_method, setting, fast):
+    """Both paths: the release's full logits, and the fast path (head + loss chunked from the hidden states)."""
     student, teacher, batch = tiny_model("opt", seed=1), tiny_model("opt", seed=2), _batch()
-    loss = micro_batch_loss(student, teacher, batch, kl_method, setting=setting)[0]
+    loss = micro_batch_loss(student, teacher, batch, kl_method, setting=setting, fast=fast)[0]
     with torch.no_grad():  # oracle logits: the transformers models called directly
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from common import hf
+from common.cli import UserError
 from tests.tiny import VOCAB_SIZE, char_tokenizer, save_tiny, swapped_tokenizer, tiny_config, tiny_model
 
 
@@ -130,3 +131,64 @@ def test_keep_layers_cli_saves_a_loadable_student_and_refuses_bad_indices(tmp_pa
             hf.keep_layers(hf.load_model(folder), bad)
     with pytest.raises(ValueError, match="has no model.layers"):
         hf.keep_layers(tiny_model("gpt2"), [0])
+
+
+def materialise(head):
+    """The logits a HeadLogits stands for, computed whole."""
+    z = sum(h @ w.T for h, w in head.terms)
+    return z if head.bias is None else z + head.bias
+
+
+@pytest.mark.parametrize("family, overrides", [("gpt2", {}), ("opt", {}), ("llama", {}),
+                                               ("llama", {"tie_word_embeddings": True}), ("t5", {}),
+                                               ("t5", {"scale_decoder_outputs": True})])
+def test_head_logits_are_the_models_logits_with_the_heads_weights_and_gradients(family, overrides):
+    """The head input and weights give the model's own logits (T5's tied head: the d_model**-0.5 scaling is in
+    the hidden states), and a loss through them gives the model's gradients (a tied head: the embedding's
+    gradient from both uses)."""
+    model = tiny_model(family, **overrides)
+    ids = torch.randint(4, 100, (2, 7))
+    inputs = dict(input_ids=ids, **({"decoder_input_ids": ids[:, :5]} if family == "t5" else {}))
+    want = model(**inputs).logits
+    out, head = hf.head_logits(model, **inputs)
+    assert out.logits is None and isinstance(model.get_output_embeddings(), torch.nn.Linear)  # head restored
+    assert head.weight is model.get_output_embeddings().weight
+    torch.testing.assert_close(materialise(head), want, rtol=1e-5, atol=1e-6)
+    if overrides.get("tie_word_embeddings"):
+        assert head.weight is model.get_input_embeddings().weight
+    params = [p for p in model.parameters()]
+    want_grads = torch.autograd.grad(want.square().mean(), params)
+    got_grads = torch.autograd.grad(materialise(head).square().mean(), params)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_head_logits_of_a_lora_head_add_the_adapter_term():
+    model = hf.add_lora(tiny_model("llama"), r=4, alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
+    with torch.no_grad():  # B = 0 at init: give the head's adapter a non-zero update
+        for name, p in model.named_parameters():
+            if "lm_head.lora_B" in name:
+                p.normal_()
+    ids = torch.randint(4, 100, (2, 6))
+    want = model(input_ids=ids).logits
+    _, head = hf.head_logits(model, input_ids=ids)
+    assert len(head.terms) == 2 and head.terms[1][0].shape == (2, 6, 4)
+    torch.testing.assert_close(materialise(head), want, rtol=1e-5, atol=1e-6)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for g, w in zip(torch.autograd.grad(materialise(head).sum(), trainable),
+                    torch.autograd.grad(want.sum(), trainable)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_head_logits_refuse_a_model_that_changes_its_heads_output():
+    model = tiny_model("llama")
+    original = model.forward
+
+    def soft_capped(**kw):
+        out = original(**kw)
+        out.logits = 30 * torch.tanh(out.logits / 30)
+        return out
+    model.forward = soft_capped
+    with pytest.raises(UserError, match="transforms its head's output.*--fast_kd false"):
+        hf.head_logits(model, input_ids=torch.randint(4, 100, (1, 4)))
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)

@@ -148,7 +148,8 @@ def test_head_logits_without_grad_compute_only_the_value():
 def test_mismatched_head_terms_are_an_error():
     h = torch.randn(B, S, D)
     with pytest.raises(ValueError, match="pair up"):
-        L.forward_kl(L.HeadLogits(h, torch.randn(V, D + 1)), torch.randn(B, S, V), mask=torch.ones(B, S, dtype=torch.bool))
+        L.forward_kl(L.HeadLogits(h, torch.randn(V, D + 1)), torch.randn(B, S, V),
+                     mask=torch.ones(B, S, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,8 +192,22 @@ def test_compiled_chunks_equal_eager_chunks(name):
     student, teacher, mask, g = head_inputs(seed=60)
     eager = loss(name, student, teacher, mask, g, temperature=1.3, chunk_size=4)
     eager_grads = grads(eager, student)
-    with L.compiled_chunks():
+    with L.compiled_chunks(min_vocab=V):
         compiled = loss(name, student, teacher, mask, g, temperature=1.3, chunk_size=4)
     torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
     for gc, ge in zip(grads(compiled, student), eager_grads):
         torch.testing.assert_close(gc, ge, rtol=1e-9, atol=1e-12)
+
+
+def test_narrow_chunks_stay_eager_and_a_failed_compile_falls_back_to_eager(monkeypatch):
+    student, teacher, mask, _ = head_inputs(seed=61)
+    want = L.forward_kl(student, teacher, mask=mask, chunk_size=4)
+    with L.compiled_chunks():  # V = 13 < min_vocab: no kernel is built or used
+        assert L._chunk_kernel(None, V) is None and L._chunk_kernel(None, 8192) is not None
+
+    def no_compiler(*args, **kwargs):
+        raise torch._dynamo.exc.BackendCompilerFailed(no_compiler, RuntimeError("no C++ compiler"), None)
+    monkeypatch.setitem(L._compiled, "fn", no_compiler)
+    with L.compiled_chunks(min_vocab=V), pytest.warns(UserWarning, match="no C\\+\\+ compiler.*chunks run eager"):
+        got = L.forward_kl(student, teacher, mask=mask, chunk_size=4)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

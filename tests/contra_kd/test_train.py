@@ -283,9 +283,12 @@ def _pairing(n_layers, n_distill):
     return [int(x) for x in np.linspace(0, n_layers, n_distill + 2)[1:-1]]  # losses.md §4.2
 
 
+@pytest.mark.parametrize("fast_kd", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("type_", ["kd", "adaptive-sfkl", "adaptive-srkl", "rkl-fdd", "adaptive-srkl-contra",
                                    "distillm2-v2"])
-def test_each_objective_on_a_fixed_batch_equals_its_formula(workspace, tmp_path, type_):
+def test_each_objective_on_a_fixed_batch_equals_its_formula(workspace, tmp_path, type_, fast_kd):
+    """Both student steps, the fast one (--fast-kd: heads and losses chunked from the hidden states, the default)
+    and the plain one (full logits), log each term of the formula (fp32 run, float64 reference)."""
     from contra_kd.flow import load_flow
     from contra_kd.generate_data import main as generate_data
 
@@ -300,7 +303,7 @@ def test_each_objective_on_a_fixed_batch_equals_its_formula(workspace, tmp_path,
          data_dir=str(data_dir), gt_data_dir=str(gt), save=str(tmp_path / "run"), epochs=1, batch_size=16,
          kd_ratio=lam, num_distill_layers=2, velocity_field=str(workspace / "vf.safetensors"),
          projector=str(workspace / "proj.safetensors"), velocity_dropout=0.0, max_length=max_length,
-         max_prompt_length=200, eval_batch_size=8, seed=5, select_by="loss")
+         max_prompt_length=200, eval_batch_size=8, seed=5, select_by="loss", fast_kd=fast_kd)
     (row,) = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl") if '"step"' in line]
     assert row["source"] == "ground_truth"
 

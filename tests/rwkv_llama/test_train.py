@@ -190,6 +190,35 @@ def test_rwkv_parameter_groups_and_learning_rate_schedule():
     assert train.rwkv_lr(59, 1e-3, 0.0, 10, 110) == pytest.approx(0.5e-3)
 
 
+@pytest.mark.parametrize("all_labels", [False, True])
+def test_stage2_fast_losses_and_gradients_equal_the_full_logits_ones(all_labels):
+    """--fast_kd: the hybrid stops before its head and KL and CE are chunked from its hidden states, against
+    teacher logits as a server sends them; in fp32 the values and gradients are those of the full logits."""
+    from rwkv_llama.model import build_hybrid
+    from rwkv_llama.teacher_server import InProcessTeacher
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(0)
+    student = build_hybrid(tiny_model("llama"), [1], head_size=8).train()
+    teacher = InProcessTeacher(tiny_model("llama", seed=1))
+    labels = torch.randint(4, 100, (2, 9))
+    labels[1, 6:] = -100
+    batch = dict(input_ids=torch.randint(4, 100, (2, 9)), labels=labels, lengths=torch.tensor([9, 6]))
+    cfg = dict(is_sft=False, is_hidden_align=False, is_all_labels_kl=all_labels, kl_weight=0.1, ce_weight=1.0)
+    norm = dict(tokens=13.0, sequences=2.0, batches=1)
+    params = [p for p in student.parameters() if p.requires_grad]
+    results = []
+    for fast in (False, True):
+        loss, parts = train.step_losses(student, batch, teacher, cfg, norm, fast=fast)
+        results.append((loss.detach(), parts, torch.autograd.grad(loss, params, allow_unused=True)))
+    (plain, plain_parts, plain_grads), (fast, fast_parts, fast_grads) = results
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_parts["kl"], plain_parts["kl"], rtol=1e-5, atol=1e-6)
+    for g_fast, g_plain in zip(fast_grads, plain_grads):
+        if g_plain is not None:
+            torch.testing.assert_close(g_fast, g_plain, rtol=1e-4, atol=1e-6)
+
+
 def test_shipped_llama31_configs_load(tmp_path):
     folder = os.path.join(ROOT, "rwkv_llama/scripts/configs")
     layers = {}
