@@ -15,6 +15,7 @@ After each epoch the dev file is evaluated and the best epoch kept; at the end t
 reloaded and `label_file` (the test set) evaluated. Checkpoints every `save_steps` steps and each epoch;
 re-running the same command resumes from the last one.
 """
+import contextlib
 import os
 import random
 import shutil
@@ -30,7 +31,7 @@ from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_regi
 from tqdm import tqdm
 
 from common.cli import check_choice, check_range, run_cli
-from common.losses import HeadLogits, cross_entropy
+from common.losses import HeadLogits, compiled_chunks, cross_entropy
 from common.parallel import print0, shutdown, tp_group
 from common.training import (Throughput, average_gradients, dp_shard, global_count, load_latest_checkpoint,
                              load_weights, save_checkpoint, save_weights)
@@ -74,10 +75,14 @@ def computed_lengths(labels, *spans):
     return last
 
 
-def loss_precision(hidden):
-    """The head's matmuls in the model's bf16/fp16 (fp32 adapters cast once per loss call), losses in fp32."""
+@contextlib.contextmanager
+def loss_mode(hidden):
+    """The head's matmuls in the model's bf16/fp16 (fp32 adapters cast once per loss call), losses in fp32, each
+    chunk's loss and logit gradient one compiled kernel where the vocabulary is wide (SmolLM2's 49152: 1.17x the
+    LoRA step of 8 layers, benchmarks/train_step.py; tiny vocabularies stay eager)."""
     low = hidden.dtype in (torch.bfloat16, torch.float16)
-    return torch.autocast(hidden.device.type, dtype=hidden.dtype, enabled=low)
+    with torch.autocast(hidden.device.type, dtype=hidden.dtype, enabled=low), compiled_chunks():
+        yield
 
 
 def choose(n: int, k: int, seed: int, epoch: int, item: int) -> list:
@@ -100,7 +105,7 @@ def sft_batch(items, idx, epoch, tokenizer, cfg):
 
 def sft_loss(model, batch, norms, cfg):
     hidden = model.hidden(batch["tokens"], lengths=computed_lengths(batch["labels"]))
-    with loss_precision(hidden):
+    with loss_mode(hidden):
         ce = sequence_cross_entropy_sum(model.head_logits(hidden), batch["labels"]) / norms["sequences"]
     return ce, {"ce": ce}, hidden
 

@@ -27,7 +27,7 @@ from common.cli import run_cli
 from common.losses import mcc_span_kl
 from common.parallel import tp_group
 from mcc_kd.data import IGNORE_INDEX, collate, encode_example, logit_spans
-from mcc_kd.train import (choose, computed_lengths, loss_precision, rows_of, run_training,
+from mcc_kd.train import (choose, computed_lengths, loss_mode, rows_of, run_training,
                           sequence_cross_entropy_sum)
 
 
@@ -53,7 +53,7 @@ def mcc_loss(model, batch, norms, cfg):
     n = batch["spans_a"].shape[0]
     spans = torch.cat([batch["spans_a"], batch["spans_b"]])  # one pass over the 2B sequences: a then b
     hidden = model.hidden(batch["tokens"], lengths=computed_lengths(batch["labels"], spans))
-    with loss_precision(hidden):
+    with loss_mode(hidden):
         logits = model.head_logits(hidden)  # computed by each loss on the rows it reads
         ce = sequence_cross_entropy_sum(logits, batch["labels"]) / norms["sequences"]  # = ½(CE_a + CE_b), item means
         kl = mcc_span_kl(rows_of(logits, 0, n), rows_of(logits, n, 2 * n), spans_a=batch["spans_a"],
