@@ -44,8 +44,12 @@ def models(tmp_path_factory):
     return folder
 
 
+KILL_FLAGS = dict(steps=4, accumulation=2, sample=True, save_steps=2, warmup_steps=2, sharding="fsdp")
+
+
 def _train_all(folder: str, out: str, sharded: bool) -> dict:
-    """Every configuration in this process; unsharded (the DDP path, one process) or as CONFIGS says."""
+    """Every configuration in this process; unsharded (the DDP path, one process) or as CONFIGS says; sharded,
+    also the kill test's uninterrupted reference (tiny_hf_train's main runs the same train())."""
     lay = setup(1)
     results = {}
     for name, (family, lora_rank, sharding, dtype) in CONFIGS.items():
@@ -55,6 +59,8 @@ def _train_all(folder: str, out: str, sharded: bool) -> dict:
                               lora_rank=lora_rank, lora_dropout=0.0, accumulation=GLOBAL_MICRO_BATCHES // lay.dp_size,
                               steps=3, warmup_steps=1, save_steps=100, sharding=sharding if sharded else "ddp",
                               dtype=dtype if sharded else "float32", measure=True)
+    if sharded:
+        train(lay, f"{folder}/llama", f"{out}/kill_reference", teacher_path=f"{folder}/llama_teacher", **KILL_FLAGS)
     return results
 
 
@@ -122,33 +128,30 @@ def test_the_memory_plan_gives_the_measured_bytes_within_ten_percent(runs, model
             assert plan[part] == pytest.approx(measured[part], rel=0.1), (mode, part, plan[part], measured[part])
 
 
-def test_kill_9_mid_step_of_a_sharded_run_then_the_same_command_gives_the_same_weights(models, tmp_path):
-    flags = dict(steps=6, accumulation=2, sample=True, save_steps=2, warmup_steps=2, sharding="fsdp",
-                 teacher_path=models / "llama_teacher")
-    model = models / "llama"
-    reference = start(model, tmp_path / "reference", 2, **flags)
-    proc = subprocess.Popen(command(model, tmp_path / "run", 2, pause_at=3, **flags), cwd=ROOT,
+def test_kill_9_mid_step_of_a_sharded_run_then_the_same_command_gives_the_same_weights(models, runs, tmp_path):
+    """On-policy samples (generated on gathered weights) and a sharded teacher; killed in step 4 of 4, after its
+    first micro-batch's backward, with a torn save of step 4 left behind; the reference ran uninterrupted."""
+    out, _, _ = runs
+    flags = dict(KILL_FLAGS, teacher_path=models / "llama_teacher")
+    proc = subprocess.Popen(command(models / "llama", tmp_path, 2, pause_at=3, **flags), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    paused = tmp_path / "run" / "paused"
-    while proc.poll() is None and not paused.exists():  # in step 4, after its first micro-batch's backward
+    while proc.poll() is None and not (tmp_path / "paused").exists():
         time.sleep(0.05)
     kill_tree(proc.pid)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "run" / "final").exists()
-    finish(reference)
-    torn = tmp_path / "run" / "checkpoints" / "step-00000004" / "sharded"  # a save that died before its marker
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "final").exists()
+    torn = tmp_path / "checkpoints" / "step-00000004" / "sharded"
     torn.mkdir(parents=True)
     (torn / "__0_0.distcp").write_bytes(b"torn")
 
-    out = finish(start(model, tmp_path / "run", 2, **flags))  # the same command again
-    assert "starting at step 2" in out  # from the last committed checkpoint, not the torn one
-    with open(tmp_path / "run" / "checkpoints" / "step-00000006" / "state.json") as f:
+    assert "starting at step 2" in finish(start(models / "llama", tmp_path, 2, **flags))  # the same command again
+    with open(tmp_path / "checkpoints" / "step-00000004" / "state.json") as f:
         assert json.load(f)["sharding"] == "fsdp"
-    expected = read_tensors(str(tmp_path / "reference" / "final" / "model.safetensors"))
-    resumed = read_tensors(str(tmp_path / "run" / "final" / "model.safetensors"))
+    expected = read_tensors(str(out / "two" / "kill_reference" / "final" / "model.safetensors"))
+    resumed = read_tensors(str(tmp_path / "final" / "model.safetensors"))
     assert set(expected) == set(resumed) and all(torch.equal(expected[k], resumed[k]) for k in expected)
     losses = lambda d: {r["step"]: r["loss"] for r in read_jsonl(str(d / "log.jsonl"))}  # noqa: E731 (last wins)
-    assert losses(tmp_path / "run") == losses(tmp_path / "reference")
+    assert losses(tmp_path) == losses(out / "two" / "kill_reference")
 
 
 def test_the_users_fsdp_flags_map_onto_the_sharding_and_bad_ones_name_the_fix():
