@@ -39,7 +39,7 @@ Fully sharded data parallel (PyTorch FSDP2) is the same loop with one switch, `w
 
     sharding = sharding_from_flag(cfg.fsdp)                 # "ddp", "fsdp" or "fsdp_offload"
     model = wrap_model(student, lay, sharding, cfg.dtype)   # before the optimizer: FSDP replaces the parameters
-    teacher = wrap_model(teacher, lay, sharding)            # frozen: sharded too, resharded after each forward
+    teacher = wrap_model(teacher, lay, sharding)            # frozen: sharded too, blocks resharded after forward
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     state = load_checkpoint(cfg.save_dir, lay, model, optimizer, scheduler, scaler) or {"step": 0}
     ... the loop above, unchanged (grad_sync, optimizer_step, save_checkpoint, export_model) ...
@@ -162,7 +162,9 @@ def fsdp_blocks(model) -> list:
 def shard_model(model, lay: Layout, *, offload: bool = False, dtype="float32"):
     """FSDP2 in place: `fully_shard` on each block, then on the root, over the data-parallel ranks; returns
     the model (now also an FSDPModule). A trainable model in bf16 all-gathers bf16 parameters and reduces fp32
-    gradients; a frozen one (a teacher) keeps its dtype and reshards after every forward, the root included."""
+    gradients; a frozen one (a teacher) keeps its dtype. Blocks reshard after their forward; the root (embeddings,
+    head) is not resharded after forward (FSDP's default): a trainable model's is after backward, a teacher's
+    stays gathered (so its head's weights can be read after a forward, as chunked losses do)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -179,13 +181,11 @@ def shard_model(model, lay: Layout, *, offload: bool = False, dtype="float32"):
     for block in fsdp_blocks(model):
         fully_shard(block, **options)
     fully_shard(model, **options)
-    if not trainable:  # FSDP keeps a root gathered after forward for its backward; a teacher has none
-        model.set_reshard_after_forward(True, recurse=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):  # sum, not average: the loss already carries the whole-step normaliser
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
-    model.kdzoo_sharding = "fsdp_offload" if offload else "fsdp"
+    model.kdzoo_sharding, model.kdzoo_device = "fsdp_offload" if offload else "fsdp", lay.device
     return model
 
 
@@ -200,13 +200,25 @@ def wrap_model(model, lay: Layout, sharding: str = "ddp", dtype="float32"):
     return wrap_ddp(model, lay) if _trainable(model) else model
 
 
+def load_device(lay: Layout, sharding: str = "ddp") -> torch.device:
+    """Where a train.py loads a model before wrap_model: the CPU under FSDP (fully_shard moves each block's
+    shards to the rank's device, so no GPU ever holds a whole model), else the rank's device."""
+    return torch.device("cpu") if sharding != "ddp" else lay.device
+
+
+def compute_device(model) -> torch.device:
+    """The device a model computes on (its inputs go there): a sharded model's rank device, even where its
+    shards are offloaded to the CPU; else its parameters' device."""
+    return model.kdzoo_device if is_fsdp(model) else next(unwrap(model).parameters()).device
+
+
 @contextlib.contextmanager
 def gathered(*models):
     """Whole weights on every rank inside the block, for loops whose forward count differs between ranks
     (generation, an evaluation split unevenly): sharded blocks would wait on each other's all-gathers.
     Costs the whole model's memory meanwhile; a no-op for unsharded models (and None)."""
     roots = [m for m in models if m is not None and is_fsdp(m)]
-    modules = [(m, m is not root or not _trainable(root)) for root in roots for m in root.modules() if is_fsdp(m)]
+    modules = [(m, m is not root) for root in roots for m in root.modules() if is_fsdp(m)]
     for module, _ in modules:
         module.set_reshard_after_forward(False, recurse=False)
         module.unshard()
