@@ -35,9 +35,11 @@ import torch
 from anli_reverse_kl.minillm import STORE_FIELDS, minillm_loss, sample_responses, score_rollouts
 from anli_reverse_kl.prepare_data import read_items
 from common import hf
+from common.cli import UserError
 from common.distributed import all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
-from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
-                                optimizer_step, save_checkpoint, unwrap, wrap_ddp)
+from common.hf_training import (autocast, export_model, gathered, grad_scaler, grad_sync, load_checkpoint,
+                                load_device, lr_schedule, optimizer_step, save_checkpoint, sharding_from_flag, unwrap,
+                                wrap_model)
 from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from common.labels import seq2seq_batch, targets_and_mask
 from common.losses import cross_entropy, soft_cross_entropy
@@ -148,7 +150,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
           gamma: float = 0.95, reward_scaling: float = 0.5, cliprange_reward: float = 100.0, cliprange: float = 0.2,
           length_norm: bool = True, single_step_reg: bool = False, lm_data_dir: str = None, lm_coef: float = 1.0,
           max_new_tokens: int = 180, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-          dtype: str = "float32", save_interval: int = 500, seed: int = 10):
+          dtype: str = "float32", save_interval: int = 500, seed: int = 10, fsdp=None):
     if type not in TYPES:
         raise ValueError(f"--type must be one of {', '.join(TYPES)}, got {type!r}")
     for flag, value in (("--model_path", model_path), ("--data_dir", data_dir), ("--save", save)):
@@ -164,13 +166,18 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
                                       gradient_accumulation_steps=gradient_accumulation_steps, total_iters=total_iters,
                                       warmup_iters=warmup_iters, weight_decay=weight_decay, clip_grad=clip_grad,
                                       lr_decay_style=lr_decay_style, max_len=max_len).items() if v is not None})
+    sharding = sharding_from_flag(fsdp, "--fsdp", dtype)  # --fsdp [offload]: student and teacher sharded (FSDP)
+    if sharding != "ddp" and cfg["optimizer"] == "adafactor":
+        raise UserError("--fsdp with --optimizer adafactor: transformers' Adafactor keeps factored statistics that "
+                         "do not shard; pass --optimizer adamw with --fsdp, or train without --fsdp")
     lay = setup(seed)
     os.makedirs(save, exist_ok=True)
     tok = hf.load_tokenizer(model_path)
-    model = hf.load_model(model_path, dtype="float32", device=lay.device)
+    model = hf.load_model(model_path, dtype="float32", device=load_device(lay, sharding))
     teacher = teacher_tok = None
     if type in ("kd", "minillm"):
-        teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher_model_path")
+        teacher = hf.load_model(teacher_model_path, device=load_device(lay, sharding), frozen=True,
+                                flag="--teacher_model_path")
         teacher_tok = hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path")
     check_models(model, teacher, tok, teacher_tok, model_path, teacher_model_path)
     model.train()
@@ -185,6 +192,8 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
         per_step = per_rank * accum * lay.dp_size
         steps_per_epoch = math.ceil(len(items) / per_step)
         total_steps = cfg["epochs"] * steps_per_epoch
+    ddp = wrap_model(model, lay, sharding, dtype)  # DDP, or the student sharded in place (before its optimizer)
+    teacher = wrap_model(teacher, lay, sharding) if teacher is not None else None
     opt = make_optimizer(model, cfg["optimizer"], cfg["lr"], cfg["weight_decay"])
     scheduler = lr_schedule(opt, cfg["lr_decay_style"], cfg["warmup_iters"], total_steps)
     scaler = grad_scaler(dtype, lay.device)
@@ -195,7 +204,6 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
                           os.path.join(save, "args.json"))
     print0(f"{type}: {total_steps} optimiser steps, {len(items)} items, dp {lay.dp_size}, resuming at step "
            f"{state['step']}")
-    ddp = wrap_ddp(model, lay)
     log_path = os.path.join(save, "log.jsonl")
     if lay.is_main and os.path.exists(log_path):  # a resumed run redoes the steps after its checkpoint
         write_jsonl([r for r in read_jsonl(log_path, drop_partial_last=True) if r["step"] <= state["step"]], log_path)
@@ -266,11 +274,13 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
             order = item_order(len(items), it * num_rollouts, num_rollouts, seed)
             prompts = [items[i][0] for i in dp_shard(order, lay.dp_rank, lay.dp_size)]
             t0, responses = time.perf_counter(), []
-            for c in range(0, len(prompts), chunk_size):
-                responses += sample_responses(unwrap(ddp), teacher, prompts[c:c + chunk_size],
-                                              max_new_tokens=max_new_tokens, alpha=teacher_mixed_alpha,
-                                              temperature=temperature, top_k=top_k, top_p=top_p,
-                                              eos_id=tok.eos_token_id, seed=rank_seed(seed, it * 100003 + c, lay.dp_rank))
+            with gathered(ddp, teacher):  # FSDP: whole weights while ranks sample different lengths
+                for c in range(0, len(prompts), chunk_size):
+                    responses += sample_responses(unwrap(ddp), teacher, prompts[c:c + chunk_size],
+                                                  max_new_tokens=max_new_tokens, alpha=teacher_mixed_alpha,
+                                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                                  eos_id=tok.eos_token_id,
+                                                  seed=rank_seed(seed, it * 100003 + c, lay.dp_rank))
             elapsed = time.perf_counter() - t0
             store = score_rollouts(unwrap(ddp), teacher, prompts, responses, pad_id=tok.pad_token_id,
                                    batch_size=chunk_size, group=group, **settings)

@@ -57,7 +57,7 @@ Checkpoints of a sharded model are torch.distributed.checkpoint folders (each ra
 trainable weights and of the optimiser states); export gathers the whole model to rank 0:
 
     save_dir/checkpoints/step-00000120/sharded/         DCP: __0_0.distcp, __1_0.distcp, .metadata
-                                      trainer.pt        scheduler and grad-scaler states (rank 0)
+                                      trainer.pt        scheduler, grad-scaler states; whether the optimiser had any
                                       rng-00.pt ...     every rank's RNG states
                                       state.json        the commit marker, written last (sharding: "fsdp")
 """
@@ -120,19 +120,21 @@ def grad_sync(model, sync: bool):
 SHARDINGS = ("ddp", "fsdp", "fsdp_offload")
 
 
-def sharding_from_flag(value, flag: str = "--fsdp") -> str:
+def sharding_from_flag(value, flag: str = "--fsdp", dtype="float32") -> str:
     """The sharding a --fsdp flag asks for: off (None, False, "") -> "ddp"; on (True, or HF Trainer's
-    "full_shard auto_wrap") -> "fsdp"; with the word "offload" -> "fsdp_offload"."""
+    "full_shard auto_wrap") -> "fsdp"; with the word "offload" -> "fsdp_offload". Checked before anything
+    loads, with the run's compute dtype (FSDP trains in float32 or bfloat16)."""
     if value is None or value is False or value == "":
         return "ddp"
-    if value is True:
-        return "fsdp"
-    words = set(str(value).replace(",", " ").split())
+    words = {"full_shard"} if value is True else set(str(value).replace(",", " ").split())
     unknown = words - {"full_shard", "auto_wrap", "offload"}
     if unknown:
         raise UserError(f"{flag} {value!r}: {' '.join(sorted(unknown))} is not built; FSDP here shards parameters, "
                         f"gradients and optimiser states of every block: pass {flag} \"full_shard auto_wrap\" "
                         f"(or {flag} alone), adding \"offload\" to keep them on the CPU")
+    if to_dtype(dtype) == torch.float16:
+        raise UserError(f"{flag} with float16: fp16 loss scaling of sharded gradients is not built; train in "
+                        "bfloat16 (or float16 without FSDP)")
     return "fsdp_offload" if "offload" in words else "fsdp"
 
 
@@ -173,7 +175,7 @@ def shard_model(model, lay: Layout, *, offload: bool = False, dtype="float32"):
     if trainable and dtype == torch.float16:
         raise UserError("FSDP trains in bfloat16 or float32: fp16 loss scaling of sharded gradients is not built; "
                         "use --dtype bfloat16 (or DDP for float16)")
-    options = dict(mesh=init_device_mesh(lay.device.type, (lay.dp_size,)), reshard_after_forward=True)
+    options = dict(mesh=init_device_mesh(lay.device.type, (lay.dp_size,)))  # blocks reshard after forward, the root not
     if trainable and dtype != torch.float32:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     if offload:
@@ -380,13 +382,13 @@ def save_checkpoint(save_dir: str, state: dict, lay: Layout, model, optimizer, s
     if sharding != "ddp":  # every rank writes its shards
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(_sharded_state(model, optimizer), checkpoint_id=os.path.join(folder, "sharded"))
+        dcp.save(_sharded_state(model, optimizer, bool(optimizer.state)), checkpoint_id=os.path.join(folder, "sharded"))
     if lay.is_main:
         if sharding == "ddp":  # in-memory parameter names (no conversion back to the hub layout): resume loads 1:1
             unwrap(model).save_pretrained(os.path.join(folder, "model"), save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(folder, "model"))
-        atomic_save({"optimizer": optimizer.state_dict() if sharding == "ddp" else None,
+        atomic_save({"optimizer": optimizer.state_dict() if sharding == "ddp" else bool(optimizer.state),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "scaler": scaler.state_dict() if scaler is not None else None}, os.path.join(folder, "trainer.pt"))
     atomic_save(rng_state(), os.path.join(folder, f"rng-{lay.rank:02d}.pt"))
@@ -406,12 +408,15 @@ def _sharded_options():
     return StateDictOptions(ignore_frozen_params=True)  # frozen weights (a LoRA base) come from the model folder
 
 
-def _sharded_state(model, optimizer) -> dict:
-    """This rank's shards of the trainable weights and their optimiser states, keyed by parameter name."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def _sharded_state(model, optimizer, with_optimizer: bool) -> dict:
+    """This rank's shards of the trainable weights and of their optimiser states, keyed by parameter name.
+    An optimiser that has not stepped yet has no states to save (torch would make some with a dummy step)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    weights, states = get_state_dict(model, optimizer, options=_sharded_options())
-    return {"model": weights, "optimizer": states}
+    state = {"model": get_model_state_dict(model, options=_sharded_options())}
+    if with_optimizer:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=_sharded_options())
+    return state
 
 
 def _load_weights(model, folder: str) -> None:
@@ -451,18 +456,19 @@ def load_checkpoint(save_dir: str, lay: Layout, model, optimizer, scheduler=None
     saved_sharded, sharded = state.get("sharding", "ddp") != "ddp", is_fsdp(model)
     if saved_sharded != sharded:
         how = {False: "DDP", True: "FSDP"}
-        raise ValueError(f"{folder} was saved by a {how[saved_sharded]} run, this run uses {how[sharded]} (the two "
+        raise UserError(f"{folder} was saved by a {how[saved_sharded]} run, this run uses {how[sharded]} (the two "
                          f"write different checkpoints): resume with the same --fsdp / --strategy setting, or start "
                          "afresh with another --save_dir")
     saved = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
     if sharded:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        shards = _sharded_state(model, optimizer)
+        shards = _sharded_state(model, optimizer, saved["optimizer"])  # whether the optimiser had stepped
         dcp.load(shards, checkpoint_id=os.path.join(folder, "sharded"))
-        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
-                       options=_sharded_options())
+        set_model_state_dict(model, shards["model"], options=_sharded_options())
+        if "optimizer" in shards:
+            set_optimizer_state_dict(model, optimizer, shards["optimizer"], options=_sharded_options())
     else:
         _load_weights(model, os.path.join(folder, "model"))
         optimizer.load_state_dict(saved["optimizer"])

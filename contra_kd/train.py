@@ -48,8 +48,9 @@ from common import hf
 from common.cli import UserError, run_cli
 from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown
 from common.generation import generate
-from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
-                                optimizer_step, save_checkpoint, unwrap, wrap_ddp)
+from common.hf_training import (autocast, export_model, gathered, grad_scaler, grad_sync, load_checkpoint,
+                                load_device, lr_schedule, optimizer_step, save_checkpoint, sharding_from_flag, unwrap,
+                                wrap_ddp, wrap_model)
 from common.io import append_jsonl, atomic_save, atomic_write_json, read_jsonl, write_jsonl
 from common.losses import (contra_loss, cross_entropy, fdd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl,
                            soft_cross_entropy)
@@ -128,8 +129,10 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
          velocity_update_interval: int = 1, velocity_field: str = None, projector: str = None,
          velocity_dropout: float = 0.1, gradual_beta: bool = False, peft: str = None, peft_lora_r: int = 16,
          peft_lora_alpha: float = 64, peft_lora_dropout: float = 0.1, select_by: str = "rougeL",
-         save_steps: int = 0, clip_grad: float = 1.0, dtype: str = "float32", eval_batch_size: int = 8):
+         save_steps: int = 0, clip_grad: float = 1.0, dtype: str = "float32", eval_batch_size: int = 8,
+         fsdp=None):
     base, contra, loss = parse_type(type, loss)
+    sharding = sharding_from_flag(fsdp, "--fsdp", dtype)  # --fsdp [offload]: student and teacher sharded (FSDP)
     for flag, value in (("--model-path", model_path), ("--data-dir", data_dir), ("--save", save)):
         if not value:
             raise UserError(f"{flag} is required")
@@ -150,10 +153,11 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     lay = setup(seed)
     tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    student = hf.load_model(model_path, dtype="float32", device=lay.device, flag="--model-path")
+    student = hf.load_model(model_path, dtype="float32", device=load_device(lay, sharding), flag="--model-path")
     teacher = None
     if needs_teacher:
-        teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher-model-path")
+        teacher = hf.load_model(teacher_model_path, device=load_device(lay, sharding), frozen=True,
+                                flag="--teacher-model-path")
         hf.check_vocab(student, teacher, tokenizer)
     if peft:
         student = add_lora(student, peft_lora_r, peft_lora_alpha, peft_lora_dropout, model_path)
@@ -189,6 +193,8 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     refit_steps = velocity_epochs * (len(refit_data) // global_batch) if contra else 0
     units = plan_units(epochs, steps_per_epoch, refit_steps, refit_epochs)
 
+    ddp = wrap_model(student, lay, sharding, dtype)  # DDP, or student sharded in place (before its optimizer)
+    teacher = wrap_model(teacher, lay, sharding) if teacher is not None else None
     optimizer = build_optimizer(student, lr, weight_decay)
     scheduler = lr_schedule(optimizer, "cosine", 0, total_iters, min_lr=lr_min)
     scaler = grad_scaler(dtype, lay.device)
@@ -225,7 +231,6 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
             write_jsonl([r for r in read_jsonl(metrics_path, drop_partial_last=True) if r["unit"] < state["step"]],
                         metrics_path)
         print0(f"resumed {save} at unit {state['step']} of {len(units)}")
-    ddp = wrap_ddp(student, lay)
     flow_ddp = wrap_ddp(flow, lay) if contra else None  # wrapped while trainable; frozen outside re-fits
     if contra:
         flow.eval().requires_grad_(False)
@@ -261,7 +266,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         unwrap(student).eval()
         total, count = torch.zeros((), device=lay.device), 0
         mine = list(range(lay.dp_rank, len(dev), lay.dp_size))
-        with torch.no_grad():
+        with torch.no_grad(), gathered(student):  # FSDP: ranks run different numbers of batches
             for i in range(0, len(mine), eval_batch_size):
                 batch = collate([dev[j] for j in mine[i:i + eval_batch_size]], pad_id, max_length, lay.device)
                 with autocast(dtype, lay.device):
@@ -272,7 +277,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         return (all_reduce_dp(total) / global_count(count, lay.device)).item()
 
     def dev_rouge():
-        with autocast(dtype, lay.device):
+        with autocast(dtype, lay.device), gathered(student):
             preds = sample_responses(unwrap(student), tokenizer, [r["prompt"] for r in dev.records], lay=lay,
                                      seed=seed, batch_size=eval_batch_size, max_prompt_length=max_prompt_length,
                                      max_new_tokens=max_length - max_prompt_length, desc="dev Rouge-L")
@@ -305,7 +310,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         out = []
         for _, idx in micro:
             prompts = [train[i][0][-max_prompt_length:] for i in idx]
-            with autocast(dtype, lay.device):
+            with autocast(dtype, lay.device), gathered(student):
                 responses = generate(unwrap(student), prompts, max_length - max_prompt_length, temperature=1.0,
                                      top_p=gen_top_p, top_k=0, eos_id=eos_id, pad_id=pad_id, padding="left",
                                      generator=gen)

@@ -114,18 +114,31 @@ def _weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
-def test_two_processes_follow_the_one_process_loss_curve_for_distillm_contra_with_refit(workspace, tmp_path):
-    # global batch 4: 1 process x batch 2 x GA 2 == 2 processes x batch 2 x GA 1. θ = 0 and a dev-loss rise
-    # that never triggers keep DistiLLM on ground truth: sampled SGOs differ with the number of processes.
-    common = {"batch-size": 2, "loss-eps": 100.0}
-    _run(_args(workspace, tmp_path / "one", **common, **{"gradient-accumulation-steps": 2}))
-    _run(_args(workspace, tmp_path / "two", **common), nproc=2)
-    one, two = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+# global batch 4: 1 process x batch 2 x GA 2 == 2 processes x batch 2 x GA 1. θ = 0 and a dev-loss rise
+# that never triggers keep DistiLLM on ground truth: sampled SGOs differ with the number of processes.
+TWO_PROCESSES = {"batch-size": 2, "loss-eps": 100.0}
+
+
+@pytest.fixture(scope="module")
+def one_process(workspace, tmp_path_factory):
+    save = tmp_path_factory.mktemp("contra_one")
+    _run(_args(workspace, save, **TWO_PROCESSES, **{"gradient-accumulation-steps": 2}))
+    return save
+
+
+@pytest.mark.parametrize("fsdp", [False, True])  # DDP; FSDP (dev evaluation and sampling on gathered weights)
+def test_two_processes_follow_the_one_process_loss_curve_for_distillm_contra_with_refit(workspace, one_process,
+                                                                                        tmp_path, fsdp):
+    _run(_args(workspace, tmp_path / "two", **TWO_PROCESSES, **({"fsdp": True} if fsdp else {})), nproc=2)
+    one, two = _curve(one_process), _curve(tmp_path / "two")
     assert [u for u, _ in one] == [u for u, _ in two] and len(one) == 2 * 4 + 4  # 2 epochs x 4 steps + 4 re-fit
     for (_, a), (_, b) in zip(one, two):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    for name, w in _weights(tmp_path / "one/final").items():
+    for name, w in _weights(one_process / "final").items():
         assert torch.allclose(w, _weights(tmp_path / "two/final")[name], atol=1e-5), name
+    rouge = [[r["dev_rougeL"] for r in map(json.loads, open(d / "metrics.jsonl")) if "dev_rougeL" in r]
+             for d in (one_process, tmp_path / "two")]
+    assert len(rouge[1]) == 2 and all(r >= 0 for r in rouge[1])
 
 
 def _wait_for_unit(proc, save, unit):
