@@ -169,7 +169,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
     sharding = sharding_from_flag(fsdp, "--fsdp", dtype)  # --fsdp [offload]: student and teacher sharded (FSDP)
     if sharding != "ddp" and cfg["optimizer"] == "adafactor":
         raise UserError("--fsdp with --optimizer adafactor: transformers' Adafactor keeps factored statistics that "
-                         "do not shard; pass --optimizer adamw with --fsdp, or train without --fsdp")
+                        "do not shard; pass --optimizer adamw with --fsdp, or train without --fsdp")
     lay = setup(seed)
     os.makedirs(save, exist_ok=True)
     tok = hf.load_tokenizer(model_path)

@@ -188,6 +188,9 @@ def shard_model(model, lay: Layout, *, offload: bool = False, dtype="float32"):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     model.kdzoo_sharding, model.kdzoo_device = "fsdp_offload" if offload else "fsdp", lay.device
+    # FSDP takes the first module to run forward for its root; generation may call the encoder of an
+    # encoder-decoder first (on gathered weights), so the root is settled now (torch 2.13's private call)
+    model._get_fsdp_state()._lazy_init()
     return model
 
 

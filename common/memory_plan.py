@@ -215,7 +215,12 @@ def _local(t):
 
 def measured_bytes(model, optimizer, teacher=None) -> dict:
     """Bytes this rank holds now of parameters, gradients, optimiser states and teacher parameters, read from
-    the tensors themselves (their local shards under FSDP): what model_states plans."""
+    the tensors themselves (their local shards under FSDP): what model_states plans. A sharded teacher's root,
+    which FSDP keeps gathered after its forward (model_states counts it as working memory), is resharded first."""
+    from common.hf_training import is_fsdp
+
+    if teacher is not None and is_fsdp(teacher):
+        teacher.reshard()
     params = list(model.parameters())
     return {"params": sum(_local(p).nbytes for p in params),
             "grads": sum(_local(p.grad).nbytes for p in params if p.grad is not None),

@@ -96,10 +96,11 @@ def test_kill_9_during_stage_2_then_rerun_gives_the_weights_of_an_uninterrupted_
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
-def _trainer(d, out, rank, port, served=True):
+def _trainer(d, out, rank, port, served=True, strategy="ddp"):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    run(d, out, max_steps=4, is_client=served, is_hidden_align=True, connect_timeout_s=120, reply_timeout_s=60)
+    run(d, out, max_steps=4, is_client=served, is_hidden_align=True, connect_timeout_s=120, reply_timeout_s=60,
+        strategy=strategy, nccl_file=str(out / "nccl.txt"))
     os._exit(0)
 
 
@@ -125,17 +126,32 @@ def _run_all(procs):
                 p.join()
 
 
-def test_two_ddp_trainers_on_a_teacher_server_train_as_with_the_in_process_teacher(setup_dir, tmp_path):
+@pytest.fixture(scope="module")
+def two_local_trainers(setup_dir, tmp_path_factory):
+    """Two DDP trainers with in-process teachers (the reference of the served runs)."""
+    import multiprocessing as mp
+    from tests.distributed import free_port
+    out, port = tmp_path_factory.mktemp("local"), free_port()
+    _run_all([mp.get_context("fork").Process(target=_trainer, args=(setup_dir, out, r, port, False))
+              for r in range(2)])
+    return out
+
+
+# ddp; the 8B scripts' deepspeed_stage_3_offload, run as FSDP with CPU offload of the hybrid student
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_3_offload"])
+def test_two_trainers_on_a_teacher_server_train_as_with_the_in_process_teacher(setup_dir, two_local_trainers,
+                                                                                tmp_path, strategy):
     import multiprocessing as mp
     from tests.distributed import free_port
     fork = mp.get_context("fork")
     port = free_port()
-    _run_all([fork.Process(target=_server, args=(setup_dir, str(setup_dir / "nccl.txt_0")))] +
-             [fork.Process(target=_trainer, args=(setup_dir, tmp_path / "served", r, port)) for r in range(2)])
-    port = free_port()
-    _run_all([fork.Process(target=_trainer, args=(setup_dir, tmp_path / "local", r, port, False)) for r in range(2)])
+    (tmp_path / "served").mkdir()
+    _run_all([fork.Process(target=_server, args=(setup_dir, str(tmp_path / "served" / "nccl.txt_0")))] +
+             [fork.Process(target=_trainer, args=(setup_dir, tmp_path / "served", r, port, True, strategy))
+              for r in range(2)])
     served = read_tensors(str(tmp_path / "served/student.safetensors"))
-    local = read_tensors(str(tmp_path / "local/student.safetensors"))
+    local = read_tensors(str(two_local_trainers / "student.safetensors"))
+    assert served.keys() == local.keys()
     for k in served:   # the server's batched forward over both trainers' rows differs from each rank's own in ulps
         torch.testing.assert_close(served[k], local[k], atol=1e-4, rtol=1e-4)
     rows = [json.loads(line) for line in open(tmp_path / "served/metrics.jsonl")]
