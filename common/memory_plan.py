@@ -1,5 +1,5 @@
 """Per-GPU memory of the papers' settings under DDP, FSDP and FSDP with CPU offload, and which one each
-script needs (`python -m common.memory_plan [--gpu_gib 80] [--details]`).
+script needs (`python -m common.memory_plan [--folder atkd] [--details]`).
 
 Every setting of the folders' scripts/ (SETTINGS) is built from its models' published configs (CONFIGS: the
 config.json fields that size a model) on the meta device: nothing is downloaded or allocated. Per GPU, at the
@@ -409,8 +409,9 @@ def details(p: Plan) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--details", action="store_true", help="each setting's parts in GiB")
+    parser.add_argument("--folder", help="only the settings of this method folder's scripts (e.g. atkd)")
     args = parser.parse_args(argv)
-    plans = [plan(s) for s in SETTINGS]
+    plans = [plan(s) for s in SETTINGS if args.folder is None or s.script.startswith(args.folder.rstrip("/") + "/")]
     print("GiB per GPU under the script's gradient checkpointing setting [the other setting]; a mode fits at "
           "<= 90 % of the GPU.\n")
     print(table(plans))

@@ -219,3 +219,38 @@ def test_eval_hybrid_before_distillation_is_the_student_training_starts_from(set
     assert start and all(torch.equal(params[k], v) for k, v in start.items())
     other = dict(build_model(str(setup_dir / "teacher"), layers=[0, 1], head_size=8, seed=8).named_parameters())
     assert not all(torch.equal(other[k], v) for k, v in start.items())
+
+
+def script_flags(name: str) -> dict:
+    """The rwkv_llama.train flags of one of scripts/*.sh (its torchrun command, continuation lines joined), each
+    value parsed as fire parses it."""
+    import shlex
+
+    from fire.parser import DefaultParseValue
+    text = open(os.path.join(ROOT, "rwkv_llama/scripts", name)).read().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if "-m rwkv_llama.train" in x)
+    words = shlex.split(line.split("-m rwkv_llama.train", 1)[1])
+    return {k.lstrip("-"): DefaultParseValue(v) for k, v in zip(words[::2], words[1::2])}
+
+
+def test_the_8b_scripts_flags_reach_the_fsdp_offload_path_on_a_tiny_model(setup_dir, tmp_path, capsys):
+    """The stage 1 and stage 2 commands of scripts/*_llama31_8b.sh with the tiny teacher's sizes, data, one
+    process and an in-process teacher: --strategy deepspeed_stage_3_offload runs as FSDP with CPU offload."""
+    tiny = dict(config_file=str(setup_dir / "hybrid.yaml"), c4_data=C4, languages=["en", "gsm8k"], max_seq_length=32,
+                num_devices=1, head_size=8, chunk_len=8, max_val_batches=2)
+    stage1 = dict(script_flags("stage1_llama31_8b.sh"), **tiny, output_dir=str(tmp_path / "s1"), max_steps=2)
+    assert stage1["strategy"] == "deepspeed_stage_3_offload" and stage1["grad_cp"] == 1
+    train.main(**stage1)
+    assert "DeepSpeed ZeRO-3 is run as PyTorch FSDP with CPU offload" in capsys.readouterr().out
+    stage2 = dict(script_flags("stage2_llama31_8b.sh"), **tiny, output_dir=str(tmp_path / "s2"), max_steps=2,
+                  ckpt_file=str(tmp_path / "s1/student.safetensors"), micro_bsz=2, accumulate_grad_batches=2,
+                  log_every_n_steps=1)
+    assert stage2["strategy"] == "deepspeed_stage_3_offload" and stage2["is_hidden_align"] == "false"
+    train.main(**stage2)
+    rows = [json.loads(line) for line in open(tmp_path / "s2/metrics.jsonl")]
+    assert len(rows) == 2 and {"kl", "ce"} <= set(rows[0])
+    with open(tmp_path / "s2/checkpoints/step-00000001/state.json") as f:
+        assert json.load(f)["sharding"] == "fsdp_offload"
+    assert set(read_tensors(str(tmp_path / "s2/student.safetensors"))) == \
+        set(read_tensors(str(tmp_path / "s1/student.safetensors")))
+
