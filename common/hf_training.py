@@ -175,7 +175,7 @@ def shard_model(model, lay: Layout, *, offload: bool = False, dtype="float32"):
     if trainable and dtype == torch.float16:
         raise UserError("FSDP trains in bfloat16 or float32: fp16 loss scaling of sharded gradients is not built; "
                         "use --dtype bfloat16 (or DDP for float16)")
-    options = dict(mesh=init_device_mesh(lay.device.type, (lay.dp_size,)))  # blocks reshard after forward, the root not
+    options = dict(mesh=init_device_mesh(lay.device.type, (lay.dp_size,)))
     if trainable and dtype != torch.float32:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     if offload:
@@ -385,7 +385,8 @@ def save_checkpoint(save_dir: str, state: dict, lay: Layout, model, optimizer, s
     if sharding != "ddp":  # every rank writes its shards
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(_sharded_state(model, optimizer, bool(optimizer.state)), checkpoint_id=os.path.join(folder, "sharded"))
+        shards = _sharded_state(model, optimizer, with_optimizer=bool(optimizer.state))
+        dcp.save(shards, checkpoint_id=os.path.join(folder, "sharded"))
     if lay.is_main:
         if sharding == "ddp":  # in-memory parameter names (no conversion back to the hub layout): resume loads 1:1
             unwrap(model).save_pretrained(os.path.join(folder, "model"), save_original_format=False)
@@ -460,8 +461,8 @@ def load_checkpoint(save_dir: str, lay: Layout, model, optimizer, scheduler=None
     if saved_sharded != sharded:
         how = {False: "DDP", True: "FSDP"}
         raise UserError(f"{folder} was saved by a {how[saved_sharded]} run, this run uses {how[sharded]} (the two "
-                         f"write different checkpoints): resume with the same --fsdp / --strategy setting, or start "
-                         "afresh with another --save_dir")
+                        f"write different checkpoints): resume with the same --fsdp / --strategy setting, or start "
+                        "afresh with another --save_dir")
     saved = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
     if sharded:
         import torch.distributed.checkpoint as dcp

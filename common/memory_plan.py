@@ -231,22 +231,15 @@ def measured_bytes(model, optimizer, teacher=None) -> dict:
 
 # ---------------------------------------------------------------------------- activations
 
-def _llama(c, t, s_enc):
-    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    return 8 * c.hidden_size + 2 * kv + 4 * c.intermediate_size + c.num_attention_heads + 2
-
-
-def _opt(c, t, s_enc):
-    return 8 * c.hidden_size + c.ffn_dim + c.num_attention_heads + 4
-
-
-def _gpt2(c, t, s_enc):
-    return 10 * c.n_embd + 5 * (c.n_inner or 4 * c.n_embd) + c.n_head + 4
-
-
-# Saved elements per token and layer (fp32 counts; see the module docstring). attention_probs: the softmax
-# of attention with a bias (T5's relative positions), saved where no fused kernel takes the bias (CPU).
-ACTIVATION = {"llama": _llama, "opt": _opt, "gpt2": _gpt2}
+# Elements a decoder layer saves for backward per token, as counted with saved_tensors_hooks on transformers'
+# blocks (fp32, sdpa attention: q, k, v, the output and its log-sum-exp, no attention matrix): the norms' inputs
+# and outputs, the projections' inputs, the MLP's hidden activations (SwiGLU 4, ReLU 1, GELU-tanh 5 per unit).
+ACTIVATION = {
+    "llama": lambda c: (8 * c.hidden_size + 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+                        + 4 * c.intermediate_size + c.num_attention_heads + 2),
+    "opt": lambda c: 8 * c.hidden_size + c.ffn_dim + c.num_attention_heads + 4,
+    "gpt2": lambda c: 10 * c.n_embd + 5 * (c.n_inner or 4 * c.n_embd) + c.n_head + 4,
+}
 # Bytes per saved element in bf16: measured saved bytes of pure-bf16 blocks over their fp32 element counts
 # (RMSNorm and T5's norms keep fp32 copies).
 BF16_BYTES = {"llama": 2.25, "opt": 2.0, "gpt2": 2.0, "t5": 2.6}
@@ -261,7 +254,9 @@ def _rwkv_block(c) -> tuple:
 def layer_activations(config, tokens: int, dtype: str = "float32", *, dec_tokens: int = 0, seq: int = 0,
                       enc_seq: int = 0, attention_probs: bool = False, hybrid: bool = False) -> list:
     """Bytes each layer saves for backward for `tokens` tokens (T5: encoder tokens, and `dec_tokens` decoder
-    tokens), as a list with one entry per layer. seq / enc_seq: the sequence lengths (attention_probs)."""
+    tokens), as a list with one entry per layer. attention_probs: T5's attention with its position bias also
+    saves the softmax (heads x seq per token; enc_seq / seq: the encoder's and decoder's lengths) where no fused
+    kernel takes a bias (CPU)."""
     family = config.model_type
     element = 4 if dtype == "float32" else BF16_BYTES.get(family, 2.0)
     if hybrid:
@@ -273,7 +268,7 @@ def layer_activations(config, tokens: int, dtype: str = "float32", *, dec_tokens
         enc = tokens * (10 * h + 7 * f + 2 + probs * enc_seq)
         dec = dec_tokens * (15 * h + 7 * f + 9 + probs * seq) + tokens * 2 * h  # + the cross-attention keys, values
         return [enc * element] * config.num_layers + [dec * element] * config.num_decoder_layers
-    return [tokens * ACTIVATION[family](config, tokens, enc_seq) * element] * config.num_hidden_layers
+    return [tokens * ACTIVATION[family](config) * element] * config.num_hidden_layers
 
 
 def hidden_size(config) -> int:
@@ -282,7 +277,7 @@ def hidden_size(config) -> int:
 
 def activations(setting: Setting, student, checkpointing: bool) -> float:
     """Bytes of one micro-batch's saved activations and loss inputs (see the module docstring)."""
-    config = student.config if not hasattr(student, "get_base_model") else student.get_base_model().config
+    config = student.config
     element = 4 if setting.dtype == "float32" else 2
     b = setting.batch
     seq2seq = config.is_encoder_decoder

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from common import hf, memory_plan
 from common.cli import UserError
 from common.distributed import Layout, setup
-from common.hf_training import sharding_from_flag, wrap_model
+from common.hf_training import load_checkpoint, sharding_from_flag, wrap_model
 from common.io import read_jsonl, read_tensors
 from tests.common.test_hf_training import ROOT, command, finish, kill_tree, start
 from tests.common.tiny_hf_train import probe, train
@@ -78,6 +78,9 @@ def test_two_sharded_ranks_train_what_one_process_trains(runs, name):
     reference = "causal" if name == "causal_offload" else name
     assert two[0][name]["losses"] == two[1][name]["losses"]
     assert two[0][name]["losses"] == pytest.approx(one[reference]["losses"], rel=1e-5, abs=1e-5)
+    norms = [[r["grad_norm"] for r in read_jsonl(str(out / run / "log.jsonl"))] for run in (f"one/{reference}",
+                                                                                            f"two/{name}")]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and max(norms[0]) > 1.0  # the global norm, clipped at 1
     a = read_tensors(str(out / "one" / reference / "final" / "model.safetensors"))
     b = read_tensors(str(out / "two" / name / "final" / "model.safetensors"))
     assert set(a) == set(b) and not any("lora" in k for k in a)  # LoRA merged on export
@@ -152,6 +155,10 @@ def test_kill_9_mid_step_of_a_sharded_run_then_the_same_command_gives_the_same_w
     assert set(expected) == set(resumed) and all(torch.equal(expected[k], resumed[k]) for k in expected)
     losses = lambda d: {r["step"]: r["loss"] for r in read_jsonl(str(d / "log.jsonl"))}  # noqa: E731 (last wins)
     assert losses(tmp_path) == losses(out / "two" / "kill_reference")
+    two_ranks = Layout(rank=0, world_size=2, tp_rank=0, tp_size=1, dp_rank=0, dp_size=2, device=torch.device("cpu"))
+    student = hf.load_model(str(models / "llama"))
+    with pytest.raises(UserError, match=r"step-00000004 was saved by a FSDP run, this run uses DDP.*same --fsdp"):
+        load_checkpoint(str(tmp_path), two_ranks, student, torch.optim.AdamW(student.parameters()))
 
 
 def test_the_users_fsdp_flags_map_onto_the_sharding_and_bad_ones_name_the_fix():

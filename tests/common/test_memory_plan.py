@@ -32,7 +32,7 @@ def saved_bytes(model, inputs) -> int:
 
 
 def config(family, layers, decoder_layers=None):
-    common = dict(vocab_size=300, **{k: v for k, v in NO_DROPOUT.items()})
+    common = dict(vocab_size=300, **NO_DROPOUT)
     if family == "llama":
         return LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=6,
                            num_key_value_heads=2, **common)
@@ -42,8 +42,8 @@ def config(family, layers, decoder_layers=None):
     if family == "gpt2":
         return GPT2Config(n_embd=96, n_inner=160, n_layer=layers, n_head=6, **common)
     return T5Config(d_model=96, d_ff=160, d_kv=16, num_heads=6, num_layers=layers,
-                    num_decoder_layers=decoder_layers or layers, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-                    **common)
+                    num_decoder_layers=decoder_layers or layers, feed_forward_proj="gated-gelu",
+                    decoder_start_token_id=0, **common)
 
 
 def measured_layer(family, batch, seq, dec_seq=None, which="decoder"):

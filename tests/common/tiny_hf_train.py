@@ -124,7 +124,7 @@ def train(lay, model_path: str, save_dir: str, steps: int = 6, accumulation: int
         if measure and step == steps - 1:
             from common.memory_plan import measured_bytes
 
-            measured = measured_bytes(ddp, optimizer, teacher)  # gradients still here, optimiser states from earlier steps
+            measured = measured_bytes(ddp, optimizer, teacher)  # this step's gradients, earlier steps' Adam states
         lr_now = optimizer.param_groups[0]["lr"]
         grad_norm = optimizer_step(optimizer, scheduler, scaler, max_grad_norm)
         loss_total = all_reduce_dp(loss_total).item()
