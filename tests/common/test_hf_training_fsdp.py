@@ -80,7 +80,8 @@ def test_two_sharded_ranks_train_what_one_process_trains(runs, name):
     assert two[0][name]["losses"] == pytest.approx(one[reference]["losses"], rel=1e-5, abs=1e-5)
     norms = [[r["grad_norm"] for r in read_jsonl(str(out / run / "log.jsonl"))] for run in (f"one/{reference}",
                                                                                             f"two/{name}")]
-    assert norms[1] == pytest.approx(norms[0], rel=1e-5) and max(norms[0]) > 1.0  # the global norm, clipped at 1
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)  # the global norm (clipped at 1: full fine-tuning's > 1)
+    assert max(norms[0]) > 1.0 or CONFIGS[name][1]
     a = read_tensors(str(out / "one" / reference / "final" / "model.safetensors"))
     b = read_tensors(str(out / "two" / name / "final" / "model.safetensors"))
     assert set(a) == set(b) and not any("lora" in k for k in a)  # LoRA merged on export
