@@ -29,14 +29,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 
 from anli_reverse_kl.minillm import STORE_FIELDS, minillm_loss, sample_responses, score_rollouts
 from anli_reverse_kl.prepare_data import read_items
 from common import hf
-from common.cli import UserError
-from common.distributed import all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES, all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
 from common.hf_training import (autocast, export_model, gathered, grad_scaler, grad_sync, load_checkpoint,
                                 load_device, lr_schedule, optimizer_step, save_checkpoint, sharding_from_flag, unwrap,
                                 wrap_model)
@@ -46,6 +45,8 @@ from common.losses import cross_entropy, soft_cross_entropy
 from common.training import Throughput, dp_shard, global_count
 
 TYPES = ("sft", "kd", "seqkd", "minillm")
+OPTIMIZERS = ("adafactor", "adamw")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
 # per-type defaults (spec §3: the fork's scripts; MiniLLM's where the fork is silent). None in a flag = this.
 DEFAULTS = {
     "sft": dict(lr=9e-5, optimizer="adafactor", batch_size=12, gradient_accumulation_steps=6, epochs=5,
@@ -56,32 +57,39 @@ DEFAULTS = {
 DEFAULTS["kd"] = DEFAULTS["seqkd"] = DEFAULTS["sft"]
 
 
-def check_models(student, teacher, student_tok, teacher_tok, model_path, teacher_path):
-    """Encoder-decoder models only, and one tokenizer for both (the rollouts and KD compare token by token)."""
-    for model, path, flag in ((student, model_path, "--model_path"), (teacher, teacher_path, "--teacher_model_path")):
-        if model is not None and not hf.is_seq2seq(model):
-            raise ValueError(f"{flag} {path} is a decoder-only model ({type(model).__name__}); anli_reverse_kl "
-                             f"trains encoder-decoder models: pass a T5 / Flan-T5 folder")
-    if teacher is None:
-        return
-    if student_tok.get_vocab() != teacher_tok.get_vocab() or \
-            (student_tok.eos_token_id, student_tok.pad_token_id) != (teacher_tok.eos_token_id, teacher_tok.pad_token_id):
-        raise ValueError(f"--teacher_model_path {teacher_path} and --model_path {model_path} have different "
-                         f"tokenizers ({len(teacher_tok)} vs {len(student_tok)} tokens or different ids): use a "
-                         f"teacher that shares the student's tokenizer (Flan-T5 sizes all do)")
-    hf.check_vocab(student, teacher, student_tok)
+def check_seq2seq(path: str, flag: str) -> None:
+    """An encoder-decoder model folder (read from its config.json, before any weights load)."""
+    config = hf.load_config(path, flag)
+    if not config.is_encoder_decoder:
+        name = (config.architectures or [config.model_type])[0]
+        raise UserError(f"{flag} {path} is a decoder-only model ({name}); anli_reverse_kl trains and evaluates "
+                        f"encoder-decoder models: pass a T5 / Flan-T5 folder")
 
 
-def load_items(data_dir: str, max_prompt_length: int, max_len: int) -> list:
+def check_flags(cfg: dict, dtype: str, ratios: dict, counts: dict) -> None:
+    """The per-type settings and the other flags, before anything loads: choices, ratios in [0, 1], counts >= 1."""
+    check_choice("--optimizer", cfg["optimizer"], OPTIMIZERS)
+    check_choice("--lr_decay_style", cfg["lr_decay_style"], LR_DECAY_STYLES)
+    check_choice("--dtype", dtype, DTYPES)
+    check_range("--warmup_iters", cfg["warmup_iters"], low=0)
+    for name, value in ratios.items():
+        check_range(f"--{name}", value, 0, 1)
+    counts = dict(counts, **{k: cfg[k] for k in ("batch_size", "gradient_accumulation_steps", "max_len", "epochs",
+                                                 "total_iters") if k in cfg})
+    for name, value in counts.items():
+        check_range(f"--{name}", value, low=1)
+
+
+def load_items(data_dir: str, max_prompt_length: int, max_len: int, flag: str = "--data_dir") -> list:
     """(prompt, target) token lists of the train split; prompts over max_prompt_length are dropped (MiniLLM),
     targets cut to max_len tokens."""
-    items = read_items(data_dir, "train")
+    items = read_items(data_dir, "train", flag)
     kept = [(it["prompt"], it["target"][:max_len]) for it in items if len(it["prompt"]) <= max_prompt_length]
     print0(f"{data_dir}: {len(kept)} train items ({len(items) - len(kept)} prompts over {max_prompt_length} tokens "
            f"dropped)")
     if not kept:
-        raise ValueError(f"--data_dir {data_dir}: no train item has a prompt within --max_prompt_length "
-                         f"{max_prompt_length}")
+        raise UserError(f"{flag} {data_dir}: no train item has a prompt within --max_prompt_length "
+                        f"{max_prompt_length}")
     return kept
 
 
@@ -105,7 +113,7 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float):
                          weight_decay=weight_decay)
     if name == "adamw":  # MiniLLM's
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
-    raise ValueError(f"--optimizer must be adafactor or adamw, got {name!r}")
+    check_choice("--optimizer", name, OPTIMIZERS)
 
 
 def to_batch(pairs, tok, start_id, device) -> dict:
@@ -151,39 +159,47 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
           length_norm: bool = True, single_step_reg: bool = False, lm_data_dir: str = None, lm_coef: float = 1.0,
           max_new_tokens: int = 180, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
           dtype: str = "float32", save_interval: int = 500, seed: int = 10, fsdp=None):
-    if type not in TYPES:
-        raise ValueError(f"--type must be one of {', '.join(TYPES)}, got {type!r}")
+    check_choice("--type", type, TYPES)
     for flag, value in (("--model_path", model_path), ("--data_dir", data_dir), ("--save", save)):
         if value is None:
-            raise ValueError(f"{flag} is required")
+            raise UserError(f"{flag} is required")
     if type in ("kd", "minillm") and teacher_model_path is None:
-        raise ValueError(f"--type {type} needs --teacher_model_path")
-    if type == "seqkd" and not os.path.exists(os.path.join(data_dir, "seqkd.json")):
-        raise ValueError(f"--type seqkd: {data_dir} holds no teacher outputs (no seqkd.json); write them with "
-                         f"anli_reverse_kl/generate_data.py and pass its --save folder as --data_dir")
+        raise UserError(f"--type {type} needs --teacher_model_path")
     cfg = dict(DEFAULTS[type])
     cfg.update({k: v for k, v in dict(lr=lr, optimizer=optimizer, batch_size=batch_size, epochs=epochs,
                                       gradient_accumulation_steps=gradient_accumulation_steps, total_iters=total_iters,
                                       warmup_iters=warmup_iters, weight_decay=weight_decay, clip_grad=clip_grad,
                                       lr_decay_style=lr_decay_style, max_len=max_len).items() if v is not None})
+    check_flags(cfg, dtype, dict(loss_ratio=loss_ratio, kd_ratio=kd_ratio, teacher_mixed_alpha=teacher_mixed_alpha),
+                dict(max_prompt_length=max_prompt_length, ppo_epochs=ppo_epochs, num_rollouts=num_rollouts,
+                     chunk_size=chunk_size, max_new_tokens=max_new_tokens, save_interval=save_interval))
     sharding = sharding_from_flag(fsdp, "--fsdp", dtype)  # --fsdp [offload]: student and teacher sharded (FSDP)
     if sharding != "ddp" and cfg["optimizer"] == "adafactor":
         raise UserError("--fsdp with --optimizer adafactor: transformers' Adafactor keeps factored statistics that "
                         "do not shard; pass --optimizer adamw with --fsdp, or train without --fsdp")
+    # every input is checked before any weights load: the model folders by their configs, then the data
+    check_seq2seq(model_path, "--model_path")
+    if type in ("kd", "minillm"):
+        check_seq2seq(teacher_model_path, "--teacher_model_path")
+    if type == "seqkd" and not os.path.exists(os.path.join(data_dir, "seqkd.json")):
+        raise UserError(f"--type seqkd: {data_dir} holds no teacher outputs (no seqkd.json); write them with "
+                        f"anli_reverse_kl/generate_data.py and pass its --save folder as --data_dir")
     lay = setup(seed)
+    items = load_items(data_dir, max_prompt_length, cfg["max_len"])
+    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"], "--lm_data_dir") if lm_data_dir else None
     os.makedirs(save, exist_ok=True)
     tok = hf.load_tokenizer(model_path)
+    if type in ("kd", "minillm"):  # one tokenizer for both: the rollouts and KD compare token by token
+        teacher_tok = hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path")
+        hf.check_tokenizers(tok, teacher_tok)
     model = hf.load_model(model_path, dtype="float32", device=load_device(lay, sharding))
-    teacher = teacher_tok = None
+    teacher = None
     if type in ("kd", "minillm"):
         teacher = hf.load_model(teacher_model_path, device=load_device(lay, sharding), frozen=True,
                                 flag="--teacher_model_path")
-        teacher_tok = hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path")
-    check_models(model, teacher, tok, teacher_tok, model_path, teacher_model_path)
+        hf.check_vocab(model, teacher, tok, teacher_tok)
     model.train()
     start_id = model.config.decoder_start_token_id
-    items = load_items(data_dir, max_prompt_length, cfg["max_len"])
-    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"]) if lm_data_dir else None
 
     accum, per_rank = cfg["gradient_accumulation_steps"], cfg["batch_size"]
     if type == "minillm":
@@ -337,4 +353,4 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
 
 
 if __name__ == "__main__":
-    fire.Fire(train)
+    run_cli(train)

@@ -12,9 +12,13 @@ Writes
 """
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import fire
+if __package__ in (None, ""):  # run as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import UserError, run_cli  # noqa: E402
 
 EVAL_SETS = ("dolly", "self-inst", "vicuna", "koala", "wizardlm")
 
@@ -26,6 +30,10 @@ def read_jsonl(path):
 
 def main(source: str = "../shared/data", output: str = "data"):
     src, out = Path(source), Path(output)
+    needed = [src / "instruct" / name / "valid.jsonl" for name in EVAL_SETS] + [src / "instruct/dolly/dev.jsonl"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise UserError(f"--source {source}: no {missing[0]}; point --source at the shared data folder")
     for name in EVAL_SETS:
         (out / "instruct" / name).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / "instruct" / name / "valid.jsonl", out / "instruct" / name / "valid.jsonl")
@@ -42,4 +50,4 @@ def main(source: str = "../shared/data", output: str = "data"):
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -23,8 +23,9 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atkd.data import encode, load_training_data, run_cli  # noqa: E402
+from atkd.data import encode, load_training_data  # noqa: E402
 from common import hf, losses  # noqa: E402
+from common.cli import UserError, check_choice, check_range, run_cli  # noqa: E402
 from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown  # noqa: E402
 from common.generation import generate  # noqa: E402
 from common.hf_training import (autocast, compute_device, enable_gradient_checkpointing, export_model,  # noqa: E402
@@ -38,11 +39,6 @@ SAMPLE_SOURCES = ("gt", "teacher", "student", "mix_token", "mix_request_teacher"
 JSD_FORWARD_WEIGHT = 0.9  # OSD's fwd_loss_ratio: what the release's `jsd` ran (losses.md §2.4)
 ON_POLICY_MAX_NEW_TOKENS = 256
 MIX_TOKEN_MAX_NEW_TOKENS = 128
-
-
-def check_choice(flag: str, value: str, valid: tuple) -> None:
-    if value not in valid:
-        raise ValueError(f"--{flag} {value!r} is not one of: {', '.join(valid)}")
 
 
 # ---- losses (atkd.md §2) ----
@@ -69,7 +65,7 @@ def kd_loss(kl_method: str, student_logits, teacher_logits, targets, *, alpha: f
                            reverse=setting == "reverse", **kw)
     if kl_method == "seqkd":
         return losses.cross_entropy(student_logits, target_ids=targets, **kw)
-    check_choice("kl_method", kl_method, KL_METHODS)
+    check_choice("--kl_method", kl_method, KL_METHODS)
 
 
 @torch.no_grad()
@@ -118,7 +114,7 @@ def sample_responses(sample_source: str, prompts: list, *, gt: list, teacher_out
       probability `student_token_ratio`, else from the teacher; `token_sources` is 0 (student) / 1 (teacher)
       per response token. `origin` names where the batch came from ("gt", "teacher", "student", "mix_token").
     """
-    check_choice("sample_source", sample_source, SAMPLE_SOURCES)
+    check_choice("--sample_source", sample_source, SAMPLE_SOURCES)
     if sample_source.startswith("mix_request_"):
         if torch.rand((), generator=generator, device=generator.device).item() >= student_request_ratio:
             sample_source = sample_source.removeprefix("mix_request_")
@@ -175,17 +171,21 @@ def _step_items(n_items: int, step: int, steps_per_epoch: int, step_size: int, s
 
 
 def _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strategy, save_strategy,
-                 lr_scheduler_type):
-    check_choice("kl_method", kl_method, KL_METHODS)
-    check_choice("sample_source", sample_source, SAMPLE_SOURCES)
-    check_choice("setting", setting, ("vanilla", "reverse"))
-    check_choice("task", task, ("alpaca",))
-    check_choice("mode", mode, ("offline", "online"))
-    check_choice("save_strategy", save_strategy, ("no", "epoch"))
-    check_choice("lr_scheduler_type", lr_scheduler_type, ("cosine", "linear", "constant"))
+                 lr_scheduler_type, ratios: dict, counts: dict):
+    check_choice("--kl_method", kl_method, KL_METHODS)
+    check_choice("--sample_source", sample_source, SAMPLE_SOURCES)
+    check_choice("--setting", setting, ("vanilla", "reverse"))
+    check_choice("--task", task, ("alpaca",))
+    check_choice("--mode", mode, ("offline", "online"))
+    check_choice("--save_strategy", save_strategy, ("no", "epoch"))
+    check_choice("--lr_scheduler_type", lr_scheduler_type, ("cosine", "linear", "constant"))
     if evaluation_strategy != "no":
-        raise ValueError(f"--evaluation_strategy {evaluation_strategy!r}: training evaluates nothing (only 'no' is "
-                         "accepted); evaluate the saved model with atkd/eval.py")
+        raise UserError(f"--evaluation_strategy {evaluation_strategy!r}: training evaluates nothing (only 'no' is "
+                        "accepted); evaluate the saved model with atkd/eval.py")
+    for name, value in ratios.items():
+        check_range(f"--{name}", value, 0, 1)
+    for name, value in counts.items():
+        check_range(f"--{name}", value, low=1)
 
 
 def _log_step(record: dict, total_steps: int, metrics_path: Path) -> None:
@@ -220,7 +220,16 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     sharded with PyTorch FSDP (common/hf_training.py); add "offload" for CPU offload.
     """
     _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strategy, save_strategy,
-                 lr_scheduler_type)
+                 lr_scheduler_type, dict(alpha=alpha, gjsd_beta=gjsd_beta, student_request_ratio=student_request_ratio,
+                                         student_token_ratio=student_token_ratio, warmup_ratio=warmup_ratio),
+                 dict(per_device_train_batch_size=per_device_train_batch_size, model_max_length=model_max_length,
+                      gradient_accumulation_steps=gradient_accumulation_steps, logging_steps=logging_steps,
+                      save_steps=save_steps))
+    check_range("--num_train_epochs", num_train_epochs, low=0)
+    needs_teacher = kl_method != "seqkd" or sample_source == "mix_token"
+    hf.check_model_folder(student_model_path, "--student_model_path")
+    if needs_teacher:
+        hf.check_model_folder(teacher_model_path, "--teacher_model_path")
     sharding = sharding_from_flag(fsdp)
     lay = setup(seed)
     out = Path(output_dir)
@@ -233,8 +242,12 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
 
     # data: the teacher JSONL for the offline teacher sources; prompts that leave no room for a target left out
     items = load_training_data(data_path, teacher_output=sample_source in ("teacher", "mix_request_teacher"))
-    tokenizer = hf.load_tokenizer(student_model_path if kl_method == "seqkd" else teacher_model_path,
-                                  "--student_model_path" if kl_method == "seqkd" else "--teacher_model_path")
+    flags = ("--student_model_path", "--teacher_model_path")
+    student_tokenizer = hf.load_tokenizer(student_model_path, flags[0])
+    teacher_tokenizer = hf.load_tokenizer(teacher_model_path, flags[1]) if needs_teacher else None
+    if needs_teacher:  # one vocabulary: the losses compare the two distributions token by token
+        hf.check_tokenizers(student_tokenizer, teacher_tokenizer, flags)
+    tokenizer = student_tokenizer if kl_method == "seqkd" else teacher_tokenizer
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def encoded(item):
@@ -250,8 +263,8 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     step_size = lay.dp_size * per_device_train_batch_size * gradient_accumulation_steps
     steps_per_epoch = len(items) // step_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{data_path}: {len(items)} items do not fill one optimiser step of {step_size} "
-                         "(ranks x per_device_train_batch_size x gradient_accumulation_steps)")
+        raise UserError(f"{data_path}: {len(items)} items do not fill one optimiser step of {step_size} "
+                        "(ranks x per_device_train_batch_size x gradient_accumulation_steps)")
     total_steps = math.ceil(num_train_epochs * steps_per_epoch)
     if max_steps > 0:
         total_steps = min(total_steps, max_steps)
@@ -260,10 +273,11 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     student = hf.load_model(student_model_path, dtype="float32", device=load_device(lay, sharding),
                             flag="--student_model_path")
     teacher, vocab = None, None
-    if kl_method != "seqkd" or sample_source == "mix_token":
+    if needs_teacher:
         teacher = hf.load_model(teacher_model_path, dtype=dtype, device=load_device(lay, sharding), frozen=True,
                                 flag="--teacher_model_path")
-        vocab = hf.check_vocab(student, teacher, tokenizer, allow_padded=allow_padded_vocab)
+        vocab = hf.check_vocab(student, teacher, student_tokenizer, teacher_tokenizer,
+                               allow_padded=allow_padded_vocab, flags=flags)
     student.config.use_cache = False
     if gradient_checkpointing:
         enable_gradient_checkpointing(student)

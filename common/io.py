@@ -7,6 +7,7 @@ model, so a Hugging Face-only run can use it.
     with atomic_folder("out/export") as tmp:                # write into a sibling folder, swapped in on success
         model.save_pretrained(tmp)
     rows = read_jsonl("preds.jsonl")                        # a bad line names the file and the line number
+    rows = read_jsonl("data.jsonl", fields=("prompt",))     # ... and a row without the field names it
     append_jsonl("preds.jsonl", row)                        # flushed per call: a resumed run skips len(rows)
 
 A reader never sees half a file: each write goes to `<path>.tmp.<pid>` and is renamed over `path`
@@ -22,6 +23,8 @@ import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from common.cli import UserError
 
 
 def _tmp(path: str) -> str:
@@ -49,19 +52,19 @@ def save_tensors(tensors: dict, path: str) -> None:
 def read_tensors(path: str) -> dict:
     """A flat {name: tensor} from one .pth/.bin/.pt (weights_only) or .safetensors file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        raise UserError(f"{path} does not exist")
     if path.endswith(".safetensors"):
         return load_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors, so torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}). "
-                         "Re-save just the state dict (torch.save(model.state_dict(), path)) or convert it to .safetensors") from None
+        raise UserError(f"{path} holds more than tensors, so torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}). "
+                        "Re-save just the state dict (torch.save(model.state_dict(), path)) or convert it to .safetensors") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))  # {"model": state_dict} / {"state_dict": ...}
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)] if isinstance(obj, dict) else ["<not a dict>"]
     if bad:
-        raise ValueError(f"{path} is not a flat dict of tensors (offending entries: {bad[:5]}); save a state dict of tensors")
+        raise UserError(f"{path} is not a flat dict of tensors (offending entries: {bad[:5]}); save a state dict of tensors")
     return obj
 
 
@@ -99,9 +102,17 @@ def atomic_folder(path: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_jsonl(path: str, drop_partial_last: bool = False) -> list:
+def read_jsonl(path: str, drop_partial_last: bool = False, fields=(), fix: str = "fix or delete that line") -> list:
     """One JSON value per non-empty line (a .gz path is read through gzip). `drop_partial_last`: ignore an
-    unparsable last line (an append cut short by a crash) instead of raising."""
+    unparsable last line (an append cut short by a crash) instead of raising. `fields`: every row must be an
+    object holding them. Bad input is a UserError naming the file, the line, the field and `fix`."""
+    return [row for _, row in numbered_jsonl(path, drop_partial_last, fields, fix)]
+
+
+def numbered_jsonl(path: str, drop_partial_last: bool = False, fields=(), fix: str = "fix or delete that line") -> list:
+    """read_jsonl's rows as (line number, value) pairs, for a reader whose own checks name the line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file" if not os.path.isdir(path) else f"{path} is a folder, not a JSONL file")
     with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path)) as f:
         lines = f.read().split("\n")
     rows = []
@@ -109,11 +120,16 @@ def read_jsonl(path: str, drop_partial_last: bool = False) -> list:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             if drop_partial_last and not any(rest.strip() for rest in lines[i:]):
                 break
-            raise ValueError(f"{path}:{i} is not valid JSON ({e.msg}, column {e.colno}); fix or delete that line") from None
+            raise UserError(f"{path}:{i} is not valid JSON ({e.msg}, column {e.colno}); {fix}") from None
+        missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+        if missing:
+            what = f"no field '{missing[0]}'" if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
+            raise UserError(f"{path}:{i}: {what} (rows need {', '.join(fields)}); {fix}")
+        rows.append((i, row))
     return rows
 
 

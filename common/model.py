@@ -21,6 +21,8 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmb
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from torch import nn
 
+from common.cli import UserError
+
 
 @dataclass
 class ModelArgs:
@@ -69,12 +71,12 @@ class ModelArgs:
             with open(path) as f:
                 params = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path} not found: a checkpoint folder needs params.json (write one with "
-                                    "`python -m common.checkpoint_split`, or pass --model_type)") from None
+            raise UserError(f"{path} not found: a checkpoint folder needs params.json (write one with "
+                            "`python -m common.checkpoint_split`, or pass --model_type)") from None
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
         if missing:
-            raise ValueError(f"{path} is missing the field(s) {missing}; add them (Meta params.json names: dim, "
-                             "n_layers, n_heads, n_kv_heads, vocab_size, norm_eps, ...)")
+            raise UserError(f"{path} is missing the field(s) {missing}; add them (Meta params.json names: dim, "
+                            "n_layers, n_heads, n_kv_heads, vocab_size, norm_eps, ...)")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in known}, **runtime)
 
@@ -84,15 +86,15 @@ class ModelArgs:
         required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
         missing = [k for k in required if k not in config]
         if missing:
-            raise ValueError(f"{path} is missing the field(s) {missing} that a llama/mistral/qwen2/mixtral config has")
+            raise UserError(f"{path} is missing the field(s) {missing} that a llama/mistral/qwen2/mixtral config has")
         model_type = config.get("model_type", "llama")
         if model_type not in ("llama", "mistral", "qwen2", "mixtral"):
-            raise ValueError(f"{path}: model_type {model_type!r} is not supported (llama, mistral, qwen2, mixtral)")
+            raise UserError(f"{path}: model_type {model_type!r} is not supported (llama, mistral, qwen2, mixtral)")
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})  # transformers 5 / 4 names
         theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{path}: rope type {rope_type!r} is not supported (default, llama3)")
+            raise UserError(f"{path}: rope type {rope_type!r} is not supported (default, llama3)")
         window = config.get("sliding_window")
         if model_type == "qwen2" and not config.get("use_sliding_window", False):
             window = None
@@ -146,13 +148,13 @@ def model_args(model_type: str, **runtime) -> ModelArgs:
     """Registry lookup; a `lora-` prefix names the same architecture trained with LoRA."""
     base = model_type[len("lora-"):] if model_type.startswith("lora-") else model_type
     if base not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(MODEL_TYPES)} (optionally 'lora-' prefixed)")
+        raise UserError(f"unknown model_type {model_type!r}; known: {', '.join(MODEL_TYPES)} (optionally 'lora-' prefixed)")
     lora = runtime.get("lora_rank", -1) > 0
     if model_type.startswith("lora-") and not lora:
-        raise ValueError(f"model_type {model_type!r} needs --lora_rank > 0")
+        raise UserError(f"model_type {model_type!r} needs --lora_rank > 0")
     if lora and not model_type.startswith("lora-"):
-        raise ValueError(f"lora_rank={runtime['lora_rank']} with model_type {model_type!r}: use 'lora-{model_type}' "
-                         "for LoRA, or --lora_rank -1 for full fine-tuning")
+        raise UserError(f"lora_rank={runtime['lora_rank']} with model_type {model_type!r}: use 'lora-{model_type}' "
+                        "for LoRA, or --lora_rank -1 for full fine-tuning")
     return ModelArgs(**MODEL_TYPES[base], **runtime)
 
 
@@ -506,7 +508,7 @@ def load_state(model: Transformer, state: dict, source: str) -> None:
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{source} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-                         f"shape mismatches {wrong[:8]}. Check params.json / --model_type and that the shards were "
-                         f"split for this tensor-parallel size")
+        raise UserError(f"{source} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+                        f"shape mismatches {wrong[:8]}. Check params.json / --model_type and that the shards were "
+                        f"split for this tensor-parallel size")
     model.load_state_dict(state, strict=False)

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from common.cli import UserError
 from common.distributed import Layout, all_reduce_dp, dp_group
 from common.io import atomic_save, atomic_write_json, read_tensors
 
@@ -61,9 +62,9 @@ def load_trainable_state(model: torch.nn.Module, state: dict, source: str) -> No
     own = dict(model.named_parameters())
     wanted = {n for n, p in own.items() if p.requires_grad}
     if set(state) != wanted:
-        raise ValueError(f"{source} holds {sorted(set(state) - wanted)[:4]} extra and lacks "
-                         f"{sorted(wanted - set(state))[:4]} trainable weights: was it saved with the same "
-                         "model_type / lora_rank / tensor-parallel size?")
+        raise UserError(f"{source} holds {sorted(set(state) - wanted)[:4]} extra and lacks "
+                        f"{sorted(wanted - set(state))[:4]} trainable weights: was it saved with the same "
+                        "model_type / lora_rank / tensor-parallel size?")
     with torch.no_grad():
         for n, t in state.items():
             own[n].copy_(t)
@@ -119,8 +120,8 @@ def load_latest_checkpoint(save_dir: str, model, optimizer, lay: Layout) -> Opti
     if folder is None:
         return None
     if state.get("tp_size") != lay.tp_size:
-        raise ValueError(f"{folder} was saved at tensor-parallel size {state.get('tp_size')}, this run uses "
-                         f"{lay.tp_size}: resume with the same layout, or start from a fresh --save_dir")
+        raise UserError(f"{folder} was saved at tensor-parallel size {state.get('tp_size')}, this run uses "
+                        f"{lay.tp_size}: resume with the same layout, or start from a fresh --save_dir")
     load_weights(folder, model, lay)
     optimizer_file = os.path.join(folder, f"optimizer.{lay.tp_rank:02d}.pth")
     optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from common import hf
 from common.binarized import split_marker, write_indexed
-from common.cli import UserError, run_cli
-from common.distributed import print0, setup, shutdown
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES, print0, setup, shutdown
 from common.generation import generate
 from common.io import write_jsonl
 from contra_kd.data import InstructionSplit
@@ -36,12 +36,17 @@ from contra_kd.data import InstructionSplit
 
 def main(model_path: str, data_dir: str, save: str, max_length: int = 512, max_prompt_length: int = 256,
          temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 16, seed: int = 42, dtype: str = "float32"):
-    lay = setup(seed)
-    tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
-    model = hf.load_model(model_path, dtype=dtype, device=lay.device, frozen=True, flag="--model-path")
+    check_choice("--dtype", dtype, DTYPES)
+    check_range("--batch-size", batch_size, low=1)
+    check_range("--max-prompt-length", max_prompt_length, low=1)
+    check_range("--max-length", max_length, low=max_prompt_length + 1)  # room for a response
+    hf.check_model_folder(model_path, "--model-path")
     data = InstructionSplit(data_dir, "train")
     if data.records is None:
         raise UserError(f"--data-dir {data_dir}: train.jsonl is missing; re-run contra_kd/prepare_data.py")
+    lay = setup(seed)
+    tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
+    model = hf.load_model(model_path, dtype=dtype, device=lay.device, frozen=True, flag="--model-path")
     mine = list(range(lay.dp_rank, len(data), lay.dp_size))
     gen = torch.Generator(device=lay.device).manual_seed(seed + lay.dp_rank)
     responses = {}

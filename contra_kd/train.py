@@ -45,8 +45,8 @@ import torch
 from tqdm import tqdm
 
 from common import hf
-from common.cli import UserError, run_cli
-from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES, all_reduce_dp, print0, rank_seed, setup, shutdown
 from common.generation import generate
 from common.hf_training import (autocast, export_model, gathered, grad_scaler, grad_sync, load_checkpoint,
                                 load_device, lr_schedule, optimizer_step, save_checkpoint, sharding_from_flag, unwrap,
@@ -89,8 +89,8 @@ def add_lora(model, r, alpha, dropout, model_path):
         return hf.add_lora(model, r=r, alpha=alpha, dropout=dropout)
     except ValueError as e:
         raise UserError(f"--peft lora: peft cannot wrap {model_path} ({model.config.model_type}) with its default "
-                         f"targets ({str(e).splitlines()[0]}); use a model peft supports or train it fully "
-                         f"without --peft") from None
+                        f"targets ({str(e).splitlines()[0]}); use a model peft supports or train it fully "
+                        f"without --peft") from None
 
 
 def build_optimizer(model, lr: float, weight_decay: float = 0.01):
@@ -132,7 +132,6 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
          save_steps: int = 0, clip_grad: float = 1.0, dtype: str = "float32", eval_batch_size: int = 8,
          fsdp=None):
     base, contra, loss = parse_type(type, loss)
-    sharding = sharding_from_flag(fsdp, "--fsdp", dtype)  # --fsdp [offload]: student and teacher sharded (FSDP)
     for flag, value in (("--model-path", model_path), ("--data-dir", data_dir), ("--save", save)):
         if not value:
             raise UserError(f"{flag} is required")
@@ -149,29 +148,29 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         raise UserError(f"--select-by {select_by!r}: use rougeL or loss")
     if fdd_mask not in ("response", "attention"):
         raise UserError(f"--fdd-mask {fdd_mask!r}: use response (ours) or attention (the original)")
+    check_choice("--dtype", dtype, DTYPES)
+    sharding = sharding_from_flag(fsdp, "--fsdp", dtype)  # --fsdp [offload]: student and teacher sharded (FSDP)
+    for flag, value in (("--batch-size", batch_size), ("--gradient-accumulation-steps", gradient_accumulation_steps),
+                        ("--epochs", epochs), ("--max-prompt-length", max_prompt_length),
+                        ("--num-distill-layers", num_distill_layers), ("--eval-batch-size", eval_batch_size),
+                        ("--velocity-update-interval", velocity_update_interval)):
+        check_range(flag, value, low=1)
+    check_range("--max-length", max_length, low=max_prompt_length + 1)  # room for a response
+    for flag, value in (("--kd-ratio", kd_ratio), ("--skew-alpha", skew_alpha)):
+        check_range(flag, value, 0, 1)
 
-    lay = setup(seed)
-    tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    student = hf.load_model(model_path, dtype="float32", device=load_device(lay, sharding), flag="--model-path")
-    teacher = None
+    # every input is checked before the models load: the folders and files, then the data
+    hf.check_model_folder(model_path, "--model-path")
     if needs_teacher:
-        teacher = hf.load_model(teacher_model_path, device=load_device(lay, sharding), frozen=True,
-                                flag="--teacher-model-path")
-        hf.check_vocab(student, teacher, tokenizer)
-    if peft:
-        student = add_lora(student, peft_lora_r, peft_lora_alpha, peft_lora_dropout, model_path)
-    pairing = layer_pairing(student, teacher, num_distill_layers) if base == "fdd" or contra else None
-    flow = None
-    if contra:
-        field, proj = load_flow(velocity_field, projector, flow_expectation(student, teacher, pairing), velocity_dropout)
-        flow = Flow(field, proj).to(lay.device)
-
-    # data: a global batch per optimiser step (batch x GA x processes)
-    dev = InstructionSplit(gt_data_dir if base == "distillm2" else data_dir, "valid")
+        hf.check_model_folder(teacher_model_path, "--teacher-model-path")
+    for flag, path in (("--velocity-field", velocity_field), ("--projector", projector)):
+        if contra and not os.path.isfile(path):
+            raise UserError(f"{flag} {path}: no such file (contra_kd/train_velocity_field.py writes it)")
+    dev_dir, dev_flag = (gt_data_dir, "--gt-data-dir") if base == "distillm2" else (data_dir, "--data-dir")
+    dev = InstructionSplit(dev_dir, "valid", dev_flag)
     if dev.records is None:
-        raise UserError(f"{gt_data_dir if base == 'distillm2' else data_dir}: valid.jsonl (the dev references) is "
-                         f"missing; re-run contra_kd/prepare_data.py")
+        raise UserError(f"{dev_flag} {dev_dir}: valid.jsonl (the dev references) is missing; re-run "
+                        f"contra_kd/prepare_data.py")
     if base == "distillm2":
         tgo, sgo_data = (InstructionSplit(os.path.join(data_dir, k), "train") for k in ("tgo", "sgo"))
         if len(tgo) != len(sgo_data):
@@ -181,13 +180,37 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
         train = InstructionSplit(data_dir, "train")
         if len(train) and train[0][1] is None:
             raise UserError(f"--data-dir {data_dir} holds prompt-only items; train on the `full` variant")
-    refit_data = InstructionSplit(gt_data_dir or data_dir, "train") if contra else None
+    refit_data = InstructionSplit(gt_data_dir or data_dir, "train", "--gt-data-dir" if gt_data_dir else "--data-dir") \
+        if contra else None
     lm = ChunkSplit(lm_data_dir, "train") if lm_data_dir else None
+
+    lay = setup(seed)
+    tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    flags = ("--model-path", "--teacher-model-path")
+    if needs_teacher:  # one vocabulary: every loss compares the two distributions token by token
+        teacher_tokenizer = hf.load_tokenizer(teacher_model_path, flag=flags[1])
+        hf.check_tokenizers(tokenizer, teacher_tokenizer, flags)
+    student = hf.load_model(model_path, dtype="float32", device=load_device(lay, sharding), flag="--model-path")
+    teacher = None
+    if needs_teacher:
+        teacher = hf.load_model(teacher_model_path, device=load_device(lay, sharding), frozen=True,
+                                flag="--teacher-model-path")
+        hf.check_vocab(student, teacher, tokenizer, teacher_tokenizer, flags=flags)
+    if peft:
+        student = add_lora(student, peft_lora_r, peft_lora_alpha, peft_lora_dropout, model_path)
+    pairing = layer_pairing(student, teacher, num_distill_layers) if base == "fdd" or contra else None
+    flow = None
+    if contra:
+        field, proj = load_flow(velocity_field, projector, flow_expectation(student, teacher, pairing), velocity_dropout)
+        flow = Flow(field, proj).to(lay.device)
+
+    # a global batch per optimiser step (batch x GA x processes)
     global_batch = batch_size * gradient_accumulation_steps * lay.dp_size
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
         raise UserError(f"--data-dir {data_dir}: {len(train)} items, fewer than one global batch of {global_batch} "
-                         f"(batch-size x gradient-accumulation-steps x processes)")
+                        f"(batch-size x gradient-accumulation-steps x processes)")
     total_iters = epochs * steps_per_epoch
     refit_epochs = {e for e in range(epochs - 1) if (e + 1) % velocity_update_interval == 0} if contra else set()
     refit_steps = velocity_epochs * (len(refit_data) // global_batch) if contra else 0
@@ -217,7 +240,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     else:
         if state.get("plan") != plan:
             raise UserError(f"{save} holds a run of {state.get('plan')}, this command plans {plan}: resume with the "
-                             f"same type, epochs, data and batch settings, or pass another --save")
+                            f"same type, epochs, data and batch settings, or pass another --save")
         if contra:
             flow_file = os.path.join(extras(state["step"]), "flow.pt")
             saved = torch.load(flow_file, map_location=lay.device, weights_only=True)

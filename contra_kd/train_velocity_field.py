@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from common import hf
-from common.cli import UserError, run_cli
-from common.distributed import all_reduce_dp, print0, setup, shutdown
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES, all_reduce_dp, print0, setup, shutdown
 from common.hf_training import autocast, grad_sync, lr_schedule, optimizer_step, unwrap, wrap_ddp
 from common.losses import distill_layer_indices
 from common.training import global_count
@@ -79,17 +79,31 @@ def main(model_path: str, teacher_model_path: str, data_dir: str, save: str, epo
          gradient_accumulation_steps: int = 1, lr: float = 5e-4, lr_min: float = 1e-7, seed: int = 10,
          max_length: int = 512, num_distill_layers: int = 6, velocity_width: int = 1024, velocity_blocks: int = 4,
          velocity_dropout: float = 0.1, clip_grad: float = 1.0, dtype: str = "float32"):
+    check_choice("--dtype", dtype, DTYPES)
+    for flag, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--max-length", max_length),
+                        ("--gradient-accumulation-steps", gradient_accumulation_steps),
+                        ("--num-distill-layers", num_distill_layers), ("--velocity-width", velocity_width),
+                        ("--velocity-blocks", velocity_blocks)):
+        check_range(flag, value, low=1)
+    # every input is checked before the models load: the folders, then the data
+    hf.check_model_folder(model_path, "--model-path")
+    hf.check_model_folder(teacher_model_path, "--teacher-model-path")
+    data = InstructionSplit(data_dir, "train")
+    if len(data) and data[0][1] is None:
+        raise UserError(f"--data-dir {data_dir} holds prompt-only items; the flow is fitted on the ground-truth "
+                        f"responses: pass the `full` variant (processed_data/dolly/full/...)")
     lay = setup(seed)
-    tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
+    flags = ("--model-path", "--teacher-model-path")
+    tokenizer, teacher_tokenizer = hf.load_tokenizer(model_path, flags[0]), hf.load_tokenizer(teacher_model_path, flags[1])
+    hf.check_tokenizers(tokenizer, teacher_tokenizer, flags)
     student = hf.load_model(model_path, device=lay.device, frozen=True, flag="--model-path")
     teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher-model-path")
-    hf.check_vocab(student, teacher, tokenizer)
+    hf.check_vocab(student, teacher, tokenizer, teacher_tokenizer, flags=flags)
     pairing = layer_pairing(student, teacher, num_distill_layers)
     field = VelocityField(teacher.config.hidden_size, velocity_width, num_distill_layers, velocity_blocks,
                           velocity_dropout).to(lay.device)
     projector = Projector(student.config.hidden_size, teacher.config.hidden_size).to(lay.device)
     flow = wrap_ddp(Flow(field, projector), lay)
-    data = InstructionSplit(data_dir, "train")
     global_batch = batch_size * gradient_accumulation_steps * lay.dp_size
     steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:

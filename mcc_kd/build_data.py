@@ -26,6 +26,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.cli import check_choice, UserError, run_cli  # noqa: E402
+
 STANDIN_SIZES = {"train": 40, "dev": 20, "test": 20}
 
 
@@ -137,9 +139,11 @@ def build(source: str = "../shared/data", output: str = "data", tasks: str = "GS
     """Build data/<TASK>/ files from `source` (the shared data folder) into `output`."""
     src, out = Path(source), Path(output)
     if not (src / "mcc_kd").is_dir():
-        raise FileNotFoundError(f"{src}: expected the shared data folder (with mcc_kd/, gsm8k/, svamp/, asdiv/, "
-                                f"commonsenseqa/)")
+        raise UserError(f"--source {src}: expected the shared data folder (with mcc_kd/, gsm8k/, svamp/, asdiv/, "
+                        f"commonsenseqa/)")
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    for name in names:
+        check_choice("--tasks", name, BUILDERS)
 
     def report(task, **counts):
         print(f"{task:6s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
@@ -149,6 +153,4 @@ def build(source: str = "../shared/data", output: str = "data", tasks: str = "GS
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(build)
+    run_cli(build)

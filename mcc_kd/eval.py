@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common.cli import UserError, run_cli
+from common.cli import UserError, check_range, run_cli
 from common.generation import generate
 from common.model import load_model, model_args
 from common.parallel import Layout, dp_group, print0, setup
@@ -44,16 +44,20 @@ def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max
     if not os.path.isdir(ckpt_dir):
         raise UserError(f"--ckpt_dir {ckpt_dir}: no such checkpoint folder (convert one with "
                         f"`python -m common.checkpoint_split --ckpt_file MODEL --save_path {ckpt_dir}`)")
+    if use_float16 and use_bfloat16:
+        raise UserError("--use_float16 and --use_bfloat16 exclude each other; pass one of them")
+    for flag, value in (("--max_seq_len", max_seq_len), ("--eval_batch_size", max_batch_size)):
+        check_range(flag, value, low=1)
     dtype = "float16" if use_float16 else "bfloat16" if use_bfloat16 else "float32"
-    lay = setup(tp_size=tp_size, seed=1 if seed is None else seed, dtype=dtype)
     if model_type is not None:
         model_args(model_type, lora_rank=lora_rank)  # a known type, and `lora-` iff lora_rank > 0
-    if lora_rank <= 0 and dtype == "float16":
-        print0("warning: full fine-tuning in fp16: Adam's eps=1e-8 underflows (the original's setting)")
     try:
         tokenizer = load_tokenizer(tokenizer_file or ckpt_dir)
-    except FileNotFoundError as e:
+    except UserError as e:
         raise UserError(f"{e}; pass --tokenizer_file" if tokenizer_file is None else str(e)) from None
+    lay = setup(tp_size=tp_size, seed=1 if seed is None else seed, dtype=dtype)
+    if lora_rank <= 0 and dtype == "float16":
+        print0("warning: full fine-tuning in fp16: Adam's eps=1e-8 underflows (the original's setting)")
     has_params = config_file is not None or os.path.exists(os.path.join(ckpt_dir, "params.json"))
     model = load_model(ckpt_dir, model_type=None if has_params else model_type, lora_rank=lora_rank, dtype=dtype,
                        max_seq_len=max_seq_len, max_batch_size=max_batch_size, lora_alpha=lora_alpha,
@@ -128,6 +132,8 @@ def main(task: str, ckpt_dir: str, label_file: str, model_type: str = None, lora
     """Evaluate a base checkpoint, optionally with trained weights from `lora_dir` (a train.py save folder)."""
     check_task(task)
     items = load_task_file(label_file)
+    if lora_dir is not None and not os.path.isdir(lora_dir):
+        raise UserError(f"--lora_dir {lora_dir}: no such folder (an epoch-* folder of a train.py --save_dir)")
     lay, model, tokenizer = build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file,
                                         max_seq_len, eval_batch_size, tp_size, use_float16, use_bfloat16, seed,
                                         config_file)

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common.cli import UserError, run_cli
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES
 from common.generation import generate
 from common.parallel import dp_group, setup
 from common.tokenizer import load_tokenizer
@@ -38,6 +39,7 @@ from mcc_kd.data import load_task_file
 
 def load_teacher(teacher: str, dtype: str, max_seq_len: int, max_batch_size: int):
     """(layout, model, tokenizer): our TP model over all ranks, or a transformers model on every rank."""
+    check_choice("--dtype", dtype, DTYPES)
     if os.path.exists(os.path.join(teacher, "params.json")):
         from common.model import load_model
 
@@ -79,6 +81,9 @@ def main(task: str, input_file: str, teacher: str, output_file: str, train_file:
          instruction_suffix: str = "Let's think step by step."):
     """K = `samples` rationales per question of `input_file` (any task file: instruction, label)."""
     check_task(task)
+    for flag, value in (("--samples", samples), ("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size),
+                        ("--max_seq_len", max_seq_len)):
+        check_range(flag, value, low=1)
     items = load_task_file(input_file)
     lay, model, tokenizer = load_teacher(teacher, dtype, max_seq_len, batch_size * samples)
     chat = chat_template and tokenizer.has_chat_template

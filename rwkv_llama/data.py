@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from common.cli import UserError
 from common.io import read_jsonl
 
 IGNORE = -100
@@ -25,7 +26,7 @@ def read_rows(path: str) -> list:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert to JSONL")
+            raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert to JSONL")
         return pq.read_table(path).to_pylist()
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
@@ -68,8 +69,8 @@ def chat_dataset(paths, tokenizer, max_len: int = 4096, pad_id: Optional[int] = 
     for path in [paths] if isinstance(paths, str) else paths:
         for i, row in enumerate(read_rows(path)):
             if "messages" not in row:
-                raise ValueError(f"{path}: row {i} has no 'messages' field (UltraChat rows are "
-                                 "{{messages: [{{role, content}}, ...]}})")
+                raise UserError(f"{path}: row {i} has no 'messages' field (UltraChat rows are "
+                                "{{messages: [{{role, content}}, ...]}})")
             rows.append(chat_example(row["messages"], tokenizer, max_len, pad_id))
     return rows
 
@@ -82,8 +83,8 @@ def load_and_interleave_c4(local_c4_dir: str, languages=("en", "zh"), split: str
         files = sorted(f for f in glob.glob(os.path.join(local_c4_dir, lang, f"*{split}*"))
                        if f.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".parquet")))
         if not files:
-            raise FileNotFoundError(f"--c4_data {local_c4_dir}: no {split} files for language {lang!r} "
-                                    f"(expected {os.path.join(local_c4_dir, lang, f'*{split}*.jsonl')})")
+            raise UserError(f"--c4_data {local_c4_dir}: no {split} files for language {lang!r} "
+                            f"(expected {os.path.join(local_c4_dir, lang, f'*{split}*.jsonl')})")
         sources.append([row["text"] for f in files for row in read_rows(f)])
     n = min(len(s) for s in sources)
     return [s[i] for i in range(n) for s in sources]

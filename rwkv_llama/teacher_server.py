@@ -395,6 +395,15 @@ def main(model_id: str, batch: int, length: int, size: int, output_all_hiddens: 
     """Load the teacher (bf16 on a GPU, fp32 on CPU) and serve one group of trainers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from common.cli import check_choice, check_range
+    from common.hf import check_model_folder
+
+    for flag, value in (("--batch", batch), ("--length", length)):
+        check_range(flag, value, low=1)
+    check_range("--size", size, low=2)  # the server and at least one trainer
+    check_choice("--logits_dtype", logits_dtype, WIRE_DTYPES)
+    check_choice("--backend", backend, ("auto", "nccl", "gloo"))
+    check_model_folder(model_id, "--model_id")
     device = torch.device(f"cuda:{device_id}" if torch.cuda.is_available() and backend != "gloo" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -415,6 +424,6 @@ def main(model_id: str, batch: int, length: int, size: int, output_all_hiddens: 
 
 
 if __name__ == "__main__":
-    import fire
+    from common.cli import run_cli
 
-    fire.Fire(main)
+    run_cli(main)

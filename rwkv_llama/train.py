@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from common import hf
-from common.distributed import all_reduce_dp, print0, setup, shutdown
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES, all_reduce_dp, print0, setup, shutdown
 from common.hf_training import (autocast, full_state_dict, grad_sync, load_checkpoint, load_device, optimizer_step,
                                 save_checkpoint, unwrap, wrap_model)
 from common.io import append_jsonl, atomic_write_json, read_tensors, save_tensors
@@ -69,7 +70,7 @@ def _check_type(value, kind, where: str, flag: str, from_flag: bool = False):
         want = "a list of layer indices" if kind is list else kind.__name__
         fix = f"e.g. --{flag} {'[0,2,4]' if kind is list else 'true' if kind is bool else 1}" if from_flag else \
             f"fix the file or override it with --{flag}"
-        raise ValueError(f"{where} must be {want}, got {type(value).__name__} {value!r} ({fix})")
+        raise UserError(f"{where} must be {want}, got {type(value).__name__} {value!r} ({fix})")
     return list(value) if kind is list else kind(value)
 
 
@@ -77,8 +78,18 @@ def load_config(config_file: Optional[str], flags: dict) -> dict:
     """Flat {flag: value} from the YAML (nested as the original's) and the flags, type-checked."""
     cfg = {flag: default for flag, _, default in FIELDS.values()}
     if config_file:
+        if not os.path.isfile(config_file):
+            raise UserError(f"--config_file {config_file}: no such file (a YAML like rwkv_llama/run.sh writes)")
         with open(config_file) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                raise UserError(f"{config_file}{f':{mark.line + 1}' if mark else ''} is not valid YAML "
+                                f"({getattr(e, 'problem', None) or e})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{config_file}: expected YAML fields (RWKV.layers, Llama.model_id, ...), got "
+                            f"{type(raw).__name__}")
         flat = {}
 
         def walk(d, prefix=""):
@@ -94,20 +105,22 @@ def load_config(config_file: Optional[str], flags: dict) -> dict:
                 print0(f"{config_file}: {key} is ignored ({IGNORED[key]})")
                 continue
             if key not in FIELDS:
-                raise ValueError(f"{config_file}: unknown field {key!r}; known fields: {', '.join(FIELDS)}")
+                raise UserError(f"{config_file}: unknown field {key!r}; known fields: {', '.join(FIELDS)}")
             flag, kind, _ = FIELDS[key]
             cfg[flag] = _check_type(value, kind, f"{config_file}: field {key}", flag)
     by_flag = {flag: (key, kind) for key, (flag, kind, _) in FIELDS.items()}
     for flag, value in flags.items():
         if flag not in by_flag:
-            raise ValueError(f"unknown flag --{flag}; config flags: {', '.join('--' + f for f in by_flag)}")
+            raise UserError(f"unknown flag --{flag}; config flags: {', '.join('--' + f for f in by_flag)}")
         cfg[flag] = _check_type(value, by_flag[flag][1], f"--{flag}", flag, from_flag=True)
     if cfg["model_id"] is None:
-        raise ValueError("no teacher: set Llama.model_id in --config_file or pass --model_id")
+        raise UserError("no teacher: set Llama.model_id in --config_file or pass --model_id")
     if cfg["layers"] is None:
-        raise ValueError("no layers to replace: set RWKV.layers in --config_file or pass --layers '[0,2,4]'")
+        raise UserError("no layers to replace: set RWKV.layers in --config_file or pass --layers '[0,2,4]'")
     if cfg["is_llama_ffn"] and cfg["is_rwkv_att_only"]:
-        raise ValueError("is_llama_ffn and is_rwkv_att_only exclude each other; set one of them")
+        raise UserError("is_llama_ffn and is_rwkv_att_only exclude each other; set one of them")
+    check_choice("--logits_dtype", cfg["logits_dtype"], ("fp32", "bf16"))
+    check_range("--num_groups", cfg["num_groups"], low=1)
     return cfg
 
 
@@ -256,11 +269,41 @@ def load_student(model, path: str) -> None:
     own = dict(model.named_parameters())
     bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
     if bad:
-        raise ValueError(f"--ckpt_file {path}: weights {bad[:3]} do not fit this student (other RWKV.layers, "
-                         "mode or teacher?); build it with the settings of the run that wrote the file")
+        raise UserError(f"--ckpt_file {path}: weights {bad[:3]} do not fit this student (other RWKV.layers, "
+                        "mode or teacher?); build it with the settings of the run that wrote the file")
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
+
+
+def data_files(paths) -> list:
+    """--train_data / --val_data as a list of files (fire gives one path as a string, several as a tuple)."""
+    return [] if not paths else [paths] if isinstance(paths, str) else list(paths)
+
+
+def check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout, max_steps, counts: dict) -> None:
+    """Flags, data files and the teacher folder, checked before anything loads."""
+    for name, value in counts.items():
+        if value is not None:
+            check_range(f"--{name}", value, low=1)
+    if max_steps is not None:
+        check_range("--max_steps", max_steps, low=0)  # 0: save the initial student
+    if dtype is not None:
+        check_choice("--dtype", dtype, DTYPES)
+    check_choice("--kv_layout", kv_layout, ("tile", "interleave"))
+    if bool(train_data) == bool(c4_data):
+        raise UserError("pass exactly one data source: --train_data (UltraChat-style JSONL/parquet files, with "
+                        "--val_data) or --c4_data DIR (its train and validation splits)")
+    for flag, paths in (("--train_data", train_data), ("--val_data", val_data)):
+        for path in data_files(paths):
+            if not os.path.isfile(str(path)):
+                raise UserError(f"{flag} {path}: no such file (UltraChat-style JSONL, JSONL.gz, JSON or parquet)")
+    if c4_data and not os.path.isdir(c4_data):
+        raise UserError(f"--c4_data {c4_data}: no such folder (one subfolder per language with *train* / "
+                        f"*validation* files)")
+    if ckpt_file and not os.path.isfile(ckpt_file):
+        raise UserError(f"--ckpt_file {ckpt_file}: no such file (the student.safetensors of an earlier stage)")
+    hf.check_model_folder(cfg["model_id"], "Llama.model_id")
 
 
 def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", max_epochs: int = 1,
@@ -278,19 +321,26 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     cfg = load_config(config_file, config_flags)
     sharding = STRATEGIES.get("deepspeed_stage_2" if strategy.startswith("deepspeed_stage_2") else strategy)
     if sharding is None:
-        raise ValueError(f"--strategy {strategy}: use one of {', '.join(STRATEGIES)} (deepspeed_stage_2* too)")
+        raise UserError(f"--strategy {strategy}: use one of {', '.join(STRATEGIES)} (deepspeed_stage_2* too)")
     if strategy.startswith("deepspeed"):
         print0(f"--strategy {strategy}: DeepSpeed ZeRO-{strategy[len('deepspeed_stage_')]} is run as "
                + {"ddp": "plain DDP", "fsdp": "PyTorch FSDP (parameters, gradients and optimiser states sharded)",
                   "fsdp_offload": "PyTorch FSDP with CPU offload (parameters, gradients and optimiser states sharded, "
                                   "kept on the CPU; the optimiser steps there)"}[sharding])
+    check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout, max_steps,
+                 dict(max_epochs=max_epochs, max_seq_length=max_seq_length, micro_bsz=micro_bsz,
+                      accumulate_grad_batches=accumulate_grad_batches, epoch_count=epoch_count, head_size=head_size,
+                      chunk_len=chunk_len, log_every_n_steps=log_every_n_steps,
+                      val_check_interval=val_check_interval, num_devices=num_devices, num_nodes=num_nodes))
     lay = setup(seed)
     if num_devices is not None and num_devices * num_nodes != lay.dp_size:
-        raise ValueError(f"--num_devices {num_devices} x --num_nodes {num_nodes} != {lay.dp_size} processes: "
-                         f"launch with torchrun --nproc_per_node {num_devices} (or drop --num_devices)")
+        raise UserError(f"--num_devices {num_devices} x --num_nodes {num_nodes} != {lay.dp_size} processes: "
+                        f"launch with torchrun --nproc_per_node {num_devices} (or drop --num_devices)")
     dtype = dtype or ("bfloat16" if lay.device.type == "cuda" else "float32")
     tokenizer = hf.load_tokenizer(cfg["model_id"], flag="Llama.model_id")
     tokenizer.pad_token = tokenizer.eos_token
+    rows = load_rows(tokenizer, max_seq_length, train_data, c4_data, languages, "train")  # before the models load
+    val_rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
     teacher_model = hf.load_model(cfg["model_id"], dtype="float32", device=load_device(lay, sharding), frozen=True,
                                   flag="Llama.model_id")
     mode = "att_only" if cfg["is_rwkv_att_only"] else "llama_ffn" if cfg["is_llama_ffn"] else "block"
@@ -301,7 +351,7 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
                            dropout=dropout, chunk_len=chunk_len, grad_cp=bool(grad_cp)).train()
     if ckpt_file:
         load_student(student, ckpt_file)
-    hf.check_vocab(student, teacher_model)
+    hf.check_vocab(student, teacher_model, tokenizer, tokenizer, flags=("Llama.model_id", "Llama.model_id"))
     if cfg["is_sft"]:
         teacher = None
     elif cfg["is_client"]:
@@ -317,16 +367,11 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     if teacher is None or cfg["is_client"]:
         del teacher_model
 
-    if bool(train_data) == bool(c4_data):
-        raise ValueError("pass exactly one data source: --train_data (UltraChat-style JSONL/parquet files, with "
-                         "--val_data) or --c4_data DIR (its train and validation splits)")
-    rows = load_rows(tokenizer, max_seq_length, train_data, c4_data, languages, "train")
-    val_rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
     batches_per_epoch = len(rows) // (lay.dp_size * micro_bsz)
     epoch_steps = batches_per_epoch // accumulate_grad_batches
     if epoch_steps == 0:
-        raise ValueError(f"{len(rows)} training rows give no step of {lay.dp_size} ranks x --micro_bsz {micro_bsz} x "
-                         f"--accumulate_grad_batches {accumulate_grad_batches}")
+        raise UserError(f"{len(rows)} training rows give no step of {lay.dp_size} ranks x --micro_bsz {micro_bsz} x "
+                        f"--accumulate_grad_batches {accumulate_grad_batches}")
     total_steps = epoch_steps * max_epochs if max_steps is None else max_steps
     if epoch_count > max_epochs:
         print0(f"note: --epoch_count {epoch_count} > --max_epochs {max_epochs}: the lr schedule spans {epoch_count} "
@@ -392,10 +437,4 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
 
 
 if __name__ == "__main__":
-    import fire
-
-    try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError) as e:     # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anli_reverse_kl.train import check_models, kd_loss, sft_loss, to_batch, train
+from anli_reverse_kl.train import check_seq2seq, kd_loss, sft_loss, to_batch, train
 from common.io import read_tensors
-from tests.tiny import char_tokenizer, tiny_model
+from tests.tiny import char_tokenizer, save_tiny, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "anli_reverse_kl", "train.py")
@@ -73,27 +73,13 @@ def test_sft_and_kd_micro_batches_with_the_whole_step_counts_sum_to_the_full_bat
         assert torch.allclose(parts[0][k] + parts[1][k], whole[k], atol=1e-5)
 
 
-def test_decoder_only_model_is_refused_with_one_clear_line():
-    tok = char_tokenizer()
-    with pytest.raises(ValueError, match=r"--model_path gpt2-folder is a decoder-only model \(GPT2LMHeadModel\).*T5"):
-        check_models(tiny_model("gpt2"), None, tok, None, "gpt2-folder", None)
-    with pytest.raises(ValueError, match=r"--teacher_model_path opt-folder is a decoder-only model"):
-        check_models(tiny_model("t5"), tiny_model("opt"), tok, tok, "t5", "opt-folder")
-
-
-def test_teacher_and_student_tokenizers_that_differ_are_refused():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = char_tokenizer()
-    vocab = dict(tok.get_vocab())
-    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same size, same specials, two ids swapped
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    other = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    with pytest.raises(ValueError, match=r"--teacher_model_path T and --model_path S have different tokenizers"):
-        check_models(tiny_model("t5"), tiny_model("t5", seed=1), tok, other, "S", "T")
-    check_models(tiny_model("t5"), tiny_model("t5", seed=1), tok, char_tokenizer(), "S", "T")  # same: fine
+def test_decoder_only_model_is_refused_from_its_config_with_one_clear_line(tmp_path):
+    gpt2, opt = save_tiny("gpt2", tmp_path / "gpt2-folder"), save_tiny("opt", tmp_path / "opt-folder")
+    with pytest.raises(ValueError, match=r"--model_path .*gpt2-folder is a decoder-only model \(GPT2LMHeadModel\).*T5"):
+        check_seq2seq(gpt2, "--model_path")
+    with pytest.raises(ValueError, match=r"--teacher_model_path .*opt-folder is a decoder-only model"):
+        check_seq2seq(opt, "--teacher_model_path")
+    check_seq2seq(save_tiny("t5", tmp_path / "t5"), "--model_path")  # an encoder-decoder: fine
 
 
 def test_seqkd_without_teacher_outputs_says_to_run_generate_data(run_dir):

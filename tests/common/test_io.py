@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_io_imports_neither_fairscale_nor_the_tp_model():
     code = "import sys, common.io; print(sorted(m for m in sys.modules if m.startswith(('fairscale', 'common.'))))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['common.io']"
+    assert out.strip() == "['common.cli', 'common.io']"  # common.cli: UserError, no other import
 
 
 @pytest.mark.parametrize("name", ["w.safetensors", "w.pt"])

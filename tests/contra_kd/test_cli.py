@@ -80,7 +80,7 @@ def case_args(ws, case):
                 f"error: --teacher-model-path {missing} is not a transformers model folder")
     if case == "generate_data.py: missing data":
         return ("generate_data.py", ["--model-path", ws / "student", "--data-dir", missing, "--save", ws / "gen"],
-                f"error: {missing}: no train_0.idx")
+                f"error: --data-dir {missing} does not exist; write it with contra_kd/prepare_data.py")
     return ("prepare_data.py", ["dolly", "--data-dir", missing, "--processed-data-dir", ws / "p", "--model-path",
                                 ws / "student", "--model-type", "tiny"], f"error: {missing}: neither train.jsonl")
 

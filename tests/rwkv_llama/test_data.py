@@ -59,7 +59,7 @@ def test_c4_interleave_is_round_robin_until_the_first_source_ends(tmp_path):
         with gzip.open(tmp_path / lang / "c4-train.00000.json.gz", "wt") as f:
             f.writelines(json.dumps(dict(text=x)) + "\n" for x in texts)
     assert load_and_interleave_c4(str(tmp_path), ["en", "zh"], "train") == ["e1", "z1", "e2", "z2"]
-    with pytest.raises(FileNotFoundError, match="no validation files for language 'en'"):
+    with pytest.raises(ValueError, match="no validation files for language 'en'"):
         load_and_interleave_c4(str(tmp_path), ["en"], "validation")
 
 
