@@ -286,9 +286,8 @@ def activations(setting: Setting, student, checkpointing: bool) -> float:
     layers = layer_activations(config, tokens, setting.dtype, dec_tokens=dec_tokens if seq2seq else 0,
                                seq=setting.seq[-1], enc_seq=setting.seq[0], hybrid=setting.hybrid)
     h = hidden_size(config)
-    if checkpointing:  # each layer's input (the residual stream, fp32 under autocast), one layer recomputed
-        residual = 4 if setting.dtype == "float32" or setting.hybrid else 2
-        saved = residual * h * (tokens * (config.num_layers if seq2seq else len(layers))
+    if checkpointing:  # each layer's input (the residual stream), one layer recomputed at a time
+        saved = element * h * (tokens * (config.num_layers if seq2seq else len(layers))
                                 + (dec_tokens * config.num_decoder_layers if seq2seq else 0)) + max(layers)
     else:
         saved = sum(layers)

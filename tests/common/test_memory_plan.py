@@ -76,6 +76,21 @@ def test_t5_encoder_and_decoder_layer_counts_match_the_bytes_they_save():
     assert planned[1] == pytest.approx(measured_layer("t5", 2, 48, 24, "decoder"), rel=0.1)
 
 
+def test_an_rwkv_block_count_matches_the_bytes_it_saves():
+    from rwkv_llama.model import build_hybrid
+
+    def hybrid_saved(layers):
+        teacher = AutoModelForCausalLM.from_config(config("llama", 2))
+        student = build_hybrid(teacher, layers, "block", head_size=16, chunk_len=memory_plan.RWKV_CHUNK).train()
+        return saved_bytes(student.requires_grad_(True), {"input_ids": torch.randint(0, 300, (2, 64))})
+
+    measured = hybrid_saved([0, 1]) - hybrid_saved([0])  # one more decoder layer replaced by an RWKV block
+    cfg, tokens = config("llama", 2), 2 * 64
+    planned = (memory_plan.layer_activations(cfg, tokens, hybrid=True)[0]
+               - memory_plan.layer_activations(cfg, tokens)[0])
+    assert planned == pytest.approx(measured, rel=0.1)
+
+
 @pytest.mark.parametrize("lora", [0, 4])
 def test_model_states_match_a_trained_steps_parameters_gradients_and_adam_states(lora):
     model = AutoModelForCausalLM.from_config(config("llama", 2))
