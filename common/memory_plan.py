@@ -25,12 +25,13 @@ A mode fits where its total is at most 90 % of the GPU (the rest: CUDA context, 
 communication buffers). Not counted: dropout masks, the generation KV caches of on-policy methods, the
 contra_kd velocity field (small), temporaries of the unchunked loss beyond its inputs.
 """
-import argparse
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from common.cli import check_choice, run_cli
 
 GiB = 2 ** 30
 
@@ -391,7 +392,7 @@ def table(plans: list, gpu_gib=(40, 80)) -> str:
     return "\n".join(rows)
 
 
-def details(p: Plan) -> str:
+def details_of(p: Plan) -> str:
     names = ("params", "grads", "optimizer", "teacher", "working", "activations", "activations_ckpt", "cpu")
     lines = [f"{p.setting.script}: {_name(p.setting)}",
              "  mode          " + " ".join(f"{n:>16}" for n in names)]
@@ -400,19 +401,19 @@ def details(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--details", action="store_true", help="each setting's parts in GiB")
-    parser.add_argument("--folder", help="only the settings of this method folder's scripts (e.g. atkd)")
-    args = parser.parse_args(argv)
-    plans = [plan(s) for s in SETTINGS if args.folder is None or s.script.startswith(args.folder.rstrip("/") + "/")]
+def main(folder: str = None, details: bool = False):
+    """The table over every setting (or one method folder's), then each setting's parts with --details."""
+    folders = sorted({s.script.split("/")[0] for s in SETTINGS})
+    if folder is not None:
+        check_choice("--folder", folder.rstrip("/"), folders)
+    plans = [plan(s) for s in SETTINGS if folder is None or s.script.split("/")[0] == folder.rstrip("/")]
     print("GiB per GPU under the script's gradient checkpointing setting [the other setting]; a mode fits at "
           "<= 90 % of the GPU.\n")
     print(table(plans))
-    if args.details:
+    if details:
         for p in plans:
-            print("\n" + details(p))
+            print("\n" + details_of(p))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
