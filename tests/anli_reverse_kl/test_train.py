@@ -166,10 +166,11 @@ def test_fsdp_samples_minillm_rollouts_on_gathered_weights_and_trains_as_ddp(run
     train(**options, save=str(run_dir / "minillm_ddp"))
     train(**options, save=str(run_dir / "minillm_fsdp"), fsdp=True)
     a, b = weights(run_dir / "minillm_ddp" / "model"), weights(run_dir / "minillm_fsdp" / "model")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # fp32 tolerance: FSDP's flat gathers sum in another order (1.7e-6 measured after 3 iterations)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     logs = [[json.loads(line)["loss"] for line in (run_dir / run / "log.jsonl").read_text().splitlines()]
             for run in ("minillm_ddp", "minillm_fsdp")]
-    assert logs[1] == pytest.approx(logs[0], rel=1e-3)  # a clipped-ratio loss near 0.1: float order shows
+    assert logs[1] == pytest.approx(logs[0], rel=1e-5)
 
 
 def test_fsdp_with_adafactor_is_refused_before_loading():
