@@ -31,7 +31,8 @@ warm-up each; `--clock cpu` takes the process's CPU time instead of the wall clo
 inflates far less at --threads 1), tokens/s, the peak memory rise of one more step (CPU: sampled resident set,
 large blocks unmapped when freed; CUDA: max_memory_allocated) and its share of the memory limit (the GPU's
 memory; on CPU the cgroup's limit, else the machine's RAM), matmul-only time / step time.
-A quick check: `--repeats 1` (one timed step per row after the warm-up); `--batch 2` for a smaller step. The machine's load average is printed: on a shared machine only ratios from one run mean anything.
+A quick check: `--repeats 1` (one timed step per row after the warm-up); `--batch 2` for a smaller step.
+The machine's load average is printed: on a shared machine only ratios from one run mean anything.
 """
 import copy
 import json
@@ -178,7 +179,8 @@ def record_matmuls(fn):
              aten._scaled_dot_product_efficient_attention_backward.default,
              aten._scaled_dot_product_flash_attention.default,
              aten._scaled_dot_product_flash_attention_backward.default,
-             aten._scaled_dot_product_cudnn_attention.default, aten._scaled_dot_product_cudnn_attention_backward.default}
+             aten._scaled_dot_product_cudnn_attention.default,
+             aten._scaled_dot_product_cudnn_attention_backward.default}
     seen = []
 
     def spec(x):
