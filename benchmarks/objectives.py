@@ -166,8 +166,7 @@ def _child(ctx: dict, fn, args, log: Path, result: Path):
         traceback.print_exc()
         code = 1
     sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # never the parent's exit handlers (pytest's, atexit)
+    sys.exit(code)  # multiprocessing's own exit: its finalizers release tqdm's lock
 
 
 def run_forked(name: str, result: Path, fn, *args) -> dict:
@@ -184,16 +183,18 @@ def run_forked(name: str, result: Path, fn, *args) -> dict:
     proc = FORK_SERVER.Process(target=_child, args=(dict(CTX), fn, args, log, result))
     proc.start()
     proc.join()
-    if proc.exitcode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise RuntimeError(f"{name} failed (exit code {proc.exitcode}); {log} ends:\n{tail}")
+    code = proc.exitcode
+    proc.close()
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:]) if log.exists() else "(no log: it failed to start)"
+        raise RuntimeError(f"{name} failed (exit code {code}); {log} ends:\n{tail}")
     return json.loads(result.read_text())
 
 
 CTX = {}  # the run's settings and paths
 FORK_SERVER = multiprocessing.get_context("forkserver")
 FORK_SERVER.set_forkserver_preload(["torch", "transformers", "transformers.models.llama.modeling_llama",
-                                    "benchmarks.objectives", "atkd.train", "contra_kd.train", "contra_kd.generate_data",
+                                    "atkd.train", "contra_kd.train", "contra_kd.generate_data",
                                     "contra_kd.train_velocity_field", "anli_reverse_kl.train"])
 
 
