@@ -160,7 +160,10 @@ def _child(ctx: dict, fn, args, log: Path, result: Path):
         sys.stdout = sys.stderr = open(log, "a", buffering=1)  # Python's writers (tqdm, print) ...
         os.dup2(sys.stdout.fileno(), 1)  # ... and the C library's
         os.dup2(sys.stdout.fileno(), 2)
-        atomic_write_json(fn(*args), str(result))
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        out.update(wall_s=time.perf_counter() - wall, cpu_s_total=time.process_time() - cpu)
+        atomic_write_json(out, str(result))
         code = 0
     except BaseException:  # noqa: BLE001 - the parent reads the log
         traceback.print_exc()
@@ -523,6 +526,8 @@ def summarise(results: dict, refs: dict) -> dict:
                 entry[metric][f"vs_{base}"] = dict(diff=float(np.mean(diffs)), p=sign_flip_p(diffs), pairs=len(diffs))
         for key in ("steps_per_s", "cpu_s_per_step", "peak_mib"):
             entry[key] = float(np.mean([seeds[s][key] for s in seeds]))
+        units = [seeds[s]["wall_s"] for s in seeds if "wall_s" in seeds[s]]  # training + evaluation
+        entry["unit_s"] = float(np.mean(units)) if units else None
         start = float(np.mean(refs["start"]["fwd_kl"]))
         points = [k for k, _ in seeds[min(seeds)]["curve"]]
         entry["curve"] = [[0, start]] + [[k, float(np.mean([dict(seeds[s]["curve"])[k] for s in seeds]))]
@@ -634,9 +639,8 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
     clock = {}
 
     def stage(name, *args, fn):
-        t0 = time.perf_counter()
         result = run_forked(name, _path("prep", f"{name}.json"), fn, *args)
-        clock[name] = time.perf_counter() - t0
+        clock[name] = result.get("wall_s")
         return result
 
     folders = {ROWS[r][1] for r in rows}
@@ -650,7 +654,8 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
         stage("velocity_field", fn=stage_velocity_field)
     stage("teacher_logits", fn=stage_teacher_logits)
     refs = {name: stage(f"reference-{name}", name, fn=stage_reference) for name in ("teacher", "start")}
-    print(f"prepared {out} ({', '.join(f'{k} {v:.0f} s' for k, v in clock.items())}); rows of {sorted(folders)}")
+    print(f"prepared {out} ({', '.join(f'{k} {v:.0f} s' for k, v in clock.items() if v is not None)}); rows of "
+          f"{sorted(folders)}")
 
     results, failed = {}, []
     units = [(row, seed) for seed in range(seeds) for row in rows]
