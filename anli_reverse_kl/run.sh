@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model gains nothing from a second thread, only waiting
 
 OUT=${OUT:-runs/anli_reverse_kl-tiny}
+SRC=${SRC:-data/anli_standin}  # ANLI rows ({split}_{round}.jsonl or the release's parquet files)
 NPROC=${NPROC:-1}
 ROUND=${ROUND:-r1}
 : "${EPOCHS:=2}" "${BATCH:=8}" "${LR:=3e-3}" "${MAX_PROMPT:=512}" "${MAX_NEW:=48}" "${TOTAL_ITERS:=8}"
@@ -33,7 +34,7 @@ fi
 
 DATA=$OUT/processed
 echo "== data: ANLI stand-in round $ROUND -> $DATA/$ROUND"
-python anli_reverse_kl/prepare_data.py --data_dir data/anli_standin --tokenizer "$OUT/teacher" --save "$DATA" \
+python anli_reverse_kl/prepare_data.py --data_dir "$SRC" --tokenizer "$OUT/teacher" --save "$DATA" \
   --rounds "$ROUND" --max_prompt_length "$MAX_PROMPT"
 
 SFT=(--type sft --data_dir "$DATA/$ROUND" --epochs "$EPOCHS" --batch_size "$BATCH" --gradient_accumulation_steps 1

@@ -393,7 +393,8 @@ def seed_data(seed: int, folder: str) -> Path:
     from anli_reverse_kl.train import item_order
     from common import hf
     from common.io import atomic_folder
-    from contra_kd.data import InstructionSplit, epoch_order
+    from common.training import epoch_order
+    from contra_kd.data import InstructionSplit
 
     out = _path("data", f"seed-{seed}", folder)
     if out.exists():

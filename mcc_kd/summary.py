@@ -9,11 +9,17 @@ On a small test set a few points of accuracy are noise, so each trained row also
 against the base model on the same items: +questions it answers and base did not / -the reverse, and the
 two-sided sign-test p-value of that split (exact binomial, p = 1/2).
 """
-import math
 import glob
 import json
+import math
 import os
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import UserError, run_cli  # noqa: E402
 
 
 def _state(save_dir: str) -> dict:
@@ -58,9 +64,14 @@ def sign_test(a: int, b: int) -> float:
 
 
 def main(out: str, task: str, label_file: str, settings: str = ""):
+    if not os.path.isdir(out):
+        raise UserError(f"--out {out}: no such folder (the OUT folder of mcc_kd/run.sh)")
     times = {}
     if os.path.exists(os.path.join(out, "times.txt")):
-        for line in open(os.path.join(out, "times.txt")):
+        for i, line in enumerate(open(os.path.join(out, "times.txt")), 1):
+            if len(line.split()) != 3:
+                raise UserError(f"{os.path.join(out, 'times.txt')}:{i}: expected `stage wall_seconds cpu_seconds`, "
+                                f"got {line.strip()!r}; delete the line or the file")
             name, wall, cpu = line.split()
             times[name] = f"{wall} s ({cpu} s CPU)"
     split = Path(label_file).stem
@@ -80,6 +91,4 @@ def main(out: str, task: str, label_file: str, settings: str = ""):
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

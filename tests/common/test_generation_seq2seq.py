@@ -59,12 +59,14 @@ def test_t5_logprobs_are_log_softmax_of_transformers_logits_at_the_chosen_tokens
         logits = decoder_logits(model, prompt, new)
         assert new == logits.argmax(-1).tolist()
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(new)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-5, rtol=1e-5)
+        # this T5's logits reach ~165, where one fp32 ulp is 1.5e-5: a cached, padded batch and one unpadded
+        # forward differ by a few ulps
+        torch.testing.assert_close(torch.tensor(lps), expected, atol=1e-4, rtol=1e-5)
         probs = torch.softmax(decoder_logits(model, prompt, s_new) / 0.7, -1)
         kept = probs >= probs.topk(20, -1).values[:, -1:]  # top-k by hand
         probs = probs * kept / (probs * kept).sum(-1, keepdim=True)
         expected = probs.gather(-1, torch.tensor(s_new)[:, None])[:, 0].log()
-        torch.testing.assert_close(torch.tensor(s_lps), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(s_lps), expected, atol=2e-4, rtol=1e-5)  # logits / 0.7 reach ~235
 
 
 def test_t5_generation_passes_cache_objects_not_deprecated_tuples():
@@ -207,7 +209,8 @@ def test_pad_rollouts_scores_each_sampled_token_at_its_logits_position(family):
     r = pad_rollouts(prompts, out, pad_id=0, decoder_start_id=start)
     logits = model(**r.model_inputs()).logits
     scored = torch.log_softmax(logits, -1).gather(-1, r.targets[..., None])[..., 0]
-    torch.testing.assert_close(scored[r.response_mask], r.logprobs[r.response_mask], atol=1e-5, rtol=1e-5)
+    # T5's logits reach ~165 here (fp32 ulp 1.5e-5): the padded forward and the cached steps differ by a few ulps
+    torch.testing.assert_close(scored[r.response_mask], r.logprobs[r.response_mask], atol=1e-4, rtol=1e-5)
     assert int(r.response_mask.sum()) == sum(map(len, out))
 
 
