@@ -543,7 +543,9 @@ def table(summary: dict, refs: dict, settings: dict) -> str:
 
     def diff(m, base):
         d = m.get(f"vs_{base}")
-        return "—" if d is None else f"{d['diff']:+.3f} (p {d['p']:.3f})"
+        if d is None:
+            return "—"
+        return f"{d['diff']:+.3f} (p {'< 0.001' if d['p'] < 0.001 else format(d['p'], '.3f')})"
 
     lines = ["| objective | trained by | " + " | ".join(t for _, t in METRICS.values())
              + " | steps/s | CPU s/step | peak MiB |",
