@@ -1,4 +1,5 @@
-"""Train a Flan-T5 student on ANLI: SFT, word-level KD, SeqKD or MiniLLM (spec §3).
+"""Train a Flan-T5 student on ANLI: SFT, word-level KD, SeqKD or MiniLLM (spec §3); causal LMs take the same
+paths (MiniLLM on a decoder-only pair is LMOps' original setting).
 
     python anli_reverse_kl/train.py --type sft --model_path google/flan-t5-large --data_dir processed/r1 --save runs/sft
     python anli_reverse_kl/train.py --type kd --model_path ... --teacher_model_path runs/teacher/model ...
@@ -6,8 +7,9 @@
     python anli_reverse_kl/train.py --type minillm --model_path runs/sft/model --teacher_model_path ... ...
     torchrun --nproc_per_node 8 anli_reverse_kl/train.py ...                             # data parallel
 
-`--data_dir` is one round's folder written by prepare_data.py (items prompt ⟂ target ⟂ ...). Losses, per
-target token of the decoder (position t scores target token t):
+`--data_dir` is one round's folder written by prepare_data.py (items prompt ⟂ target ⟂ ...); a causal LM reads
+prompt + target as one sequence, and the EOS that prepare_data closes each prompt with (the T5 encoder's end) is
+left off. Losses, per target token (the targets are aligned with the logits, so position t scores target t):
   sft / seqkd  r·CE(first target token) + (1 - r)·CE(other target tokens), r = --loss_ratio; the first term a
                mean over the step's items; the second, as the fork's compute_class_reas_loss, a sum over the
                other tokens divided by items x (max_len - 1) (its labels padded with -100 to max_len count in
@@ -27,7 +29,9 @@ the losses computed KD_CHUNK_SIZE decoder positions at a time; --fast_kd false c
 
 Checkpoints under --save/checkpoints (common.hf_training; sft/kd/seqkd every --save_interval optimiser
 steps, minillm after every --save_interval rollout iterations); rerunning the same command resumes from the
-last one. The final weights go to --save/model; --save/log.jsonl gets one line per optimiser step.
+last one. The weights at each of these points also go to --save/step-N (N = optimiser steps; from_pretrained
+folders, as MiniLLM saves every save_interval), the final ones to --save/model; --save/log.jsonl gets one line
+per optimiser step.
 """
 import math
 import os
@@ -42,7 +46,7 @@ if __package__ in (None, ""):  # run as a file
 
 import torch
 
-from anli_reverse_kl.minillm import STORE_FIELDS, WHITEN, minillm_loss, sample_responses, score_rollouts
+from anli_reverse_kl.minillm import WHITEN, minillm_loss, sample_responses, score_rollouts, store_fields
 from anli_reverse_kl.prepare_data import read_items
 from common import hf
 from common.cli import UserError, check_choice, check_range, run_cli
@@ -51,7 +55,7 @@ from common.hf_training import (KD_CHUNK_SIZE, autocast, export_model, gathered,
                                 load_checkpoint, load_device, lr_schedule, optimizer_step, save_checkpoint,
                                 sharding_from_flag, unwrap, wrap_model)
 from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
-from common.labels import seq2seq_batch, targets_and_mask
+from common.labels import causal_lm_batch, seq2seq_batch, targets_and_mask
 from common.losses import compiled_chunks, cross_entropy, soft_cross_entropy
 from common.training import Throughput, dp_shard, epoch_order, global_count
 
@@ -70,12 +74,27 @@ DEFAULTS["kd"] = DEFAULTS["seqkd"] = DEFAULTS["sft"]
 
 
 def check_seq2seq(path: str, flag: str) -> None:
-    """An encoder-decoder model folder (read from its config.json, before any weights load)."""
+    """An encoder-decoder model folder (read from its config.json, before any weights load): eval.py and
+    generate_data.py take only these."""
     config = hf.load_config(path, flag)
     if not config.is_encoder_decoder:
         name = (config.architectures or [config.model_type])[0]
-        raise UserError(f"{flag} {path} is a decoder-only model ({name}); anli_reverse_kl trains and evaluates "
-                        f"encoder-decoder models: pass a T5 / Flan-T5 folder")
+        raise UserError(f"{flag} {path} is a decoder-only model ({name}); anli_reverse_kl evaluates and "
+                        f"generates with encoder-decoder models: pass a T5 / Flan-T5 folder")
+
+
+def is_seq2seq(path: str, flag: str) -> bool:
+    """Whether a model folder holds an encoder-decoder (read from its config.json, before any weights load)."""
+    return bool(hf.load_config(path, flag).is_encoder_decoder)
+
+
+def check_same_kind(model_path: str, teacher_path: str) -> None:
+    """Teacher and student both encoder-decoder or both causal (one scoring layout for the rollouts and KD)."""
+    kind = {True: "an encoder-decoder", False: "a decoder-only"}
+    student, teacher = is_seq2seq(model_path, "--model_path"), is_seq2seq(teacher_path, "--teacher_model_path")
+    if student != teacher:
+        raise UserError(f"--teacher_model_path {teacher_path} is {kind[teacher]} model and --model_path "
+                        f"{model_path} {kind[student]} one: give both of one kind")
 
 
 def check_flags(cfg: dict, dtype: str, ratios: dict, counts: dict) -> None:
@@ -92,11 +111,13 @@ def check_flags(cfg: dict, dtype: str, ratios: dict, counts: dict) -> None:
         check_range(f"--{name}", value, low=1)
 
 
-def load_items(data_dir: str, max_prompt_length: int, max_len: int, flag: str = "--data_dir") -> list:
+def load_items(data_dir: str, max_prompt_length: int, max_len: int, flag: str = "--data_dir",
+               prompt_eos: int = None) -> list:
     """(prompt, target) token lists of the train split; prompts over max_prompt_length are dropped (MiniLLM),
-    targets cut to max_len tokens."""
+    targets cut to max_len tokens. `prompt_eos`: an id to take off the end of each prompt (a causal LM's)."""
     items = read_items(data_dir, "train", flag)
-    kept = [(it["prompt"], it["target"][:max_len]) for it in items if len(it["prompt"]) <= max_prompt_length]
+    prompts = [it["prompt"][:-1] if it["prompt"][-1:] == [prompt_eos] else it["prompt"] for it in items]
+    kept = [(p, it["target"][:max_len]) for p, it in zip(prompts, items) if len(p) <= max_prompt_length]
     print0(f"{data_dir}: {len(kept)} train items ({len(items) - len(kept)} prompts over {max_prompt_length} tokens "
            f"dropped)")
     if not kept:
@@ -129,20 +150,25 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float):
 
 
 def to_batch(pairs, tok, start_id, device) -> dict:
-    batch = seq2seq_batch([p for p, _ in pairs], [t for _, t in pairs], pad_id=tok.pad_token_id,
-                          decoder_start_id=start_id)
+    """(prompt, target) pairs -> model inputs, targets and mask; start_id None: a causal LM (prompt + target)."""
+    prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
+    if start_id is None:
+        batch = causal_lm_batch(prompts, targets, pad_id=tok.pad_token_id)
+    else:
+        batch = seq2seq_batch(prompts, targets, pad_id=tok.pad_token_id, decoder_start_id=start_id)
     batch = {k: v.to(device) for k, v in batch.items()}
-    batch["targets"], batch["mask"] = targets_and_mask(batch.pop("labels"), shift=False)
+    batch["targets"], batch["mask"] = targets_and_mask(batch.pop("labels"), shift=start_id is None)
     return batch
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "decoder_input_ids",
+                                  "decoder_attention_mask") if k in batch}
 
 
 def first_token_masks(mask):
-    first = mask.clone()
-    first[:, 1:] = False
+    """(each row's first counted position, the others)."""
+    first = mask & (mask.cumsum(1) == 1)
     return first, mask & ~first
 
 
@@ -199,15 +225,17 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
         raise UserError("--fsdp with --optimizer adafactor: transformers' Adafactor keeps factored statistics that "
                         "do not shard; pass --optimizer adamw with --fsdp, or train without --fsdp")
     # every input is checked before any weights load: the model folders by their configs, then the data
-    check_seq2seq(model_path, "--model_path")
+    seq2seq = is_seq2seq(model_path, "--model_path")
     if type in ("kd", "minillm"):
-        check_seq2seq(teacher_model_path, "--teacher_model_path")
+        check_same_kind(model_path, teacher_model_path)
     if type == "seqkd" and not os.path.exists(os.path.join(data_dir, "seqkd.json")):
         raise UserError(f"--type seqkd: {data_dir} holds no teacher outputs (no seqkd.json); write them with "
                         f"anli_reverse_kl/generate_data.py and pass its --save folder as --data_dir")
     flags = SimpleNamespace(**{k: v for k, v in locals().items() if k != "cfg"})
-    items = load_items(data_dir, max_prompt_length, cfg["max_len"])
-    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"], "--lm_data_dir") if lm_data_dir else None
+    prompt_eos = None if seq2seq else hf.load_tokenizer(model_path).eos_token_id
+    items = load_items(data_dir, max_prompt_length, cfg["max_len"], prompt_eos=prompt_eos)
+    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"], "--lm_data_dir", prompt_eos) \
+        if lm_data_dir else None
     run = start_run(flags, cfg)
     if type == "minillm":
         total_steps = cfg["total_iters"]
@@ -280,7 +308,8 @@ class Run:
                f"{self.state['step']}")
 
     def batch(self, pairs) -> dict:
-        return to_batch(pairs, self.tok, self.model.config.decoder_start_token_id, self.lay.device)
+        start_id = self.model.config.decoder_start_token_id if self.flags.seq2seq else None
+        return to_batch(pairs, self.tok, start_id, self.lay.device)
 
     def backward(self, micro: list, loss_fn) -> dict:
         """Forward and backward of each micro-batch (DDP syncs at the last): loss_fn(batch) -> (loss, terms),
@@ -307,9 +336,13 @@ class Run:
             append_jsonl(self.log_path, record)
         print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, total_steps: int) -> None:
+        """A resume checkpoint; the weights also to --save/step-N unless this is the last step (--save/model)."""
         save_checkpoint(self.flags.save, self.state, self.lay, self.model, self.opt, self.scheduler, self.scaler,
                         self.tok)
+        if self.state["step"] < total_steps:
+            export_model(unwrap(self.ddp), self.tok, os.path.join(self.flags.save, f"step-{self.state['step']}"),
+                         self.lay)
 
 
 def start_run(flags, cfg) -> Run:
@@ -357,7 +390,7 @@ def supervised_step(run: Run, items: list, steps_per_epoch: int, total_steps: in
 
     run.step(n_tok, run.backward(micro, loss_fn), epoch=epoch)
     if run.state["step"] % f.save_interval == 0 or run.state["step"] == total_steps:
-        run.checkpoint()
+        run.checkpoint(total_steps)
 
 
 def rollouts(run: Run, items: list, iteration: int) -> tuple:
@@ -372,7 +405,7 @@ def rollouts(run: Run, items: list, iteration: int) -> tuple:
             responses += sample_responses(unwrap(run.ddp), run.teacher, prompts[c:c + f.chunk_size],
                                           max_new_tokens=f.max_new_tokens, alpha=f.teacher_mixed_alpha,
                                           temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                                          eos_id=run.tok.eos_token_id,
+                                          eos_id=run.tok.eos_token_id, pad_id=run.tok.pad_token_id,
                                           seed=rank_seed(f.seed, iteration * 100003 + c, lay.dp_rank))
     elapsed = time.perf_counter() - t0
     store = score_rollouts(unwrap(run.ddp), run.teacher, prompts, responses, pad_id=run.tok.pad_token_id,
@@ -395,7 +428,7 @@ def ppo_step(run: Run, store: dict, rows: list, summary: dict, lm_items) -> None
     """One optimiser step on the store's `rows` (this rank's minibatch x accumulation): L_pg (+ L_reg)
     [+ lm_coef·PT term on a --lm_data_dir batch]."""
     f, lay, per_rank = run.flags, run.lay, run.cfg["batch_size"]
-    micro = [{k: store[k][rows[j:j + per_rank]] for k in STORE_FIELDS} for j in range(0, len(rows), per_rank)]
+    micro = [{k: store[k][rows[j:j + per_rank]] for k in store_fields(store)} for j in range(0, len(rows), per_rank)]
     if lm_items:  # MiniLLM's PT term: the p-th chunk of the run is item p of an endless stream of epochs
         order = item_order(len(lm_items), run.state["step"] * run.per_step, run.per_step, f.seed + 1)
         mine = dp_shard([lm_items[i] for i in order], lay.dp_rank, lay.dp_size)
@@ -435,7 +468,7 @@ def minillm_iteration(run: Run, items: list, lm_items, total_steps: int) -> None
             ppo_step(run, store, perm[s:s + minibatch], summary, lm_items)
     run.state["iteration"] = iteration + 1
     if run.state["iteration"] % f.save_interval == 0 or run.state["step"] >= total_steps:
-        run.checkpoint()
+        run.checkpoint(total_steps)
 
 
 if __name__ == "__main__":

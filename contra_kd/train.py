@@ -25,7 +25,8 @@ rows at a time from the hidden states (each chunk's divergence compiled where th
 common.losses.compiled_chunks); `--fast-kd false` computes the full logits first, as the original.
 Each epoch ends with the dev CE (DistiLLM's threshold; `--select-by loss`) and, with `--select-by rougeL`
 (default), the dev Rouge-L of sampled responses; the best epoch is exported to `save/best`, the last to
-`save/final`.
+`save/final`, and with `--save-interval N` (the original's flag; -1: none) the student every N optimiser
+steps to `save/step-N`.
 
 The run is a fixed sequence of units (dev evaluation of the start point, student steps, epoch ends, re-fit
 steps) whose randomness is keyed by (seed, unit, rank), so 1 process x GA 2 and 2 processes x GA 1 follow
@@ -129,8 +130,8 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
          velocity_update_interval: int = 1, velocity_field: str = None, projector: str = None,
          velocity_dropout: float = 0.1, gradual_beta: bool = False, peft: str = None, peft_lora_r: int = 16,
          peft_lora_alpha: float = 64, peft_lora_dropout: float = 0.1, select_by: str = "rougeL",
-         save_steps: int = 0, clip_grad: float = 1.0, dtype: str = "float32", eval_batch_size: int = 8,
-         fsdp=None, fast_kd: bool = True):
+         save_steps: int = 0, save_interval: int = -1, clip_grad: float = 1.0, dtype: str = "float32",
+         eval_batch_size: int = 8, fsdp=None, fast_kd: bool = True):
     base, contra, loss = parse_type(type, loss)
     for flag, value in (("--model-path", model_path), ("--data-dir", data_dir), ("--save", save)):
         if not value:
@@ -492,6 +493,8 @@ class Run:
             lr = self.scheduler.get_last_lr()[0]
             self.log({"kind": "step", "unit": u, "step": step, "epoch": epoch, "source": source, **values, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens / (time.time() - clock)})
+            if self.f.save_interval > 0 and (step + 1) % self.f.save_interval == 0 and step + 1 < self.total_iters:
+                export_model(self.student, self.tokenizer, os.path.join(self.f.save, f"step-{step + 1}"), self.lay)
             return dict(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", src=source[:3])
         elif kind == "epoch_end":
             self.end_epoch(u, epoch)

@@ -164,7 +164,8 @@ def table(ws: Path) -> list:
     add(e, "missing model folder", ["--model_path", no, "--data_dir", ws / "anli" / "r1", "--save", ws / "o"],
         rf"--model_path {no} {folder_error}")
     add(e, "GPT-2 teacher", [*tr, "--type", "kd", "--teacher_model_path", gpt2],
-        rf"--teacher_model_path {gpt2} is a decoder-only model \(GPT2LMHeadModel\); .* pass a T5 / Flan-T5 folder")
+        rf"--teacher_model_path {gpt2} is a decoder-only model and --model_path {t5} an encoder-decoder one: give "
+        r"both of one kind")
     e = "anli_reverse_kl/prepare_data.py"
     prep = ["--tokenizer", t5, "--save", ws / "o", "--rounds", "r1", "--splits", "train"]
     add(e, "missing file", [*prep, "--data_dir", no], rf"--data_dir {no}: no train_r1\.jsonl or train_r1-\*\.parquet")
