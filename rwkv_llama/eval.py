@@ -5,8 +5,11 @@
     python -m rwkv_llama.eval --model_id TEACHER --layers '[0,2]' ...   # the hybrid before distillation
     python -m rwkv_llama.eval --model_id TEACHER ...                      # the teacher itself
 
-Writes {output_dir}/metrics.json (perplexity, CE, tokens, seconds) and predictions.jsonl (prompt, greedy
-continuation). Perplexity is exp of the token-mean CE over the rows' pre-shifted labels (no second shift).
+Writes {output_dir}/metrics.json (perplexity, CE, tokens, seconds; for a hybrid also kl_to_teacher) and
+predictions.jsonl (prompt, greedy continuation). Perplexity is exp of the token-mean CE over the rows'
+pre-shifted labels (no second shift). kl_to_teacher is the token mean of KL(teacher || model) over the same
+label tokens (what stage 2's KL term trains): perplexity can fall below the teacher's by fitting the data's
+format while the student drifts from the teacher, and this column shows the drift.
 """
 import json
 import math
@@ -19,18 +22,19 @@ import torch
 
 from common import hf
 from common.io import atomic_write_json, write_jsonl
-from common.losses import cross_entropy
+from common.losses import cross_entropy, forward_kl
 from rwkv_llama.data import IGNORE, collate, read_rows
 from rwkv_llama.model import build_hybrid, greedy_generate, head_size_for
 from rwkv_llama.train import load_rows, load_student
 
 
 def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str = "block",
-                head_size: int = 64, kv_layout: str = "tile", seed: int = 42):
+                head_size: int = 64, kv_layout: str = "tile", seed: int = 42, teacher=None):
     """The teacher (no layers, no ckpt_file), a freshly initialised hybrid (layers; with train.py's --seed it is
     the student training starts from), or a trained student (ckpt_file; its layers and mode come from the .json
-    written beside it)."""
-    teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
+    written beside it). `teacher`: the already loaded teacher (build_hybrid copies it; it stays unchanged)."""
+    if teacher is None:
+        teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
     if ckpt_file:
         with open(ckpt_file + ".json") as f:
             meta = json.load(f)
@@ -46,19 +50,27 @@ def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mod
 
 
 @torch.no_grad()
-def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = None) -> dict:
+def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = None, teacher=None) -> dict:
+    """Token-mean CE and perplexity over the rows' label tokens; with `teacher`, also the token-mean
+    KL(teacher || model) on the same tokens."""
     from tqdm import tqdm
 
-    total, count = 0.0, 0
+    total, kl, count = 0.0, 0.0, 0
     batches = [collate(rows[s:s + micro_bsz]) for s in range(0, len(rows), micro_bsz)][:max_batches]
     for b in tqdm(batches, desc="perplexity", file=sys.stdout):
         attn = (torch.arange(b["input_ids"].shape[1])[None] < b["lengths"][:, None]).long()
         logits = model(input_ids=b["input_ids"], attention_mask=attn).logits
         mask = b["labels"] != IGNORE
         total += float(cross_entropy(logits, target_ids=b["labels"].clamp(min=0), mask=mask, normalizer=1.0))
+        if teacher is not None:
+            t_logits = teacher(input_ids=b["input_ids"], attention_mask=attn).logits
+            kl += float(forward_kl(logits, t_logits, mask=mask, normalizer=1.0))
         count += int(mask.sum())
     ce = total / max(count, 1)
-    return dict(perplexity=math.exp(ce), ce=ce, tokens=count)
+    out = dict(perplexity=math.exp(ce), ce=ce, tokens=count)
+    if teacher is not None:
+        out["kl_to_teacher"] = kl / max(count, 1)
+    return out
 
 
 def chat_prompts(path: str, n: int) -> list:
@@ -80,9 +92,11 @@ def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str 
     t0 = time.perf_counter()
     tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
     tokenizer.pad_token = tokenizer.eos_token
-    model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout, seed)
+    teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
+    model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout, seed, teacher=teacher)
     rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
-    metrics = dict(label=label, **perplexity(model, rows, micro_bsz, max_batches))
+    metrics = dict(label=label, **perplexity(model, rows, micro_bsz, max_batches,
+                                             teacher=None if model is teacher else teacher))
     predictions = []
     if val_data and n_prompts:
         for prompt in chat_prompts(val_data, n_prompts):
@@ -94,7 +108,8 @@ def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str 
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_json(metrics, os.path.join(output_dir, "metrics.json"))
     write_jsonl(predictions, os.path.join(output_dir, "predictions.jsonl"))
-    print(f"{label or model_id}: perplexity {metrics['perplexity']:.3f} over {metrics['tokens']} tokens "
+    kl = f", KL(teacher || model) {metrics['kl_to_teacher']:.4f}" if "kl_to_teacher" in metrics else ""
+    print(f"{label or model_id}: perplexity {metrics['perplexity']:.3f}{kl} over {metrics['tokens']} tokens "
           f"({metrics['seconds']:.1f}s)", flush=True)
 
 
