@@ -1,0 +1,98 @@
+"""Held-out answer consistency, the quantity MCC-KD trains: on questions never trained on, each with several
+filtered teacher rationales (prepare_data.py filter), the student's symmetric KL between its answer-span
+distributions under two rationales of the same question (mcc_span_kl at temperature T, as train_mcc.py's term),
+averaged over the question's pairs. Lower = the answer the model predicts depends less on which rationale led
+to it.
+
+    python mcc_kd/consistency.py --task SVAMP --ckpt_dir CKPT --file runs/x/heldout-multi-cots.json \
+        --lora_dir runs/x/mcc/epoch-003 --lora_rank 16 --chat_template True --log_dir runs/x/mcc/log
+
+Teacher-forced, no sampling: deterministic for given weights. Writes log_dir/<task>-<stem>-consistency.json
+({index, instruction, label, pairs, kl} per question) and -consistency-metrics.json ({N, mean_kl, T}).
+"""
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/consistency.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from common.cli import run_cli
+from common.losses import mcc_span_kl
+from common.parallel import Layout, dp_group, print0
+from common.training import load_weights
+from mcc_kd.answers import check_task
+from mcc_kd.data import collate, encode_example, load_task_file, logit_spans
+from mcc_kd.eval import build_model, split_name
+
+
+@torch.no_grad()
+def span_consistency(model, tokenizer, items: list, T: float, max_seq_len: int, batch_size: int, lay: Layout,
+                     chat: bool = False, indices: str = "logits", max_rationales: int = 3) -> list[dict]:
+    """Per question (sharded over DP groups, gathered): the mean over pairs of its first `max_rationales`
+    rationales of mcc_span_kl between the two answer spans' logits."""
+    model.eval()
+    device = next(model.parameters()).device
+    mine = list(range(lay.dp_rank, len(items), lay.dp_size))
+    sequences = [(i, k) for i in mine for k in range(min(len(items[i]["output"]), max_rationales))]
+    at_span = {}  # (question, rationale) -> fp32 logits at its answer span [L, V]
+    for start in tqdm(range(0, len(sequences), batch_size), desc="consistency", disable=not lay.is_main, leave=False):
+        chunk = sequences[start:start + batch_size]
+        examples = [encode_example(tokenizer, items[i]["instruction"], items[i]["output"][k], max_seq_len, chat)
+                    for i, k in chunk]
+        tokens, _ = collate(examples, tokenizer.pad_id)
+        logits = model(tokens.to(device))
+        for b, (i, k) in enumerate(chunk):
+            begin, end = logit_spans(items[i]["indices"], indices)[k]
+            at_span[i, k] = logits[b, begin:end].float()
+    records = []
+    for i in mine:
+        k = min(len(items[i]["output"]), max_rationales)
+        kls = [mcc_span_kl(at_span[i, x][None], at_span[i, y][None], spans_a=[[0, len(at_span[i, x])]],
+                           spans_b=[[0, len(at_span[i, y])]], temperature=T).item()
+               for x, y in itertools.combinations(range(k), 2)]
+        records.append({"index": i, "instruction": items[i]["instruction"], "label": items[i]["label"],
+                        "pairs": len(kls), "kl": sum(kls) / len(kls)})
+    if lay.dp_size > 1:
+        gathered = [None] * lay.dp_size
+        dist.all_gather_object(gathered, records, group=dp_group())
+        records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+    return records
+
+
+def main(task: str, ckpt_dir: str, file: str, model_type: str = None, lora_dir: str = None, lora_rank: int = -1,
+         lora_alpha: float = None, tokenizer_file: str = None, T: float = 1.3, max_rationales: int = 3,
+         eval_batch_size: int = 24, max_seq_len: int = 512, log_dir: str = "log", tp_size: int = None,
+         use_float16: bool = False, use_bfloat16: bool = False, seed: int = None, chat_template: bool = False,
+         indices: str = "logits", config_file: str = None):
+    """Held-out consistency of a base checkpoint, or with trained weights from `lora_dir`, on an MCC file of
+    questions the model was not trained on (`file`, with `indices` made for this tokenizer and prompt format)."""
+    check_task(task)
+    lay, model, tokenizer = build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max_seq_len,
+                                        eval_batch_size, tp_size, use_float16, use_bfloat16, seed, config_file)
+    items = load_task_file(file, multi_cot=True, tokenizer=tokenizer, chat=chat_template, indices=indices)
+    if lora_dir is not None:
+        load_weights(lora_dir, model, lay)
+    records = span_consistency(model, tokenizer, items, T, max_seq_len, eval_batch_size, lay, chat_template, indices,
+                               max_rationales)
+    metrics = {"N": len(records), "mean_kl": sum(r["kl"] for r in records) / len(records), "T": T,
+               "max_rationales": max_rationales}
+    if lay.is_main:
+        os.makedirs(log_dir, exist_ok=True)
+        stem = os.path.join(log_dir, f"{task}-{split_name(file)}-consistency")
+        with open(f"{stem}.json", "w") as f:
+            json.dump(records, f, indent=2, ensure_ascii=False)
+        with open(f"{stem}-metrics.json", "w") as f:
+            json.dump(metrics, f, indent=2)
+        print0(f"| {task} {split_name(file)} consistency | N {metrics['N']} | mean span KL (T {T}) "
+               f"{metrics['mean_kl']:.4f} |  -> {stem}.json")
+
+
+if __name__ == "__main__":
+    run_cli(main)
