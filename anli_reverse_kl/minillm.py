@@ -1,10 +1,11 @@
-"""MiniLLM for encoder-decoder models: rollouts, their scores, and the PPO minibatch loss (losses.md §4.4,
-spec §3.4).
+"""MiniLLM for encoder-decoder models (the fork's Flan-T5) and causal LMs (LMOps' original setting): rollouts,
+their scores, and the PPO minibatch loss (losses.md §4.4, spec §3.4).
 
-A rollout is decoder tokens y sampled for an encoder prompt x from (1 - α)·q + α·p (common.generation, the
-teacher decoding in lock-step with its own cache). Both models then score y in one teacher-forced decoder
-pass each (`Rollouts.model_inputs()`: decoder input = start + y[:-1]), so the decoder logits at t score y_t;
-no prompt/response concatenation, no shift of the logits. From log q_old(y_t) and log p(y_t):
+A rollout is tokens y sampled for a prompt x from (1 - α)·q + α·p (common.generation, the teacher decoding in
+lock-step with its own cache). Both models then score y in one teacher-forced pass each
+(common.generation.pad_rollouts): for T5 the decoder reads start + y[:-1] under the encoder prompt, for a
+causal LM the sequence is x + y; either way the targets and mask are aligned with the unshifted logits, so
+position t scores y_t. From log q_old(y_t) and log p(y_t):
 
     w_t = q_old(y_t) / ((1 - α) q_old(y_t) + α p(y_t))            importance weight of the mixed sampling
     r_t = clip((log p(y_t) - log q_old(y_t)) / 0.5, ±100)            reward
@@ -15,20 +16,26 @@ reverse KL over the vocabulary; optional, the fork ran without it).
 """
 import torch
 
+from common import hf
 from common.generation import generate, pad_rollouts
 from common.losses import (minillm_advantages, minillm_importance_weights, minillm_policy_loss, minillm_rewards,
                            minillm_whiten, reverse_kl, token_log_probs)
 
-STORE_FIELDS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "targets", "mask",
-                "log_q_old", "weights", "advantages")
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")  # the last two: T5
+STORE_FIELDS = MODEL_INPUTS + ("targets", "mask", "log_q_old", "weights", "advantages")
+
+
+def store_fields(store: dict) -> list:
+    """The STORE_FIELDS a store holds (a causal LM's has no decoder inputs)."""
+    return [k for k in STORE_FIELDS if k in store]
 
 
 def sample_responses(student, teacher, prompts, *, max_new_tokens, alpha=0.2, temperature=1.0, top_k=0, top_p=1.0,
-                     eos_id, seed):
-    """Decoder samples for encoder `prompts` from (1 - α) q + α p (plain student sampling for α = 0): a
-    `Generations` with the recorded weights q/p̃."""
-    return generate(student, prompts, max_new_tokens, temperature, top_p, eos_id, top_k=top_k,
-                    teacher=teacher if alpha > 0 else None, teacher_mixed_alpha=alpha, seed=seed)
+                     eos_id, seed, pad_id=0):
+    """Samples for `prompts` from (1 - α) q + α p (plain student sampling for α = 0): a `Generations` with the
+    recorded weights q/p̃. A causal LM's prompts are left-padded with `pad_id` (one prefill for all)."""
+    return generate(student, prompts, max_new_tokens, temperature, top_p, eos_id, top_k=top_k, pad_id=pad_id,
+                    padding="left", teacher=teacher if alpha > 0 else None, teacher_mixed_alpha=alpha, seed=seed)
 
 
 def sampled_log_probs(model, inputs: dict, targets, mask):
@@ -51,11 +58,12 @@ def rollout_quantities(log_q_old, log_p, mask, *, alpha=0.2, gamma=0.95, reward_
 
 @torch.no_grad()
 def score_rollouts(student, teacher, prompts, responses, *, pad_id, batch_size=None, group=None, **settings) -> dict:
-    """The PPO store of `responses` to encoder `prompts` (token-id lists), padded into one batch
+    """The PPO store of `responses` to `prompts` (token-id lists), padded into one batch
     (common.generation.pad_rollouts): model inputs, targets, mask, log q_old and log p (recomputed with dropout
     off, `batch_size` rows at a time) and the quantities of `rollout_quantities` (`settings` are its keyword
     arguments; whitening runs over the whole store and the `group` of data-parallel ranks)."""
-    rollouts = pad_rollouts(prompts, responses, pad_id=pad_id, decoder_start_id=student.config.decoder_start_token_id,
+    start_id = student.config.decoder_start_token_id if hf.is_seq2seq(student) else None
+    rollouts = pad_rollouts(prompts, responses, pad_id=pad_id, decoder_start_id=start_id,
                             device=next(student.parameters()).device)
     inputs, targets, mask = rollouts.model_inputs(), rollouts.targets, rollouts.response_mask
     n = targets.shape[0]
@@ -76,9 +84,9 @@ def score_rollouts(student, teacher, prompts, responses, *, pad_id, batch_size=N
 
 
 def minillm_loss(student, teacher, batch: dict, *, clip_range=0.2, single_step_reg=False, normalizer=None) -> dict:
-    """L_pg (+ L_reg) on one minibatch of the store (`batch` has STORE_FIELDS). Returns the terms and `loss`,
+    """L_pg (+ L_reg) on one minibatch of the store (`batch` has its store_fields). Returns the terms and `loss`,
     their sum; `normalizer` = response tokens of the whole optimiser step (None: this minibatch's)."""
-    inputs = {k: batch[k] for k in STORE_FIELDS[:4]}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     log_q, logits = sampled_log_probs(student, inputs, batch["targets"], batch["mask"])
     terms = dict(pg=minillm_policy_loss(log_q, batch["log_q_old"], batch["weights"], batch["advantages"],
                                         mask=batch["mask"], clip_range=clip_range, normalizer=normalizer))

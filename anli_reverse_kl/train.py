@@ -1,4 +1,5 @@
-"""Train a Flan-T5 student on ANLI: SFT, word-level KD, SeqKD or MiniLLM (spec §3).
+"""Train a Flan-T5 student on ANLI: SFT, word-level KD, SeqKD or MiniLLM (spec §3); causal LMs take the same
+paths (MiniLLM on a decoder-only pair is LMOps' original setting).
 
     python anli_reverse_kl/train.py --type sft --model_path google/flan-t5-large --data_dir processed/r1 --save runs/sft
     python anli_reverse_kl/train.py --type kd --model_path ... --teacher_model_path runs/teacher/model ...
@@ -6,8 +7,9 @@
     python anli_reverse_kl/train.py --type minillm --model_path runs/sft/model --teacher_model_path ... ...
     torchrun --nproc_per_node 8 anli_reverse_kl/train.py ...                             # data parallel
 
-`--data_dir` is one round's folder written by prepare_data.py (items prompt ⟂ target ⟂ ...). Losses, per
-target token of the decoder (position t scores target token t):
+`--data_dir` is one round's folder written by prepare_data.py (items prompt ⟂ target ⟂ ...); a causal LM reads
+prompt + target as one sequence, and the EOS that prepare_data closes each prompt with (the T5 encoder's end) is
+left off. Losses, per target token (the targets are aligned with the logits, so position t scores target t):
   sft / seqkd  r·CE(first target token) + (1 - r)·CE(other target tokens), r = --loss_ratio; each term a
                mean over the whole optimiser step (its first tokens, its other tokens)
   kd           (1 - λ)·CE + λ·soft-CE(p, q), λ = --kd_ratio, token mean
@@ -18,7 +20,9 @@ target token of the decoder (position t scores target token t):
 
 Checkpoints under --save/checkpoints (common.hf_training; sft/kd/seqkd every --save_interval optimiser
 steps, minillm after every --save_interval rollout iterations); rerunning the same command resumes from the
-last one. The final weights go to --save/model; --save/log.jsonl gets one line per optimiser step.
+last one. The weights at each of these points also go to --save/step-N (N = optimiser steps; from_pretrained
+folders, as MiniLLM saves every save_interval), the final ones to --save/model; --save/log.jsonl gets one line
+per optimiser step.
 """
 import math
 import os
@@ -32,14 +36,14 @@ if __package__ in (None, ""):  # run as a file
 import fire
 import torch
 
-from anli_reverse_kl.minillm import STORE_FIELDS, minillm_loss, sample_responses, score_rollouts
+from anli_reverse_kl.minillm import minillm_loss, sample_responses, score_rollouts, store_fields
 from anli_reverse_kl.prepare_data import read_items
 from common import hf
 from common.distributed import all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
 from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
                                 optimizer_step, save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
-from common.labels import seq2seq_batch, targets_and_mask
+from common.labels import causal_lm_batch, seq2seq_batch, targets_and_mask
 from common.losses import cross_entropy, soft_cross_entropy
 from common.training import Throughput, dp_shard, global_count
 
@@ -55,13 +59,15 @@ DEFAULTS["kd"] = DEFAULTS["seqkd"] = DEFAULTS["sft"]
 
 
 def check_models(student, teacher, student_tok, teacher_tok, model_path, teacher_path):
-    """Encoder-decoder models only, and one tokenizer for both (the rollouts and KD compare token by token)."""
-    for model, path, flag in ((student, model_path, "--model_path"), (teacher, teacher_path, "--teacher_model_path")):
-        if model is not None and not hf.is_seq2seq(model):
-            raise ValueError(f"{flag} {path} is a decoder-only model ({type(model).__name__}); anli_reverse_kl "
-                             f"trains encoder-decoder models: pass a T5 / Flan-T5 folder")
+    """Teacher and student of one kind (both encoder-decoder or both causal) and one tokenizer for both (the
+    rollouts and KD compare token by token)."""
     if teacher is None:
         return
+    if hf.is_seq2seq(student) != hf.is_seq2seq(teacher):
+        kind = {True: "an encoder-decoder", False: "a decoder-only"}
+        raise ValueError(f"--teacher_model_path {teacher_path} is {kind[hf.is_seq2seq(teacher)]} model "
+                         f"({type(teacher).__name__}) and --model_path {model_path} {kind[hf.is_seq2seq(student)]} "
+                         f"one ({type(student).__name__}): give both of one kind")
     if student_tok.get_vocab() != teacher_tok.get_vocab() or \
             (student_tok.eos_token_id, student_tok.pad_token_id) != (teacher_tok.eos_token_id, teacher_tok.pad_token_id):
         raise ValueError(f"--teacher_model_path {teacher_path} and --model_path {model_path} have different "
@@ -70,11 +76,12 @@ def check_models(student, teacher, student_tok, teacher_tok, model_path, teacher
     hf.check_vocab(student, teacher, student_tok)
 
 
-def load_items(data_dir: str, max_prompt_length: int, max_len: int) -> list:
+def load_items(data_dir: str, max_prompt_length: int, max_len: int, prompt_eos: int = None) -> list:
     """(prompt, target) token lists of the train split; prompts over max_prompt_length are dropped (MiniLLM),
-    targets cut to max_len tokens."""
+    targets cut to max_len tokens. `prompt_eos`: an id to take off the end of each prompt (a causal LM's)."""
     items = read_items(data_dir, "train")
-    kept = [(it["prompt"], it["target"][:max_len]) for it in items if len(it["prompt"]) <= max_prompt_length]
+    prompts = [it["prompt"][:-1] if it["prompt"][-1:] == [prompt_eos] else it["prompt"] for it in items]
+    kept = [(p, it["target"][:max_len]) for p, it in zip(prompts, items) if len(p) <= max_prompt_length]
     print0(f"{data_dir}: {len(kept)} train items ({len(items) - len(kept)} prompts over {max_prompt_length} tokens "
            f"dropped)")
     if not kept:
@@ -107,20 +114,25 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float):
 
 
 def to_batch(pairs, tok, start_id, device) -> dict:
-    batch = seq2seq_batch([p for p, _ in pairs], [t for _, t in pairs], pad_id=tok.pad_token_id,
-                          decoder_start_id=start_id)
+    """(prompt, target) pairs -> model inputs, targets and mask; start_id None: a causal LM (prompt + target)."""
+    prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
+    if start_id is None:
+        batch = causal_lm_batch(prompts, targets, pad_id=tok.pad_token_id)
+    else:
+        batch = seq2seq_batch(prompts, targets, pad_id=tok.pad_token_id, decoder_start_id=start_id)
     batch = {k: v.to(device) for k, v in batch.items()}
-    batch["targets"], batch["mask"] = targets_and_mask(batch.pop("labels"), shift=False)
+    batch["targets"], batch["mask"] = targets_and_mask(batch.pop("labels"), shift=start_id is None)
     return batch
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "decoder_input_ids",
+                                  "decoder_attention_mask") if k in batch}
 
 
 def first_token_masks(mask):
-    first = mask.clone()
-    first[:, 1:] = False
+    """(each row's first counted position, the others)."""
+    first = mask & (mask.cumsum(1) == 1)
     return first, mask & ~first
 
 
@@ -174,9 +186,10 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
         teacher_tok = hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path")
     check_models(model, teacher, tok, teacher_tok, model_path, teacher_model_path)
     model.train()
-    start_id = model.config.decoder_start_token_id
-    items = load_items(data_dir, max_prompt_length, cfg["max_len"])
-    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"]) if lm_data_dir else None
+    start_id = model.config.decoder_start_token_id if hf.is_seq2seq(model) else None
+    prompt_eos = None if hf.is_seq2seq(model) else tok.eos_token_id
+    items = load_items(data_dir, max_prompt_length, cfg["max_len"], prompt_eos)
+    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"], prompt_eos) if lm_data_dir else None
 
     accum, per_rank = cfg["gradient_accumulation_steps"], cfg["batch_size"]
     if type == "minillm":
@@ -227,6 +240,10 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
                 sums[name] = sums.get(name, 0.0) + float(v)
         return sums
 
+    def export_steps():
+        if state["step"] < total_steps:  # the last weights go to --save/model
+            export_model(unwrap(ddp), tok, os.path.join(save, f"step-{state['step']}"), lay)
+
     meter = Throughput()
     if type != "minillm":
         while state["step"] < total_steps:
@@ -257,6 +274,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
             log(state["step"], dict(epoch=epoch, loss=loss, grad_norm=grad_norm, tokens_per_s=meter.rate()))
             if state["step"] % save_interval == 0 or state["step"] == total_steps:
                 save_checkpoint(save, state, lay, model, opt, scheduler, scaler, tok)
+                export_steps()
     else:
         settings = dict(alpha=teacher_mixed_alpha, gamma=gamma, reward_scaling=reward_scaling,
                         reward_clip=cliprange_reward, length_norm=length_norm)
@@ -270,7 +288,8 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
                 responses += sample_responses(unwrap(ddp), teacher, prompts[c:c + chunk_size],
                                               max_new_tokens=max_new_tokens, alpha=teacher_mixed_alpha,
                                               temperature=temperature, top_k=top_k, top_p=top_p,
-                                              eos_id=tok.eos_token_id, seed=rank_seed(seed, it * 100003 + c, lay.dp_rank))
+                                              eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                              seed=rank_seed(seed, it * 100003 + c, lay.dp_rank))
             elapsed = time.perf_counter() - t0
             store = score_rollouts(unwrap(ddp), teacher, prompts, responses, pad_id=tok.pad_token_id,
                                    batch_size=chunk_size, group=group, **settings)
@@ -292,7 +311,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
                     if state["step"] >= total_steps:
                         break
                     rows = perm[s:s + per_rank * accum]
-                    micro = [{k: store[k][rows[j:j + per_rank]] for k in STORE_FIELDS}
+                    micro = [{k: store[k][rows[j:j + per_rank]] for k in store_fields(store)}
                              for j in range(0, len(rows), per_rank)]
                     if lm_items:
                         for batch, lm in zip(micro, lm_batches(state["step"], len(micro))):
@@ -321,6 +340,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
             state["iteration"] = it + 1
             if state["iteration"] % save_interval == 0 or state["step"] >= total_steps:
                 save_checkpoint(save, state, lay, model, opt, scheduler, scaler, tok)
+                export_steps()
     export_model(unwrap(ddp), tok, os.path.join(save, "model"), lay)
     print0(f"saved {os.path.join(save, 'model')}")
     shutdown()

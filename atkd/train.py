@@ -180,7 +180,7 @@ def _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strat
     check_choice("setting", setting, ("vanilla", "reverse"))
     check_choice("task", task, ("alpaca",))
     check_choice("mode", mode, ("offline", "online"))
-    check_choice("save_strategy", save_strategy, ("no", "epoch"))
+    check_choice("save_strategy", save_strategy, ("no", "epoch", "steps"))
     check_choice("lr_scheduler_type", lr_scheduler_type, ("cosine", "linear", "constant"))
     if evaluation_strategy != "no":
         raise ValueError(f"--evaluation_strategy {evaluation_strategy!r}: training evaluates nothing (only 'no' is "
@@ -210,7 +210,8 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
          run_name: str = None, chat_template: bool = False):
     """Distil `teacher_model_path` into `student_model_path` (flags and defaults of the release, atkd.md §6).
 
-    output_dir gets model/ (the student, from_pretrained), metrics.jsonl, checkpoints/ (resume; the last one).
+    output_dir gets model/ (the student, from_pretrained), metrics.jsonl, checkpoints/ (resume; the last one);
+    --save_strategy epoch / steps also exports epoch-K/ after every epoch / step-N/ every --save_steps steps.
     Extras of ours: --gjsd_beta, --student_request_ratio / --student_token_ratio (the release's hidden 0.5s),
     --max_steps, --max_grad_norm, --seed, --save_steps (resume checkpoints), --allow_padded_vocab (teacher and
     student vocabularies padded to different widths: the first min(widths) logits are compared),
@@ -345,6 +346,8 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
             save_checkpoint(str(out), state, lay, student, optimizer, scheduler)
         if save_strategy == "epoch" and state["step"] % steps_per_epoch == 0:
             export_model(student, tokenizer, str(out / f"epoch-{state['step'] // steps_per_epoch}"), lay)
+        if save_strategy == "steps" and state["step"] % save_steps == 0 and state["step"] < total_steps:
+            export_model(student, tokenizer, str(out / f"step-{state['step']}"), lay)
     bar.close()
     export_model(student, tokenizer, str(out / "model"), lay)
     shutdown()

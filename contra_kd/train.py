@@ -21,7 +21,8 @@ AdamW (weight decay 0.01, none on biases and norms), cosine from lr to lr_min ov
 clip 1.0; `--dtype bfloat16` / `float16` runs every forward (sampling included) under autocast over fp32 weights.
 Each epoch ends with the dev CE (DistiLLM's threshold; `--select-by loss`) and the dev Rouge-L of
 sampled responses (`--select-by rougeL`, default); the best epoch is exported to `save/best`, the last to
-`save/final`.
+`save/final`, and with `--save-interval N` (the original's flag; -1: none) the student every N optimiser
+steps to `save/step-N`.
 
 The run is a fixed sequence of units (dev evaluation of the start point, student steps, epoch ends, re-fit
 steps) whose randomness is keyed by (seed, unit, rank), so 1 process x GA 2 and 2 processes x GA 1 follow
@@ -128,7 +129,8 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
          velocity_update_interval: int = 1, velocity_field: str = None, projector: str = None,
          velocity_dropout: float = 0.1, gradual_beta: bool = False, peft: str = None, peft_lora_r: int = 16,
          peft_lora_alpha: float = 64, peft_lora_dropout: float = 0.1, select_by: str = "rougeL",
-         save_steps: int = 0, clip_grad: float = 1.0, dtype: str = "float32", eval_batch_size: int = 8):
+         save_steps: int = 0, save_interval: int = -1, clip_grad: float = 1.0, dtype: str = "float32",
+         eval_batch_size: int = 8):
     base, contra, loss = parse_type(type, loss)
     for flag, value in (("--model-path", model_path), ("--data-dir", data_dir), ("--save", save)):
         if not value:
@@ -430,6 +432,8 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens / (now - clock)})
             clock = now
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", src=source[:3])
+            if save_interval > 0 and (step + 1) % save_interval == 0 and step + 1 < total_iters:
+                export_model(student, tokenizer, os.path.join(save, f"step-{step + 1}"), lay)
         elif kind == "epoch_end":
             row = {"kind": "epoch", "unit": u, "epoch": epoch, "dev_loss": dev_loss(), "dev_rougeL": dev_rouge()}
             if schedule:

@@ -1,6 +1,7 @@
 """anli_reverse_kl/train.py: losses, checks, resume after kill -9, data parallel == accumulation."""
 import glob
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anli_reverse_kl.train import check_models, kd_loss, sft_loss, to_batch, train
+from anli_reverse_kl.prepare_data import write_tokenized
+from anli_reverse_kl.train import check_models, kd_loss, load_items, model_inputs, sft_loss, to_batch, train
 from common.io import read_tensors
-from tests.tiny import char_tokenizer, tiny_model
+from tests.tiny import char_tokenizer, save_tiny, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "anli_reverse_kl", "train.py")
@@ -73,12 +75,47 @@ def test_sft_and_kd_micro_batches_with_the_whole_step_counts_sum_to_the_full_bat
         assert torch.allclose(parts[0][k] + parts[1][k], whole[k], atol=1e-5)
 
 
-def test_decoder_only_model_is_refused_with_one_clear_line():
+def test_a_teacher_of_the_other_kind_is_refused_with_one_clear_line():
     tok = char_tokenizer()
-    with pytest.raises(ValueError, match=r"--model_path gpt2-folder is a decoder-only model \(GPT2LMHeadModel\).*T5"):
-        check_models(tiny_model("gpt2"), None, tok, None, "gpt2-folder", None)
-    with pytest.raises(ValueError, match=r"--teacher_model_path opt-folder is a decoder-only model"):
+    with pytest.raises(ValueError, match=r"--teacher_model_path opt-folder is a decoder-only model \(OPTForCausalLM\) "
+                                         r"and --model_path t5 an encoder-decoder one"):
         check_models(tiny_model("t5"), tiny_model("opt"), tok, tok, "t5", "opt-folder")
+    check_models(tiny_model("llama"), tiny_model("llama", seed=1), tok, tok, "S", "T")  # one kind: fine
+
+
+def test_causal_batches_score_the_target_after_the_prompt_and_weight_its_first_token():
+    pairs, tok = toy_batch()
+    model = tiny_model("llama", seed=0)
+    batch = to_batch(pairs, tok, None, "cpu")
+    logits = model(**model_inputs(batch)).logits
+    firsts, rests = [], []
+    for prompt, target in pairs:
+        one = model(input_ids=torch.tensor([prompt + target])).logits[0]
+        nll = F.cross_entropy(one[len(prompt) - 1:-1], torch.tensor(target), reduction="none")
+        firsts.append(nll[0])
+        rests += list(nll[1:])
+    want = 0.8 * torch.stack(firsts).mean() + 0.2 * torch.stack(rests).mean()
+    assert torch.allclose(sft_loss(logits, batch, 0.8, len(firsts), len(rests)), want, atol=1e-5)
+
+
+def test_minillm_trains_a_causal_student_and_exports_the_weights_at_each_save_interval(tmp_path):
+    tok = char_tokenizer()
+    save_tiny("llama", tmp_path / "teacher", seed=0)
+    save_tiny("llama", tmp_path / "student", seed=1)
+    prompts = [tok.encode(f"question {i}?") + [1] for i in range(8)]  # prepare_data's EOS-closed prompts
+    records = [dict(uid=str(i), prompt="", target="", label="", reason="", prompt_tokens=p, target_tokens=[])
+               for i, p in enumerate(prompts)]
+    write_tokenized(str(tmp_path / "data"), "train", [p + [-1] + tok.encode("yes") + [1] + [-1] * 4 for p in prompts],
+                    records, len(tok))
+    options = dict(MINILLM, model_path=str(tmp_path / "student"), teacher_model_path=str(tmp_path / "teacher"),
+                   data_dir=str(tmp_path / "data"), total_iters=4, save_interval=1)  # 2 steps per iteration
+    train(**options, save=str(tmp_path / "run"))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    assert sorted(os.listdir(tmp_path / "run")) == ["args.json", "checkpoints", "log.jsonl", "model", "step-2"]
+    a, b = weights(tmp_path / "student"), weights(tmp_path / "run" / "model")
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # it trained
+    assert load_items(str(tmp_path / "data"), 512, 360, prompt_eos=1)[0][0] == prompts[0][:-1]  # EOS left off
 
 
 def test_teacher_and_student_tokenizers_that_differ_are_refused():

@@ -232,13 +232,16 @@ def test_cli_reports_bad_data_as_one_line_naming_file_item_and_field(tmp_path):
 def test_compatibility_flags_have_their_documented_effects(tmp_path):
     student, teacher = _models(tmp_path)
     data, runs = _data(tmp_path), {}
-    for lazy in (True, False):
+    for lazy, strategy in ((True, "epoch"), (False, "steps")):
         out = tmp_path / f"lazy{lazy}"
         train.main(student, teacher, data, str(out), kl_method="forward", per_device_train_batch_size=2,
-                   gradient_accumulation_steps=1, num_train_epochs=2, lazy_preprocess=lazy, save_strategy="epoch",
-                   max_propose_num=3, per_device_eval_batch_size=7, tf32=True)
+                   gradient_accumulation_steps=1, num_train_epochs=2, lazy_preprocess=lazy, save_strategy=strategy,
+                   save_steps=1, max_propose_num=3, per_device_eval_batch_size=7, tf32=True)
         runs[lazy] = [r["loss"] for r in _metrics(out)]
-        assert sorted(p.name for p in out.glob("epoch-*")) == ["epoch-1", "epoch-2"]
+        exported = sorted((p.name for p in out.glob(f"{strategy[:-1] if strategy == 'steps' else strategy}-*")),
+                          key=lambda name: int(name.split("-")[1]))
+        n = len(runs[lazy])  # steps: every --save_steps but the last (that one is model/)
+        assert exported == (["epoch-1", "epoch-2"] if strategy == "epoch" else [f"step-{k}" for k in range(1, n)])
     assert runs[True] == pytest.approx(runs[False])  # tokenising up front or in the loop: the same run
     # --mode offline shuffles each epoch with its own seed; online keeps the data order
     assert train._step_items(8, 0, 2, 4, seed=42, shuffle=False) == [0, 1, 2, 3]

@@ -207,8 +207,9 @@ def test_each_type_logs_its_terms_and_the_total_is_their_weighted_sum(workspace,
          data_dir=str(workspace / "dolly/full/tiny"), lm_data_dir=str(workspace / "owt/tiny/96/40"), save=str(save),
          epochs=1, batch_size=8, kd_ratio=0.5, lm_coef=0.7, num_distill_layers=2,
          velocity_field=str(workspace / "vf.safetensors"), projector=str(workspace / "proj.safetensors"),
-         max_length=232, max_prompt_length=200, eval_batch_size=4, seed=5)
+         max_length=232, max_prompt_length=200, eval_batch_size=4, seed=5, save_interval=1)
     steps = [json.loads(line) for line in open(save / "metrics.jsonl") if '"step"' in line]
+    assert sorted(p.name for p in save.glob("step-*")) == ["step-1"]  # --save-interval 1 of 2 steps (2: final/)
     assert len(steps) == 2
     for row in steps:
         assert all(row[t] > 0 for t in terms)
