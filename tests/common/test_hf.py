@@ -108,3 +108,14 @@ def test_keep_layers_cli_saves_a_loadable_student_and_refuses_bad_indices(tmp_pa
             hf.keep_layers(hf.load_model(folder), bad)
     with pytest.raises(ValueError, match="has no model.layers"):
         hf.keep_layers(tiny_model("gpt2"), [0])
+
+
+def test_chat_prompt_is_the_tokenizers_template_of_one_user_turn(smollm2_dir):
+    tok = hf.load_tokenizer(smollm2_dir)
+    text = hf.chat_prompt(tok, "Name a colour.", "Think of the sky.")
+    assert text == tok.apply_chat_template([{"role": "user", "content": "Name a colour.\n\nThink of the sky."}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nName a colour." in text
+    assert hf.chat_prompt(tok, "Name a colour.").count("\n\n") == 0  # no input: no blank line
+    with pytest.raises(hf.UserError, match="no chat template"):
+        hf.chat_prompt(char_tokenizer(), "x")
