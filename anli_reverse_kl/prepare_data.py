@@ -14,7 +14,9 @@ with EOS closing prompt and target, plus `{save}/{r}/{split}.jsonl` with
 `{uid, prompt, target, label, reason, prompt_tokens, target_tokens}` (label = the label word, reason the
 cleaned reason or "") for evaluation. The train split is cleaned (§2.3: rows without a usable reason are
 dropped; prompts over `max_prompt_length` tokens are dropped, as MiniLLM drops them); dev/test keep every
-row, with target = the label word when the reason is empty or unusable.
+row, with target = the label word when the reason is empty or unusable. `--chat_template True` (ours, for a
+causal instruct model such as SmolLM2-Instruct) puts each prompt in the tokenizer's chat template as one user
+turn (common.hf.chat_prompt); the target is then the assistant's reply.
 """
 import glob
 import json
@@ -30,6 +32,7 @@ if __package__ in (None, ""):  # run as a file
 import numpy as np
 
 from common.binarized import best_dtype, read_split, write_indexed
+from common.hf import chat_prompt
 from common.io import write_jsonl
 
 LABEL_WORDS = ("entailment", "neutral", "contradiction")  # ANLI's label ids 0, 1, 2
@@ -179,7 +182,8 @@ def read_items(folder: str, split: str) -> list:
 
 
 def main(data_dir: str = "data/anli_standin", tokenizer: str = None, save: str = "processed_data/anli",
-         rounds: str = "r1,r2,r3", splits: str = "train,dev,test", max_prompt_length: int = 320):
+         rounds: str = "r1,r2,r3", splits: str = "train,dev,test", max_prompt_length: int = 320,
+         chat_template: bool = False):
     from transformers import AutoTokenizer
 
     if tokenizer is None:
@@ -194,6 +198,8 @@ def main(data_dir: str = "data/anli_standin", tokenizer: str = None, save: str =
             path = find_split_file(data_dir, split, r)
             rows = read_rows(path)
             items, dropped = make_items(rows, split, r)
+            if chat_template:
+                items = [dict(item, prompt=chat_prompt(tok, item["prompt"])) for item in items]
             overlong = write_split(items, tok, os.path.join(save, r), split, max_prompt_length)
             print(f"{r} {split}: {len(rows)} rows from {path} -> {len(items) - overlong} items "
                   f"({dropped} without a usable reason, {overlong} prompts over {max_prompt_length} tokens)")
