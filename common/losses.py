@@ -32,6 +32,7 @@ Index
 §3 target-aware, fn(student_logits, teacher_logits, *, mask, target_ids, ...): dkd(alpha, beta, reverse),
     atkd(lam, reverse).
 Student-only: cross_entropy(logits, *, target_ids, mask, chunk_size, normalizer, group);
+HeadLogits(hidden, weight, bias=None) in place of any logits; compiled_chunks() context;
     token_log_probs(logits, *, target_ids, temperature, chunk_size, group) -> [B, S], 0 where the target is -100.
 §4.1 mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, ...).
 §4.2 fdd_loss(student_states, teacher_states, student_head, teacher_head, *, mask, ...), distill_layer_indices.
@@ -58,6 +59,15 @@ chunked loss supports one backward (a second raises), and computes gradients whe
 the logits require grad: evaluate logged-only losses under torch.no_grad(). Values and gradients equal the
 unchunked path.
 
+Logits from the head (`HeadLogits(hidden, weight, bias=None)`): wherever a loss takes logits it also takes the
+head's input [B, S, D] and weight [V, D] (student, teacher or both; a LoRA head as two terms), so the logits
+are computed from the counted rows only. With `chunk_size=k` that happens k rows at a time, and each chunk's
+gradient goes straight on to the hidden states and the head weights (dz @ W and dzᵀ @ h, Liger-Kernel's fused
+linear + loss in PyTorch): neither model's [B, S, V] logits ever exist, in any dtype. Under autocast the head
+matmuls run in the autocast dtype (bf16), the divergence in fp32, and the gradients land in the inputs' own
+dtype (fp32 master weights). `with compiled_chunks():` evaluates each chunk's divergence and its logit gradient
+with torch.compile (the elementwise work over the vocabulary fused; opt-in, the first call compiles).
+
 Vocab-parallel (`group=<process group>`): the logits are this rank's shard of the vocabulary, as
 fairscale's `ColumnParallelLinear(..., gather_output=False)` returns them for the output head: rank r of the
 group holds columns `[r·V/tp, (r+1)·V/tp)`; teacher and student must be sharded alike. Pass
@@ -66,11 +76,16 @@ group holds columns `[r·V/tp, (r+1)·V/tp)`; teacher and student must be sharde
 `target_ids` stay global ids and `p(g)` is read on the shard that owns g. Every rank returns the same value as
 the gathered computation, and the gradient w.r.t. its local shard is the true partial derivative (not
 multiplied by tp), so fairscale's backward all-reduce for the head input gives the right hidden-state
-gradient. `group=None` (or a group of size 1) means unsharded logits. Combine freely with `chunk_size`.
+gradient. A HeadLogits takes this rank's rows of the head weight and the replicated hidden states, whose
+gradient is all-reduced here (the full one on every rank). `group=None` (or a group of size 1) means
+unsharded logits. Combine freely with `chunk_size`.
 """
+import contextlib
 import math
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -175,8 +190,8 @@ def _log_probs(zs, zt, group):
     """log q, log p, and the entries that count (None = all). Entries with a -inf logit on either side count
     0 (§1); there the log-probabilities are replaced by 0 so that no inf or NaN reaches terms or gradients."""
     logq, logp = _log_softmax(zs, group), _log_softmax(zt, group)
-    if not (torch.isneginf(zs).any() or torch.isneginf(zt).any()):
-        return logq, logp, None
+    if not torch.compiler.is_compiling() and not (torch.isneginf(zs).any() or torch.isneginf(zt).any()):
+        return logq, logp, None  # (compiled kernels always take the masked form: no data-dependent branch)
     keep = ~(torch.isneginf(zs) | torch.isneginf(zt))
     return logq.masked_fill(~keep, 0.0), logp.masked_fill(~keep, 0.0), keep
 
@@ -267,9 +282,82 @@ def _cross_entropy_rows(zs, zt, target, group=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Logits given by a linear head's input and weights
+
+@dataclass(frozen=True)
+class HeadLogits:
+    """The logits `Σ_k hidden[k] @ weight[k].T (+ bias)` of a linear LM head, given by the head's input and
+    weights: every loss here accepts it wherever it takes logits, and a chunked loss then computes the logits
+    `chunk_size` rows at a time, so the full [B, S, V] tensor never exists (the head matmul fused with the
+    divergence, as Liger-Kernel's fused linear losses).
+
+    hidden [B, S, D]: what the head reads (after the final norm and any scaling the model applies, e.g. T5's
+    d_model**-0.5); weight [V, D]: `lm_head.weight` (the embedding where tied); bias [V] or None. A LoRA head is
+    two terms: hidden=(h, s·A(h)), weight=(W, B). With `group`, weight and bias are this rank's vocabulary shard
+    (rows [r·V/tp, (r+1)·V/tp)) and hidden is replicated: its gradient is summed over the shards.
+    The head matmuls run in the autocast dtype where autocast is on (bf16 weights cast once per call), else in
+    the inputs' dtype; the divergence itself in fp32, as for logits.
+    """
+    hidden: object
+    weight: object
+    bias: Optional[torch.Tensor] = None
+
+    @property
+    def terms(self):
+        hidden = tuple(self.hidden) if isinstance(self.hidden, (tuple, list)) else (self.hidden,)
+        weight = tuple(self.weight) if isinstance(self.weight, (tuple, list)) else (self.weight,)
+        if len(hidden) != len(weight) or any(h.shape[-1] != w.shape[-1] or w.shape[0] != weight[0].shape[0]
+                                             or h.shape[:-1] != hidden[0].shape[:-1]
+                                             for h, w in zip(hidden, weight)):
+            raise ValueError(f"HeadLogits: hidden {[tuple(h.shape) for h in hidden]} and weight "
+                             f"{[tuple(w.shape) for w in weight]} must pair up as [B, S, D_k] with [V, D_k]")
+        return tuple(zip(hidden, weight))
+
+    @property
+    def shape(self):
+        (h, w), *_ = self.terms
+        return torch.Size((*h.shape[:-1], w.shape[0]))
+
+    @property
+    def device(self):
+        return self.terms[0][0].device
+
+    def dim(self):
+        return len(self.shape)
+
+    def tensors(self):
+        """The tensors gradients go to, in a fixed order: hidden terms, weight terms, bias."""
+        hidden, weight = zip(*self.terms)
+        return hidden + weight + (() if self.bias is None else (self.bias,))
+
+    def detach(self):
+        detached = [t.detach() for t in self.tensors()]
+        n = len(self.terms)
+        return HeadLogits(tuple(detached[:n]), tuple(detached[n:2 * n]), detached[2 * n] if self.bias is not None else None)
+
+    def matmul_dtype(self):
+        device = self.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        dtype = self.terms[0][0].dtype
+        for t in self.tensors():
+            dtype = torch.promote_types(dtype, t.dtype)
+        return dtype
+
+
+def _tensors(x):
+    return x.tensors() if isinstance(x, HeadLogits) else (x,)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Evaluation over selected rows: plain autograd, or chunked with gradients filled in during the forward
 
 def _compute_dtype(t):
+    if isinstance(t, HeadLogits):
+        dtype = torch.float32
+        for x in t.tensors():
+            dtype = torch.promote_types(dtype, x.dtype)
+        return dtype
     return torch.promote_types(t.dtype, torch.float32)
 
 
@@ -279,43 +367,138 @@ def _rows(t, rows):
     return t[torch.unravel_index(rows, t.shape[:-1])]
 
 
-def _select_rows(t, rows, vocab, dtype):
+def _head_rows(head, rows, vocab, group):
+    """Logits of a HeadLogits at flat positions `rows`, with autograd (the plain path)."""
+    dtype = head.matmul_dtype()
+    z = 0
+    for h, w in head.terms:
+        h = _rows(h, rows).to(dtype)
+        if group is not None and h.requires_grad:
+            h = _ReplicatedIntoShard.apply(h, group)  # replicated input: its gradient sums the shards' parts
+        z = z + h @ w[:vocab].to(dtype).T
+    return z if head.bias is None else z + head.bias[:vocab].to(dtype)
+
+
+def _select_rows(t, rows, vocab, dtype, group=None):
+    if isinstance(t, HeadLogits):
+        return _head_rows(t, rows, vocab, group).to(dtype)
     return _rows(t[..., :vocab], rows).to(dtype)
 
 
-def _rows_value(per_token, xi, yi, row_data, weight, temperature, group):
+def _rows_value(per_token, xi, yi, row_data, weight, temperature, group, dtype=None):
+    """Σ_i weight_i · per_token(x_i / τ, y_i / τ, *row_data_i); rows cast to `dtype` first (when given)."""
     def scaled(z):
-        return z if z is None or temperature == 1 else z / temperature
+        if z is None:
+            return z
+        z = z if dtype is None else z.to(dtype)
+        return z if temperature == 1 else z / temperature
     d = per_token(scaled(xi), scaled(yi), *row_data, group=group)
     return (d if weight is None else d * weight).sum()
 
 
+_compiled = {"on": False, "fn": None}
+
+
+@contextlib.contextmanager
+def compiled_chunks(enabled: bool = True):
+    """Within it, a chunked loss evaluates each chunk's value and logit gradient with torch.compile (the
+    elementwise work over the vocabulary fused into a few passes; several times faster on CPU). Same values up
+    to float rounding. Off by default: the first call of each loss compiles for seconds. Unsharded only
+    (`group=None`); vocab-parallel losses stay eager."""
+    before = _compiled["on"]
+    _compiled["on"] = enabled
+    try:
+        yield
+    finally:
+        _compiled["on"] = before
+
+
+def _chunk_kernel(group):
+    if not _compiled["on"] or group is not None:
+        return None
+    if _compiled["fn"] is None:
+        _compiled["fn"] = torch.compile(_rows_value, dynamic=True)
+    return _compiled["fn"]
+
+
+class _Side:
+    """One input of a chunked loss (logits, or a HeadLogits): reads or computes `[n, vocab]` rows of logits
+    without autograd and collects the gradients of its tensors chunk by chunk."""
+
+    def __init__(self, x, vocab, group, needs_grad):
+        self.x, self.vocab, self.group = x, vocab, group
+        self.head = isinstance(x, HeadLogits)
+        if self.head:
+            self.dtype = x.matmul_dtype()
+            self.weights = [w[:vocab].to(self.dtype) for _, w in x.terms]  # cast once per call, not per chunk
+            self.bias = None if x.bias is None else x.bias[:vocab].to(self.dtype)
+        self.grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if needs_grad and t.requires_grad
+                      else None for t in _tensors(x)]
+        self.needs_grad = any(g is not None for g in self.grads)
+
+    def rows(self, idx):
+        if not self.head:
+            return _rows(self.x[..., :self.vocab], idx)
+        self.inputs = [_rows(h, idx).to(self.dtype) for h, _ in self.x.terms]  # kept for the weight gradient
+        z = sum(h @ w.T for h, w in zip(self.inputs, self.weights))
+        return z if self.bias is None else z + self.bias
+
+    def add_grad(self, idx, dz):
+        if not self.head:
+            buffer = self.grads[0]
+            buffer.view(-1, buffer.shape[-1])[:, :self.vocab].index_add_(0, idx, dz.to(buffer.dtype))
+            return
+        dz = dz.to(self.dtype)
+        n = len(self.weights)
+        for k, (h, w) in enumerate(zip(self.inputs, self.weights)):
+            grad_h, grad_w = self.grads[k], self.grads[n + k]
+            if grad_h is not None:
+                grad_h.view(-1, grad_h.shape[-1]).index_add_(0, idx, (dz @ w).to(grad_h.dtype))
+            if grad_w is not None:
+                grad_w[:self.vocab] += dz.T @ h
+        if self.bias is not None and self.grads[-1] is not None:
+            self.grads[-1][:self.vocab] += dz.sum(0)
+
+    def finish(self):
+        """Gradients of the whole call; a replicated hidden input's gradient summed over the vocabulary shards."""
+        if self.head and self.group is not None:
+            for grad_h in self.grads[:len(self.weights)]:
+                if grad_h is not None:
+                    dist.all_reduce(grad_h, group=self.group)
+        return self.grads
+
+
 class _ChunkedRowSum(torch.autograd.Function):
     """Σ over rows of a per-token loss, evaluated `chunk_size` rows at a time. Each chunk's gradient is
-    computed right away and added into a buffer shaped like the logits; backward only scales it."""
+    computed right away and added into buffers shaped like the inputs (the logits, or a head's hidden states
+    and weights); backward only scales them."""
 
     @staticmethod
-    def forward(ctx, x, y, plan):
-        per_token, x_rows, y_rows, row_data, weight, temperature, group, vocab, chunk_size, needs_x, needs_y = plan
+    def forward(ctx, plan, *tensors):
+        per_token, x, y, x_rows, y_rows, row_data, weight, temperature, group, vocab, chunk_size, needs = plan
         dtype = _compute_dtype(x)
-        grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if needs_x else None
-        grad_y = torch.zeros(y.shape, dtype=y.dtype, device=y.device) if needs_y else None
+        sides = [_Side(x, vocab, group, needs[0])] + ([] if y is None else [_Side(y, vocab, group, needs[1])])
+        kernel = _chunk_kernel(group)
         total = torch.zeros((), dtype=dtype, device=x.device)
         for start in range(0, x_rows.numel(), chunk_size):
             part = slice(start, start + chunk_size)
-            xi = _select_rows(x, x_rows[part], vocab, dtype).requires_grad_(needs_x)
-            yi = None if y is None else _select_rows(y, y_rows[part], vocab, dtype).requires_grad_(needs_y)
-            with torch.enable_grad() if needs_x or needs_y else nullcontext():
-                value = _rows_value(per_token, xi, yi, [d[part] for d in row_data],
-                                    None if weight is None else weight[part], temperature, group)
-            todo = [(xi, grad_x, x_rows[part]), (yi, grad_y, None if y_rows is None else y_rows[part])]
-            todo = [t for t in todo if t[1] is not None]
+            idx = [x_rows[part]] + ([] if y is None else [y_rows[part]])
+            data = ([d[part] for d in row_data], None if weight is None else weight[part], temperature, group)
+            if kernel is None:  # fp32 copies of the rows as the leaves
+                z = [side.rows(i).to(dtype).requires_grad_(side.needs_grad) for side, i in zip(sides, idx)]
+                with torch.enable_grad() if any(needs) else nullcontext():
+                    value = _rows_value(per_token, z[0], z[1] if y is not None else None, *data)
+            else:  # the rows in their own dtype as the leaves, cast inside the compiled kernel
+                z = [side.rows(i).requires_grad_(side.needs_grad) for side, i in zip(sides, idx)]
+                with torch.enable_grad() if any(needs) else nullcontext():
+                    value = kernel(per_token, z[0], z[1] if y is not None else None, *data, dtype=dtype)
+            todo = [(side, i, leaf) for side, i, leaf in zip(sides, idx, z) if side.needs_grad]
             if todo:
-                grads = torch.autograd.grad(value, [leaf for leaf, _, _ in todo])
-                for (_, buffer, rows), g in zip(todo, grads):
-                    buffer.view(-1, buffer.shape[-1])[:, :vocab].index_add_(0, rows, g.to(buffer.dtype))
+                grads = torch.autograd.grad(value, [leaf for _, _, leaf in todo])
+                for (side, i, _), g in zip(todo, grads):
+                    side.add_grad(i, g)
             total += value.detach()
-        ctx.grads = (grad_x, grad_y)
+        ctx.grads = [g for side in sides for g in side.finish()]
         return total
 
     @staticmethod
@@ -324,32 +507,35 @@ class _ChunkedRowSum(torch.autograd.Function):
             raise RuntimeError("a chunked loss supports a single backward (its gradient buffer is consumed); "
                                "use chunk_size=None to backward twice")
         grads, ctx.grads = ctx.grads, None
-        return tuple(None if g is None else g.mul_(grad_total) for g in grads) + (None,)
+        return (None,) + tuple(None if g is None else g.mul_(grad_total) for g in grads)
 
 
 def _sum_over_rows(per_token, x, y, x_rows, y_rows, row_data=(), weight=None, *, temperature=1.0,
                    chunk_size=None, group=None, vocab=None):
-    """Σ_i weight_i · per_token(x[x_rows[i]] / τ, y[y_rows[i]] / τ, *row_data[i]) over flattened [*, V] rows;
-    gradients reach x and y where they require grad."""
+    """Σ_i weight_i · per_token(x[x_rows[i]] / τ, y[y_rows[i]] / τ, *row_data[i]) over flattened [*, V] rows of
+    logits or HeadLogits; gradients reach x and y where they require grad."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is None:
         dtype = _compute_dtype(x)
-        xi = _select_rows(x, x_rows, vocab, dtype)
-        yi = None if y is None else _select_rows(y, y_rows, vocab, dtype)
+        xi = _select_rows(x, x_rows, vocab, dtype, group)
+        yi = None if y is None else _select_rows(y, y_rows, vocab, dtype, group)
         return _rows_value(per_token, xi, yi, row_data, weight, temperature, group)
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     grad_on = torch.is_grad_enabled()
-    plan = (per_token, x_rows, y_rows, tuple(row_data), weight, temperature, group, vocab, int(chunk_size),
-            grad_on and x.requires_grad, grad_on and y is not None and y.requires_grad)
-    return _ChunkedRowSum.apply(x, y, plan)
+    needs = [grad_on and any(t.requires_grad for t in _tensors(x)),
+             grad_on and y is not None and any(t.requires_grad for t in _tensors(y))]
+    plan = (per_token, x, y, x_rows, y_rows, tuple(row_data), weight, temperature, group, vocab, int(chunk_size),
+            needs)
+    tensors = _tensors(x) + (() if y is None else _tensors(y))
+    return _ChunkedRowSum.apply(plan, *tensors)
 
 
 def _graph_zero(t):
-    """0 that keeps the graph (§1: an empty mask must not give NaN); t[..., :0] reads no value, so even
+    """0 that keeps the graph (§1: an empty mask must not give NaN); x[..., :0] reads no value, so even
     -inf logits cannot turn it into NaN."""
-    return t[..., :0].sum().to(_compute_dtype(t))
+    return sum(x[..., :0].sum() for x in _tensors(t)).to(_compute_dtype(t))
 
 
 def _divide(total, count, normalizer):
@@ -571,7 +757,8 @@ def cross_entropy(logits, *, target_ids, mask, chunk_size=None, normalizer=None,
 def token_log_probs(logits, *, target_ids, temperature=1.0, chunk_size=None, group=None):
     """log softmax(logits / τ)[b, t, target_ids[b, t]] in fp32, shape of target_ids (e.g. log q_θ(y_t) for
     MiniLLM). Positions whose target is -100 give 0 and their logits are not read. chunk_size=k: k rows of fp32
-    at a time, forward and backward (the backward recomputes each chunk's softmax from its saved normaliser)."""
+    at a time, forward and backward (the backward recomputes each chunk's softmax from its saved normaliser,
+    and a HeadLogits' rows from its hidden states)."""
     group = _sharded(group)
     if tuple(logits.shape[:-1]) != tuple(target_ids.shape):
         raise ValueError(f"target_ids {tuple(target_ids.shape)} must be the logits' shape {tuple(logits.shape)} "
@@ -582,12 +769,13 @@ def token_log_probs(logits, *, target_ids, temperature=1.0, chunk_size=None, gro
     rows = _counted_rows(counted)
     targets = _counted_targets(target_ids, counted, rows, logits.shape[-1], group)
     if chunk_size is None:
-        z = _select_rows(logits, rows, logits.shape[-1], _compute_dtype(logits)) / temperature
+        z = _select_rows(logits, rows, logits.shape[-1], _compute_dtype(logits), group) / temperature
         picked = _target_log_prob(z, targets, group)
     else:
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-        picked = _ChunkedTargetLogProb.apply(logits, rows, targets, temperature, group, int(chunk_size))
+        plan = (logits, rows, targets, temperature, group, int(chunk_size))
+        picked = _ChunkedTargetLogProb.apply(plan, *_tensors(logits))
     return picked.new_zeros(target_ids.shape).masked_scatter(counted, picked)
 
 
@@ -596,35 +784,37 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
     ∂ log q(g) / ∂z = (onehot(g) - softmax(z / τ)) / τ, from the log-normaliser kept by the forward."""
 
     @staticmethod
-    def forward(ctx, logits, rows, targets, temperature, group, chunk_size):
+    def forward(ctx, plan, *tensors):
+        logits, rows, targets, temperature, group, chunk_size = plan
         dtype, vocab = _compute_dtype(logits), logits.shape[-1]
+        side = _Side(logits, vocab, group, needs_grad=False)
         picked = torch.empty(rows.numel(), dtype=dtype, device=logits.device)
         log_norm = torch.empty_like(picked)
         for start in range(0, rows.numel(), chunk_size):
             part = slice(start, start + chunk_size)
-            z = _select_rows(logits, rows[part], vocab, dtype) / temperature
+            z = side.rows(rows[part]).to(dtype) / temperature
             log_norm[part] = _logsumexp(z, group)
             picked[part] = _at_target(z, targets[part], group) - log_norm[part]
-        ctx.save_for_backward(logits, rows, targets, log_norm)
-        ctx.options = temperature, group, chunk_size
+        ctx.plan, ctx.log_norm = plan, log_norm
+        ctx.needs = [t.requires_grad for t in tensors]
         return picked
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_picked):
-        logits, rows, targets, log_norm = ctx.saved_tensors
-        temperature, group, chunk_size = ctx.options
+        logits, rows, targets, temperature, group, chunk_size = ctx.plan
         dtype, vocab = _compute_dtype(logits), logits.shape[-1]
-        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        side = _Side(logits, vocab, group, needs_grad=True)
+        side.grads = [g if needed else None for g, needed in zip(side.grads, ctx.needs)]
         for start in range(0, rows.numel(), chunk_size):
             part = slice(start, start + chunk_size)
-            z = _select_rows(logits, rows[part], vocab, dtype) / temperature
-            g = -(z - log_norm[part, None]).exp()
+            z = side.rows(rows[part]).to(dtype) / temperature
+            g = -(z - ctx.log_norm[part, None]).exp()
             local, owned = _local_targets(targets[part], vocab, group)
             g.scatter_add_(-1, local[:, None], owned[:, None].to(dtype))  # + onehot(g) on the shard that owns g
             g *= grad_picked[part, None] / temperature
-            grad.view(-1, vocab).index_add_(0, rows[part], g.to(grad.dtype))
-        return grad, None, None, None, None, None
+            side.add_grad(rows[part], g)
+        return (None,) + tuple(side.finish())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -656,7 +846,7 @@ def mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, temperature=1.0, max_se
     if reduction not in ("item", "token"):
         raise ValueError(f"reduction must be 'item' or 'token', got {reduction!r}")
     group = _sharded(group)
-    _check_pair(logits_a, logits_b, logits_a.new_ones(logits_a.shape[:2], dtype=torch.bool), None, group)
+    _check_pair(logits_a, logits_b, torch.ones(logits_a.shape[:2], dtype=torch.bool, device=logits_a.device), None, group)
     device = logits_a.device
     spans_a = torch.as_tensor(spans_a, dtype=torch.long, device=device).reshape(-1, 2)
     spans_b = torch.as_tensor(spans_b, dtype=torch.long, device=device).reshape(-1, 2)

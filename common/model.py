@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
-from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
+from fairscale.nn.model_parallel.mappings import (copy_to_model_parallel_region, gather_from_model_parallel_region,
+                                                  reduce_from_model_parallel_region)
 from torch import nn
 
 
@@ -187,15 +188,16 @@ def rope_table(head_dim: int, end: int, theta: float, scaling: Optional[dict] = 
     return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
-def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, hd]; adjacent dims (2i, 2i+1) rotate as one complex number (Meta convention) by rope [S, hd/2, 2]."""
+def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x [B, S, H, hd]; adjacent dims (2i, 2i+1) rotate as one complex number (Meta convention) by rope [S, hd/2, 2].
+    Computed in fp32; the result in `dtype` (default x's)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():  # real arithmetic: inductor fuses it, and generates no code for complex ops
         (x0, x1), (cos, sin) = pairs.unbind(-1), rope[None, :, None].unbind(-1)
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3).type_as(x)
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3).to(dtype or x.dtype)
     # eager: one complex multiply, the fewest kernels per call
     rotated = torch.view_as_complex(pairs) * torch.view_as_complex(rope)[None, :, None]
-    return torch.view_as_real(rotated).flatten(3).type_as(x)
+    return torch.view_as_real(rotated).flatten(3).to(dtype or x.dtype)
 
 
 def attention_mask(seq_len: int, start_pos, kv_len: int, sliding_window: Optional[int], device) -> torch.Tensor:
@@ -257,21 +259,22 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def project(module: nn.Module, target: str, x: torch.Tensor, scale: float) -> torch.Tensor:
-    """module.<target>(x), plus the LoRA update when the module has one."""
-    y = linear(getattr(module, target), x)
+    """module.<target>(x), plus the LoRA update s·B(A(x)) when the module has one."""
+    layer = getattr(module, target)
+    y = linear(layer, x)
     a = getattr(module, f"lora_a_{target}", None)
-    if a is not None:
-        b = getattr(module, f"lora_b_{target}")
-        if x.dtype == a.weight.dtype:
-            return y + linear(b, scale * linear(a, x))
-        if not torch.is_grad_enabled():  # generation: small activations, cast them, keep the adapters in fp32
-            return y + linear(b, scale * linear(a, x.to(a.weight.dtype))).to(y.dtype)
-        # bf16/fp16 base with fp32 adapters: the adapters' matmuls run in the activations' dtype on casts of
-        # their fp32 weights (as autocast; gradients still reach the fp32 weights), so no activation is ever
-        # cast to fp32 and back, nor a full-width fp32 output (49k columns for a head) made
-        with torch.autocast(x.device.type, dtype=x.dtype):
-            return y + linear(b, scale * linear(a, x))
-    return y
+    if a is None:
+        return y
+    b = getattr(module, f"lora_b_{target}")
+    if not torch.is_grad_enabled():  # generation: small activations, cast them, keep the adapters in fp32
+        return y + linear(b, scale * linear(a, x.to(a.weight.dtype))).to(y.dtype)
+    # Training: the adapters' matmuls run in the activations' dtype on casts of their (fp32) weights (gradients
+    # still reach the fp32 weights), and one addmm adds s·(A x) Bᵀ into the base output. The parallel layout is
+    # fairscale's: column, A replicated and its output's gradient summed over ranks; row, A's output all-reduced.
+    low = F.linear(x, a.weight.to(x.dtype))
+    low = (reduce_from_model_parallel_region if isinstance(a, RowParallelLinear) else copy_to_model_parallel_region)(low)
+    out = torch.addmm(y.flatten(0, -2), low.flatten(0, -2), b.weight.to(x.dtype).t(), alpha=scale)
+    return out.view(*y.shape[:-1], out.shape[-1])
 
 
 def _identity(w):
@@ -297,12 +300,19 @@ class Attention(nn.Module):
             add_lora(self, "wo", q_out, args.dim, "row", args)
         self.cache_k = self.cache_v = None  # [max_batch, n_local_kv_heads, max_seq_len, head_dim]
 
-    def forward(self, x, rope, start_pos, use_cache: bool, mask: Optional[torch.Tensor]):
+    def forward(self, x, rope, start_pos, use_cache: bool, mask: Optional[torch.Tensor], unpad=None):
         B, S, _ = x.shape
         q = project(self, "wq", x, self.scale).view(B, S, self.n_local_heads, self.head_dim)
         k = project(self, "wk", x, self.scale).view(B, S, self.n_local_kv_heads, self.head_dim)
         v = project(self, "wv", x, self.scale).view(B, S, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
+        # Training on a CPU: attention in fp32 from RoPE on. PyTorch's CPU attention kernel is faster in fp32
+        # than in bf16 (forward + backward at [4, 9, 224, 64]: 23 vs 31 ms of CPU time) and exact.
+        dtype = torch.float32 if torch.is_grad_enabled() and x.device.type == "cpu" else x.dtype
+        q, k, v = apply_rotary_emb(q, rope, dtype), apply_rotary_emb(k, rope, dtype), v.to(dtype)
+        if unpad is not None:  # x holds the rows' computed positions one after another [1, N, D]: attention per row
+            out = torch.cat([self.attend(*(t.transpose(0, 1)[None] for t in row), None)[0].transpose(0, 1)
+                             for row in zip(*(t[0].split(unpad) for t in (q, k, v))) if row[0].shape[0]])
+            return project(self, "wo", out.reshape(1, out.shape[0], -1).to(x.dtype), self.scale)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if use_cache:
             if self.cache_k is None:  # zeros: a static step reads unwritten positions (masked, but 0 * NaN = NaN)
@@ -321,10 +331,14 @@ class Attention(nn.Module):
                 self.cache_v[:B, :, start_pos:start_pos + S] = v
                 kv_len = start_pos + S
             k, v = self.cache_k[:B, :, :kv_len], self.cache_v[:B, :, :kv_len]
-        # GQA: query head h reads KV head h // (n_heads / n_kv_heads); softmax accumulates in fp32
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
-                                             enable_gqa=self.n_local_heads != self.n_local_kv_heads)
-        return project(self, "wo", out.transpose(1, 2).reshape(B, S, -1), self.scale)
+        out = self.attend(q, k, v, mask)
+        return project(self, "wo", out.transpose(1, 2).reshape(B, S, -1).to(x.dtype), self.scale)
+
+    def attend(self, q, k, v, mask):
+        """softmax(q kᵀ / √hd + mask) v on [B, H, S, hd]; causal without a mask. GQA: query head h reads KV head
+        h // (n_heads / n_kv_heads); softmax accumulates in fp32."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                              enable_gqa=self.n_local_heads != self.n_local_kv_heads)
 
 
 class FeedForward(nn.Module):
@@ -378,8 +392,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, start_pos, use_cache, mask):
-        h = x + self.attention(self.attention_norm(x), rope, start_pos, use_cache, mask)
+    def forward(self, x, rope, start_pos, use_cache, mask, unpad=None):
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, use_cache, mask, unpad)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -446,13 +460,51 @@ class Transformer(nn.Module):
             hidden.append(h)
         h = self.norm(h)
         # contiguous: on a strided [B, 1, D] view matmul expands the head to [B, D, V] and copies it (seconds)
-        logits = project(self, "output", h[:, -logits_to_keep:].contiguous() if logits_to_keep else h, self.scale)
+        logits = self.head(h[:, -logits_to_keep:].contiguous() if logits_to_keep else h)
         if gather_logits:
             logits = gather_from_model_parallel_region(logits)
         if return_hidden:
             hidden[-1] = h
             return logits, hidden
         return logits
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states -> this rank's vocabulary slice of the logits (LoRA included)."""
+        return project(self, "output", h, self.scale)
+
+    def head_logits(self, h: torch.Tensor):
+        """The head as a `common.losses.HeadLogits` on the final-normed states h [B, S, D] (this rank's vocabulary
+        slice; with LoRA the second term s·A(h) against B): a loss computes the logits of the rows it reads, in
+        chunks, and sends their gradients on to h and the adapters."""
+        from common.losses import HeadLogits  # losses does not import the model
+        if not hasattr(self, "lora_a_output"):
+            return HeadLogits(h, self.output.weight)
+        with torch.autocast(h.device.type, dtype=h.dtype, enabled=h.dtype != self.lora_a_output.weight.dtype):
+            low_rank = self.scale * F.linear(h, self.lora_a_output.weight)
+        return HeadLogits((h, low_rank), (self.output.weight, self.lora_b_output.weight))
+
+    def hidden(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Training: the final-normed hidden states [B, S, D] that `head` reads, without the head (a loss
+        computes it on the rows it needs, in chunks). Only positions < lengths[b] are computed, the rest are
+        0: under causal attention right padding, and anything after a row's last supervised position, never
+        changes an earlier position. Positions are each row's own (0, 1, ...), as forward's."""
+        B, S = tokens.shape
+        if self.rope.device != tokens.device:
+            self.rope = self.rope.to(tokens.device)
+        if lengths is None:
+            h = self.tok_embeddings(tokens)
+            for layer in self.layers:
+                h = layer(h, self.rope[:S], 0, False, None)
+            return self.norm(h)
+        lengths = torch.as_tensor(lengths, device=tokens.device).clamp(0, S)
+        keep = torch.arange(S, device=tokens.device)[None, :] < lengths[:, None]
+        index = keep.flatten().nonzero().flatten()  # the computed positions, row after row: [N]
+        h = self.tok_embeddings(tokens.flatten()[index][None])  # [1, N, D]
+        rope = self.rope[index % S]  # each position's own angle
+        for layer in self.layers:
+            h = layer(h, rope, 0, False, None, lengths.tolist())
+        h = self.norm(h)
+        return h.new_zeros(B * S, h.shape[-1]).index_copy(0, index, h[0]).view(B, S, -1)
 
     def flush_cache(self):
         for layer in self.layers:

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/consistency.py)
 
 import torch
 import torch.distributed as dist
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from tqdm import tqdm
 
 from common.cli import run_cli
@@ -47,10 +48,11 @@ def span_consistency(model, tokenizer, items: list, T: float, max_seq_len: int, 
         examples = [encode_example(tokenizer, items[i]["instruction"], items[i]["output"][k], max_seq_len, chat)
                     for i, k in chunk]
         tokens, _ = collate(examples, tokenizer.pad_id)
-        logits = model(tokens.to(device))
-        for b, (i, k) in enumerate(chunk):
-            begin, end = logit_spans(items[i]["indices"], indices)[k]
-            at_span[i, k] = logits[b, begin:end].float()
+        spans = [logit_spans(items[i]["indices"], indices)[k] for i, k in chunk]
+        # the positions up to each span's end, and the head on the span rows only
+        hidden = model.hidden(tokens.to(device), lengths=torch.tensor([end for _, end in spans]))
+        for b, ((i, k), (begin, end)) in enumerate(zip(chunk, spans)):
+            at_span[i, k] = gather_from_model_parallel_region(model.head(hidden[b, begin:end])).float()
     records = []
     for i in mine:
         k = min(len(items[i]["output"]), max_rationales)

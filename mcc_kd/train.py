@@ -27,11 +27,12 @@ if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from tqdm import tqdm
 
 from common.cli import UserError, run_cli
-from common.losses import token_log_probs
-from common.parallel import print0
+from common.losses import HeadLogits, cross_entropy
+from common.parallel import print0, tp_group
 from common.training import (Throughput, average_gradients, dp_shard, global_count, load_latest_checkpoint,
                              load_weights, save_checkpoint, save_weights)
 from mcc_kd.answers import check_task
@@ -39,14 +40,44 @@ from mcc_kd.data import IGNORE_INDEX, collate, encode_example, load_task_file, r
 from mcc_kd.eval import build_model, evaluate, split_name, write_results
 
 SELECTIONS = ("best", "last")  # the weights reported on label_file: best epoch on dev (v1), or the last one
+CHUNK_SIZE = 128  # rows of [V] logits at a time in the losses
 
 
 def sequence_cross_entropy_sum(logits, labels):
-    """Σ over sequences of the mean -log q(label) over that sequence's supervised tokens (labels pre-shifted)."""
+    """Σ over sequences of the mean -log q(label) over that sequence's supervised tokens (labels pre-shifted).
+    logits: [B, S, V], or the model's `head_logits` (the head then runs on the supervised rows only, in chunks)."""
     supervised = labels != IGNORE_INDEX
-    logp = token_log_probs(logits, target_ids=labels)  # 0 where the label is -100
     n = supervised.sum(1)
-    return (-logp.sum(1)[n > 0] / n[n > 0]).sum()
+    if not n.any():
+        return cross_entropy(logits, target_ids=labels, mask=supervised, group=tp_group())  # 0 with a graph
+    return sum(cross_entropy(rows_of(logits, b), target_ids=labels[b:b + 1], mask=supervised[b:b + 1],
+                             chunk_size=CHUNK_SIZE, normalizer=n[b], group=tp_group())
+               for b in n.nonzero().flatten().tolist())
+
+
+def rows_of(logits, start: int, end: int = None):
+    """logits[start:end] (one row when end is None), for logits or a HeadLogits."""
+    end = start + 1 if end is None else end
+    if not isinstance(logits, HeadLogits):
+        return logits[start:end]
+    hidden, weight = zip(*logits.terms)
+    return HeadLogits(tuple(h[start:end] for h in hidden), weight, logits.bias)
+
+
+def computed_lengths(labels, *spans):
+    """Per row, the positions a loss reads: up to the last supervised label and the end of any span (a later
+    position cannot change an earlier one under causal attention, so the model skips them)."""
+    at = torch.arange(labels.shape[1], device=labels.device)
+    last = torch.where(labels != IGNORE_INDEX, at, -1).amax(1) + 1
+    for span in spans:
+        last = torch.maximum(last, span[:, 1].to(last.device).clamp(max=labels.shape[1]))
+    return last
+
+
+def loss_precision(hidden):
+    """The head's matmuls in the model's bf16/fp16 (fp32 adapters cast once per loss call), losses in fp32."""
+    low = hidden.dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(hidden.device.type, dtype=hidden.dtype, enabled=low)
 
 
 def choose(n: int, k: int, seed: int, epoch: int, item: int) -> list:
@@ -68,9 +99,10 @@ def sft_batch(items, idx, epoch, tokenizer, cfg):
 
 
 def sft_loss(model, batch, norms, cfg):
-    logits = model(batch["tokens"])
-    ce = sequence_cross_entropy_sum(logits, batch["labels"]) / norms["sequences"]
-    return ce, {"ce": ce}, logits
+    hidden = model.hidden(batch["tokens"], lengths=computed_lengths(batch["labels"]))
+    with loss_precision(hidden):
+        ce = sequence_cross_entropy_sum(model.head_logits(hidden), batch["labels"]) / norms["sequences"]
+    return ce, {"ce": ce}, hidden
 
 
 # ---- the loop (shared with train_mcc.py) ----
@@ -125,7 +157,7 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
             logs = {}
             for batch in batches:
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss, parts, logits = batch_loss(model, batch, norms, cfg)
+                loss, parts, hidden = batch_loss(model, batch, norms, cfg)
                 loss.backward()
                 for k, v in parts.items():
                     logs[k] = logs.get(k, 0.0) + v.item()
@@ -139,8 +171,8 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
                             tok_s=f"{meter.rate():.0f}")
             if state["step"] % 100 == 0:  # as the original: what the model currently predicts for one example
                 with torch.no_grad():
-                    supervised = batch["labels"][0] != IGNORE_INDEX
-                    print0(f"step {state['step']} argmax: {tokenizer.decode(logits[0].argmax(-1)[supervised].tolist())!r}")
+                    logits = gather_from_model_parallel_region(model.head(hidden[0][batch["labels"][0] != IGNORE_INDEX]))
+                    print0(f"step {state['step']} argmax: {tokenizer.decode(logits.argmax(-1).tolist())!r}")
             if state["step"] % cfg.save_steps == 0 and state["position"] < len(plan):
                 save_checkpoint(cfg.save_dir, model, optimizer, lay, state)
 

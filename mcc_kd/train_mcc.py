@@ -25,8 +25,10 @@ import torch
 
 from common.cli import run_cli
 from common.losses import mcc_span_kl
+from common.parallel import tp_group
 from mcc_kd.data import IGNORE_INDEX, collate, encode_example, logit_spans
-from mcc_kd.train import choose, run_training, sequence_cross_entropy_sum
+from mcc_kd.train import (choose, computed_lengths, loss_precision, rows_of, run_training,
+                          sequence_cross_entropy_sum)
 
 
 def mcc_batch(items, idx, epoch, tokenizer, cfg):
@@ -48,12 +50,16 @@ def mcc_batch(items, idx, epoch, tokenizer, cfg):
 
 
 def mcc_loss(model, batch, norms, cfg):
-    logits = model(batch["tokens"])  # one pass over the 2B sequences: a then b
     n = batch["spans_a"].shape[0]
-    ce = sequence_cross_entropy_sum(logits, batch["labels"]) / norms["sequences"]  # = ½(CE_a + CE_b), item means
-    kl = mcc_span_kl(logits[:n], logits[n:], spans_a=batch["spans_a"], spans_b=batch["spans_b"], temperature=cfg.T,
-                     max_seq_len=cfg.max_seq_len, normalizer=norms["span_items"])
-    return ce + cfg.alpha * kl, {"ce": ce, "kl": kl}, logits
+    spans = torch.cat([batch["spans_a"], batch["spans_b"]])  # one pass over the 2B sequences: a then b
+    hidden = model.hidden(batch["tokens"], lengths=computed_lengths(batch["labels"], spans))
+    with loss_precision(hidden):
+        logits = model.head_logits(hidden)  # computed by each loss on the rows it reads
+        ce = sequence_cross_entropy_sum(logits, batch["labels"]) / norms["sequences"]  # = ½(CE_a + CE_b), item means
+        kl = mcc_span_kl(rows_of(logits, 0, n), rows_of(logits, n, 2 * n), spans_a=batch["spans_a"],
+                         spans_b=batch["spans_b"], temperature=cfg.T, max_seq_len=cfg.max_seq_len,
+                         normalizer=norms["span_items"], group=tp_group())
+    return ce + cfg.alpha * kl, {"ce": ce, "kl": kl}, hidden
 
 
 def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: str, model_type: str = None,

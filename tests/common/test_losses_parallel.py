@@ -1,5 +1,6 @@
 """Vocab-parallel losses (2 gloo processes, TP 2) equal the gathered computation, values and gradients
-w.r.t. each rank's vocabulary shard (losses.md §5.10); also through fairscale's ColumnParallelLinear head."""
+w.r.t. each rank's vocabulary shard (losses.md §5.10); also through fairscale's ColumnParallelLinear head, and
+from HeadLogits (replicated hidden states, this rank's rows of the head weight) computed chunk by chunk."""
 from functools import partial
 
 import pytest
@@ -13,6 +14,8 @@ PAIRWISE = ["forward_kl", "reverse_kl", "soft_cross_entropy", "generalized_jsd",
             "skew_forward_kl", "skew_reverse_kl", "skew_reverse_kl_detached"]
 TARGET_AWARE = ["dkd", "dkd_reverse", "atkd", "atkd_reverse", "cross_entropy"]
 CHUNKS = [None, 2]
+HEAD_CASES = ["forward_kl", "generalized_jsd", "skew_reverse_kl_detached", "dkd_reverse", "atkd", "cross_entropy",
+              "token_log_probs"]
 
 
 def _loss_fns():
@@ -112,6 +115,30 @@ def _vocab_parallel_worker():
         out[f"column_parallel_head/{chunk}"] = dict(sharded=sharded.detach(), gathered=gathered.detach(),
                                                    grad_sharded=h.grad.clone(), grad_gathered=grad_full)
         head.weight.grad = None
+
+    # HeadLogits: hidden replicated (garbage under masked positions), weights sharded by rows; the hidden-state
+    # gradient is the full one on every rank, the weight gradient this rank's rows of the full one
+    h_s = hs[1].clone()
+    h_s[~mask] = float("nan")
+    fns = _loss_fns()
+    fns["token_log_probs"] = lambda s, t, mask, target_ids, temperature, **kw: (
+        L.token_log_probs(s, target_ids=torch.where(mask, target_ids, -100), temperature=temperature, **kw)
+        * weights).sum()
+    for name in HEAD_CASES:
+        fn = fns[name]
+        kw = dict(mask=mask, temperature=1.4, **({"target_ids": g} if name in TARGET_AWARE + ["token_log_probs"]
+                                                 else {}))
+        h_full, w_full = torch.where(mask[..., None], h_s, 0.0).requires_grad_(), w_s.clone().requires_grad_()
+        gathered = fn(h_full @ w_full.T, ht[1] @ w_t.T, **kw)
+        grad_h, grad_w = torch.autograd.grad(gathered, [h_full, w_full])
+        for chunk in CHUNKS:
+            h, w = h_s.clone().requires_grad_(), w_s[cols].clone().requires_grad_()
+            sharded = fn(L.HeadLogits(h, w), L.HeadLogits(ht[1], w_t[cols]), group=group, chunk_size=chunk, **kw)
+            sh, sw = torch.autograd.grad(sharded, [h, w])
+            out[f"head_logits/{name}/{chunk}"] = dict(sharded=sharded.detach(), gathered=gathered.detach(),
+                                                     grad_sharded=torch.cat([sh.flatten(), sw.flatten()]),
+                                                     grad_gathered=torch.cat([grad_h.flatten(),
+                                                                              grad_w[cols].flatten()]))
     return out
 
 
@@ -121,7 +148,8 @@ def per_rank():
 
 
 CASES = [f"{n}/{c}" for n in PAIRWISE + TARGET_AWARE + ["mcc_span_kl", "token_log_probs"] for c in CHUNKS] + \
-    ["fdd_loss/None", "column_parallel_head/None", "column_parallel_head/2"]
+    ["fdd_loss/None", "column_parallel_head/None", "column_parallel_head/2"] + \
+    [f"head_logits/{n}/{c}" for n in HEAD_CASES for c in CHUNKS]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -87,8 +87,10 @@ def test_span_kl_and_ce_inside_train_mcc_match_the_formula(tiny):
             answer = tok.decode(batch["tokens"][row, start + 1:end + 1].tolist())
             assert answer.replace(",", "").strip() == items[item_id]["label"].replace(",", "").strip()
     norms = {k: float(v) for k, v in batch["counts"].items()}
-    loss, parts, logits = mcc_loss(model, batch, norms, c)
-    ce, kl = reference_losses(logits.detach(), batch["labels"], batch["spans_a"], batch["spans_b"], c.T)
+    loss, parts, _ = mcc_loss(model, batch, norms, c)  # the head on the rows each loss reads, in chunks
+    with torch.no_grad():
+        logits = model(batch["tokens"])  # the plain forward's full logits
+    ce, kl = reference_losses(logits, batch["labels"], batch["spans_a"], batch["spans_b"], c.T)
     assert kl > 1e-3
     torch.testing.assert_close(parts["kl"].double(), kl, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(parts["ce"].double(), ce, atol=1e-5, rtol=1e-4)
@@ -233,14 +235,19 @@ def test_each_indices_convention_trains_the_span_kl_on_the_logits_predicting_the
     items = load_task_file(str(tmp_path / "mcc.json"), multi_cot=True, tokenizer=tok, indices=indices)
     c = cfg(indices=indices, alpha=1.0)
     batch = mcc_batch(items, [0], epoch=0, tokenizer=tok, cfg=c)
-    logits = torch.randn(*batch["tokens"].shape, tok.vocab_size, requires_grad=True)
-    _, parts, _ = mcc_loss(lambda tokens: logits, batch, {"sequences": 2.0, "span_items": 1.0}, c)
+    setup()
+    model = load_model(str(tiny / "ckpt"), max_seq_len=192, max_batch_size=8)
+    with torch.no_grad():
+        for p in model.parameters():  # distinct distributions at the two answers, so the KL has a gradient
+            p.normal_(0, 0.3)
+    _, parts, hidden = mcc_loss(model, batch, {"sequences": 2.0, "span_items": 1.0}, c)
+    hidden.retain_grad()
     parts["kl"].backward()
     seven = tok.sp.piece_to_id("7")
     for row in range(2):  # the rows the KL trains = the positions whose logits predict the final "7"
         tokens = batch["tokens"][row].tolist()
         answer_at = max(t for t, x in enumerate(tokens) if x == seven)
-        trained = logits.grad[row].abs().sum(-1).nonzero().flatten().tolist()
+        trained = hidden.grad[row].abs().sum(-1).nonzero().flatten().tolist()
         assert trained == [answer_at - 1]
     other = "logits" if indices == "tokens" else "tokens"
     with pytest.raises(DataError, match=rf"indices are '{indices}' positions but this run reads them as '{other}': "
