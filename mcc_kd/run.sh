@@ -125,11 +125,11 @@ reported() {  # the epoch folder a training run reports (its last state's best_e
   python -c "import glob, json, sys; s = json.load(open(sorted(glob.glob(sys.argv[1] + '/checkpoints/step-*/state.json'))[-1])); print(f\"{sys.argv[1]}/epoch-{s['best_epoch']:03d}\")" "$1"
 }
 
-if [ -n "$BASE_EVAL" ]; then
-  echo "== base model, zero-shot (eval.py) -> $OUT/base"
-  timed base launch mcc_kd/eval.py --task "$TASK" "${MODEL[@]}" --label_file "$LABEL_FILE" --log_dir "$OUT/base"
+base_eval() {  # the base model, zero-shot: accuracy on the test items, held-out consistency
+  [ -z "$BASE_EVAL" ] && return 0
+  timed base launch mcc_kd/eval.py --task "$TASK" "${MODEL[@]}" --label_file "$LABEL_FILE" --log_dir "$OUT/base" &&
   consistency base
-fi
+}
 
 # Std-CoT and MCC-KD train on the same filtered rationales, so the comparison isolates the loss
 SFT=(mcc_kd/train.py "${COMMON[@]}" --epochs "$EPOCHS" --train_file "$MCC_FILE" --save_dir "$OUT/sft" --log_dir "$OUT/sft/log"
@@ -137,22 +137,25 @@ SFT=(mcc_kd/train.py "${COMMON[@]}" --epochs "$EPOCHS" --train_file "$MCC_FILE" 
 MCC=(mcc_kd/train_mcc.py "${COMMON[@]}" --epochs "$MCC_EPOCHS" --train_file "$MCC_FILE" --save_dir "$OUT/mcc"
      --log_dir "$OUT/mcc/log" --max_batch_size "$MCC_BATCH" --accumulation_steps "$MCC_ACCUM" --alpha "$ALPHA" --T "$T")
 train_sft() { timed sft launch "${SFT[@]}" && consistency sft --lora_rank "$LORA_RANK" --lora_dir "$(reported "$OUT/sft")"; }
+base_and_sft() { base_eval && train_sft; }  # side by side: one core's share (MCC-KD's step is twice Std-CoT's)
 train_mcc() { timed mcc launch "${MCC[@]}" && consistency mcc --lora_rank "$LORA_RANK" --lora_dir "$(reported "$OUT/mcc")"; }
 if [ -n "$SIDE_BY_SIDE" ]; then  # a LoRA step of the 135M model: 3.4 s on one thread, 2.1 s on two (idle 2 cores),
                                  # so two one-thread runs side by side finish before two-thread runs one after the other
-  echo "== Std-CoT (train.py) and MCC-KD (train_mcc.py) side by side, one core each, on $MCC_FILE -> $OUT/sft, $OUT/mcc"
-  echo "   (Std-CoT's progress: $OUT/sft.log)"
+  echo "== side by side, one core each: $([ -n "$BASE_EVAL" ] && echo "the base model (eval.py) -> $OUT/base, then ")Std-CoT (train.py)"
+  echo "   -> $OUT/sft (progress: $OUT/sft.log); MCC-KD (train_mcc.py) -> $OUT/mcc; both on $MCC_FILE"
   mkdir -p "$OUT/sft"
   # Std-CoT in its own process group (set -m), so that stopping it stops its python too: `kill PID` of a
   # backgrounded function reaches only the subshell, and its python would run on
-  set -m; OMP_NUM_THREADS=1 train_sft > "$OUT/sft.log" 2>&1 & SFT_PID=$!; set +m
+  set -m; OMP_NUM_THREADS=1 base_and_sft > "$OUT/sft.log" 2>&1 & SFT_PID=$!; set +m
   trap 'kill -TERM -- -"$SFT_PID" 2>/dev/null || true' EXIT  # a failure, Ctrl-C or kill of this script stops it
   trap 'exit 130' INT; trap 'exit 143' TERM
   OMP_NUM_THREADS=1 train_mcc || { echo "MCC-KD failed: stopping Std-CoT" >&2; exit 1; }
   wait "$SFT_PID" || { tail -n 20 "$OUT/sft.log"; exit 1; }
   trap - EXIT INT TERM
-  tr '\r' '\n' < "$OUT/sft.log" | grep "^| $TASK" || true  # Std-CoT's result lines (tqdm writes \r)
+  tr '\r' '\n' < "$OUT/sft.log" | grep "^| $TASK" || true  # the base's and Std-CoT's result lines (tqdm writes \r)
 else
+  [ -n "$BASE_EVAL" ] && echo "== base model, zero-shot (eval.py) -> $OUT/base"
+  base_eval
   echo "== Std-CoT fine-tuning (train.py) on $MCC_FILE -> $OUT/sft (weights), $OUT/sft/log (predictions, metrics)"
   train_sft
   echo "== MCC-KD (train_mcc.py) -> $OUT/mcc, $OUT/mcc/log"

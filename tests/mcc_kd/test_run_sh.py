@@ -17,7 +17,7 @@ def test_run_sh_runs_prepare_train_train_mcc_eval(tmp_path, side_by_side):
     env = dict(os.environ, OUT=str(out), TINY="1", SIDE_BY_SIDE=side_by_side)
     done = subprocess.run(["bash", "mcc_kd/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    steps = ("prepare", "Std-CoT (train.py) and MCC-KD", "eval") if side_by_side else ("prepare", "Std-CoT", "MCC-KD", "eval")
+    steps = ("prepare", "side by side, one core each", "eval") if side_by_side else ("prepare", "Std-CoT", "MCC-KD", "eval")
     for step in steps:
         assert f"== {step}" in done.stdout
     if side_by_side:  # Std-CoT's result lines come back from its log
@@ -30,6 +30,10 @@ def test_run_sh_runs_prepare_train_train_mcc_eval(tmp_path, side_by_side):
         predictions = json.load(open(out / folder / "SVAMP-test_standin-predictions.json"))
         assert len(predictions) == 20 and {"output", "predict", "label", "correct"} <= predictions[0].keys()
     assert (out / "mcc" / "checkpoints").is_dir()
+    for stage in ("sft", "mcc"):  # held-out consistency on the filtered train questions 40..60 (never trained on)
+        records = json.load(open(out / stage / "log" / "SVAMP-heldout-multi-cots-consistency.json"))
+        assert records and all(r["kl"] >= 0 and r["pairs"] >= 1 for r in records)
+    assert "held-out span KL" in done.stdout and "MCC-KD vs Std-CoT: accuracy" in done.stdout
 
 
 def _running(marker: str) -> list[int]:
