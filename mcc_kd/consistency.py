@@ -7,12 +7,11 @@ to it.
     python mcc_kd/consistency.py --task SVAMP --ckpt_dir CKPT --file runs/x/heldout-multi-cots.json \
         --lora_dir runs/x/mcc/epoch-003 --lora_rank 16 --chat_template True --log_dir runs/x/mcc/log
 
-Teacher-forced, no sampling: deterministic for given weights. Writes log_dir/<task>-<stem>-consistency.json
-({index, instruction, label, pairs, kl} per question) and -consistency-metrics.json ({N, mean_kl, T}).
+Teacher-forced, no sampling: deterministic for given weights. Writes log_dir/<task>-<stem>-consistency-
+predictions.json ({index, instruction, label, pairs, kl} per question) and -consistency-metrics.json
+({N, mean_kl, T}).
 """
 import itertools
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,11 +25,11 @@ from tqdm import tqdm
 
 from common.cli import run_cli
 from common.losses import mcc_span_kl
-from common.parallel import Layout, dp_group, print0
+from common.parallel import Layout, dp_group
 from common.training import load_weights
 from mcc_kd.answers import check_task
 from mcc_kd.data import collate, encode_example, load_task_file, logit_spans
-from mcc_kd.eval import build_model, split_name
+from mcc_kd.eval import build_model, split_name, write_results
 
 
 @torch.no_grad()
@@ -85,15 +84,8 @@ def main(task: str, ckpt_dir: str, file: str, model_type: str = None, lora_dir: 
                                max_rationales)
     metrics = {"N": len(records), "mean_kl": sum(r["kl"] for r in records) / len(records), "T": T,
                "max_rationales": max_rationales}
-    if lay.is_main:
-        os.makedirs(log_dir, exist_ok=True)
-        stem = os.path.join(log_dir, f"{task}-{split_name(file)}-consistency")
-        with open(f"{stem}.json", "w") as f:
-            json.dump(records, f, indent=2, ensure_ascii=False)
-        with open(f"{stem}-metrics.json", "w") as f:
-            json.dump(metrics, f, indent=2)
-        print0(f"| {task} {split_name(file)} consistency | N {metrics['N']} | mean span KL (T {T}) "
-               f"{metrics['mean_kl']:.4f} |  -> {stem}.json")
+    write_results(log_dir, task, f"{split_name(file)}-consistency", records, metrics, lay,
+                  summary=f"mean span KL (T {T}) {metrics['mean_kl']:.4f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ On a small test set a few points of accuracy are noise, so each trained row also
 against the base model on the same items: +questions it answers and base did not / -the reverse, and the
 two-sided sign-test p-value of that split (exact binomial, p = 1/2).
 
-Where consistency.py ran (NAME/log/*-consistency.json), a column gives each model's held-out inconsistency:
+Where consistency.py ran (NAME/log/*-consistency-predictions.json), a column gives each model's held-out inconsistency:
 the mean span KL between its answer distributions under two teacher rationales of questions it was never
 trained on, with the paired difference against the base model (and MCC-KD's against Std-CoT, below the
 table) and its sign-flip permutation p-value over the questions (common.metrics.paired_test).
@@ -61,7 +61,7 @@ def versus(predictions: str, base_predictions: str) -> str:
 
 def consistency(out: str, stage: str):
     """{question index: mean span KL} of one model's held-out consistency run, or None."""
-    found = sorted(glob.glob(os.path.join(out, stage, "log", "*-consistency.json")))
+    found = sorted(glob.glob(os.path.join(out, stage, "log", "*-consistency-predictions.json")))
     return {r["index"]: r["kl"] for r in json.load(open(found[0]))} if found else None
 
 

@@ -62,7 +62,7 @@ def test_per_question_consistency_is_the_mean_span_kl_over_its_rationale_pairs(t
 def test_cli_writes_per_question_values_and_the_mean(tiny, tmp_path):
     consistency.main("SVAMP", str(tiny / "ckpt"), str(tiny / "heldout-mcc.json"), max_seq_len=192,
                      log_dir=str(tmp_path), max_rationales=2)
-    records = json.load(open(tmp_path / "SVAMP-heldout-mcc-consistency.json"))
+    records = json.load(open(tmp_path / "SVAMP-heldout-mcc-consistency-predictions.json"))
     metrics = json.load(open(tmp_path / "SVAMP-heldout-mcc-consistency-metrics.json"))
     assert metrics["N"] == len(records) and all(r["pairs"] == 1 for r in records)
     assert metrics["mean_kl"] == pytest.approx(sum(r["kl"] for r in records) / len(records))

@@ -31,7 +31,7 @@ def test_run_sh_runs_prepare_train_train_mcc_eval(tmp_path, side_by_side):
         assert len(predictions) == 20 and {"output", "predict", "label", "correct"} <= predictions[0].keys()
     assert (out / "mcc" / "checkpoints").is_dir()
     for stage in ("sft", "mcc"):  # held-out consistency on the filtered train questions 40..60 (never trained on)
-        records = json.load(open(out / stage / "log" / "SVAMP-heldout-multi-cots-consistency.json"))
+        records = json.load(open(out / stage / "log" / "SVAMP-heldout-multi-cots-consistency-predictions.json"))
         assert records and all(r["kl"] >= 0 and r["pairs"] >= 1 for r in records)
     assert "held-out span KL" in done.stdout and "MCC-KD vs Std-CoT: accuracy" in done.stdout
 
