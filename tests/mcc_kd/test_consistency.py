@@ -2,33 +2,15 @@
 and the CLI's files."""
 import itertools
 import json
-import os
 
 import pytest
 import torch
 
-from common.checkpoint_split import init
 from common.model import load_model
 from common.parallel import layout, setup
-from common.tokenizer import load_tokenizer, train_sentencepiece
+from common.tokenizer import load_tokenizer
 from mcc_kd import consistency
 from mcc_kd.data import collate, encode_example, load_task_file
-from mcc_kd.prepare_data import filter_file
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DATA = os.path.join(ROOT, "data", "SVAMP")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("consistency")
-    items = json.load(open(os.path.join(DATA, "train.json")))
-    tok_path = train_sentencepiece([t for it in items[:200] for t in [it["instruction"], *it["output"]]],
-                                   str(root / "tokenizer"), vocab_size=800)
-    init("tiny-llama", str(root / "ckpt"), tokenizer=tok_path, seed=0)
-    json.dump(items[40:48], open(root / "heldout.json", "w"))  # never part of the stand-in's 40
-    filter_file("SVAMP", str(root / "heldout.json"), str(root / "heldout-mcc.json"), tok_path, max_seq_len=192)
-    return root
 
 
 def span_kl(za, zb, T):
@@ -40,7 +22,7 @@ def span_kl(za, zb, T):
 def test_per_question_consistency_is_the_mean_span_kl_over_its_rationale_pairs(tiny):
     setup()
     tok = load_tokenizer(str(tiny / "ckpt" / "tokenizer.model"))
-    items = load_task_file(str(tiny / "heldout-mcc.json"), multi_cot=True, tokenizer=tok)
+    items = load_task_file(str(tiny / "mcc.json"), multi_cot=True, tokenizer=tok)
     model = load_model(str(tiny / "ckpt"), lora_rank=-1, max_seq_len=192, max_batch_size=8)
     with torch.no_grad():
         for p in model.parameters():  # sharper than the 0.02 init, so the KL is not ~0
@@ -60,9 +42,9 @@ def test_per_question_consistency_is_the_mean_span_kl_over_its_rationale_pairs(t
 
 
 def test_cli_writes_per_question_values_and_the_mean(tiny, tmp_path):
-    consistency.main("SVAMP", str(tiny / "ckpt"), str(tiny / "heldout-mcc.json"), max_seq_len=192,
+    consistency.main("SVAMP", str(tiny / "ckpt"), str(tiny / "mcc.json"), max_seq_len=192,
                      log_dir=str(tmp_path), max_rationales=2)
-    records = json.load(open(tmp_path / "SVAMP-heldout-mcc-consistency-predictions.json"))
-    metrics = json.load(open(tmp_path / "SVAMP-heldout-mcc-consistency-metrics.json"))
+    records = json.load(open(tmp_path / "SVAMP-mcc-consistency-predictions.json"))
+    metrics = json.load(open(tmp_path / "SVAMP-mcc-consistency-metrics.json"))
     assert metrics["N"] == len(records) and all(r["pairs"] == 1 for r in records)
     assert metrics["mean_kl"] == pytest.approx(sum(r["kl"] for r in records) / len(records))
