@@ -26,7 +26,7 @@ launch() {  # one process without torchrun, else torchrun on this node
 
 if [ -z "${REAL:-}" ]; then
   OUT=${OUT:-runs/anli_reverse_kl-tiny}
-  : "${EPOCHS:=2}" "${TEACHER_EPOCHS:=6}" "${BATCH:=8}" "${LR:=3e-3}" "${TEACHER_LR:=$LR}" "${MINILLM_LR:=1e-3}"
+  : "${EPOCHS:=2}" "${TEACHER_EPOCHS:=$EPOCHS}" "${BATCH:=8}" "${LR:=3e-3}" "${TEACHER_LR:=$LR}" "${MINILLM_LR:=1e-3}"
   : "${MAX_PROMPT:=512}" "${MAX_NEW:=48}" "${TOTAL_ITERS:=8}" "${ROLLOUTS:=16}" "${DTYPE:=float32}" "${WARMUP:=5}"
   CHAT=()
   TEACHER_INIT=$OUT/teacher STUDENT_INIT=$OUT/student
