@@ -9,7 +9,8 @@
 #                                    teacher; in layers 2 7 12 17 22 27 of its 30 the attention is replaced by
 #                                    the RWKV-6 time-mix (is_rwkv_att_only: the Llama norms and MLP stay), the
 #                                    UltraChat stand-in (Dolly conversations), stage 1 then stage 2, one server
-#                                    + 1 trainer; one table with the times (9 CPU-minutes: 5-10 min on 2 idle cores).
+#                                    + 1 trainer; one table (held-out perplexity and KL(teacher || model)) with the
+#                                    times (9-12 CPU-minutes: 5-10 min on 2 idle cores).
 # Settings can be overridden from the environment (STEPS1=50 LAYERS='[0,1]' MODE=block bash rwkv_llama/run.sh).
 # MODE: block (full RWKV block, fresh LayerNorms), llama_ffn, att_only (spec §1.1).
 set -euo pipefail
