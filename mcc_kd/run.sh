@@ -51,7 +51,7 @@ elif [ -z "${CKPT_DIR:-}" ]; then  # the main job: a real 135M instruct model on
   # each, MCC-KD a pair (so twice the sequences); the last epoch is reported, nothing is chosen on a scored file.
   # Train questions N_TRAIN..N_TRAIN+N_HELDOUT are never trained on: their filtered rationales measure consistency
   : "${N_TRAIN:=600}" "${N_HELDOUT:=100}" "${N_TEST:=150}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}"
-  : "${EPOCHS:=2}" "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=50}" "${PRECISION:=--use_bfloat16 True}"
+  : "${EPOCHS:=1}" "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=50}" "${PRECISION:=--use_bfloat16 True}"
   : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=4}" "${MCC_ACCUM:=1}" "${SIDE_BY_SIDE:=1}" "${SELECTION:=last}"
   HELDOUT_START=$N_TRAIN
   CHAT="--chat_template True" BASE_EVAL=1
