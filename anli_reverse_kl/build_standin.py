@@ -27,6 +27,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.cli import UserError, run_cli  # noqa: E402
+
 ROUNDS = ("r1", "r2", "r3")
 PROBLEMS = {"train": 100, "dev": 20, "test": 20}  # per round; three rows per problem
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -69,13 +71,16 @@ def rows_for(problem: dict, other: dict, rng: random.Random) -> list:
 
 
 def build(source: str = "../shared/data", output: str = "data/anli_standin", seed: int = 0) -> dict:
-    problems = [p for p in json.load(open(Path(source) / "svamp" / "SVAMP.json")) if facts(p["Body"])]
+    path = Path(source) / "svamp" / "SVAMP.json"
+    if not path.is_file():
+        raise UserError(f"--source {source}: no svamp/SVAMP.json; point --source at the shared data folder")
+    problems = [p for p in json.load(open(path)) if facts(p["Body"])]
     rng = random.Random(seed)
     order = list(range(len(problems)))
     rng.shuffle(order)
     need = len(ROUNDS) * sum(PROBLEMS.values())
     if len(order) < 2 * need:
-        raise ValueError(f"{source}/svamp/SVAMP.json: {len(order)} problems, need {2 * need}")
+        raise UserError(f"{source}/svamp/SVAMP.json: {len(order)} problems, need {2 * need}")
     chosen, others = order[:need], order[need:]  # neutral hypotheses borrow questions of unused problems
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,10 +107,9 @@ def build(source: str = "../shared/data", output: str = "data/anli_standin", see
                                        ensure_ascii=False) + "\n")
             tmp.replace(path)
             counts[path.name] = len(rows)
+    print(f"{output}: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     return counts
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(build)
+    run_cli(build)

@@ -29,8 +29,9 @@ if __package__ in (None, ""):  # run as a file
 import torch
 from tqdm import tqdm
 
-from anli_reverse_kl.prepare_data import LABEL_WORDS
+from anli_reverse_kl.prepare_data import LABEL_WORDS, ROUNDS, SPLITS
 from common import hf
+from common.cli import UserError, check_range, run_cli
 from common.distributed import gather_object, print0, rank_seed, setup, shutdown
 from common.generation import generate
 from common.io import atomic_write_json, atomic_write_text, read_jsonl
@@ -144,6 +145,9 @@ def format_table(metrics: dict, name: str = "") -> str:
     return "\n".join(lines)
 
 
+RECORD_FIELDS = ("uid", "prompt_tokens", "target_tokens", "label", "reason")  # of prepare_data.py's {split}.jsonl
+
+
 def main(model_path: str = None, data_dir: str = None, save: str = None, rounds: str = "r1,r2,r3",
          splits: str = "dev,test", batch_size: int = 16, max_new_tokens: int = 180, do_sample: bool = False,
          temperature: float = 0.7, top_p: float = 0.9, repetition_penalty: float = 1.0, seed: int = 10):
@@ -151,7 +155,22 @@ def main(model_path: str = None, data_dir: str = None, save: str = None, rounds:
     sharded over data-parallel ranks under torchrun."""
     for flag, value in (("--model_path", model_path), ("--data_dir", data_dir), ("--save", save)):
         if value is None:
-            raise ValueError(f"{flag} is required")
+            raise UserError(f"{flag} is required")
+    for flag, value in (("--batch_size", batch_size), ("--max_new_tokens", max_new_tokens)):
+        check_range(flag, value, low=1)
+    rounds = rounds.split(",") if isinstance(rounds, str) else list(rounds)
+    splits = splits.split(",") if isinstance(splits, str) else list(splits)
+    # every input is checked before the model loads: its config, then each round's records
+    hf.load_config(model_path)
+    data = {}
+    for r in rounds:
+        for split in splits:
+            path = os.path.join(data_dir, str(r), f"{split}.jsonl")
+            if r not in ROUNDS or split not in SPLITS or not os.path.exists(path):
+                raise UserError(f"{path} is missing: run anli_reverse_kl/prepare_data.py --rounds {r} --splits "
+                                f"{split} first (or pass --rounds / --splits: {', '.join(ROUNDS)} / "
+                                f"{', '.join(SPLITS)})")
+            data[r, split] = read_jsonl(path, fields=RECORD_FIELDS, fix="re-run anli_reverse_kl/prepare_data.py")
     lay = setup(seed)
     os.makedirs(save, exist_ok=True)
     tok = hf.load_tokenizer(model_path)
@@ -159,16 +178,10 @@ def main(model_path: str = None, data_dir: str = None, save: str = None, rounds:
     causal = not hf.is_seq2seq(model)
     word_ids = [tok.encode(w, add_special_tokens=False) for w in LABEL_WORDS]
     processor = repetition_penalty_processor(repetition_penalty) if repetition_penalty != 1.0 else None
-    rounds = rounds.split(",") if isinstance(rounds, str) else list(rounds)
-    splits = splits.split(",") if isinstance(splits, str) else list(splits)
     all_metrics = {}
     for r in rounds:
         for split in splits:
-            path = os.path.join(data_dir, r, f"{split}.jsonl")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} is missing: run anli_reverse_kl/prepare_data.py --rounds {r} "
-                                        f"--splits {split} first (or pass --rounds / --splits)")
-            records = read_jsonl(path)
+            records = data[r, split]
             mine = dp_shard(list(range(len(records))), lay.dp_rank, lay.dp_size)
             prompts = [records[i]["prompt_tokens"] for i in mine]
             if causal:  # the prompt's closing EOS (the T5 encoder's end) is not part of a causal LM's input
@@ -201,9 +214,19 @@ def main(model_path: str = None, data_dir: str = None, save: str = None, rounds:
 def compare(**runs):
     """One table over several evaluations: `compare --teacher runs/eval_teacher --minillm runs/eval_minillm`
     (each a --save folder of `main`); rows are run x round/split."""
+    if not runs:
+        raise UserError("compare: name the runs, e.g. compare --teacher runs/eval_teacher --minillm runs/eval_minillm")
     rows = {}
     for name, folder in runs.items():
-        for key, m in json.load(open(os.path.join(folder, "metrics.json"))).items():
+        path = os.path.join(str(folder), "metrics.json")
+        try:
+            with open(path) as f:
+                metrics = json.load(f)
+        except FileNotFoundError:
+            raise UserError(f"--{name} {folder}: no metrics.json; pass a --save folder of `eval.py run`") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno} is not valid JSON ({e.msg}); re-run `eval.py run`") from None
+        for key, m in metrics.items():
             rows[f"{name} {key}"] = m
     table = format_table(rows, "run round/split")
     print(table)
@@ -211,6 +234,4 @@ def compare(**runs):
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"run": main, "compare": compare})
+    run_cli({"run": main, "compare": compare})

@@ -16,11 +16,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 from tqdm import tqdm
 
 from anli_reverse_kl.prepare_data import FIELDS, read_items, write_tokenized
 from common import hf
+from common.cli import UserError, check_range, run_cli
 from common.distributed import gather_object, print0, rank_seed, setup, shutdown
 from common.generation import generate
 from common.io import atomic_write_json
@@ -31,12 +31,15 @@ def main(teacher_model_path: str = None, data_dir: str = None, save: str = None,
          temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 16, seed: int = 10):
     for flag, value in (("--teacher_model_path", teacher_model_path), ("--data_dir", data_dir), ("--save", save)):
         if value is None:
-            raise ValueError(f"{flag} is required")
+            raise UserError(f"{flag} is required")
+    for flag, value in (("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size)):
+        check_range(flag, value, low=1)
+    hf.load_config(teacher_model_path, "--teacher_model_path")  # before the weights load
+    items = read_items(data_dir, "train")
     lay = setup(seed)
     tok = hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path")
     teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher_model_path")
     causal = not hf.is_seq2seq(teacher)
-    items = read_items(data_dir, "train")
     mine = dp_shard(list(range(len(items))), lay.dp_rank, lay.dp_size)
     out = []
     for s in tqdm(range(0, len(mine), batch_size), desc="teacher outputs", disable=not lay.is_main):
@@ -68,4 +71,4 @@ def main(teacher_model_path: str = None, data_dir: str = None, save: str = None,
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -19,7 +19,6 @@ causal instruct model such as SmolLM2-Instruct) puts each prompt in the tokenize
 turn (common.hf.chat_prompt); the target is then the assistant's reply.
 """
 import glob
-import json
 import os
 import re
 import sys
@@ -32,8 +31,8 @@ if __package__ in (None, ""):  # run as a file
 import numpy as np
 
 from common.binarized import best_dtype, read_split, write_indexed
-from common.hf import chat_prompt
-from common.io import write_jsonl
+from common.cli import UserError, check_range, run_cli
+from common.io import iter_rows, numbered_jsonl, write_jsonl
 
 LABEL_WORDS = ("entailment", "neutral", "contradiction")  # ANLI's label ids 0, 1, 2
 OPTIONS = "OPTIONS:\n- entailment\n- contradiction\n- neutral"  # one plain string for every split (the fork's
@@ -87,38 +86,29 @@ def find_split_file(data_dir: str, split: str, round_: str) -> str:
         candidates += sorted(glob.glob(os.path.join(folder, f"{split}_{round_}-*.parquet")))
     found = [c for c in candidates if os.path.isfile(c)]
     if not found:
-        raise FileNotFoundError(f"{data_dir}: no {split}_{round_}.jsonl or {split}_{round_}-*.parquet; point "
-                                f"--data_dir at facebook/anli's plain_text folder (or build the stand-in: python "
-                                f"anli_reverse_kl/build_standin.py)")
+        raise UserError(f"--data_dir {data_dir}: no {split}_{round_}.jsonl or {split}_{round_}-*.parquet; point "
+                        f"--data_dir at facebook/anli's plain_text folder (or build the stand-in: python "
+                        f"anli_reverse_kl/build_standin.py)")
     return found[0]
 
 
 def read_rows(path: str) -> list:
-    """Rows of one ANLI file (parquet or JSONL), checked: premise / hypothesis / label present, label in 0-2."""
+    """Rows of one ANLI file (parquet or JSONL, read by common.io), checked: premise / hypothesis / label present,
+    label in 0-2. A bad row is a UserError naming the file and its line (JSONL) or row (parquet), and the field."""
     if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give the rows "
-                              f"as JSONL") from None
-        rows = pq.read_table(path).to_pylist()
+        rows = list(iter_rows(path))
+        where = [f"{path}: row {i}" for i in range(len(rows))]
     else:
-        rows = []
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: row {len(rows)} (line {i + 1}) is not JSON: {e}") from None
-    for i, row in enumerate(rows):
+        numbered = numbered_jsonl(path)
+        rows, where = [row for _, row in numbered], [f"{path}:{i}" for i, _ in numbered]
+    for row, at in zip(rows, where):
         for field in REQUIRED:
-            if row.get(field) is None:
-                raise ValueError(f"{path}: row {i} has no '{field}'; ANLI rows need premise, hypothesis and "
-                                 f"label (uid and reason optional)")
+            if not isinstance(row, dict) or row.get(field) is None:
+                raise UserError(f"{at}: no '{field}' field; ANLI rows need premise, hypothesis and label (uid and "
+                                f"reason optional)")
         if isinstance(row["label"], bool) or row["label"] not in (0, 1, 2):
-            raise ValueError(f"{path}: row {i} has label {row['label']!r}; ANLI labels are 0 (entailment), "
-                             f"1 (neutral), 2 (contradiction)")
+            raise UserError(f"{at}: field 'label' is {row['label']!r}; ANLI labels are 0 (entailment), "
+                            f"1 (neutral), 2 (contradiction)")
     return rows
 
 
@@ -165,16 +155,16 @@ def write_tokenized(folder: str, split: str, sequences: list, records: list, voc
     write_jsonl(records, os.path.join(folder, f"{split}.jsonl"))
 
 
-def read_items(folder: str, split: str) -> list:
+def read_items(folder: str, split: str, flag: str = "--data_dir") -> list:
     """The binarised items back as dicts of token-id lists, keyed by FIELDS."""
-    data = read_split(folder, split)
+    data = read_split(folder, split, flag, "write it with anli_reverse_kl/prepare_data.py")
     items = []
     for i in range(len(data)):
         seq = np.asarray(data[i]).astype(np.int64)
         cuts = np.flatnonzero(seq == data.marker)
         if len(cuts) != len(FIELDS) - 1:
-            raise ValueError(f"{folder}/{split}: item {i} has {len(cuts) + 1} parts, want {len(FIELDS)} "
-                             f"({' ⟂ '.join(FIELDS)}); re-run anli_reverse_kl/prepare_data.py")
+            raise UserError(f"{flag} {folder}: {split} item {i} has {len(cuts) + 1} parts, want {len(FIELDS)} "
+                            f"({' ⟂ '.join(FIELDS)}); re-run anli_reverse_kl/prepare_data.py")
         parts = np.split(seq, cuts)
         parts = [parts[0]] + [p[1:] for p in parts[1:]]  # each later part opens with the marker
         items.append({k: p.tolist() for k, p in zip(FIELDS, parts)})
@@ -184,19 +174,25 @@ def read_items(folder: str, split: str) -> list:
 def main(data_dir: str = "data/anli_standin", tokenizer: str = None, save: str = "processed_data/anli",
          rounds: str = "r1,r2,r3", splits: str = "train,dev,test", max_prompt_length: int = 320,
          chat_template: bool = False):
-    from transformers import AutoTokenizer
+    from common.hf import chat_prompt, load_tokenizer
 
     if tokenizer is None:
-        raise ValueError("--tokenizer: give a tokenizer folder (the teacher's; teacher and student must share it)")
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    if tok.eos_token_id is None:
-        raise ValueError(f"--tokenizer {tokenizer}: the tokenizer has no EOS token; targets end with EOS")
+        raise UserError("--tokenizer: give a tokenizer folder (the teacher's; teacher and student must share it)")
+    check_range("--max_prompt_length", max_prompt_length, low=1)
     rounds = rounds.split(",") if isinstance(rounds, str) else list(rounds)
     splits = splits.split(",") if isinstance(splits, str) else list(splits)
+    for name, values, valid in (("--rounds", rounds, ROUNDS), ("--splits", splits, SPLITS)):
+        if not values or any(v not in valid for v in values):
+            raise UserError(f"{name} {','.join(map(str, values))}: give a comma list of {', '.join(valid)}")
+    # every file is read and checked before anything is written
+    found = {(r, split): find_split_file(data_dir, split, r) for r in rounds for split in splits}
+    rows_of = {key: read_rows(path) for key, path in found.items()}
+    tok = load_tokenizer(tokenizer, flag="--tokenizer", model_folder=False)
+    if tok.eos_token_id is None:
+        raise UserError(f"--tokenizer {tokenizer}: the tokenizer has no EOS token; targets end with EOS")
     for r in rounds:
         for split in splits:
-            path = find_split_file(data_dir, split, r)
-            rows = read_rows(path)
+            path, rows = found[r, split], rows_of[r, split]
             items, dropped = make_items(rows, split, r)
             if chat_template:
                 items = [dict(item, prompt=chat_prompt(tok, item["prompt"])) for item in items]
@@ -206,6 +202,4 @@ def main(data_dir: str = "data/anli_standin", tokenizer: str = None, save: str =
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

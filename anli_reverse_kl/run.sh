@@ -18,6 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model gains nothing from a second thread, only waiting
 
+SRC=${SRC:-data/anli_standin}  # ANLI rows ({split}_{round}.jsonl or the release's parquet files)
 NPROC=${NPROC:-1}
 ROUND=${ROUND:-r1}
 launch() {  # one process without torchrun, else torchrun on this node
@@ -59,7 +60,7 @@ fi
 
 DATA=$OUT/processed
 echo "== data: ANLI stand-in round $ROUND -> $DATA/$ROUND"
-python anli_reverse_kl/prepare_data.py --data_dir data/anli_standin --tokenizer "$TEACHER_INIT" --save "$DATA" \
+python anli_reverse_kl/prepare_data.py --data_dir "$SRC" --tokenizer "$TEACHER_INIT" --save "$DATA" \
   --rounds "$ROUND" --max_prompt_length "$MAX_PROMPT" "${CHAT[@]}"
 
 SFT=(--type sft --data_dir "$DATA/$ROUND" --batch_size "$BATCH" --gradient_accumulation_steps 1 --warmup_iters "$WARMUP"

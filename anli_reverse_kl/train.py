@@ -10,13 +10,18 @@ paths (MiniLLM on a decoder-only pair is LMOps' original setting).
 `--data_dir` is one round's folder written by prepare_data.py (items prompt ⟂ target ⟂ ...); a causal LM reads
 prompt + target as one sequence, and the EOS that prepare_data closes each prompt with (the T5 encoder's end) is
 left off. Losses, per target token (the targets are aligned with the logits, so position t scores target t):
-  sft / seqkd  r·CE(first target token) + (1 - r)·CE(other target tokens), r = --loss_ratio; each term a
-               mean over the whole optimiser step (its first tokens, its other tokens)
+  sft / seqkd  r·CE(first target token) + (1 - r)·CE(other target tokens), r = --loss_ratio; the first term a
+               mean over the step's items; the second, as the fork's compute_class_reas_loss, a sum over the
+               other tokens divided by items x (max_len - 1) (its labels padded with -100 to max_len count in
+               the mean; --reason_mean fork), or a mean over the other tokens (--reason_mean tokens)
   kd           (1 - λ)·CE + λ·soft-CE(p, q), λ = --kd_ratio, token mean
   minillm      per iteration: --num_rollouts prompts, decoder samples from (1 - α) q + α p in chunks of
                --chunk_size, scored once (minillm.py); then --ppo_epochs passes over the shuffled store in
                minibatches of --batch_size x --gradient_accumulation_steps per rank, each an optimiser step on
-               L_pg [+ L_reg with --single_step_reg] [+ lm_coef·((1 - λ) CE + λ soft-CE) on a --lm_data_dir batch]
+               L_pg [+ L_reg with --single_step_reg] [+ lm_coef·((1 - λ) CE + λ soft-CE) on a --lm_data_dir batch];
+               advantages whitened per minibatch over its padded [B, --max_new_tokens] entries as released
+               (--whiten release) or once per store over response tokens (--whiten masked); log-probabilities
+               at --temperature as released (the teacher's reward at 1)
 
 Checkpoints under --save/checkpoints (common.hf_training; sft/kd/seqkd every --save_interval optimiser
 steps, minillm after every --save_interval rollout iterations); rerunning the same command resumes from the
@@ -28,26 +33,31 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 
-from anli_reverse_kl.minillm import minillm_loss, sample_responses, score_rollouts, store_fields
+from anli_reverse_kl.minillm import WHITEN, minillm_loss, sample_responses, score_rollouts, store_fields
 from anli_reverse_kl.prepare_data import read_items
 from common import hf
-from common.distributed import all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES, all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
 from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
                                 optimizer_step, save_checkpoint, unwrap, wrap_ddp)
 from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from common.labels import causal_lm_batch, seq2seq_batch, targets_and_mask
 from common.losses import cross_entropy, soft_cross_entropy
-from common.training import Throughput, dp_shard, global_count
+from common.training import Throughput, dp_shard, epoch_order, global_count
 
 TYPES = ("sft", "kd", "seqkd", "minillm")
+OPTIMIZERS = ("adafactor", "adamw")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+REASON_MEANS = ("fork", "tokens")
 # per-type defaults (spec §3: the fork's scripts; MiniLLM's where the fork is silent). None in a flag = this.
 DEFAULTS = {
     "sft": dict(lr=9e-5, optimizer="adafactor", batch_size=12, gradient_accumulation_steps=6, epochs=5,
@@ -58,35 +68,46 @@ DEFAULTS = {
 DEFAULTS["kd"] = DEFAULTS["seqkd"] = DEFAULTS["sft"]
 
 
-def check_models(student, teacher, student_tok, teacher_tok, model_path, teacher_path):
-    """Teacher and student of one kind (both encoder-decoder or both causal) and one tokenizer for both (the
-    rollouts and KD compare token by token)."""
-    if teacher is None:
-        return
-    if hf.is_seq2seq(student) != hf.is_seq2seq(teacher):
-        kind = {True: "an encoder-decoder", False: "a decoder-only"}
-        raise ValueError(f"--teacher_model_path {teacher_path} is {kind[hf.is_seq2seq(teacher)]} model "
-                         f"({type(teacher).__name__}) and --model_path {model_path} {kind[hf.is_seq2seq(student)]} "
-                         f"one ({type(student).__name__}): give both of one kind")
-    if student_tok.get_vocab() != teacher_tok.get_vocab() or \
-            (student_tok.eos_token_id, student_tok.pad_token_id) != (teacher_tok.eos_token_id, teacher_tok.pad_token_id):
-        raise ValueError(f"--teacher_model_path {teacher_path} and --model_path {model_path} have different "
-                         f"tokenizers ({len(teacher_tok)} vs {len(student_tok)} tokens or different ids): use a "
-                         f"teacher that shares the student's tokenizer (Flan-T5 sizes all do)")
-    hf.check_vocab(student, teacher, student_tok)
+def check_model_kinds(model_path: str, teacher_model_path: str = None) -> bool:
+    """Student and teacher folders of one kind, read from their config.json before any weights load: True for
+    encoder-decoder (the fork's T5), False for causal LMs (LMOps' setting)."""
+    student = hf.load_config(model_path, "--model_path")
+    if teacher_model_path is not None:
+        teacher = hf.load_config(teacher_model_path, "--teacher_model_path")
+        if bool(teacher.is_encoder_decoder) != bool(student.is_encoder_decoder):
+            kind = {True: "an encoder-decoder", False: "a decoder-only"}
+            raise UserError(f"--teacher_model_path {teacher_model_path} is {kind[bool(teacher.is_encoder_decoder)]} "
+                            f"model and --model_path {model_path} {kind[bool(student.is_encoder_decoder)]} one: give "
+                            f"both of one kind (T5 / Flan-T5, or causal LMs sharing a tokenizer)")
+    return bool(student.is_encoder_decoder)
 
 
-def load_items(data_dir: str, max_prompt_length: int, max_len: int, prompt_eos: int = None) -> list:
+def check_flags(cfg: dict, dtype: str, ratios: dict, counts: dict) -> None:
+    """The per-type settings and the other flags, before anything loads: choices, ratios in [0, 1], counts >= 1."""
+    check_choice("--optimizer", cfg["optimizer"], OPTIMIZERS)
+    check_choice("--lr_decay_style", cfg["lr_decay_style"], LR_DECAY_STYLES)
+    check_choice("--dtype", dtype, DTYPES)
+    check_range("--warmup_iters", cfg["warmup_iters"], low=0)
+    for name, value in ratios.items():
+        check_range(f"--{name}", value, 0, 1)
+    counts = dict(counts, **{k: cfg[k] for k in ("batch_size", "gradient_accumulation_steps", "max_len", "epochs",
+                                                 "total_iters") if k in cfg})
+    for name, value in counts.items():
+        check_range(f"--{name}", value, low=1)
+
+
+def load_items(data_dir: str, max_prompt_length: int, max_len: int, prompt_eos: int = None,
+               flag: str = "--data_dir") -> list:
     """(prompt, target) token lists of the train split; prompts over max_prompt_length are dropped (MiniLLM),
     targets cut to max_len tokens. `prompt_eos`: an id to take off the end of each prompt (a causal LM's)."""
-    items = read_items(data_dir, "train")
+    items = read_items(data_dir, "train", flag)
     prompts = [it["prompt"][:-1] if it["prompt"][-1:] == [prompt_eos] else it["prompt"] for it in items]
     kept = [(p, it["target"][:max_len]) for p, it in zip(prompts, items) if len(p) <= max_prompt_length]
     print0(f"{data_dir}: {len(kept)} train items ({len(items) - len(kept)} prompts over {max_prompt_length} tokens "
            f"dropped)")
     if not kept:
-        raise ValueError(f"--data_dir {data_dir}: no train item has a prompt within --max_prompt_length "
-                         f"{max_prompt_length}")
+        raise UserError(f"{flag} {data_dir}: no train item has a prompt within --max_prompt_length "
+                        f"{max_prompt_length}")
     return kept
 
 
@@ -96,7 +117,7 @@ def item_order(n: int, position: int, count: int, seed: int) -> list:
     out = []
     while len(out) < count:
         epoch, offset = divmod(position + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        perm = epoch_order(n, seed, epoch)
         out += perm[offset:offset + count - len(out)]
     return out
 
@@ -110,7 +131,7 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float):
                          weight_decay=weight_decay)
     if name == "adamw":  # MiniLLM's
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
-    raise ValueError(f"--optimizer must be adafactor or adamw, got {name!r}")
+    check_choice("--optimizer", name, OPTIMIZERS)
 
 
 def to_batch(pairs, tok, start_id, device) -> dict:
@@ -137,7 +158,8 @@ def first_token_masks(mask):
 
 
 def sft_loss(logits, batch, loss_ratio, n_first, n_rest):
-    """r·CE(first target token) + (1 - r)·CE(other target tokens), each divided by its whole-step count."""
+    """r·CE(first target token) + (1 - r)·CE(other target tokens), each summed and divided by its whole-step
+    normaliser: n_first = the step's items; n_rest = their other tokens, or items x (max_len - 1) as the fork."""
     first, rest = first_token_masks(batch["mask"])
     return (loss_ratio * cross_entropy(logits, target_ids=batch["targets"], mask=first, normalizer=max(n_first, 1))
             + (1 - loss_ratio) * cross_entropy(logits, target_ids=batch["targets"], mask=rest,
@@ -158,193 +180,263 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
           max_len: int = None, max_prompt_length: int = 320, loss_ratio: float = 0.8, kd_ratio: float = 0.5,
           ppo_epochs: int = 2, num_rollouts: int = 32, chunk_size: int = 16, teacher_mixed_alpha: float = 0.2,
           gamma: float = 0.95, reward_scaling: float = 0.5, cliprange_reward: float = 100.0, cliprange: float = 0.2,
-          length_norm: bool = True, single_step_reg: bool = False, lm_data_dir: str = None, lm_coef: float = 1.0,
+          length_norm: bool = True, single_step_reg: bool = False, whiten: str = "release",
+          reason_mean: str = "fork", lm_data_dir: str = None, lm_coef: float = 1.0,
           max_new_tokens: int = 180, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
           dtype: str = "float32", save_interval: int = 500, seed: int = 10):
-    if type not in TYPES:
-        raise ValueError(f"--type must be one of {', '.join(TYPES)}, got {type!r}")
+    check_choice("--type", type, TYPES)
+    check_choice("--whiten", whiten, WHITEN)
+    check_choice("--reason_mean", reason_mean, REASON_MEANS)
     for flag, value in (("--model_path", model_path), ("--data_dir", data_dir), ("--save", save)):
         if value is None:
-            raise ValueError(f"{flag} is required")
+            raise UserError(f"{flag} is required")
     if type in ("kd", "minillm") and teacher_model_path is None:
-        raise ValueError(f"--type {type} needs --teacher_model_path")
-    if type == "seqkd" and not os.path.exists(os.path.join(data_dir, "seqkd.json")):
-        raise ValueError(f"--type seqkd: {data_dir} holds no teacher outputs (no seqkd.json); write them with "
-                         f"anli_reverse_kl/generate_data.py and pass its --save folder as --data_dir")
+        raise UserError(f"--type {type} needs --teacher_model_path")
     cfg = dict(DEFAULTS[type])
     cfg.update({k: v for k, v in dict(lr=lr, optimizer=optimizer, batch_size=batch_size, epochs=epochs,
                                       gradient_accumulation_steps=gradient_accumulation_steps, total_iters=total_iters,
                                       warmup_iters=warmup_iters, weight_decay=weight_decay, clip_grad=clip_grad,
                                       lr_decay_style=lr_decay_style, max_len=max_len).items() if v is not None})
-    lay = setup(seed)
-    os.makedirs(save, exist_ok=True)
-    tok = hf.load_tokenizer(model_path)
-    model = hf.load_model(model_path, dtype="float32", device=lay.device)
-    teacher = teacher_tok = None
-    if type in ("kd", "minillm"):
-        teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher_model_path")
-        teacher_tok = hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path")
-    check_models(model, teacher, tok, teacher_tok, model_path, teacher_model_path)
-    model.train()
-    start_id = model.config.decoder_start_token_id if hf.is_seq2seq(model) else None
-    prompt_eos = None if hf.is_seq2seq(model) else tok.eos_token_id
+    check_flags(cfg, dtype, dict(loss_ratio=loss_ratio, kd_ratio=kd_ratio, teacher_mixed_alpha=teacher_mixed_alpha),
+                dict(max_prompt_length=max_prompt_length, ppo_epochs=ppo_epochs, num_rollouts=num_rollouts,
+                     chunk_size=chunk_size, max_new_tokens=max_new_tokens, save_interval=save_interval))
+    # every input is checked before any weights load: the model folders by their configs, then the data
+    seq2seq = check_model_kinds(model_path, teacher_model_path if type in ("kd", "minillm") else None)
+    if type == "seqkd" and not os.path.exists(os.path.join(data_dir, "seqkd.json")):
+        raise UserError(f"--type seqkd: {data_dir} holds no teacher outputs (no seqkd.json); write them with "
+                        f"anli_reverse_kl/generate_data.py and pass its --save folder as --data_dir")
+    flags = SimpleNamespace(**{k: v for k, v in locals().items() if k != "cfg"})
+    prompt_eos = None if seq2seq else hf.load_tokenizer(model_path).eos_token_id
     items = load_items(data_dir, max_prompt_length, cfg["max_len"], prompt_eos)
-    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"], prompt_eos) if lm_data_dir else None
-
-    accum, per_rank = cfg["gradient_accumulation_steps"], cfg["batch_size"]
+    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"], prompt_eos, "--lm_data_dir") \
+        if lm_data_dir else None
+    run = start_run(flags, cfg)
     if type == "minillm":
         total_steps = cfg["total_iters"]
     else:
-        per_step = per_rank * accum * lay.dp_size
-        steps_per_epoch = math.ceil(len(items) / per_step)
+        steps_per_epoch = math.ceil(len(items) / run.per_step)
         total_steps = cfg["epochs"] * steps_per_epoch
-    opt = make_optimizer(model, cfg["optimizer"], cfg["lr"], cfg["weight_decay"])
-    scheduler = lr_schedule(opt, cfg["lr_decay_style"], cfg["warmup_iters"], total_steps)
-    scaler = grad_scaler(dtype, lay.device)
-    state = load_checkpoint(save, lay, model, opt, scheduler, scaler) or {"step": 0, "iteration": 0}
-    if lay.is_main:
-        atomic_write_json(dict(cfg, type=type, model_path=model_path, teacher_model_path=teacher_model_path,
-                               data_dir=data_dir, dp_size=lay.dp_size, total_steps=total_steps),
-                          os.path.join(save, "args.json"))
-    print0(f"{type}: {total_steps} optimiser steps, {len(items)} items, dp {lay.dp_size}, resuming at step "
-           f"{state['step']}")
-    ddp = wrap_ddp(model, lay)
-    log_path = os.path.join(save, "log.jsonl")
-    if lay.is_main and os.path.exists(log_path):  # a resumed run redoes the steps after its checkpoint
-        write_jsonl([r for r in read_jsonl(log_path, drop_partial_last=True) if r["step"] <= state["step"]], log_path)
-    group = dp_group() if lay.dp_size > 1 else None
-
-    def log(step, values):
-        values = dict(step=step, lr=opt.param_groups[0]["lr"], **values)
-        if lay.is_main:
-            append_jsonl(log_path, values)
-        print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
-
-    def lm_batches(step, n_micro):
-        """This rank's --lm_data_dir micro-batches for optimiser step `step` (MiniLLM's PT term)."""
-        order = item_order(len(lm_items), step * per_rank * accum * lay.dp_size, per_rank * accum * lay.dp_size,
-                           seed + 1)
-        mine = dp_shard([lm_items[i] for i in order], lay.dp_rank, lay.dp_size)
-        return [to_batch(mine[k * per_rank:(k + 1) * per_rank], tok, start_id, lay.device) for k in range(n_micro)]
-
-    def backward_step(micro, loss_fn):
-        """One optimiser step over `micro` batches: loss_fn(batch) -> (loss, terms) already divided by the
-        step's global counts; returns the summed terms."""
-        sums = {}
-        for k, batch in enumerate(micro):
-            with grad_sync(ddp, k == len(micro) - 1):
-                with autocast(dtype, lay.device):
-                    loss, terms = loss_fn(batch)
-                scaler.scale(loss).backward()
-            for name, v in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(v)
-        return sums
-
-    def export_steps():
-        if state["step"] < total_steps:  # the last weights go to --save/model
-            export_model(unwrap(ddp), tok, os.path.join(save, f"step-{state['step']}"), lay)
-
-    meter = Throughput()
-    if type != "minillm":
-        while state["step"] < total_steps:
-            step = state["step"]
-            epoch, k = divmod(step, steps_per_epoch)
-            order = item_order(len(items), epoch * len(items) + k * per_step, min(per_step, len(items) - k * per_step),
-                               seed)
-            mine = dp_shard([items[i] for i in order], lay.dp_rank, lay.dp_size)
-            micro = [to_batch(mine[j:j + per_rank], tok, start_id, lay.device) for j in range(0, len(mine), per_rank)]
-            n_first = global_count(sum(int(first_token_masks(b["mask"])[0].sum()) for b in micro), lay.device)
-            n_tok = global_count(sum(int(b["mask"].sum()) for b in micro), lay.device)
-
-            def loss_fn(batch):
-                logits = ddp(**model_inputs(batch)).logits
-                if type == "kd":
-                    with torch.no_grad():
-                        teacher_logits = teacher(**model_inputs(batch)).logits
-                    loss = kd_loss(logits, teacher_logits, batch, kd_ratio, n_tok)
-                else:
-                    loss = sft_loss(logits, batch, loss_ratio, n_first, n_tok - n_first)
-                return loss, dict(loss=loss.detach())
-
-            sums = backward_step(micro, loss_fn)
-            meter.add(int(n_tok))
-            grad_norm = optimizer_step(opt, scheduler, scaler, cfg["clip_grad"])
-            state["step"] = step + 1
-            loss = all_reduce_dp(torch.tensor(sums["loss"], device=lay.device)).item()
-            log(state["step"], dict(epoch=epoch, loss=loss, grad_norm=grad_norm, tokens_per_s=meter.rate()))
-            if state["step"] % save_interval == 0 or state["step"] == total_steps:
-                save_checkpoint(save, state, lay, model, opt, scheduler, scaler, tok)
-                export_steps()
+    run.resume(total_steps, items)
+    if type == "minillm":
+        while run.state["step"] < total_steps:
+            minillm_iteration(run, items, lm_items, total_steps)
     else:
-        settings = dict(alpha=teacher_mixed_alpha, gamma=gamma, reward_scaling=reward_scaling,
-                        reward_clip=cliprange_reward, length_norm=length_norm)
-        while state["step"] < total_steps:
-            it = state["iteration"]
-            # rollouts: this rank's share of the iteration's prompts, sampled in chunks
-            order = item_order(len(items), it * num_rollouts, num_rollouts, seed)
-            prompts = [items[i][0] for i in dp_shard(order, lay.dp_rank, lay.dp_size)]
-            t0, responses = time.perf_counter(), []
-            for c in range(0, len(prompts), chunk_size):
-                responses += sample_responses(unwrap(ddp), teacher, prompts[c:c + chunk_size],
-                                              max_new_tokens=max_new_tokens, alpha=teacher_mixed_alpha,
-                                              temperature=temperature, top_k=top_k, top_p=top_p,
-                                              eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                              seed=rank_seed(seed, it * 100003 + c, lay.dp_rank))
-            elapsed = time.perf_counter() - t0
-            store = score_rollouts(unwrap(ddp), teacher, prompts, responses, pad_id=tok.pad_token_id,
-                                   batch_size=chunk_size, group=group, **settings)
-            mask = store["mask"]
-            sums = all_reduce_dp(torch.stack([(store["rewards"] * mask).sum(), mask.sum().float()]))
-            w = store["weights"][mask]
-            w_range = torch.stack([w.min(), -w.max()])
-            if lay.dp_size > 1:
-                torch.distributed.all_reduce(w_range, op=torch.distributed.ReduceOp.MIN, group=group)
-            rollout_log = dict(iteration=it, reward=(sums[0] / sums[1]).item(), w_min=w_range[0].item(),
-                               w_max=-w_range[1].item(), response_tokens=int(sums[1]),
-                               rollout_tokens_per_s=sums[1].item() / max(elapsed, 1e-9))
-            # PPO epochs over the shuffled store, each minibatch (x accumulation) an optimiser step
-            n = mask.shape[0]
-            g = torch.Generator().manual_seed(seed * 100003 + it)
-            for _ in range(ppo_epochs):
-                perm = torch.randperm(n, generator=g).tolist()
-                for s in range(0, n, per_rank * accum):
-                    if state["step"] >= total_steps:
-                        break
-                    rows = perm[s:s + per_rank * accum]
-                    micro = [{k: store[k][rows[j:j + per_rank]] for k in store_fields(store)}
-                             for j in range(0, len(rows), per_rank)]
-                    if lm_items:
-                        for batch, lm in zip(micro, lm_batches(state["step"], len(micro))):
-                            batch["lm"] = lm
-                    n_resp = global_count(sum(int(b["mask"].sum()) for b in micro), lay.device)
-                    n_lm = global_count(sum(int(b["lm"]["mask"].sum()) for b in micro), lay.device) if lm_items else 0
-
-                    def loss_fn(batch):
-                        terms = minillm_loss(ddp, teacher, batch, clip_range=cliprange,
-                                             single_step_reg=single_step_reg, normalizer=max(n_resp, 1))
-                        if "lm" in batch:
-                            logits = ddp(**model_inputs(batch["lm"])).logits
-                            with torch.no_grad():
-                                teacher_logits = teacher(**model_inputs(batch["lm"])).logits
-                            terms["pt"] = kd_loss(logits, teacher_logits, batch["lm"], kd_ratio, n_lm)
-                            terms["loss"] = terms["loss"] + lm_coef * terms["pt"]
-                        return terms["loss"], {k: v.detach() for k, v in terms.items()}
-
-                    sums = backward_step(micro, loss_fn)
-                    meter.add(int(n_resp))
-                    grad_norm = optimizer_step(opt, scheduler, scaler, cfg["clip_grad"])
-                    state["step"] += 1
-                    terms = all_reduce_dp(torch.tensor(list(sums.values()), device=lay.device)).tolist()
-                    log(state["step"], dict(rollout_log, **dict(zip(sums, terms)), grad_norm=grad_norm,
-                                            tokens_per_s=meter.rate()))
-            state["iteration"] = it + 1
-            if state["iteration"] % save_interval == 0 or state["step"] >= total_steps:
-                save_checkpoint(save, state, lay, model, opt, scheduler, scaler, tok)
-                export_steps()
-    export_model(unwrap(ddp), tok, os.path.join(save, "model"), lay)
+        while run.state["step"] < total_steps:
+            supervised_step(run, items, steps_per_epoch, total_steps)
+    export_model(unwrap(run.ddp), run.tok, os.path.join(save, "model"), run.lay)
     print0(f"saved {os.path.join(save, 'model')}")
     shutdown()
 
 
+# ---- the run's stages: setup and resume, one supervised step, one MiniLLM iteration (rollouts + PPO steps) ----
+
+@dataclass
+class Run:
+    """What every stage shares: the flags, the resolved settings, the process layout, tokenizer and models, the
+    optimiser with its schedule and scaler, and the resumable state {step, iteration}."""
+    flags: SimpleNamespace
+    cfg: dict
+    lay: object
+    tok: object
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    teacher: object
+    opt: object = None
+    scheduler: object = None
+    scaler: object = None
+    state: dict = None
+    meter: Throughput = field(default_factory=Throughput)
+
+    @property
+    def per_step(self) -> int:  # items of one optimiser step over all ranks
+        return self.cfg["batch_size"] * self.cfg["gradient_accumulation_steps"] * self.lay.dp_size
+
+    @property
+    def group(self):
+        return dp_group() if self.lay.dp_size > 1 else None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.flags.save, "log.jsonl")
+
+    def resume(self, total_steps: int, items: list) -> None:
+        """Optimiser, schedule and scaler for `total_steps`, restored from the last checkpoint when there is one;
+        args.json; the log cut back to the restored step (a resumed run redoes the steps after it)."""
+        f, cfg, lay = self.flags, self.cfg, self.lay
+        self.opt = make_optimizer(self.model, cfg["optimizer"], cfg["lr"], cfg["weight_decay"])
+        self.scheduler = lr_schedule(self.opt, cfg["lr_decay_style"], cfg["warmup_iters"], total_steps)
+        self.scaler = grad_scaler(f.dtype, lay.device)
+        self.state = load_checkpoint(f.save, lay, self.model, self.opt, self.scheduler, self.scaler) or \
+            {"step": 0, "iteration": 0}
+        if lay.is_main:
+            atomic_write_json(dict(cfg, type=f.type, model_path=f.model_path, teacher_model_path=f.teacher_model_path,
+                                   data_dir=f.data_dir, dp_size=lay.dp_size, total_steps=total_steps),
+                              os.path.join(f.save, "args.json"))
+            if os.path.exists(self.log_path):
+                write_jsonl([r for r in read_jsonl(self.log_path, drop_partial_last=True)
+                             if r["step"] <= self.state["step"]], self.log_path)
+        print0(f"{f.type}: {total_steps} optimiser steps, {len(items)} items, dp {lay.dp_size}, resuming at step "
+               f"{self.state['step']}")
+        self.ddp = wrap_ddp(self.model, lay)
+
+    def batch(self, pairs) -> dict:
+        start_id = self.model.config.decoder_start_token_id if self.flags.seq2seq else None  # None: causal
+        return to_batch(pairs, self.tok, start_id, self.lay.device)
+
+    def backward(self, micro: list, loss_fn) -> dict:
+        """Forward and backward of each micro-batch (DDP syncs at the last): loss_fn(batch) -> (loss, terms),
+        both already divided by the step's global counts. Returns this rank's terms summed over `micro`."""
+        totals = {}
+        for k, batch in enumerate(micro):
+            with grad_sync(self.ddp, k == len(micro) - 1):
+                with autocast(self.flags.dtype, self.lay.device):
+                    loss, terms = loss_fn(batch)
+                self.scaler.scale(loss).backward()
+            for name, v in terms.items():
+                totals[name] = totals.get(name, 0.0) + float(v)
+        return totals
+
+    def step(self, tokens: int, terms: dict, **values) -> None:
+        """Clip, optimiser and schedule step; the step's terms summed over ranks; one log line."""
+        self.meter.add(int(tokens))
+        grad_norm = optimizer_step(self.opt, self.scheduler, self.scaler, self.cfg["clip_grad"])
+        self.state["step"] += 1
+        summed = all_reduce_dp(torch.tensor(list(terms.values()), device=self.lay.device)).tolist()
+        record = dict(step=self.state["step"], lr=self.opt.param_groups[0]["lr"], **values, **dict(zip(terms, summed)),
+                      grad_norm=grad_norm, tokens_per_s=self.meter.rate())
+        if self.lay.is_main:
+            append_jsonl(self.log_path, record)
+        print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+    def checkpoint(self, total_steps: int) -> None:
+        """The resumable checkpoint, and the weights so far to --save/step-N (the last ones go to --save/model)."""
+        save_checkpoint(self.flags.save, self.state, self.lay, self.model, self.opt, self.scheduler, self.scaler,
+                        self.tok)
+        if self.state["step"] < total_steps:
+            export_model(unwrap(self.ddp), self.tok, os.path.join(self.flags.save, f"step-{self.state['step']}"),
+                         self.lay)
+
+
+def start_run(flags, cfg) -> Run:
+    """Processes, tokenizer, student (trainable, fp32) and the frozen teacher of kd / minillm, checked."""
+    lay = setup(flags.seed)
+    os.makedirs(flags.save, exist_ok=True)
+    tok = hf.load_tokenizer(flags.model_path)
+    teacher = teacher_tok = None
+    if flags.type in ("kd", "minillm"):  # one tokenizer for both: the rollouts and KD compare token by token
+        teacher_tok = hf.load_tokenizer(flags.teacher_model_path, flag="--teacher_model_path")
+        hf.check_tokenizers(tok, teacher_tok)
+    model = hf.load_model(flags.model_path, dtype="float32", device=lay.device)
+    if flags.type in ("kd", "minillm"):
+        teacher = hf.load_model(flags.teacher_model_path, device=lay.device, frozen=True, flag="--teacher_model_path")
+        hf.check_vocab(model, teacher, tok, teacher_tok)
+    model.train()
+    return Run(flags, cfg, lay, tok, model, model, teacher)
+
+
+def supervised_step(run: Run, items: list, steps_per_epoch: int, total_steps: int) -> None:
+    """One optimiser step of sft / seqkd / kd over the step's share of an epoch (a permutation per epoch)."""
+    f, lay, per_rank = run.flags, run.lay, run.cfg["batch_size"]
+    epoch, k = divmod(run.state["step"], steps_per_epoch)
+    order = item_order(len(items), epoch * len(items) + k * run.per_step,
+                       min(run.per_step, len(items) - k * run.per_step), f.seed)
+    mine = dp_shard([items[i] for i in order], lay.dp_rank, lay.dp_size)
+    micro = [run.batch(mine[j:j + per_rank]) for j in range(0, len(mine), per_rank)]
+    n_first = global_count(sum(int(first_token_masks(b["mask"])[0].sum()) for b in micro), lay.device)
+    n_tok = global_count(sum(int(b["mask"].sum()) for b in micro), lay.device)
+    n_rest = n_tok - n_first if f.reason_mean == "tokens" else n_first * (run.cfg["max_len"] - 1)
+
+    def loss_fn(batch):
+        logits = run.ddp(**model_inputs(batch)).logits
+        if f.type == "kd":
+            with torch.no_grad():
+                teacher_logits = run.teacher(**model_inputs(batch)).logits
+            loss = kd_loss(logits, teacher_logits, batch, f.kd_ratio, n_tok)
+        else:
+            loss = sft_loss(logits, batch, f.loss_ratio, n_first, n_rest)
+        return loss, dict(loss=loss.detach())
+
+    run.step(n_tok, run.backward(micro, loss_fn), epoch=epoch)
+    if run.state["step"] % f.save_interval == 0 or run.state["step"] == total_steps:
+        run.checkpoint(total_steps)
+
+
+def rollouts(run: Run, items: list, iteration: int) -> tuple:
+    """This rank's share of the iteration's --num_rollouts prompts, sampled from the teacher-mixed policy in
+    chunks and scored (minillm.py): the PPO store, and what the log shows of it."""
+    f, lay = run.flags, run.lay
+    order = item_order(len(items), iteration * f.num_rollouts, f.num_rollouts, f.seed)
+    prompts = [items[i][0] for i in dp_shard(order, lay.dp_rank, lay.dp_size)]
+    t0, responses = time.perf_counter(), []
+    for c in range(0, len(prompts), f.chunk_size):
+        responses += sample_responses(unwrap(run.ddp), run.teacher, prompts[c:c + f.chunk_size],
+                                      max_new_tokens=f.max_new_tokens, alpha=f.teacher_mixed_alpha,
+                                      temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                                      eos_id=run.tok.eos_token_id, pad_id=run.tok.pad_token_id,
+                                      seed=rank_seed(f.seed, iteration * 100003 + c, lay.dp_rank))
+    elapsed = time.perf_counter() - t0
+    store = score_rollouts(unwrap(run.ddp), run.teacher, prompts, responses, pad_id=run.tok.pad_token_id,
+                           batch_size=f.chunk_size, group=run.group, temperature=f.temperature,
+                           alpha=f.teacher_mixed_alpha, gamma=f.gamma, reward_scaling=f.reward_scaling,
+                           reward_clip=f.cliprange_reward, length_norm=f.length_norm)
+    mask = store["mask"]
+    reward_and_count = all_reduce_dp(torch.stack([(store["rewards"] * mask).sum(), mask.sum().float()]))
+    w = store["weights"][mask]
+    w_range = torch.stack([w.min(), -w.max()])
+    if lay.dp_size > 1:
+        torch.distributed.all_reduce(w_range, op=torch.distributed.ReduceOp.MIN, group=run.group)
+    summary = dict(iteration=iteration, reward=(reward_and_count[0] / reward_and_count[1]).item(),
+                   w_min=w_range[0].item(), w_max=-w_range[1].item(), response_tokens=int(reward_and_count[1]),
+                   rollout_tokens_per_s=reward_and_count[1].item() / max(elapsed, 1e-9))
+    return store, summary
+
+
+def ppo_step(run: Run, store: dict, rows: list, summary: dict, lm_items) -> None:
+    """One optimiser step on the store's `rows` (this rank's minibatch x accumulation): L_pg (+ L_reg)
+    [+ lm_coef·PT term on a --lm_data_dir batch]."""
+    f, lay, per_rank = run.flags, run.lay, run.cfg["batch_size"]
+    micro = [{k: store[k][rows[j:j + per_rank]] for k in store_fields(store)} for j in range(0, len(rows), per_rank)]
+    if lm_items:  # MiniLLM's PT term: the p-th chunk of the run is item p of an endless stream of epochs
+        order = item_order(len(lm_items), run.state["step"] * run.per_step, run.per_step, f.seed + 1)
+        mine = dp_shard([lm_items[i] for i in order], lay.dp_rank, lay.dp_size)
+        for k, batch in enumerate(micro):
+            batch["lm"] = run.batch(mine[k * per_rank:(k + 1) * per_rank])
+    n_resp = global_count(sum(int(b["mask"].sum()) for b in micro), lay.device)
+    n_lm = global_count(sum(int(b["lm"]["mask"].sum()) for b in micro), lay.device) if lm_items else 0
+
+    def loss_fn(batch):
+        terms = minillm_loss(run.ddp, run.teacher, batch, clip_range=f.cliprange, single_step_reg=f.single_step_reg,
+                             normalizer=max(n_resp, 1), temperature=f.temperature, whiten=f.whiten,
+                             width=f.max_new_tokens, group=run.group)
+        if "lm" in batch:
+            logits = run.ddp(**model_inputs(batch["lm"])).logits
+            with torch.no_grad():
+                teacher_logits = run.teacher(**model_inputs(batch["lm"])).logits
+            terms["pt"] = kd_loss(logits, teacher_logits, batch["lm"], f.kd_ratio, n_lm)
+            terms["loss"] = terms["loss"] + f.lm_coef * terms["pt"]
+        return terms["loss"], {k: v.detach() for k, v in terms.items()}
+
+    run.step(n_resp, run.backward(micro, loss_fn), **summary)
+
+
+def minillm_iteration(run: Run, items: list, lm_items, total_steps: int) -> None:
+    """Rollouts, then --ppo_epochs passes over the shuffled store, each minibatch (x accumulation) an optimiser
+    step; a checkpoint every --save_interval iterations and at the end."""
+    f = run.flags
+    iteration = run.state["iteration"]
+    store, summary = rollouts(run, items, iteration)
+    n, minibatch = store["mask"].shape[0], run.cfg["batch_size"] * run.cfg["gradient_accumulation_steps"]
+    g = torch.Generator().manual_seed(f.seed * 100003 + iteration)
+    for _ in range(f.ppo_epochs):
+        perm = torch.randperm(n, generator=g).tolist()
+        for s in range(0, n, minibatch):
+            if run.state["step"] >= total_steps:
+                break
+            ppo_step(run, store, perm[s:s + minibatch], summary, lm_items)
+    run.state["iteration"] = iteration + 1
+    if run.state["iteration"] % f.save_interval == 0 or run.state["step"] >= total_steps:
+        run.checkpoint(total_steps)
+
+
 if __name__ == "__main__":
-    fire.Fire(train)
+    run_cli(train)

@@ -12,34 +12,37 @@ Writes
 """
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import fire
+if __package__ in (None, ""):  # run as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import UserError, run_cli  # noqa: E402
+from common.io import read_jsonl  # noqa: E402
+from common.standins import dolly_dev_without_test  # noqa: E402
 
 EVAL_SETS = ("dolly", "self-inst", "vicuna", "koala", "wizardlm")
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def main(source: str = "../shared/data", output: str = "data"):
     src, out = Path(source), Path(output)
+    needed = [src / "instruct" / name / "valid.jsonl" for name in EVAL_SETS] + [src / "instruct/dolly/dev.jsonl"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise UserError(f"--source {source}: no {missing[0]}; point --source at the shared data folder")
     for name in EVAL_SETS:
         (out / "instruct" / name).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / "instruct" / name / "valid.jsonl", out / "instruct" / name / "valid.jsonl")
-        print(f"instruct/{name}/valid.jsonl: {len(read_jsonl(out / 'instruct' / name / 'valid.jsonl'))} items")
-    test = {x["instruction"] for x in read_jsonl(src / "instruct/dolly/valid.jsonl")}
-    dev = read_jsonl(src / "instruct/dolly/dev.jsonl")
+        print(f"instruct/{name}/valid.jsonl: {len(read_jsonl(str(out / 'instruct' / name / 'valid.jsonl')))} items")
+    lines, dropped = dolly_dev_without_test(str(src))
     standin = [{"instruction": x["instruction"], "input": x.get("input", ""), "output": x["output"]}
-               for x in dev if x["instruction"] not in test]
+               for x in map(json.loads, lines)]
     path = out / "atkd" / "alpaca_gpt4_standin.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(standin, indent=1, ensure_ascii=False) + "\n")
-    print(f"atkd/alpaca_gpt4_standin.json: {len(standin)} items ({len(dev) - len(standin)} Dolly-test overlaps "
-          "dropped)")
+    print(f"atkd/alpaca_gpt4_standin.json: {len(standin)} items ({dropped} Dolly-test overlaps dropped)")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

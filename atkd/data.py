@@ -4,7 +4,8 @@ Files
     Alpaca-GPT4 JSON list   {instruction, input, output}                 load_training_data(path)
     teacher JSONL           {instruction (rendered prompt), teacher_output, output}   (atkd/generate_data.py)
     evaluation JSONL        {instruction, input?, output: str | [str]}    load_eval_set(path)
-Bad data raises DataError naming the file, the item (0-based) and the field.
+Bad data raises DataError (a common.cli.UserError) naming the file, the item (0-based) of a JSON list or the line
+of a JSONL file, and the field.
 
 Templates (kept as released; training and evaluation differ):
     training   "Human:\n{instruction} {input}\n\nAssistant:\n" + output + EOS   (the space stays when input is "")
@@ -15,65 +16,45 @@ Templates (kept as released; training and evaluation differ):
                special tokens (the template writes its own)
 """
 import json
-import os
-import sys
 from pathlib import Path
 
+from common.cli import UserError
 from common.hf import chat_prompt
+from common.io import numbered_jsonl
 
 TRAIN_PROMPT = "Human:\n{input}\n\nAssistant:\n"
 EVAL_PROMPT = "Human:\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\nAssistant:\n"
 EVAL_PROMPT_NO_INPUT = "Human:\n### Instruction:\n{instruction}\n\nAssistant:\n"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     pass
 
 
-def run_cli(fn) -> None:
-    """fire.Fire(fn); bad input (a ValueError: unknown flag value, malformed data, mismatched models, missing
-    folder) ends the run with its one line on stderr, from rank 0 only, and exit code 1."""
-    import fire
-
-    try:
-        fire.Fire(fn)
-    except (ValueError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def _read_records(path) -> list:
-    """A JSON list, or JSONL (one object per line)."""
+def _read_records(path) -> tuple:
+    """(records, where each is) of a JSON list ("file: item i") or JSONL, one object per line ("file:line")."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text()
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path} is a folder, not a data file")
     if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {line_no + 1}: not valid JSON ({e.msg})") from None
-        return records
+        numbered = numbered_jsonl(str(path))
+        return [row for _, row in numbered], [f"{path}:{i}" for i, _ in numbered]
     try:
-        records = json.loads(text)
+        records = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a .jsonl file needs that "
                         "suffix") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return records
+    return records, [f"{path}: item {i}" for i in range(len(records))]
 
 
-def _field(path, i, record, name, kind=str):
+def _field(where: str, record, name, kind=str):
     if not isinstance(record, dict) or name not in record:
-        raise DataError(f"{path}: item {i}: missing field '{name}'")
+        raise DataError(f"{where}: missing field '{name}'")
     value = record[name]
     if not isinstance(value, kind):
-        raise DataError(f"{path}: item {i}: field '{name}' must be {getattr(kind, '__name__', kind)}, "
+        raise DataError(f"{where}: field '{name}' must be {getattr(kind, '__name__', kind)}, "
                         f"got {type(value).__name__}")
     return value
 
@@ -91,7 +72,7 @@ def load_training_data(path, *, teacher_output: bool = False, chat_tokenizer=Non
     teacher_output=True (sources teacher, mix_*) requires the teacher file.
     """
     path = Path(path)
-    records = _read_records(path)
+    records, where = _read_records(path)
     if not records:
         raise DataError(f"{path}: no records")
     generated = path.suffix == ".jsonl"
@@ -100,16 +81,16 @@ def load_training_data(path, *, teacher_output: bool = False, chat_tokenizer=Non
                         f"({{instruction, teacher_output, output}}); make it with atkd/generate_data.py "
                         f"--data_path {path} and pass that file as --data_path")
     items = []
-    for i, r in enumerate(records):
-        instruction, output = _field(path, i, r, "instruction"), _field(path, i, r, "output")
+    for r, at in zip(records, where):
+        instruction, output = _field(at, r, "instruction"), _field(at, r, "output")
         if generated:
             item = dict(prompt=instruction, output=output)
             if teacher_output:
-                item["teacher_output"] = _field(path, i, r, "teacher_output")
+                item["teacher_output"] = _field(at, r, "teacher_output")
         else:
             extra = r.get("input") or ""
             if not isinstance(extra, str):
-                raise DataError(f"{path}: item {i}: field 'input' must be str, got {type(extra).__name__}")
+                raise DataError(f"{at}: field 'input' must be str, got {type(extra).__name__}")
             prompt = (chat_prompt(chat_tokenizer, instruction, extra) if chat_tokenizer is not None
                       else train_prompt(instruction, extra))
             item = dict(prompt=prompt, output=output)
@@ -126,12 +107,11 @@ def eval_prompt(instruction: str, input: str = "") -> str:
 def load_eval_set(path, chat_tokenizer=None) -> list:
     """Evaluation JSONL -> [{instruction, input, prompt, references: [str, ...]}] (prompt in the eval form, or
     in `chat_tokenizer`'s chat template)."""
-    path = Path(path)
     items = []
-    for i, r in enumerate(_read_records(path)):
-        instruction = _field(path, i, r, "instruction")
+    for r, at in zip(*_read_records(path)):
+        instruction = _field(at, r, "instruction")
         extra = r.get("input") or ""
-        output = _field(path, i, r, "output", (str, list))
+        output = _field(at, r, "output", (str, list))
         references = [output] if isinstance(output, str) else [str(x) for x in output]
         prompt = chat_prompt(chat_tokenizer, instruction, extra) if chat_tokenizer is not None else eval_prompt(instruction, extra)
         items.append(dict(instruction=instruction, input=extra, prompt=prompt, references=references))

@@ -26,8 +26,9 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atkd.data import load_eval_set, run_cli  # noqa: E402
+from atkd.data import load_eval_set  # noqa: E402
 from common import hf  # noqa: E402
+from common.cli import UserError, check_range, run_cli  # noqa: E402
 from common.generation import generate  # noqa: E402
 from common.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl  # noqa: E402
 from common.metrics import rouge_l  # noqa: E402
@@ -95,8 +96,18 @@ def load_judge(spec: str):
     """'package.module:function' -> the function; it takes one request dict and returns the reply text."""
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"--judge {spec!r}: expected 'module:function', e.g. 'my_judges:openai_chat'")
-    return getattr(importlib.import_module(module), name)
+        raise UserError(f"--judge {spec!r}: expected 'module:function', e.g. 'my_judges:openai_chat'")
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not module.startswith(e.name):
+            raise  # the module exists but an import inside it fails: its traceback says where
+        raise UserError(f"--judge {spec!r}: no module {e.name!r} on the Python path (run from the folder that holds "
+                        f"it, or add it to PYTHONPATH)") from None
+    fn = getattr(found, name, None)
+    if not callable(fn):
+        raise UserError(f"--judge {spec!r}: {module} has no function {name!r}")
+    return fn
 
 
 def _read_jsonl(path: Path) -> list:
@@ -128,8 +139,8 @@ def predict(model, tokenizer, prompts: list, *, max_new_tokens: int = 256, batch
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     room = None if limit is None else limit - max_new_tokens
     if room is not None and room < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
-                         f"of {limit} tokens; lower --max_new_tokens")
+        raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                        f"of {limit} tokens; lower --max_new_tokens")
     eos = tokenizer.eos_token_id
     predictions, truncated = [], 0
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
@@ -162,9 +173,22 @@ def main(model_path: str = None, output_dir: str = "runs/atkd/eval", data_dir: s
     names = sets.split(",") if isinstance(sets, str) else list(sets)
     unknown = [s for s in names if s not in EVAL_SETS]
     if unknown:
-        raise ValueError(f"--sets: unknown set(s) {unknown}; valid: {', '.join(EVAL_SETS)}")
+        raise UserError(f"--sets: unknown set(s) {unknown}; valid: {', '.join(EVAL_SETS)}")
+    for flag, value in (("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size), ("--max_items", max_items)):
+        if value is not None:
+            check_range(flag, value, low=1)
     out = Path(output_dir)
+    # every input is checked before the model loads: the judge, then each set (or the predictions to re-score)
     judge_fn = load_judge(judge) if judge else None
+    if model_path is not None:
+        hf.check_model_folder(model_path, "--model_path")
+        chat_tokenizer = hf.load_tokenizer(model_path) if chat_template else None
+        eval_sets = {name: load_eval_set(Path(data_dir) / name / "valid.jsonl", chat_tokenizer)[:max_items]
+                     for name in names}
+    else:
+        for name in names:
+            if not (out / name / "predictions.json").exists():
+                raise UserError(f"{out / name / 'predictions.json'}: no predictions to score; pass --model_path")
     model = tokenizer = None
     if model_path is not None:
         model, tokenizer = load_model(model_path, bf16)
@@ -173,7 +197,7 @@ def main(model_path: str = None, output_dir: str = "runs/atkd/eval", data_dir: s
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         if model is not None:
-            items = load_eval_set(Path(data_dir) / name / "valid.jsonl", tokenizer if chat_template else None)[:max_items]
+            items = eval_sets[name]
             preds, truncated = predict(model, tokenizer, [x["prompt"] for x in items],
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=name,
                                        chat=chat_template)
@@ -187,8 +211,6 @@ def main(model_path: str = None, output_dir: str = "runs/atkd/eval", data_dir: s
             (folder / "judge_replies.jsonl").unlink(missing_ok=True)  # replies to older predictions
             if truncated:
                 print(f"{name}: {truncated} prompts longer than the context were cut to their last tokens")
-        if not (folder / "predictions.json").exists():
-            raise FileNotFoundError(f"{folder / 'predictions.json'}: no predictions; pass --model_path")
         records = json.loads((folder / "predictions.json").read_text())
         if judge_fn is not None:
             run_judge(folder, judge_fn)

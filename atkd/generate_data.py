@@ -17,9 +17,10 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atkd.data import DataError, load_training_data, run_cli  # noqa: E402
+from atkd.data import DataError, load_training_data  # noqa: E402
 from atkd.eval import load_model, predict  # noqa: E402
 from common import hf  # noqa: E402
+from common.cli import check_range, run_cli  # noqa: E402
 from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
 
 
@@ -43,6 +44,9 @@ def _done_lines(path: Path, items: list, data_path) -> int:
 def main(teacher_model_path: str, data_path: str, output_path: str, max_new_tokens: int = 256,
          batch_size: int = 16, max_items: int = None, bf16: bool = False, chat_template: bool = False):
     """chat_template (ours): prompts in the teacher's chat template (train.py --chat_template True reads them)."""
+    for flag, value in (("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size), ("--max_items", max_items)):
+        if value is not None:
+            check_range(flag, value, low=1)
     chat_tokenizer = hf.load_tokenizer(teacher_model_path, "--teacher_model_path") if chat_template else None
     items = load_training_data(data_path, chat_tokenizer=chat_tokenizer)[:max_items]
     path = Path(output_path)

@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 
 if [ $# -gt 0 ]; then
   bash atkd/scripts/distillation.sh "$@"
-  bash atkd/scripts/evaluation.sh "$2" "$1" "$5" "$6" "${8:-vanilla}" "${9:-gt}"
+  bash atkd/scripts/evaluation.sh "$2" "$1" "$5" "$6" "${7:-1}" "${8:-vanilla}" "${9:-gt}"
   exit 0
 fi
 

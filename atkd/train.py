@@ -23,14 +23,16 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from atkd.data import encode, load_training_data, run_cli  # noqa: E402
+from atkd.data import encode, load_training_data  # noqa: E402
 from common import hf, losses  # noqa: E402
+from common.cli import UserError, check_choice, check_range, run_cli  # noqa: E402
 from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown  # noqa: E402
 from common.generation import generate  # noqa: E402
 from common.hf_training import (autocast, enable_gradient_checkpointing, export_model, grad_sync,  # noqa: E402
                                 load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, wrap_ddp)
 from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
 from common.labels import IGNORE_INDEX, causal_lm_batch, targets_and_mask  # noqa: E402
+from common.training import adamw, epoch_order  # noqa: E402
 
 KL_METHODS = ("forward", "reverse", "jsd", "gjsd", "dkd", "tvd", "atkd", "seqkd")
 SAMPLE_SOURCES = ("gt", "teacher", "student", "mix_token", "mix_request_teacher", "mix_request_gt")
@@ -39,16 +41,12 @@ ON_POLICY_MAX_NEW_TOKENS = 256
 MIX_TOKEN_MAX_NEW_TOKENS = 128
 
 
-def check_choice(flag: str, value: str, valid: tuple) -> None:
-    if value not in valid:
-        raise ValueError(f"--{flag} {value!r} is not one of: {', '.join(valid)}")
-
-
 # ---- losses (atkd.md §2) ----
 
 def kd_loss(kl_method: str, student_logits, teacher_logits, targets, *, alpha: float = 0.2, beta: float = 1.0,
-            gjsd_beta: float = 0.5, setting: str = "vanilla", normalizer=None):
-    """The `kl_method` objective on logits [B, S, V] and the targets aligned with them (-100: not counted)."""
+            gjsd_beta: float = 0.5, setting: str = "vanilla", normalizer=None, parts: dict = None):
+    """The `kl_method` objective on logits [B, S, V] and the targets aligned with them (-100: not counted).
+    atkd with a `parts` dict fills it with the split and its terms (losses.atkd's, from the same pass)."""
     mask = targets != IGNORE_INDEX
     kw = dict(mask=mask, normalizer=normalizer)
     if kl_method == "forward":
@@ -64,42 +62,29 @@ def kd_loss(kl_method: str, student_logits, teacher_logits, targets, *, alpha: f
     if kl_method == "dkd":
         return losses.dkd(student_logits, teacher_logits, target_ids=targets, alpha=alpha, beta=beta, **kw)
     if kl_method == "atkd":
-        return losses.atkd(student_logits, teacher_logits, target_ids=targets, lam=alpha,
-                           reverse=setting == "reverse", **kw)
+        out = losses.atkd(student_logits, teacher_logits, target_ids=targets, lam=alpha,
+                          reverse=setting == "reverse", return_parts=parts is not None, **kw)
+        if parts is None:
+            return out
+        parts.update(out[1])
+        return out[0]
     if kl_method == "seqkd":
         return losses.cross_entropy(student_logits, target_ids=targets, **kw)
-    check_choice("kl_method", kl_method, KL_METHODS)
+    check_choice("--kl_method", kl_method, KL_METHODS)
 
 
 @torch.no_grad()
-def loss_terms(kl_method: str, student_logits, teacher_logits, targets, *, setting: str = "vanilla") -> dict:
-    """The parts of a compound loss, each a token mean over this micro-batch, for the log.
-
-    jsd: fkl, rkl. dkd: tckd, nckd. atkd: the teacher-uncertainty split (losses.md §3.2), n_easy / n_hard and
-    nckd_easy, tckd_hard, nckd_hard (so loss = λ·nckd_easy + (1-λ)·(tckd_hard + nckd_hard)).
-    """
+def loss_terms(kl_method: str, student_logits, teacher_logits, targets) -> dict:
+    """The parts of a compound loss, each a token mean over this micro-batch, for the log: jsd: fkl, rkl;
+    dkd: tckd, nckd. (atkd's split and parts come from the loss itself: kd_loss(..., parts={}).)"""
     mask = targets != IGNORE_INDEX
     s, t = student_logits, teacher_logits
-    reverse = setting == "reverse"
     if kl_method == "jsd":
         return dict(fkl=losses.forward_kl(s, t, mask=mask).item(), rkl=losses.reverse_kl(s, t, mask=mask).item())
     if kl_method == "dkd":
         return dict(tckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=1.0, beta=0.0).item(),
                     nckd=losses.dkd(s, t, mask=mask, target_ids=targets, alpha=0.0, beta=1.0).item())
-    if kl_method != "atkd":
-        return {}
-    if not mask.any():
-        return dict(n_easy=0, n_hard=0, nckd_easy=0.0, tckd_hard=0.0, nckd_hard=0.0)
-    uncertainty = -torch.expm1(losses.token_log_probs(t, target_ids=targets))  # UnC_t = 1 - p_t(g_t)
-    hard = mask & (uncertainty >= torch.median(uncertainty[mask]))
-    easy = mask & ~hard
-
-    def part(subset, tckd, nckd):
-        if not subset.any():
-            return 0.0
-        return losses.dkd(s, t, mask=subset, target_ids=targets, alpha=tckd, beta=nckd, reverse=reverse).item()
-    return dict(n_easy=int(easy.sum()), n_hard=int(hard.sum()), nckd_easy=part(easy, 0.0, 1.0),
-                tckd_hard=part(hard, 1.0, 0.0), nckd_hard=part(hard, 0.0, 1.0))
+    return {}
 
 
 # ---- sample sources (atkd.md §3) ----
@@ -117,7 +102,7 @@ def sample_responses(sample_source: str, prompts: list, *, gt: list, teacher_out
       probability `student_token_ratio`, else from the teacher; `token_sources` is 0 (student) / 1 (teacher)
       per response token. `origin` names where the batch came from ("gt", "teacher", "student", "mix_token").
     """
-    check_choice("sample_source", sample_source, SAMPLE_SOURCES)
+    check_choice("--sample_source", sample_source, SAMPLE_SOURCES)
     if sample_source.startswith("mix_request_"):
         if torch.rand((), generator=generator, device=generator.device).item() >= student_request_ratio:
             sample_source = sample_source.removeprefix("mix_request_")
@@ -166,25 +151,28 @@ def micro_batch_loss(student, teacher, batch: dict, kl_method: str, *, dtype="fl
 # ---- the run ----
 
 def _step_items(n_items: int, step: int, steps_per_epoch: int, step_size: int, seed: int, shuffle: bool) -> list:
-    """The item indices of global optimiser step `step`: epoch e is a permutation seeded by (seed, e)."""
+    """The item indices of global optimiser step `step`: epoch e in common.training.epoch_order(seed, e)."""
     epoch, k = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle \
-        else torch.arange(n_items)
-    return order[k * step_size:(k + 1) * step_size].tolist()
+    order = epoch_order(n_items, seed, epoch) if shuffle else list(range(n_items))
+    return order[k * step_size:(k + 1) * step_size]
 
 
 def _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strategy, save_strategy,
-                 lr_scheduler_type):
-    check_choice("kl_method", kl_method, KL_METHODS)
-    check_choice("sample_source", sample_source, SAMPLE_SOURCES)
-    check_choice("setting", setting, ("vanilla", "reverse"))
-    check_choice("task", task, ("alpaca",))
-    check_choice("mode", mode, ("offline", "online"))
-    check_choice("save_strategy", save_strategy, ("no", "epoch", "steps"))
-    check_choice("lr_scheduler_type", lr_scheduler_type, ("cosine", "linear", "constant"))
+                 lr_scheduler_type, ratios: dict, counts: dict):
+    check_choice("--kl_method", kl_method, KL_METHODS)
+    check_choice("--sample_source", sample_source, SAMPLE_SOURCES)
+    check_choice("--setting", setting, ("vanilla", "reverse"))
+    check_choice("--task", task, ("alpaca",))
+    check_choice("--mode", mode, ("offline", "online"))
+    check_choice("--save_strategy", save_strategy, ("no", "epoch", "steps"))
+    check_choice("--lr_scheduler_type", lr_scheduler_type, ("cosine", "linear", "constant"))
     if evaluation_strategy != "no":
-        raise ValueError(f"--evaluation_strategy {evaluation_strategy!r}: training evaluates nothing (only 'no' is "
-                         "accepted); evaluate the saved model with atkd/eval.py")
+        raise UserError(f"--evaluation_strategy {evaluation_strategy!r}: training evaluates nothing (only 'no' is "
+                        "accepted); evaluate the saved model with atkd/eval.py")
+    for name, value in ratios.items():
+        check_range(f"--{name}", value, 0, 1)
+    for name, value in counts.items():
+        check_range(f"--{name}", value, low=1)
 
 
 def _log_step(record: dict, total_steps: int, metrics_path: Path) -> None:
@@ -220,7 +208,16 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     Accepted for compatibility, no effect: --max_propose_num (OSD's draft length), --per_device_eval_batch_size.
     """
     _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strategy, save_strategy,
-                 lr_scheduler_type)
+                 lr_scheduler_type, dict(alpha=alpha, gjsd_beta=gjsd_beta, student_request_ratio=student_request_ratio,
+                                         student_token_ratio=student_token_ratio, warmup_ratio=warmup_ratio),
+                 dict(per_device_train_batch_size=per_device_train_batch_size, model_max_length=model_max_length,
+                      gradient_accumulation_steps=gradient_accumulation_steps, logging_steps=logging_steps,
+                      save_steps=save_steps))
+    check_range("--num_train_epochs", num_train_epochs, low=0)
+    needs_teacher = kl_method != "seqkd" or sample_source == "mix_token"
+    hf.check_model_folder(student_model_path, "--student_model_path")
+    if needs_teacher:
+        hf.check_model_folder(teacher_model_path, "--teacher_model_path")
     lay = setup(seed)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,8 +228,12 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     dtype = "bfloat16" if bf16 else "float32"
 
     # data: the teacher JSONL for the offline teacher sources; prompts that leave no room for a target left out
-    tokenizer = hf.load_tokenizer(student_model_path if kl_method == "seqkd" else teacher_model_path,
-                                  "--student_model_path" if kl_method == "seqkd" else "--teacher_model_path")
+    flags = ("--student_model_path", "--teacher_model_path")
+    student_tokenizer = hf.load_tokenizer(student_model_path, flags[0])
+    teacher_tokenizer = hf.load_tokenizer(teacher_model_path, flags[1]) if needs_teacher else None
+    if needs_teacher:  # one vocabulary: the losses compare the two distributions token by token
+        hf.check_tokenizers(student_tokenizer, teacher_tokenizer, flags)
+    tokenizer = student_tokenizer if kl_method == "seqkd" else teacher_tokenizer
     items = load_training_data(data_path, teacher_output=sample_source in ("teacher", "mix_request_teacher"),
                                chat_tokenizer=tokenizer if chat_template else None)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -251,8 +252,8 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     step_size = lay.dp_size * per_device_train_batch_size * gradient_accumulation_steps
     steps_per_epoch = len(items) // step_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{data_path}: {len(items)} items do not fill one optimiser step of {step_size} "
-                         "(ranks x per_device_train_batch_size x gradient_accumulation_steps)")
+        raise UserError(f"{data_path}: {len(items)} items do not fill one optimiser step of {step_size} "
+                        "(ranks x per_device_train_batch_size x gradient_accumulation_steps)")
     total_steps = math.ceil(num_train_epochs * steps_per_epoch)
     if max_steps > 0:
         total_steps = min(total_steps, max_steps)
@@ -260,17 +261,15 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     # models: the student in fp32 (bf16 autocast with --bf16); the teacher frozen, in bf16 with --bf16
     student = hf.load_model(student_model_path, dtype="float32", device=lay.device, flag="--student_model_path")
     teacher, vocab = None, None
-    if kl_method != "seqkd" or sample_source == "mix_token":
+    if needs_teacher:
         teacher = hf.load_model(teacher_model_path, dtype=dtype, device=lay.device, frozen=True,
                                 flag="--teacher_model_path")
-        vocab = hf.check_vocab(student, teacher, tokenizer, allow_padded=allow_padded_vocab)
+        vocab = hf.check_vocab(student, teacher, student_tokenizer, teacher_tokenizer,
+                               allow_padded=allow_padded_vocab, flags=flags)
     student.config.use_cache = False
     if gradient_checkpointing:
         enable_gradient_checkpointing(student)
-    decay = [p for p in student.parameters() if p.dim() >= 2]  # biases and norms without weight decay, as HF
-    no_decay = [p for p in student.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay),
-                                   dict(params=no_decay, weight_decay=0.0)], lr=learning_rate, betas=(0.9, 0.999))
+    optimizer = adamw(student, learning_rate, weight_decay, betas=(0.9, 0.999))
     scheduler = lr_schedule(optimizer, lr_scheduler_type, math.ceil(warmup_ratio * total_steps), total_steps)
     state = load_checkpoint(str(out), lay, student, optimizer, scheduler) or dict(step=0)
     metrics_path = out / "metrics.jsonl"
@@ -312,14 +311,17 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
         log_now = (step + 1) % logging_steps == 0
         step_loss, terms = torch.zeros((), device=lay.device, dtype=torch.float64), {}
         for m, (batch, _) in enumerate(micro_batches):
+            parts = {} if log_now and kl_method == "atkd" else None
             with grad_sync(model, m == gradient_accumulation_steps - 1):
                 loss, s_logits, t_logits, targets = micro_batch_loss(model, teacher, batch, kl_method, dtype=dtype,
-                                                                     normalizer=max(n_targets, 1.0), **loss_options)
+                                                                     normalizer=max(n_targets, 1.0), parts=parts,
+                                                                     **loss_options)
                 loss.backward()
             step_loss += loss.detach()
             if log_now and kl_method in ("jsd", "dkd", "atkd"):
                 n = int((targets != IGNORE_INDEX).sum())
-                for k, v in loss_terms(kl_method, s_logits, t_logits, targets, setting=setting).items():
+                values = parts if kl_method == "atkd" else loss_terms(kl_method, s_logits, t_logits, targets)
+                for k, v in values.items():
                     terms[k] = terms.get(k, 0.0) + (v if k.startswith("n_") else v * n)
                 terms["_weight"] = terms.get("_weight", 0.0) + n
         # 4. clip, AdamW, schedule

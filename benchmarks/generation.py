@@ -18,12 +18,12 @@ on a CPU shared with other jobs, `--threads 1` avoids OpenMP threads waiting on 
 import copy
 import time
 
-import fire
 import torch
 import torch.nn.functional as F
 
 from common.checkpoint import hf_to_meta
-from common.distributed import to_dtype
+from common.cli import check_choice, run_cli
+from common.distributed import DTYPES, to_dtype
 from common.generation import generate
 from common.model import ModelArgs, Transformer
 from common.parallel import setup
@@ -39,8 +39,9 @@ SMALL_CONFIG = dict(BENCH_CONFIG, hidden_size=64, intermediate_size=172, num_att
 
 
 def resolve(device, dtype):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = to_dtype(dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device = torch.device(check_choice("--device", device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                       ("cpu", "cuda")))
+    dtype = to_dtype(check_choice("--dtype", dtype or ("bfloat16" if device.type == "cuda" else "float32"), DTYPES))
     return device, dtype
 
 
@@ -178,4 +179,4 @@ def print_table(rows, new_tokens):
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

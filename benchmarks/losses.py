@@ -62,17 +62,19 @@ chunked_view   8.74634           0.681    0.390            0.435    0.290       
 The view's extra 0.24 GiB (peak and allocated) is autograd's slice backward writing the gradient into the
 full [8, 257, 32000] base; passing the full logits with targets_and_mask (the chunked row) avoids it.
 """
+import inspect
 import os
 import statistics
 import subprocess
 import sys
 import time
 
-import fire
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import losses  # noqa: E402
+from common.cli import check_choice, check_range, run_cli  # noqa: E402
+from common.distributed import DTYPES  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -210,6 +212,12 @@ def _subprocess(kind, variants, live_only, **options):
 
 def main(loss="forward_kl", tokens=8192, vocab=32000, dtype="float32", chunk_size=128, repeats=5, tp=True,
          live_only=False, batch=8):
+    check_choice("--loss", loss, [n for n, f in vars(losses).items() if inspect.isfunction(f) and not n.startswith("_")
+                                  and list(inspect.signature(f).parameters)[:2] == ["student_logits", "teacher_logits"]])
+    check_choice("--dtype", dtype, DTYPES)
+    for flag, value in (("--tokens", tokens), ("--vocab", vocab), ("--chunk_size", chunk_size), ("--repeats", repeats),
+                        ("--batch", batch)):
+        check_range(flag, value, low=1)
     options = dict(loss=loss, tokens=tokens, vocab=vocab, dtype=dtype, chunk_size=chunk_size, repeats=repeats,
                    batch=batch)
     groups = [["plain", "chunked", "chunked_view"]] + ([["tp2_plain", "tp2_chunked"]] if tp else [])
@@ -237,4 +245,4 @@ def main(loss="forward_kl", tokens=8192, vocab=32000, dtype="float32", chunk_siz
 
 
 if __name__ == "__main__":
-    fire.Fire({"main": main, "worker": worker} if len(sys.argv) > 1 and sys.argv[1] == "worker" else main)
+    run_cli({"main": main, "worker": worker} if len(sys.argv) > 1 and sys.argv[1] == "worker" else main)

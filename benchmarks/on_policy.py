@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import fire
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common.cli import check_range, run_cli  # noqa: E402
 PAD, EOS = 0, 1
 
 
@@ -143,6 +143,9 @@ def run(impl: str, hidden: int = 256, layers: int = 4, vocab: int = 8192, batch:
 
 def main(hidden: int = 256, layers: int = 4, vocab: int = 8192, batch: int = 8, prompt_len: int = 64,
          new_tokens: int = 64, steps: int = 3):
+    for flag, value in dict(hidden=hidden, layers=layers, vocab=vocab, batch=batch, prompt_len=prompt_len,
+                            new_tokens=new_tokens, steps=steps).items():
+        check_range(f"--{flag}", value, low=1)
     flags = [f"--{k}={v}" for k, v in dict(hidden=hidden, layers=layers, vocab=vocab, batch=batch,
                                            prompt_len=prompt_len, new_tokens=new_tokens, steps=steps).items()]
     rows = []
@@ -163,4 +166,4 @@ def main(hidden: int = 256, layers: int = 4, vocab: int = 8192, batch: int = 8, 
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "main": main} if len(sys.argv) > 1 and sys.argv[1] == "run" else main)
+    run_cli({"run": run, "main": main} if len(sys.argv) > 1 and sys.argv[1] == "run" else main)

@@ -15,11 +15,11 @@ import gc
 import threading
 import time
 
-import fire
 import torch
 import torch.nn.functional as F
 
 from benchmarks.generation import build_models, resolve, sync
+from common.cli import run_cli
 
 PAGE = 4096
 
@@ -129,4 +129,4 @@ def main(device=None, dtype=None, batch=8, seq_len=256, repeats=3, seed=0, threa
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

@@ -99,7 +99,7 @@ class IndexedTokens:
             head = f.read(_HEADER.size)
         if len(head) < _HEADER.size or head[:9] != MAGIC:
             raise UserError(f"{idx_path}: not an MMIDIDX index (magic {head[:9]!r}, want {MAGIC!r}); "
-                             f"re-run the data preparation")
+                            f"re-run the data preparation")
         _, version, code, n, d = _HEADER.unpack(head)
         if version != VERSION:
             raise UserError(f"{idx_path}: index version {version}, only {VERSION} is supported")
@@ -110,7 +110,7 @@ class IndexedTokens:
         have = os.path.getsize(idx_path)
         if have != want:
             raise UserError(f"{idx_path}: {have} bytes, but N={n} items and D={d} doc entries need {want}; "
-                             f"the index is truncated or corrupt")
+                            f"the index is truncated or corrupt")
         index = np.memmap(idx_path, mode="r", dtype=np.uint8)
         self.sizes = np.frombuffer(index, dtype=np.int32, count=n, offset=_HEADER.size)
         self.pointers = np.frombuffer(index, dtype=np.int64, count=n, offset=_HEADER.size + 4 * n)
@@ -120,14 +120,14 @@ class IndexedTokens:
         if (self.sizes < 0).any() or not np.array_equal(expected, self.pointers):
             bad = int(np.argmax(expected != self.pointers)) if n else 0
             raise UserError(f"{idx_path}: pointer of item {bad} is {int(self.pointers[bad])}, but the sizes "
-                             f"and dtype {self.dtype.name} put it at {int(expected[bad])}; the index does not "
-                             f"match its data")
+                            f"and dtype {self.dtype.name} put it at {int(expected[bad])}; the index does not "
+                            f"match its data")
         data_bytes = int(self.sizes.astype(np.int64).sum()) * self.dtype.itemsize
         bin_bytes = os.path.getsize(bin_path)
         if bin_bytes != data_bytes:
             raise UserError(f"{bin_path}: {bin_bytes} bytes, but its index ({idx_path}: {n} items, dtype "
-                             f"{self.dtype.name}, {int(self.sizes.sum())} tokens) needs {data_bytes}; the dtype "
-                             f"marker or the index does not match the data, re-run the data preparation")
+                            f"{self.dtype.name}, {int(self.sizes.sum())} tokens) needs {data_bytes}; the dtype "
+                            f"marker or the index does not match the data, re-run the data preparation")
         self._data = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_bytes else np.zeros(0, np.uint8)
         self.marker = split_marker(self.dtype) if self.dtype.kind in "ui" else None
 
@@ -139,15 +139,16 @@ class IndexedTokens:
 
 
 class IndexedSplit:
-    """Shards `{split}_0`, `{split}_1`, ... of a folder, probed until one is missing, read as one sequence."""
+    """Shards `{split}_0`, `{split}_1`, ... of a folder, probed until one is missing, read as one sequence.
+    A folder without them is a UserError naming `flag` (the caller's flag for the folder) and `fix`."""
 
-    def __init__(self, folder: str, split: str):
+    def __init__(self, folder: str, split: str, flag: str = "the data folder", fix: str = "run the data preparation"):
         self.shards = []
         while os.path.exists(os.path.join(folder, f"{split}_{len(self.shards)}.idx")):
             self.shards.append(IndexedTokens(os.path.join(folder, f"{split}_{len(self.shards)}")))
         if not self.shards:
-            raise UserError(f"{folder}: no {split}_0.idx / {split}_0.bin; run contra_kd/prepare_data.py "
-                                    f"(or point --data-dir at MiniLLM/DistiLLM processed data)")
+            what = "does not exist" if not os.path.exists(folder) else f"holds no {split}_0.idx / {split}_0.bin"
+            raise UserError(f"{flag} {folder} {what}; {fix}")
         dtypes = {s.dtype for s in self.shards}
         if len(dtypes) > 1:
             raise UserError(f"{folder}: shards of {split} mix dtypes {sorted(d.name for d in dtypes)}")
@@ -165,5 +166,6 @@ class IndexedSplit:
         return self.shards[k][i - (int(self._ends[k - 1]) if k else 0)]
 
 
-def read_split(folder: str, split: str) -> IndexedSplit:
-    return IndexedSplit(folder, split)
+def read_split(folder: str, split: str, flag: str = "the data folder",
+               fix: str = "run the data preparation") -> IndexedSplit:
+    return IndexedSplit(folder, split, flag, fix)

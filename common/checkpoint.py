@@ -15,41 +15,16 @@ from typing import Optional
 
 import torch
 
-from common.io import atomic_save, atomic_write_json, read_tensors
+from common.cli import UserError
+from common.io import DROPPED, atomic_save, atomic_write_json, load_shard, read_tensors, shard_paths  # noqa: F401
 from common.model import ModelArgs
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
-DROPPED = ("rope.freqs", "inv_freq")  # recomputed buffers
 COLUMN = {"wq", "wk", "wv", "w1", "w3", "output"}  # split on the output dim (0)
 ROW = {"wo", "w2"}  # split on the input dim (1)
 REPLICATED = {"attention_norm", "ffn_norm", "norm", "gate"}
-
-
-# ---------------------------------------------------------------------------- shard files
-
-def shard_paths(ckpt_dir: str) -> list:
-    """consolidated.*.pth|safetensors sorted by their number (so the old `consolidated.010.pth` names load too)."""
-    found = []
-    for path in glob.glob(os.path.join(ckpt_dir, "consolidated.*")):
-        m = re.fullmatch(r"consolidated\.(\d+)\.(pth|safetensors)", os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
-
-
-def load_shard(ckpt_dir: str, tp_rank: int, tp_size: int) -> dict:
-    paths = shard_paths(ckpt_dir)
-    if not paths:
-        raise FileNotFoundError(f"no consolidated.*.pth in {ckpt_dir}; make one with "
-                                f"`python -m common.checkpoint_split --ckpt_file SRC --save_path {ckpt_dir} --n {tp_size}`")
-    if len(paths) != tp_size:
-        raise ValueError(f"{ckpt_dir} holds {len(paths)} shards but the tensor-parallel size is {tp_size}: launch with "
-                         f"--nproc_per_node {len(paths)} (or tp_size={len(paths)}), or re-split with `python -m "
-                         f"common.checkpoint_split --ckpt_file {ckpt_dir} --save_path NEW_DIR --n {tp_size}`")
-    state = read_tensors(paths[tp_rank])
-    return {k: v for k, v in state.items() if not k.endswith(DROPPED)}
 
 
 # ---------------------------------------------------------------------------- tensor-parallel split rules
@@ -80,15 +55,15 @@ def check_divisible(state: dict, n: int, args: Optional[ModelArgs], source: str)
     if args is not None:
         for what, k in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
             if k % n:
-                raise ValueError(f"{source}: {what}={k} is not divisible by n={n}; valid n divide "
-                                 f"gcd(n_heads, n_kv_heads) = {math.gcd(args.n_heads, args.n_kv_heads)}")
+                raise UserError(f"{source}: {what}={k} is not divisible by n={n}; valid n divide "
+                                f"gcd(n_heads, n_kv_heads) = {math.gcd(args.n_heads, args.n_kv_heads)}")
     sizes = {name: t.shape[d] for name, t in state.items() if (d := split_dim(name)) is not None}
     bad = [(k, tuple(state[k].shape), split_dim(k)) for k, s in sizes.items() if s % n]
     if bad:
         g = math.gcd(*sizes.values())
         valid = [d for d in range(1, min(g, 64) + 1) if g % d == 0]
         name, shape, dim = bad[0]
-        raise ValueError(f"{source}: {name} of shape {shape} cannot be split in {n} along dim {dim}; valid n: {valid}")
+        raise UserError(f"{source}: {name} of shape {shape} cannot be split in {n} along dim {dim}; valid n: {valid}")
 
 
 def split_state_dict(state: dict, n: int, args: Optional[ModelArgs] = None, source: str = "checkpoint") -> list:
@@ -246,7 +221,7 @@ def read_hf_folder(folder: str) -> tuple:
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) or \
         sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
     if not files:
-        raise FileNotFoundError(f"{folder} has config.json but no *.safetensors or pytorch_model*.bin weights")
+        raise UserError(f"{folder} has config.json but no *.safetensors or pytorch_model*.bin weights")
     state = {}
     for path in files:
         state.update(read_tensors(path))
@@ -277,7 +252,7 @@ def read_checkpoint(ckpt_file) -> tuple:
         elif shard_paths(folder):
             state, args = read_native(folder)
         else:
-            raise FileNotFoundError(f"{folder} has neither config.json (Hugging Face) nor consolidated.*.pth shards")
+            raise UserError(f"{folder} has neither config.json (Hugging Face) nor consolidated.*.pth shards")
         return state, args, folder
     folder = os.path.dirname(paths[0])
     names = [os.path.basename(p) for p in paths]
@@ -292,8 +267,8 @@ def read_checkpoint(ckpt_file) -> tuple:
     if is_hf_state_dict(state):
         config_path = os.path.join(folder, "config.json")
         if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{paths[0]} holds Hugging Face names; its config.json (needed for the q/k "
-                                    f"permutation) is not beside it at {config_path}. Pass the model folder instead")
+            raise UserError(f"{paths[0]} holds Hugging Face names; its config.json (needed for the q/k "
+                            f"permutation) is not beside it at {config_path}. Pass the model folder instead")
         with open(config_path) as f:
             args = ModelArgs.from_hf_config(json.load(f), path=config_path)
         state = hf_to_meta(state, args)
@@ -381,7 +356,7 @@ def export_hf(ckpt_dir: str, out_dir: str, lora_scale: float = 1.0) -> str:
     """One of our checkpoints (any shard count, LoRA merged if present) -> a `from_pretrained` folder."""
     state, args = read_native(ckpt_dir)
     if args is None:
-        raise FileNotFoundError(f"{ckpt_dir}/params.json is needed to export (it gives the head counts)")
+        raise UserError(f"{ckpt_dir}/params.json is needed to export (it gives the head counts)")
     state = merge_lora(state, lora_scale)
     if args.vocab_size <= 0:
         args.vocab_size = state["tok_embeddings.weight"].shape[0]

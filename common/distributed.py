@@ -5,6 +5,8 @@
     total = all_reduce_dp(torch.tensor(n)).item()  # summed over DP ranks (a no-op for one)
     rows = gather_object(my_rows, lay)           # list of every rank's rows on rank 0, None elsewhere
     print0(f"step {step}")                       # global rank 0 only
+    set_timeout(600)                             # later collectives fail after 600 s without an answer
+    peer_failure(error)                          # did a collective fail because another rank ended or stopped?
     shutdown()                                   # barrier, then destroy the process group
 
 Nothing here touches fairscale's model-parallel state, so a Hugging Face run never initialises it (nor
@@ -12,6 +14,7 @@ imports the TP model). The helpers also serve the TP path (common/parallel.py im
 from here): `dp_group` is fairscale's data-parallel group when fairscale model parallelism has been set
 up, and the whole world otherwise.
 """
+import datetime
 import hashlib
 import os
 import random
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from common.cli import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,7 +49,7 @@ def to_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -56,11 +61,17 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def keyed_seed(*keys) -> int:
+    """A seed that depends on nothing but `keys` (e.g. seed, question, sample): the same on every rank, in a
+    resumed run and whatever the batching; different for different keys."""
+    digest = hashlib.sha256("-".join(map(str, keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2  # < 2**62, what torch.Generator.manual_seed takes
+
+
 def rank_seed(seed: int, step: int, dp_rank: int) -> int:
     """A seed for sampling at `step` on one DP rank: different across DP ranks and steps, the same on every
     TP rank of a group and on a resumed run (it depends on nothing but its arguments)."""
-    digest = hashlib.sha256(f"{seed}-{step}-{dp_rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2  # < 2**62, what torch.Generator.manual_seed takes
+    return keyed_seed(seed, step, dp_rank)
 
 
 def init_process_group() -> None:
@@ -114,10 +125,15 @@ def all_reduce_dp(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
-def gather_object(obj, lay: Layout):
-    """Every global rank's `obj` as a list on rank 0 (in rank order); None on the other ranks."""
+def gather_object(obj, lay: Layout, everywhere: bool = False):
+    """Every global rank's `obj` as a list on rank 0 (in rank order); None on the other ranks, or the same list on
+    every rank with `everywhere=True`."""
     if lay.world_size == 1:
         return [obj]
+    if everywhere:
+        out = [None] * lay.world_size
+        dist.all_gather_object(out, obj)
+        return out
     out = [None] * lay.world_size if lay.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
@@ -128,8 +144,29 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def set_timeout(seconds: float) -> None:
+    """Bound every later collective of the default group: a rank that died or stopped then fails the others
+    after `seconds` instead of the backend's default (30 min on gloo). Set it after the start-up, whose waits
+    (a rank loading a model the others do not) can be longer."""
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))  # torch has no public setter
+
+
+PEER_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+               "Application timeout caused pair closure", "Broken pipe")
+
+
+def peer_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective or send/recv that failed because another process ended or stopped answering
+    (gloo raises plain RuntimeErrors that say so; nccl and the stores raise DistError)."""
+    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_ERRORS)
+
+
 def shutdown() -> None:
-    """Wait for every rank, then tear the process group down (exiting with live gloo/nccl threads can abort)."""
+    """Wait for every rank, then tear the process groups down, fairscale's too: a process that exits with live
+    gloo/nccl threads can abort ("terminate called without an active exception"), failing a finished run."""
     if dist.is_initialized():
         dist.barrier()
+        fs = _fairscale_mp()
+        if fs:
+            fs.destroy_model_parallel()
         dist.destroy_process_group()

@@ -14,26 +14,34 @@ Meta-style loop forces few prompt tokens one at a time.
 import json
 import os
 
-import fire
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES
 from common.generation import generate
-from common.model import load_model
-from common.parallel import setup
+from common.io import read_jsonl
+from common.model import load_model, model_args
+from common.parallel import setup, shutdown
 from common.tokenizer import load_tokenizer
 
 
 def read_prompts(path: str, prompt_key: str = "prompt") -> tuple:
     """(items, texts) from a JSONL or JSON-list file; errors name the file and the item."""
-    with open(path) as f:
-        if path.endswith(".jsonl"):
-            items = [json.loads(line) for line in f if line.strip()]
-        else:
-            items = json.load(f)
+    if path.endswith(".jsonl"):
+        items = read_jsonl(path)
+    else:
+        if not os.path.isfile(path):
+            raise UserError(f"--prompts_file {path}: no such file")
+        with open(path) as f:
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{e.lineno} is not valid JSON ({e.msg}); a JSONL file needs the .jsonl "
+                                f"suffix") from None
             if not isinstance(items, list):
-                raise ValueError(f"{path}: expected a JSON list of prompts (or use a .jsonl file)")
+                raise UserError(f"{path}: expected a JSON list of prompts (or use a .jsonl file)")
     texts = []
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -41,8 +49,8 @@ def read_prompts(path: str, prompt_key: str = "prompt") -> tuple:
         elif isinstance(item, dict) and isinstance(item.get(prompt_key), str):
             texts.append(item[prompt_key])
         else:
-            raise ValueError(f"{path}: item {i} is neither a string nor an object with a string {prompt_key!r} "
-                             f"field (pass --prompt_key to choose the field)")
+            raise UserError(f"{path}: item {i} is neither a string nor an object with a string {prompt_key!r} "
+                            f"field (pass --prompt_key to choose the field)")
     return items, texts
 
 
@@ -60,15 +68,23 @@ def main(ckpt_dir: str, tokenizer: str, prompts_file: str, out_file: str, max_ne
          max_seq_len: int = 1024, tp_size: int = None, dtype: str = None, model_type: str = None,
          prompt_key: str = "prompt", bos: bool = True, seed: int = 1, compile: bool = False):
     """Generate for every prompt; returns the output records on global rank 0 (None elsewhere)."""
-    dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    lay = setup(tp_size=tp_size, seed=seed, dtype=dtype)
-    tok = load_tokenizer(tokenizer)
+    dtype = check_choice("--dtype", dtype or ("bfloat16" if torch.cuda.is_available() else "float32"), DTYPES)
+    for flag, value in (("--max_new_tokens", max_new_tokens), ("--max_batch_size", max_batch_size),
+                        ("--max_seq_len", max_seq_len)):
+        check_range(flag, value, low=1)
+    if model_type is None and not os.path.isfile(os.path.join(ckpt_dir, "params.json")):
+        raise UserError(f"--ckpt_dir {ckpt_dir}: no params.json (convert a model with `python -m "
+                        f"common.checkpoint_split --ckpt_file MODEL --save_path {ckpt_dir}`, or pass --model_type)")
+    if model_type is not None:
+        model_args(model_type)  # a known type
     items, texts = read_prompts(prompts_file, prompt_key)
+    tok = load_tokenizer(tokenizer)
+    lay = setup(tp_size=tp_size, seed=seed, dtype=dtype)
     prompts = [tok.encode(t, bos=bos, eos=False) for t in texts]
     for i, p in enumerate(prompts):
         if len(p) >= max_seq_len:
-            raise ValueError(f"{prompts_file}: item {i} has {len(p)} prompt tokens, which leaves no room under "
-                             f"--max_seq_len {max_seq_len}; shorten it or raise --max_seq_len")
+            raise UserError(f"{prompts_file}: item {i} has {len(p)} prompt tokens, which leaves no room under "
+                            f"--max_seq_len {max_seq_len}; shorten it or raise --max_seq_len")
     model = load_model(ckpt_dir, model_type=model_type, dtype=dtype, max_seq_len=max_seq_len,
                        max_batch_size=max_batch_size, device=lay.device)
 
@@ -86,6 +102,7 @@ def main(ckpt_dir: str, tokenizer: str, prompts_file: str, out_file: str, max_ne
         gathered = [None] * lay.world_size
         dist.all_gather_object(gathered, mine if lay.tp_rank == 0 else {})
         mine = {i: ids for part in gathered for i, ids in part.items()}
+    shutdown()  # nothing distributed is left: rank 0 only writes the file
     if not lay.is_main:
         return None
     records = []
@@ -101,4 +118,4 @@ def main(ckpt_dir: str, tokenizer: str, prompts_file: str, out_file: str, max_ne
 
 
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda records: None)  # the file is the output, not stdout
+    run_cli(main)

@@ -29,7 +29,7 @@ mixed-sampling hooks:
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -240,8 +240,16 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     return probs / probs.sum(-1, keepdim=True)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    if isinstance(generator, list):  # one generator per row: a row's draws do not depend on its batch
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[:, 0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _uniform(n: int, generator) -> torch.Tensor:
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float32) for g in generator])
+    return torch.rand(n, generator=generator, device=generator.device, dtype=torch.float32)
 
 
 def _pick_one(logits, temperature, top_p, top_k, generator, want_logprobs):
@@ -266,7 +274,7 @@ def _pick_teacher_mixed(student, teacher, alpha, temperature, top_p, top_k, gene
 
 def _pick_mix_token(student, teacher, ratio, temperature, top_p, top_k, generator, want_logprobs):
     """ATKD mix_token: per row, the student emits with probability `ratio`, else the teacher."""
-    draw = torch.rand(student.shape[0], generator=generator, device=generator.device, dtype=torch.float32)
+    draw = _uniform(student.shape[0], generator)
     from_student = draw.to(student.device) < ratio
     s_tok, s_lp = _pick_one(student, temperature, top_p, top_k, generator, want_logprobs)
     t_tok, t_lp = _pick_one(teacher, temperature, top_p, top_k, generator, want_logprobs)
@@ -280,9 +288,14 @@ def _default_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item()) + dp_rank()
 
 
-def _make_generator(generator, seed, device) -> torch.Generator:
+def _make_generator(generator, seed, device, n_rows: int):
+    """A generator, or with a list of seeds one generator per row."""
     if generator is not None:
         return generator
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n_rows:
+            raise ValueError(f"seed: {len(seed)} seeds for {n_rows} prompts; give one per prompt or a single int")
+        return [torch.Generator(device=device).manual_seed(s) for s in seed]
     return torch.Generator(device=device).manual_seed(_default_seed() if seed is None else seed)
 
 
@@ -400,7 +413,7 @@ def decode_one_token(decoders, token: torch.Tensor, pos: int) -> list:
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[int], temperature: float = 0.0,
              top_p: float = 1.0, eos_id: Optional[int] = None, *, top_k: int = 0, stop_ids: Sequence[int] = (),
              max_seq_len: Optional[int] = None, pad_id: int = 0, padding: str = "right",
-             generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, seed: Union[int, Sequence[int], None] = None,
              logits_processor: Optional[LogitsProcessor] = None, return_logprobs: bool = False,
              teacher=None, teacher_mixed_alpha: float = 0.0, student_token_ratio: Optional[float] = None,
              compile: bool = False) -> Generations:
@@ -409,7 +422,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
     Returns a `Generations` list: per prompt the new ids, ending with the EOS / stop id when one was
     produced. temperature 0 is greedy; otherwise softmax(logits / T) filtered by top_k then top_p, drawn
     with `generator` (or one seeded with `seed`; by default seeded from the global RNG plus the
-    data-parallel rank, so the ranks of a TP group draw the same tokens and DP ranks differ).
+    data-parallel rank, so the ranks of a TP group draw the same tokens and DP ranks differ). A list of
+    seeds, one per prompt, gives each row its own generator: a row then draws the same tokens whatever
+    else is in its batch (up to the batch's effect on the logits' rounding).
     `logits_processor(logits [B, V] fp32, tokens [B, cur]) -> logits` runs on each model's logits before
     sampling; `tokens` is the grid so far (prompt and generated tokens; left pads first with
     padding="left"; for an encoder-decoder, the decoder tokens from its start token). `max_seq_len` caps
@@ -461,7 +476,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
     sources = torch.zeros((B, total), dtype=torch.long, device=device) if token_mix else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     can_stop_early, longest_start = bool(stop_ids) or eos_id is not None, max(grid.starts)
-    gen = _make_generator(generator, seed, device)
+    gen = _make_generator(generator, seed, device, B)
 
     def choose(logits, cur):
         """Column `cur`'s token for each row, its log-probability, and its weight (mixed) or source (mix_token)."""

@@ -1,9 +1,11 @@
 """Hugging Face models for the methods that train `transformers` models: load, LoRA, vocabulary check.
 
     tokenizer = load_tokenizer(model_path)
+    teacher_tokenizer = load_tokenizer(teacher_path, flag="--teacher_model_path")
+    check_tokenizers(tokenizer, teacher_tokenizer)                               # the same tokens, before any model loads
     student = load_model(model_path, dtype="float32", device=lay.device)         # causal or seq2seq, by config
     teacher = load_model(teacher_path, frozen=True, device=lay.device, flag="--teacher_model_path")
-    width = check_vocab(student, teacher, tokenizer, allow_padded=cfg.allow_padded_vocab)
+    width = check_vocab(student, teacher, tokenizer, teacher_tokenizer, allow_padded=cfg.allow_padded_vocab)
     student = add_lora(student, r=16, alpha=64, dropout=0.1)                      # peft; None targets: peft's defaults
     merged = merge_lora(student)                                                 # a plain transformers model again
     student = keep_layers(teacher_copy, [0, 3, 6, 9])                             # a smaller student cut from a model
@@ -25,7 +27,7 @@ from common.distributed import to_dtype
 
 
 def check_model_folder(path, flag: str = "--model_path") -> str:
-    """`path` if it is a transformers model folder, else a one-line ValueError naming the flag, the path and the fix."""
+    """`path` if it is a transformers model folder, else a one-line UserError naming the flag, the path and the fix."""
     path = str(path)
     fix = "pass a folder written by save_pretrained (config.json with model_type, and the weights)"
     if not os.path.isdir(path):
@@ -38,17 +40,32 @@ def check_model_folder(path, flag: str = "--model_path") -> str:
         elif os.path.exists(os.path.join(path, "adapter_config.json")):
             fix = "this is a LoRA adapter alone; pass the merged model that common.hf_training.export_model writes"
         raise UserError(f"{flag} {path} is not a transformers model folder (no config.json): {fix}")
-    with open(config) as f:
-        if "model_type" not in json.load(f):
-            raise UserError(f"{flag} {path} is not a transformers model folder ({config} has no model_type): {fix}")
+    try:
+        with open(config) as f:
+            fields = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config}:{e.lineno} is not valid JSON ({e.msg}): {fix}") from None
+    if not isinstance(fields, dict) or "model_type" not in fields:
+        raise UserError(f"{flag} {path} is not a transformers model folder ({config} has no model_type): {fix}")
     if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
         raise UserError(f"{flag} {path} is not a transformers model folder (config.json but no *.safetensors or "
-                         f"pytorch_model*.bin weights): {fix}")
+                        f"pytorch_model*.bin weights): {fix}")
     return path
 
 
 def is_seq2seq(model) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def load_config(path, flag: str = "--model_path"):
+    """The folder's transformers config (no weights read): what a command checks before it loads a model."""
+    from transformers import AutoConfig
+
+    path = check_model_folder(path, flag)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {path}: transformers cannot read its config.json ({_first_line(e)})") from None
 
 
 def load_model(path, dtype=None, device="cpu", frozen: bool = False, flag: str = "--model_path"):
@@ -57,23 +74,37 @@ def load_model(path, dtype=None, device="cpu", frozen: bool = False, flag: str =
     dtype: "float32" / "bfloat16" / "float16" / a torch.dtype, or None for the dtype it was saved in.
     frozen: eval mode and no gradients (a teacher).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    path = check_model_folder(path, flag)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = load_config(path, flag)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype="auto" if dtype is None else to_dtype(dtype), local_files_only=True)
+    model = auto.from_pretrained(str(path), dtype="auto" if dtype is None else to_dtype(dtype), local_files_only=True)
     model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
     return model
 
 
-def load_tokenizer(path, flag: str = "--model_path"):
-    """The folder's tokenizer; a tokenizer without a pad token pads with EOS (padding is never supervised)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
+
+
+def load_tokenizer(path, flag: str = "--model_path", model_folder: bool = True):
+    """The folder's tokenizer; a tokenizer without a pad token pads with EOS (padding is never supervised).
+    `model_folder=False`: the folder may hold the tokenizer alone."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(check_model_folder(path, flag), local_files_only=True)
+    path = str(path)
+    if model_folder:
+        check_model_folder(path, flag)
+    elif not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        reason = "it does not exist" if not os.path.exists(path) else "a file, not a folder" if not \
+            os.path.isdir(path) else f"none of {', '.join(TOKENIZER_FILES)} in it"
+        raise UserError(f"{flag} {path} is not a tokenizer folder ({reason}): pass a folder written by "
+                        f"save_pretrained (e.g. the model's own)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {path}: transformers cannot load its tokenizer ({_first_line(e)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -90,24 +121,54 @@ def chat_prompt(tokenizer, instruction: str, input: str = "") -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
 
 
+def _first_line(error) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def vocab_width(model) -> int:
     """Number of logits the model outputs (its output embedding rows; may exceed the tokenizer's size)."""
     return model.get_output_embeddings().weight.shape[0]
 
 
-def check_vocab(student, teacher, tokenizer=None, allow_padded: bool = False, flag: str = "--allow_padded_vocab") -> int:
-    """The logit width both models share. Equal widths pass. Different widths are an error unless
-    `allow_padded` (rows past the tokenizer are padding, e.g. Qwen2.5 151936 vs 152064): then every
-    tokenizer id must fit in both, and KD compares the first min(widths) logits."""
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token")  # padding never reaches a loss, so pad may differ
+
+
+def check_tokenizers(student_tokenizer, teacher_tokenizer, flags=("--model_path", "--teacher_model_path")) -> None:
+    """The same vocabulary (every token at the same id) and the same BOS / EOS / UNK, else a UserError naming
+    the two (`flags`: the student's and the teacher's model flags). Cheap: a command checks it before the models
+    load; check_vocab checks it again."""
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    where = (f"the student's tokenizer ({f'{flags[0]} {student_tokenizer.name_or_path}'.strip()}) and the "
+             f"teacher's ({f'{flags[1]} {teacher_tokenizer.name_or_path}'.strip()})")
+    fix = "distil from a teacher that shares the student's tokenizer"
+    if s_vocab != t_vocab:
+        differ = sorted((i, tok) for tok, i in s_vocab.items() if t_vocab.get(tok) != i)
+        example = f"e.g. {differ[0][1]!r} is {differ[0][0]} vs {t_vocab.get(differ[0][1])}" if differ else \
+            f"the teacher has {len(set(t_vocab) - set(s_vocab))} more"
+        raise UserError(f"{where} differ: {len(s_vocab)} vs {len(t_vocab)} tokens, {len(differ)} of the student's "
+                        f"at other ids ({example}); {fix}")
+    for name in SPECIAL_TOKENS:
+        if getattr(student_tokenizer, name) != getattr(teacher_tokenizer, name):
+            raise UserError(f"{where} have the same vocabulary but different {name} "
+                            f"({getattr(student_tokenizer, name)!r} vs {getattr(teacher_tokenizer, name)!r}); {fix}")
+
+
+def check_vocab(student, teacher, student_tokenizer, teacher_tokenizer, allow_padded: bool = False,
+                flag: str = "--allow_padded_vocab", flags=("--model_path", "--teacher_model_path")) -> int:
+    """The logit width both models share, after checking that they speak the same tokens (check_tokenizers).
+    Equal widths pass. Different widths are an error unless `allow_padded` (rows past the tokenizer are
+    padding, e.g. Qwen2.5 151936 vs 152064): then every tokenizer id must fit in both, and KD compares the first
+    min(widths) logits. `flags`: the student's and the teacher's model flags, for the messages."""
+    check_tokenizers(student_tokenizer, teacher_tokenizer, flags)
     s, t = vocab_width(student), vocab_width(teacher)
     if s == t:
         return s
     if not allow_padded:
         raise UserError(f"the teacher outputs {t} logits per token but the student {s}: use a teacher with the "
-                         f"student's tokenizer, or pass {flag} if one is only padded (same tokenizer, extra rows)")
-    if tokenizer is not None and len(tokenizer) > min(s, t):
-        raise UserError(f"{flag}: the tokenizer has {len(tokenizer)} tokens, more than the smaller vocabulary "
-                         f"(teacher {t}, student {s}), so the two are not the same vocabulary padded")
+                        f"student's tokenizer, or pass {flag} if one is only padded (same tokenizer, extra rows)")
+    if len(student_tokenizer) > min(s, t):
+        raise UserError(f"{flag}: the tokenizer has {len(student_tokenizer)} tokens, more than the smaller vocabulary "
+                        f"(teacher {t}, student {s}), so the two are not the same vocabulary padded")
     return min(s, t)
 
 
@@ -158,7 +219,11 @@ def keep_layers(model, layers):
 
 def save_kept_layers(model_path: str, save_path: str, layers) -> None:
     """keep_layers on the model in `model_path`, saved with its tokenizer to `save_path` (as saved: same dtype)."""
-    layers = [int(x) for x in (layers if isinstance(layers, (list, tuple)) else str(layers).split(","))]
+    try:
+        layers = [int(x) for x in (layers if isinstance(layers, (list, tuple)) else str(layers).split(","))]
+    except ValueError:
+        typed = ",".join(map(str, layers)) if isinstance(layers, (list, tuple)) else layers
+        raise UserError(f"--layers {typed}: give block indices, e.g. --layers 0,3,6,9") from None
     model = keep_layers(load_model(model_path, flag="--model_path"), layers)
     model.save_pretrained(save_path)
     load_tokenizer(model_path).save_pretrained(save_path)

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from common import hf
+from common.cli import UserError
 from common.distributed import Layout, to_dtype
 from common.io import atomic_folder, atomic_save, atomic_write_json, read_tensors
 from common.training import complete_checkpoints, latest_checkpoint
@@ -141,7 +142,7 @@ def lr_schedule(optimizer, name: str, warmup_steps: int = 0, total_steps: Option
     if name == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup_steps)
     if name not in ("linear", "cosine"):
-        raise ValueError(f"lr schedule must be one of constant, linear, cosine; got {name!r}")
+        raise UserError(f"lr schedule must be one of constant, linear, cosine; got {name!r}")
     if not total_steps:
         raise ValueError(f"the {name} lr schedule needs the total number of optimiser steps (total_steps)")
     if name == "linear":
@@ -231,8 +232,8 @@ def _load_weights(model, folder: str) -> None:
         loaded = {own[k].data_ptr() for k in state if k in own}
         bad = list(unexpected) + [k for k in missing if own[k].data_ptr() not in loaded]  # tied weights load once
     if bad:
-        raise ValueError(f"{folder} does not match the model (e.g. {bad[:3]}): resume with the same model and "
-                         "LoRA settings, or start afresh with another --save_dir")
+        raise UserError(f"{folder} does not match the model (e.g. {bad[:3]}): resume with the same model and "
+                        "LoRA settings, or start afresh with another --save_dir")
 
 
 def load_checkpoint(save_dir: str, lay: Layout, model, optimizer, scheduler=None, scaler=None) -> Optional[dict]:
@@ -242,13 +243,13 @@ def load_checkpoint(save_dir: str, lay: Layout, model, optimizer, scheduler=None
     if folder is None:
         return None
     if state["dp_size"] != lay.dp_size:
-        raise ValueError(f"{folder} was saved by {state['dp_size']} data-parallel processes, this run has {lay.dp_size} "
-                         f"(data order and RNG states are per rank): relaunch with --nproc_per_node {state['dp_size']}, "
-                         "or start afresh with another --save_dir")
+        raise UserError(f"{folder} was saved by {state['dp_size']} data-parallel processes, this run has {lay.dp_size} "
+                        f"(data order and RNG states are per rank): relaunch with --nproc_per_node {state['dp_size']}, "
+                        "or start afresh with another --save_dir")
     if state["model"] != model_signature(model):
-        raise ValueError(f"{folder} was saved from another model ({_describe(state['model'])}), this run trains "
-                         f"{_describe(model_signature(model))}: resume with the same model and LoRA settings, or "
-                         "start afresh with another --save_dir")
+        raise UserError(f"{folder} was saved from another model ({_describe(state['model'])}), this run trains "
+                        f"{_describe(model_signature(model))}: resume with the same model and LoRA settings, or "
+                        "start afresh with another --save_dir")
     _load_weights(model, os.path.join(folder, "model"))
     saved = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])

@@ -39,7 +39,7 @@ HeadLogits(hidden, weight, bias=None) in place of any logits; compiled_chunks() 
 §4.3 velocity_field_loss(velocity_field, projector, student_states, teacher_states, *, mask, ...),
     contra_loss(velocity_field, projector, student_states, *, mask, k, ...).
 §4.4 minillm_importance_weights, minillm_rewards, minillm_advantages(rewards, *, mask, ...),
-    minillm_whiten(values, *, mask, ...), minillm_policy_loss(log_q, log_q_old, weights, advantages, *, mask, ...);
+    minillm_whiten(values, *, mask=None, width=None, ...), minillm_policy_loss(log_q, log_q_old, weights, advantages, *, mask, ...);
     L_reg is reverse_kl.
 §4.5 hidden_mse(student_hidden, teacher_hidden, *, mask, ...), hidden_l2(..., *, mask=None, ...),
     attention_output_l2(..., *, mask=None).
@@ -268,12 +268,18 @@ def _binary_kl(log_a, log_b):
     return a * (clamped_log(a) - clamped_log(b)) + not_a * (clamped_log(not_a) - clamped_log(not_b))
 
 
-def _decoupled_rows(zs, zt, target, tckd_weight, nckd_weight, group=None, *, reverse=False):
-    """tckd_weight·TCKD_t + nckd_weight·NCKD_t (§3.1); reverse: TCKD^rev, NCKD^rev."""
+def _decoupled_parts(zs, zt, target, group=None, *, reverse=False):
+    """(TCKD_t, NCKD_t) per row (§3.1); reverse: TCKD^rev, NCKD^rev."""
     log_qg, log_pg = _target_log_prob(zs, target, group), _target_log_prob(zt, target, group)
     tckd = _binary_kl(log_qg, log_pg) if reverse else _binary_kl(log_pg, log_qg)
     non_target = (_reverse_kl_rows if reverse else _forward_kl_rows)
     nckd = non_target(_without_target(zs, target, group), _without_target(zt, target, group), group)
+    return tckd, nckd
+
+
+def _decoupled_rows(zs, zt, target, tckd_weight, nckd_weight, group=None, *, reverse=False):
+    """tckd_weight·TCKD_t + nckd_weight·NCKD_t (§3.1); reverse: TCKD^rev, NCKD^rev."""
+    tckd, nckd = _decoupled_parts(zs, zt, target, group, reverse=reverse)
     return tckd_weight * tckd + nckd_weight * nckd
 
 
@@ -701,13 +707,15 @@ def dkd(student_logits, teacher_logits, *, mask, target_ids, alpha=0.2, beta=1.0
 
 
 def atkd(student_logits, teacher_logits, *, mask, target_ids, lam=0.2, reverse=False, temperature=1.0,
-         chunk_size=None, normalizer=None, group=None, vocab_slice=None):
+         chunk_size=None, normalizer=None, group=None, vocab_slice=None, return_parts=False):
     """§3.2 λ·mean_E NCKD + (1-λ)·(mean_H TCKD + mean_H NCKD).
 
     UnC_t = 1 - p_t(g_t) from the teacher; split at the lower median over the counted tokens of this
     micro-batch (ties go to hard); each subset averaged over its own size, an empty one contributes 0.
     reverse=True uses TCKD^rev, NCKD^rev with the same teacher split. With `normalizer=N` the result is
     (n_counted / N)·ATKD, so micro-batch losses add up weighted by their token counts.
+    return_parts=True returns (loss, parts): the split and its terms from the same pass, for the log:
+    n_easy, n_hard (ints) and nckd_easy, tckd_hard, nckd_hard (detached subset means; 0 for an empty subset).
     """
     group = _sharded(group)
     vocab = _check_pair(student_logits, teacher_logits, mask, vocab_slice, group)
@@ -715,7 +723,9 @@ def atkd(student_logits, teacher_logits, *, mask, target_ids, lam=0.2, reverse=F
     rows = _counted_rows(mask)
     n = rows.numel()
     if n == 0:
-        return _graph_zero(student_logits)
+        zero = _graph_zero(student_logits)
+        parts = dict(n_easy=0, n_hard=0, nckd_easy=0.0, tckd_hard=0.0, nckd_hard=0.0)
+        return (zero, parts) if return_parts else zero
     targets = _counted_targets(target_ids, mask, rows, vocab, group)
     teacher = teacher_logits.detach()
     dtype = _compute_dtype(student_logits)
@@ -732,11 +742,25 @@ def atkd(student_logits, teacher_logits, *, mask, target_ids, lam=0.2, reverse=F
         tckd_weight = torch.where(hard, hard_weight, 0.0).to(dtype)
         nckd_weight = torch.where(hard, hard_weight, easy_weight).to(dtype)
 
-    def per_token(zs, zt, target, w_tckd, w_nckd, group=None):
-        return _decoupled_rows(zs, zt, target, w_tckd, w_nckd, group, reverse=reverse)
-    value = _sum_over_rows(per_token, student_logits, teacher, rows, rows, (targets, tckd_weight, nckd_weight),
-                           temperature=temperature, chunk_size=chunk_size, group=group, vocab=vocab)
-    return value if normalizer is None else value * (n / normalizer)
+    sums = torch.zeros(3, dtype=dtype, device=student_logits.device)  # Σ_easy NCKD, Σ_hard TCKD, Σ_hard NCKD
+
+    def per_token(zs, zt, target, w_tckd, w_nckd, is_hard, group=None):
+        tckd, nckd = _decoupled_parts(zs, zt, target, group, reverse=reverse)
+        if return_parts:  # each row passes through here once, chunked or not
+            with torch.no_grad():
+                sums.add_(torch.stack([torch.where(is_hard, 0.0, nckd).sum(), torch.where(is_hard, tckd, 0.0).sum(),
+                                       torch.where(is_hard, nckd, 0.0).sum()]))
+        return w_tckd * tckd + w_nckd * nckd
+    value = _sum_over_rows(per_token, student_logits, teacher, rows, rows,
+                           (targets, tckd_weight, nckd_weight, hard), temperature=temperature,
+                           chunk_size=chunk_size, group=group, vocab=vocab)
+    value = value if normalizer is None else value * (n / normalizer)
+    if not return_parts:
+        return value
+    n_hard = int(hard.sum())
+    means = (sums / torch.tensor([max(n - n_hard, 1), max(n_hard, 1), max(n_hard, 1)], dtype=dtype,
+                                 device=sums.device)).tolist()
+    return value, dict(n_easy=n - n_hard, n_hard=n_hard, nckd_easy=means[0], tckd_hard=means[1], nckd_hard=means[2])
 
 
 def cross_entropy(logits, *, target_ids, mask, chunk_size=None, normalizer=None, group=None):
@@ -820,16 +844,24 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 # §4.1 MCC-KD
 
-def _symmetric_kl_rows(eps):
+def _symmetric_kl_rows(za, zb, group=None):
+    la, lb, keep = _log_probs(za, zb, group)
+    # KL(a ‖ b) + KL(b ‖ a) = Σ (a - b)(log a - log b)
+    t = 0.5 * (la.exp() - lb.exp()) * (la - lb)
+    return _vocab_sum(t if keep is None else t.masked_fill(~keep, 0.0), group)
+
+
+def _mcc_head_rows(eps, temperature):
+    """HEAD's KLDivLoss, both directions: ½[KL(s_T(b) ‖ s_1(a)) + KL(s_T(a) ‖ s_1(b))] with the smoothed
+    s_τ(z) = (softmax(z/τ) + eps) / (Σ_v (softmax(z/τ) + eps) + eps) (its powmax); τ on the target side only."""
     def per_token(za, zb, group=None):
-        la, lb, keep = _log_probs(za, zb, group)
-        if eps:  # HEAD variant: (q + eps) renormalised
-            v_global = za.shape[-1] * (1 if group is None else dist.get_world_size(group))
-            la = torch.log(la.exp() + eps) - math.log1p(v_global * eps)
-            lb = torch.log(lb.exp() + eps) - math.log1p(v_global * eps)
-        # KL(a ‖ b) + KL(b ‖ a) = Σ (a - b)(log a - log b)
-        t = 0.5 * (la.exp() - lb.exp()) * (la - lb)
-        return _vocab_sum(t if keep is None else t.masked_fill(~keep, 0.0), group)
+        v_global = za.shape[-1] * (1 if group is None else dist.get_world_size(group))
+        log_norm = math.log1p(v_global * eps + eps)
+
+        def smoothed(z, tau):
+            return torch.log(_log_softmax(z / tau, group).exp() + eps) - log_norm
+        ea, eb, ta, tb = smoothed(za, 1.0), smoothed(zb, 1.0), smoothed(za, temperature), smoothed(zb, temperature)
+        return 0.5 * _vocab_sum(tb.exp() * (tb - ea) + ta.exp() * (ta - eb), group)
     return per_token
 
 
@@ -840,11 +872,15 @@ def mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, temperature=1.0, max_se
     logits_a, logits_b [B, S, V]: two student passes; spans_a, spans_b [B, 2] = (start, end) logit positions
     of each item's answer span, equal lengths within an item. Items with an empty span, or whose span ends at or
     beyond `max_seq_len`, are skipped. T on both sides, gradients to both, no eps, no T² (defaults).
-    reduction="token" (token mean over all span tokens) and eps > 0 belong to the HEAD-code variant.
-    normalizer: number of items (reduction="item") or span tokens ("token") in the optimiser step.
+    The HEAD-code variant: reduction="token" (token mean over all span tokens) and eps > 0, which switches to
+    HEAD's KLDivLoss (its powmax smoothing, (q + eps) / (Σ(q + eps) + eps), and T on the target side only;
+    HEAD uses eps = 7e-5). normalizer: number of items (reduction="item") or span tokens ("token") in the
+    optimiser step.
     """
     if reduction not in ("item", "token"):
         raise ValueError(f"reduction must be 'item' or 'token', got {reduction!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     group = _sharded(group)
     _check_pair(logits_a, logits_b, torch.ones(logits_a.shape[:2], dtype=torch.bool, device=logits_a.device), None, group)
     device = logits_a.device
@@ -875,8 +911,9 @@ def mcc_span_kl(logits_a, logits_b, *, spans_a, spans_b, temperature=1.0, max_se
     rows_a = items[item_of_token] * seq + spans_a[items, 0][item_of_token] + offset
     rows_b = items[item_of_token] * seq + spans_b[items, 0][item_of_token] + offset
     weight = (1.0 / lens.to(_compute_dtype(logits_a)))[item_of_token] if reduction == "item" else None
-    total = _sum_over_rows(_symmetric_kl_rows(eps), logits_a, logits_b, rows_a, rows_b, weight=weight,
-                           temperature=temperature, chunk_size=chunk_size, group=group, vocab=logits_a.shape[-1])
+    per_token, scale = (_mcc_head_rows(eps, temperature), 1.0) if eps else (_symmetric_kl_rows, temperature)
+    total = _sum_over_rows(per_token, logits_a, logits_b, rows_a, rows_b, weight=weight,
+                           temperature=scale, chunk_size=chunk_size, group=group, vocab=logits_a.shape[-1])
     count = items.numel() if reduction == "item" else rows_a.numel()
     return total / (count if normalizer is None else normalizer)
 
@@ -1003,18 +1040,32 @@ def minillm_advantages(rewards, *, mask, gamma=0.95, length_normalize=True):
     return returns / remaining.clamp_min(1)
 
 
-def minillm_whiten(values, *, mask, group=None, eps=1e-8):
-    """(A - mean) / sqrt(var + eps) over the masked entries of the global batch (all-reduced over `group`, the
-    DP group); population variance, eps against an all-equal batch. 0 outside the mask."""
-    mask = mask.to(values.dtype)
-    stats = torch.stack([(values * mask).sum(), mask.sum()])
+def minillm_whiten(values, *, mask=None, width=None, group=None, eps=1e-8):
+    """(A - mean) / sqrt(var + eps), population variance, the statistics all-reduced over `group`.
+
+    mask=None is the release (LMOps `whiten()` inside `ppo_loss`, called per PPO minibatch): the statistics
+    run over every entry of the padded [B, width] tensor, padding zeros included; entries beyond
+    values.shape[1] up to `width` (the release's padded response width) count as zeros; every entry of the
+    result is whitened. With `mask`: over the masked entries only, 0 outside the mask (our option)."""
+    if mask is None:
+        extra = 0 if width is None else width - values.shape[1]
+        if extra < 0:
+            raise ValueError(f"width {width} is narrower than the values' {values.shape[1]} columns")
+        stats = torch.stack([values.sum(), values.new_tensor(float(values.numel() + values.shape[0] * extra))])
+    else:
+        mask = mask.to(values.dtype)
+        stats = torch.stack([(values * mask).sum(), mask.sum()])
     if _sharded(group) is not None:
         dist.all_reduce(stats, group=group)
     mean = stats[0] / stats[1]
-    sq = ((values - mean) ** 2 * mask).sum()
+    if mask is None:  # the implicit zero columns add (0 - mean)² each
+        sq = ((values - mean) ** 2).sum() + values.shape[0] * extra * mean ** 2
+    else:
+        sq = ((values - mean) ** 2 * mask).sum()
     if _sharded(group) is not None:
         dist.all_reduce(sq, group=group)
-    return (values - mean) * torch.rsqrt(sq / stats[1] + eps) * mask
+    whitened = (values - mean) * torch.rsqrt(sq / stats[1] + eps)
+    return whitened if mask is None else whitened * mask
 
 
 def minillm_policy_loss(log_q, log_q_old, weights, advantages, *, mask, clip_range=0.2, normalizer=None):

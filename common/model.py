@@ -22,6 +22,9 @@ from fairscale.nn.model_parallel.mappings import (copy_to_model_parallel_region,
                                                   reduce_from_model_parallel_region)
 from torch import nn
 
+from common.cli import UserError
+from common.io import load_shard
+
 
 @dataclass
 class ModelArgs:
@@ -70,12 +73,12 @@ class ModelArgs:
             with open(path) as f:
                 params = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path} not found: a checkpoint folder needs params.json (write one with "
-                                    "`python -m common.checkpoint_split`, or pass --model_type)") from None
+            raise UserError(f"{path} not found: a checkpoint folder needs params.json (write one with "
+                            "`python -m common.checkpoint_split`, or pass --model_type)") from None
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
         if missing:
-            raise ValueError(f"{path} is missing the field(s) {missing}; add them (Meta params.json names: dim, "
-                             "n_layers, n_heads, n_kv_heads, vocab_size, norm_eps, ...)")
+            raise UserError(f"{path} is missing the field(s) {missing}; add them (Meta params.json names: dim, "
+                            "n_layers, n_heads, n_kv_heads, vocab_size, norm_eps, ...)")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in known}, **runtime)
 
@@ -85,15 +88,15 @@ class ModelArgs:
         required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
         missing = [k for k in required if k not in config]
         if missing:
-            raise ValueError(f"{path} is missing the field(s) {missing} that a llama/mistral/qwen2/mixtral config has")
+            raise UserError(f"{path} is missing the field(s) {missing} that a llama/mistral/qwen2/mixtral config has")
         model_type = config.get("model_type", "llama")
         if model_type not in ("llama", "mistral", "qwen2", "mixtral"):
-            raise ValueError(f"{path}: model_type {model_type!r} is not supported (llama, mistral, qwen2, mixtral)")
+            raise UserError(f"{path}: model_type {model_type!r} is not supported (llama, mistral, qwen2, mixtral)")
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})  # transformers 5 / 4 names
         theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{path}: rope type {rope_type!r} is not supported (default, llama3)")
+            raise UserError(f"{path}: rope type {rope_type!r} is not supported (default, llama3)")
         window = config.get("sliding_window")
         if model_type == "qwen2" and not config.get("use_sliding_window", False):
             window = None
@@ -147,13 +150,13 @@ def model_args(model_type: str, **runtime) -> ModelArgs:
     """Registry lookup; a `lora-` prefix names the same architecture trained with LoRA."""
     base = model_type[len("lora-"):] if model_type.startswith("lora-") else model_type
     if base not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(MODEL_TYPES)} (optionally 'lora-' prefixed)")
+        raise UserError(f"unknown model_type {model_type!r}; known: {', '.join(MODEL_TYPES)} (optionally 'lora-' prefixed)")
     lora = runtime.get("lora_rank", -1) > 0
     if model_type.startswith("lora-") and not lora:
-        raise ValueError(f"model_type {model_type!r} needs --lora_rank > 0")
+        raise UserError(f"model_type {model_type!r} needs --lora_rank > 0")
     if lora and not model_type.startswith("lora-"):
-        raise ValueError(f"lora_rank={runtime['lora_rank']} with model_type {model_type!r}: use 'lora-{model_type}' "
-                         "for LoRA, or --lora_rank -1 for full fine-tuning")
+        raise UserError(f"lora_rank={runtime['lora_rank']} with model_type {model_type!r}: use 'lora-{model_type}' "
+                        "for LoRA, or --lora_rank -1 for full fine-tuning")
     return ModelArgs(**MODEL_TYPES[base], **runtime)
 
 
@@ -240,8 +243,11 @@ def add_lora(module: nn.Module, target: str, in_features: int, out_features: int
     setattr(module, f"lora_b_{target}", b.to(dtype))
 
 
-def lora_scale(args: ModelArgs) -> float:
-    return 1.0 if args.lora_alpha is None else args.lora_alpha / args.lora_rank
+def lora_scale(lora_rank: int, lora_alpha: Optional[float]) -> float:
+    """The adapter's scale: 1 (the original) unless an alpha is given, then alpha / rank."""
+    if lora_alpha is not None and not (lora_rank or 0) > 0:
+        raise UserError(f"--lora_alpha {lora_alpha} needs the adapters' --lora_rank (> 0) to give the scale alpha / rank")
+    return 1.0 if lora_alpha is None else float(lora_alpha) / int(lora_rank)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +291,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         tp = fs_init.get_model_parallel_world_size()
-        self.args, self.scale = args, lora_scale(args)
+        self.args, self.scale = args, lora_scale(args.lora_rank, args.lora_alpha)
         self.n_local_heads, self.n_local_kv_heads = args.n_heads // tp, args.n_kv_heads // tp
         self.head_dim = args.head_dim
         q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -346,7 +352,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.scale = lora_scale(args)
+        self.scale = lora_scale(args.lora_rank, args.lora_alpha)
         self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_identity)
         self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim, bias=False, gather_output=False, init_method=_identity)
         self.w2 = RowParallelLinear(args.hidden_dim, args.dim, bias=False, input_is_parallel=True, init_method=_identity)
@@ -414,7 +420,7 @@ class Transformer(nn.Module):
                                            init_method=_identity)
         if args.lora_rank > 0:
             add_lora(self, "output", args.dim, args.vocab_size, "column", args)
-        self.scale = lora_scale(args)
+        self.scale = lora_scale(args.lora_rank, args.lora_alpha)
         # a plain attribute, not a buffer: Module.to(bfloat16) would round the angles' cos / sin
         self.rope = rope_table(args.head_dim, 2 * args.max_seq_len, args.rope_theta, args.rope_scaling)
 
@@ -525,7 +531,6 @@ def load_model(ckpt_dir: str, model_type: Optional[str] = None, lora_rank: int =
     from the registry.
     LoRA adapters (lora_rank > 0) are freshly initialised and the only trainable parameters.
     """
-    from common.checkpoint import load_shard  # checkpoint imports ModelArgs from here
     from common.parallel import to_dtype
     runtime = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, lora_rank=lora_rank,
                    lora_alpha=lora_alpha, lora_init=lora_init)
@@ -558,7 +563,7 @@ def load_state(model: Transformer, state: dict, source: str) -> None:
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{source} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-                         f"shape mismatches {wrong[:8]}. Check params.json / --model_type and that the shards were "
-                         f"split for this tensor-parallel size")
+        raise UserError(f"{source} does not fit the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+                        f"shape mismatches {wrong[:8]}. Check params.json / --model_type and that the shards were "
+                        f"split for this tensor-parallel size")
     model.load_state_dict(state, strict=False)

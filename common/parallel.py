@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from common.cli import UserError
 from common.distributed import Layout, init_process_group, set_seed, to_dtype
-from common.distributed import dp_group, print0  # noqa: F401  (re-exported: TP scripts import them with setup)
+from common.distributed import dp_group, print0, shutdown  # noqa: F401  (TP scripts import them with setup)
 
 
 def setup(tp_size=None, seed=1, dtype="float32") -> Layout:
@@ -25,7 +26,7 @@ def setup(tp_size=None, seed=1, dtype="float32") -> Layout:
     world = dist.get_world_size()
     tp_size = int(tp_size or world)
     if world % tp_size:
-        raise ValueError(f"tp_size={tp_size} does not divide the world size {world}; pick a divisor of {world}")
+        raise UserError(f"tp_size={tp_size} does not divide the world size {world}; pick a divisor of {world}")
     if fs_init.model_parallel_is_initialized():
         if fs_init.get_model_parallel_world_size() != tp_size:
             raise RuntimeError(f"model parallel already initialised with tp_size={fs_init.get_model_parallel_world_size()}, asked for {tp_size}")

@@ -20,6 +20,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from common.cli import check_choice, run_cli
+
 MODELS = {
     # Q4_1 weights dequantise exactly (each weight = scale * q + min, in fp32); the model is the 4-bit one.
     "smollm2-135m-instruct": dict(
@@ -74,8 +76,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
 
 def fetch(name: str, save_path: str) -> str:
     """Write the model `name` (a key of MODELS) to save_path as a Hugging Face folder; reuse a complete one."""
-    if name not in MODELS:
-        raise SystemExit(f"unknown model {name!r}: --name must be one of {', '.join(MODELS)}")
+    check_choice("--name", name, MODELS)
     entry, out = MODELS[name], Path(save_path)
     if (out / NOTE).is_file():
         print(f"{out}: {name} already there")
@@ -100,6 +101,4 @@ def fetch(name: str, save_path: str) -> str:
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"fetch": fetch}, serialize=lambda path: None)  # fetch prints what it did
+    run_cli({"fetch": fetch})

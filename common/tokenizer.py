@@ -23,6 +23,8 @@ import json
 import os
 from pathlib import Path
 
+from common.cli import UserError, check_choice, check_range, run_cli
+
 HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 SP_FILE = "tokenizer.model"
 
@@ -106,7 +108,7 @@ def _add_special(ids, bos_id, eos_id) -> list[int]:
 
 
 def resolve_tokenizer_path(path) -> tuple[str, Path]:
-    """("sentencepiece", model file) or ("hf", folder); FileNotFoundError naming the path otherwise.
+    """("sentencepiece", model file) or ("hf", folder); a UserError naming the path otherwise.
 
     A folder with tokenizer.json or tokenizer_config.json is loaded by transformers (its config knows the
     special tokens), a folder with only tokenizer.model (Meta checkpoint layout) by SentencePiece.
@@ -121,9 +123,9 @@ def resolve_tokenizer_path(path) -> tuple[str, Path]:
             return "hf", p
         if (p / SP_FILE).is_file():
             return "sentencepiece", p / SP_FILE
-    raise FileNotFoundError(
-        f"no tokenizer at {str(path)!r}: expected a SentencePiece .model file, or a folder containing "
-        f"{SP_FILE} (SentencePiece) or {' / '.join(HF_FILES)} (Hugging Face)"
+    raise UserError(
+                    f"no tokenizer at {str(path)!r}: expected a SentencePiece .model file, or a folder containing "
+                    f"{SP_FILE} (SentencePiece) or {' / '.join(HF_FILES)} (Hugging Face)"
     )
 
 
@@ -159,7 +161,7 @@ def train_sentencepiece(lines, model_prefix, vocab_size: int = 1000, model_type:
 
     lines = [line for line in lines if line]
     if not lines:
-        raise ValueError("train_sentencepiece: no text to train on")
+        raise UserError("train_sentencepiece: no text to train on (are the input files empty?)")
     vocab_size = max(vocab_size, 3 + 256 + len(set("".join(lines))))  # specials + byte pieces + characters
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     proto = io.BytesIO()
@@ -181,10 +183,18 @@ def text_lines(files) -> list[str]:
     e.g. rationales); `.jsonl` likewise per line; anything else is read line by line."""
     out = []
     for file in files:
+        if not os.path.isfile(file):
+            raise UserError(f"--input_files {file}: no such file")
         if file.endswith(".json") or file.endswith(".jsonl"):
             with open(file) as f:
-                records = json.load(f) if file.endswith(".json") else [json.loads(l) for l in f if l.strip()]
-            for r in records:
+                text = f.read()
+            try:
+                records = json.loads(text) if file.endswith(".json") else \
+                    [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as e:
+                where = f"{file}:{e.lineno}" if file.endswith(".json") else file
+                raise UserError(f"{where} is not valid JSON ({e.msg}); fix the file or pass plain text") from None
+            for r in records if isinstance(records, list) else [records]:
                 for v in (r.values() if isinstance(r, dict) else [r]):
                     out.extend(s for s in (v if isinstance(v, list) else [v]) if isinstance(s, str))
         else:
@@ -193,14 +203,17 @@ def text_lines(files) -> list[str]:
     return out
 
 
+MODEL_TYPES = ("bpe", "unigram", "char", "word")
+
+
 def train(input_files, model_prefix, vocab_size: int = 1000, model_type: str = "bpe"):
     """CLI: train a SentencePiece model from text / JSON files (comma-separated or a list)."""
+    check_choice("--model_type", model_type, MODEL_TYPES)
+    check_range("--vocab_size", vocab_size, low=1)
     files = input_files.split(",") if isinstance(input_files, str) else list(input_files)
     path = train_sentencepiece(text_lines(files), model_prefix, vocab_size, model_type)
     print(f"wrote {path} (vocab {SentencePieceTokenizer(path).vocab_size})")
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"train": train})
+    run_cli({"train": train})

@@ -20,6 +20,7 @@ all a resumed run needs to make the same choices; torch's global RNG state is sa
 import glob
 import json
 import os
+import random
 import shutil
 import time
 from typing import Optional
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from common.cli import UserError
 from common.distributed import Layout, all_reduce_dp, dp_group
 from common.io import atomic_save, atomic_write_json, read_tensors
 
@@ -37,6 +39,22 @@ def dp_shard(items: list, dp_rank: int, dp_size: int) -> list:
     per_rank = -(-len(items) // dp_size)
     padded = [items[i % len(items)] for i in range(per_rank * dp_size)]
     return padded[dp_rank::dp_size]
+
+
+def epoch_order(n: int, seed: int, epoch) -> list:
+    """A permutation of range(n) that depends only on (seed, epoch) (epoch may be any key, e.g. "refit-0-1"):
+    the same on every rank, whatever the number of processes, and on resume."""
+    order = list(range(n))
+    random.Random(f"{seed}-order-{epoch}").shuffle(order)
+    return order
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, **kwargs) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and norm weights (the parameters
+    of fewer than 2 dimensions), as Hugging Face's Trainer groups them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, **kwargs)
 
 
 def global_count(count, device) -> float:
@@ -61,9 +79,9 @@ def load_trainable_state(model: torch.nn.Module, state: dict, source: str) -> No
     own = dict(model.named_parameters())
     wanted = {n for n, p in own.items() if p.requires_grad}
     if set(state) != wanted:
-        raise ValueError(f"{source} holds {sorted(set(state) - wanted)[:4]} extra and lacks "
-                         f"{sorted(wanted - set(state))[:4]} trainable weights: was it saved with the same "
-                         "model_type / lora_rank / tensor-parallel size?")
+        raise UserError(f"{source} holds {sorted(set(state) - wanted)[:4]} extra and lacks "
+                        f"{sorted(wanted - set(state))[:4]} trainable weights: was it saved with the same "
+                        "model_type / lora_rank / tensor-parallel size?")
     with torch.no_grad():
         for n, t in state.items():
             own[n].copy_(t)
@@ -119,8 +137,8 @@ def load_latest_checkpoint(save_dir: str, model, optimizer, lay: Layout) -> Opti
     if folder is None:
         return None
     if state.get("tp_size") != lay.tp_size:
-        raise ValueError(f"{folder} was saved at tensor-parallel size {state.get('tp_size')}, this run uses "
-                         f"{lay.tp_size}: resume with the same layout, or start from a fresh --save_dir")
+        raise UserError(f"{folder} was saved at tensor-parallel size {state.get('tp_size')}, this run uses "
+                        f"{lay.tp_size}: resume with the same layout, or start from a fresh --save_dir")
     load_weights(folder, model, lay)
     optimizer_file = os.path.join(folder, f"optimizer.{lay.tp_rank:02d}.pth")
     optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))

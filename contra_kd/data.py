@@ -6,14 +6,13 @@ On disk (common/binarized.py, byte-compatible with MiniLLM / DistiLLM processed 
     processed_data/dolly/prompt/{model_type}/...                                             prompt only
     processed_data/openwebtext/{model_type}/512/{train_num}/{train,valid}_0.{bin,idx}        512-token chunks
 """
-import json
 import os
-import random
 
 import numpy as np
 
 from common.binarized import read_split
 from common.cli import UserError
+from common.io import numbered_jsonl
 from common.labels import causal_lm_batch, targets_and_mask
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -21,7 +20,8 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
                      "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-OWT_NEWLINE = "<@x(x!>"  # the extraction step writes one document per line with this in place of newline runs
+OWT_NEWLINE = "<@x(x!>"
+FIX = "write it with contra_kd/prepare_data.py (or point it at MiniLLM / DistiLLM processed data)"  # the extraction step writes one document per line with this in place of newline runs
 
 
 def build_prompt(instruction: str, input: str = "") -> str:
@@ -34,6 +34,8 @@ def build_prompt(instruction: str, input: str = "") -> str:
 def normalise_record(record: dict, source: str) -> dict:
     """{instruction, prompt, input, output} from a DSKD/MiniLLM record or a databricks-dolly-15k one
     (context / response). `output` may be a list of references (S-NI)."""
+    if not isinstance(record, dict):
+        raise UserError(f"{source}: a {type(record).__name__}, not a JSON object with instruction and output")
     if "instruction" not in record:
         raise UserError(f"{source}: record without an 'instruction' field (keys {sorted(record)})")
     input_ = record.get("input", record.get("context", "")) or ""
@@ -48,8 +50,8 @@ def normalise_record(record: dict, source: str) -> dict:
 
 
 def read_records(path: str) -> list:
-    with open(path) as f:
-        return [normalise_record(json.loads(line), f"{path}:{n + 1}") for n, line in enumerate(f) if line.strip()]
+    """The normalised records of a JSONL file; a bad line is a UserError naming the file, the line and the field."""
+    return [normalise_record(record, f"{path}:{n}") for n, record in numbered_jsonl(path)]
 
 
 def encode(tokenizer, text: str) -> list:
@@ -85,13 +87,13 @@ def owt_chunks(tokenizer, documents, chunk_length: int = 512):
 class InstructionSplit:
     """A processed `full` or `prompt` split: item i -> (prompt ids, response ids or None), records from the jsonl."""
 
-    def __init__(self, folder: str, split: str):
-        self.tokens = read_split(folder, split)
+    def __init__(self, folder: str, split: str, flag: str = "--data-dir"):
+        self.tokens = read_split(folder, split, flag, FIX)
         jsonl = os.path.join(folder, f"{split}.jsonl")
         self.records = read_records(jsonl) if os.path.exists(jsonl) else None
         if self.records is not None and len(self.records) != len(self.tokens):
             raise UserError(f"{jsonl}: {len(self.records)} records but {split}_*.idx holds {len(self.tokens)} "
-                             f"items; re-run contra_kd/prepare_data.py")
+                            f"items; re-run contra_kd/prepare_data.py")
 
     def __len__(self):
         return len(self.tokens)
@@ -107,8 +109,8 @@ class InstructionSplit:
 class ChunkSplit:
     """A processed pretraining split: item i -> one chunk of token ids."""
 
-    def __init__(self, folder: str, split: str):
-        self.tokens = read_split(folder, split)
+    def __init__(self, folder: str, split: str, flag: str = "--lm-data-dir"):
+        self.tokens = read_split(folder, split, flag, FIX)
 
     def __len__(self):
         return len(self.tokens)
@@ -118,13 +120,6 @@ class ChunkSplit:
 
 
 # ---- batching: one global batch per optimiser step, split over DP ranks, then into micro-batches ----
-
-def epoch_order(n: int, seed: int, epoch: int) -> list:
-    """A permutation of range(n) that depends only on (seed, epoch): the same on every rank and on resume."""
-    order = list(range(n))
-    random.Random(f"{seed}-order-{epoch}").shuffle(order)
-    return order
-
 
 def rank_micro_batches(global_items: list, dp_rank: int, dp_size: int, batch_size: int) -> list:
     """This rank's micro-batches of one global batch: [(offset in the global batch, items), ...]. Rank r takes

@@ -3,7 +3,8 @@
 
     schedule = AdaptiveSGO(init_threshold=0.0, loss_eps=0.1, replay_ratio="decreasing")
     schedule.prev_loss = dev_ce(start checkpoint)              # before the first epoch
-    source = schedule.choose(step, total_iters, r, len(buffer))  # "generate" | "replay" | "ground_truth"
+    source = schedule.choose(step, total_iters, r, len(buffer))  # "generate" | "replay" | "ground_truth";
+                                                               # step counted from 0 (ours)
     ...
     schedule.update(dev_ce(after epoch))                       # θ += 0.1 when the dev CE rose by loss_eps
 
@@ -34,8 +35,9 @@ class AdaptiveSGO:
         return self.threshold * step / total_iters
 
     def choose(self, step: int, total_iters: int, r: float, buffer_len: int) -> str:
-        """r ~ U(0, 1) drawn once per optimiser step (the same on every rank)."""
-        if r < self.sample_ratio(step, total_iters) or (r < self.threshold and buffer_len < self.capacity):
+        """r ~ U(0, 1) drawn once per optimiser step (the same on every rank); `step` = optimiser steps done
+        before this one. The ratio uses step + 1: DistiLLM / CONTRA count `global_step` from 1."""
+        if r < self.sample_ratio(step + 1, total_iters) or (r < self.threshold and buffer_len < self.capacity):
             return "generate"
         if r < self.threshold:
             return "replay"
@@ -57,6 +59,12 @@ class AdaptiveSGO:
 
     def load_state_dict(self, state: dict) -> None:
         self.threshold, self.prev_loss = state["threshold"], state["prev_loss"]
+
+
+def distillm2_beta(step: int, total_iters: int, gradual: bool) -> float:
+    """DistiLLM-2's β for the step after `step` completed ones: 1, or with --gradual-beta 1 + 0.5·min(1, 2·s/N)
+    with s = step + 1 (CONTRA's loop counts `global_step` from 1)."""
+    return 1.0 + 0.5 * min(1.0, 2 * (step + 1) / total_iters) if gradual else 1.0
 
 
 class ReplayBuffer:

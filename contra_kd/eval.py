@@ -17,7 +17,6 @@ item's Rouge-L, so runs can be compared item by item (paired tests).
 """
 import json
 import os
-import re
 import statistics
 import string
 import sys
@@ -29,7 +28,9 @@ if __package__ in (None, ""):  # run as a file
 import torch
 from tqdm import tqdm
 
-from common.cli import UserError, run_cli
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES
+from common.io import read_jsonl
 from common.metrics import rouge_l
 
 SET_FILES = {"dolly": "dolly/valid.jsonl", "self-inst": "self-inst/valid.jsonl", "vicuna": "vicuna/valid.jsonl",
@@ -94,7 +95,7 @@ def sample_responses(model, tokenizer, prompts, *, lay, seed: int, batch_size: i
                      max_new_tokens: int = 256, no_repeat_ngram_size: int = 0, desc: str = "sampling"):
     """Sampled responses (strings) for `prompts` (strings), sharded over DP ranks (item i on rank i % dp), in
     the input order on every rank."""
-    import torch.distributed as dist
+    from common.distributed import gather_object
     from common.generation import generate
 
     mine = list(range(lay.dp_rank, len(prompts), lay.dp_size))
@@ -109,10 +110,7 @@ def sample_responses(model, tokenizer, prompts, *, lay, seed: int, batch_size: i
                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, padding="left",
                         generator=gen, logits_processor=processor)
         out.update({i: clean_response(tokenizer, g) for i, g in zip(chunk, gens)})
-    if lay.dp_size > 1:
-        parts = [None] * lay.dp_size
-        dist.all_gather_object(parts, out)
-        out = {k: v for part in parts for k, v in part.items()}
+    out = {k: v for part in gather_object(out, lay, everywhere=True) for k, v in part.items()}
     return [out[i] for i in range(len(prompts))]
 
 
@@ -122,8 +120,7 @@ def read_set(data_dir: str, name: str, num=None) -> list:
     path = os.path.join(data_dir, SET_FILES[name])
     if not os.path.exists(path):
         raise UserError(f"{path}: evaluation set {name!r} is missing (data/README.md lists the shipped sets)")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path, fields=("prompt", "output"), fix="each line needs a prompt and its reference output")
     records = records[:UINST_ITEMS] if name == "uinst" else records
     if not records:
         raise UserError(f"{path}: evaluation set {name!r} holds no records")
@@ -150,8 +147,7 @@ def results_markdown(runs: dict, paper_pair=None) -> str:
                  for s in sets]
         lines.append(f"| {label} (ours) | {' | '.join(cells)} |")
     if paper_pair:
-        if paper_pair not in PAPER:
-            raise UserError(f"--paper-pair {paper_pair!r}: use one of {', '.join(PAPER)}")
+        check_choice("--paper-pair", paper_pair, PAPER)
         paper = PAPER[paper_pair]
         for method, row in paper["rows"].items():
             vals = [f"{row[PAPER_SETS.index(s)]:.2f}" if s in PAPER_SETS else "-" for s in sets]
@@ -201,22 +197,29 @@ def paired_comparison(groups: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_rows(metrics_path: str) -> tuple:
+    """(step rows, epoch rows, loss terms, dev metrics) of a training log; a UserError when nothing can be plotted."""
+    if not os.path.isfile(metrics_path):
+        raise UserError(f"--metrics {metrics_path}: no such file (the metrics.jsonl that contra_kd/train.py writes)")
+    rows = read_jsonl(metrics_path, drop_partial_last=True)
+    steps = [r for r in rows if isinstance(r, dict) and r.get("kind") == "step"]
+    epochs = [r for r in rows if isinstance(r, dict) and r.get("kind") == "epoch"]
+    terms = sorted({k for r in steps for k in r if k.startswith("loss")})
+    dev = sorted({k for r in epochs for k in r if k.startswith("dev_")})
+    if not terms + dev:
+        raise UserError(f"{metrics_path}: no 'loss*' step rows or 'dev_*' epoch rows to plot")
+    return steps, epochs, terms, dev
+
+
 def plot_curves(metrics_path: str, png_path: str) -> str:
     """One panel per logged training term against the run's unit counter (student steps and velocity-field
     re-fit steps in the order they ran) and one per dev metric against the epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from common.io import read_jsonl
 
-    rows = read_jsonl(metrics_path, drop_partial_last=True)
-    steps = [r for r in rows if r.get("kind") == "step"]
-    epochs = [r for r in rows if r.get("kind") == "epoch"]
-    terms = sorted({k for r in steps for k in r if k.startswith("loss")})
-    dev = sorted({k for r in epochs for k in r if k.startswith("dev_")})
+    steps, epochs, terms, dev = curve_rows(metrics_path)
     panels = terms + dev
-    if not panels:
-        raise UserError(f"{metrics_path}: no 'loss*' step rows or 'dev_*' epoch rows to plot")
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), squeeze=False)
     for ax, key in zip(axes[:, 0], panels):
         src, x = (steps, "unit") if key in terms else (epochs, "epoch")  # unit: student and re-fit steps in order
@@ -241,13 +244,29 @@ def main(model_path: str, save: str, data_dir: str = "data/instruct", sets="doll
     from common.io import atomic_write_json, atomic_write_text
 
     sets = sets.split(",") if isinstance(sets, str) else list(sets)
-    seeds = [int(s) for s in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]  # fire: "10" -> 10
+    try:
+        seeds = [int(s) for s in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]  # fire: "10" -> 10
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: give integers, e.g. --seeds 10,20,30") from None
+    # every input is checked before the model loads and the sampling starts
+    check_choice("--dtype", dtype, DTYPES)
+    for flag, value in (("--batch-size", batch_size), ("--max-prompt-length", max_prompt_length), ("--num", num)):
+        if value is not None:
+            check_range(flag, value, low=1)
+    check_range("--max-length", max_length, low=max_prompt_length + 1)  # room for at least one new token
+    check_range("--no-repeat-ngram-size", no_repeat_ngram_size, low=0)
+    if paper_pair:
+        check_choice("--paper-pair", paper_pair, PAPER)
+    if metrics:
+        curve_rows(metrics)
+    hf.check_model_folder(model_path, "--model-path")
+    records_of = {name: read_set(data_dir, name, num) for name in sets}
     lay = setup(seeds[0])
     tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
     model = hf.load_model(model_path, dtype=dtype, device=lay.device, frozen=True, flag="--model-path")
     results, predictions = {}, {}
     for name in sets:
-        records = read_set(data_dir, name, num)
+        records = records_of[name]
         prompts = [chat_prompt(tokenizer, r["instruction"], r.get("input", "")) if chat_template else r["prompt"]
                    for r in records]
         per_seed = []

@@ -114,7 +114,7 @@ def read_flow_config(path: str, flag: str) -> dict:
         meta = (f.metadata() or {}).get("contra_kd")
     if meta is None:
         raise UserError(f"{flag} {path} has no contra_kd metadata; pass a file written by "
-                         f"contra_kd/train_velocity_field.py")
+                        f"contra_kd/train_velocity_field.py")
     return json.loads(meta)
 
 
@@ -129,10 +129,10 @@ def load_flow(field_path: str, projector_path: str, expected: dict, dropout: flo
         if diff:
             said = ", ".join(f"{k} {a} (this run: {b})" for k, (a, b) in diff.items())
             raise UserError(f"{flag} {path} was trained for {said}; train one for this pair with "
-                             f"contra_kd/train_velocity_field.py")
+                            f"contra_kd/train_velocity_field.py")
     if configs["--velocity-field"] != configs["--projector"]:
         raise UserError(f"--velocity-field {field_path} and --projector {projector_path} come from different "
-                         f"trainings; pass the pair written together")
+                        f"trainings; pass the pair written together")
     c = configs["--velocity-field"]
     field = VelocityField(c["d_teacher"], c["width"], c["num_distill_layers"], c["num_blocks"], dropout)
     projector = Projector(c["d_student"], c["d_teacher"])

@@ -29,14 +29,15 @@ if __package__ in (None, ""):  # run as a file
 from tqdm import tqdm
 
 from common.binarized import best_dtype, split_marker, write_indexed
-from common.cli import UserError, run_cli
+from common.cli import UserError, check_range, run_cli
 from common.hf import chat_prompt
+from common.standins import dolly_dev_without_test
 from contra_kd.data import OWT_NEWLINE, owt_chunks, owt_documents, read_records, tokenize_record
 
 
 def _tokenizer(model_path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_path)
+    from common.hf import load_tokenizer
+    return load_tokenizer(model_path, flag="--model-path", model_folder=False)
 
 
 def _dolly_splits(data_dir, dev_num, num):
@@ -49,7 +50,7 @@ def _dolly_splits(data_dir, dev_num, num):
     raw = os.path.join(data_dir, "raw.jsonl")
     if not os.path.exists(raw):
         raise UserError(f"{data_dir}: neither train.jsonl + dev.jsonl (DSKD) nor raw.jsonl (MiniLLM); "
-                                f"see data/README.md for the stand-in")
+                        f"see data/README.md for the stand-in")
     records = read_records(raw)
     return {"train": records[dev_num:][:num], "valid": records[:dev_num][:num]}
 
@@ -60,10 +61,13 @@ def dolly(data_dir: str, processed_data_dir: str, model_path: str, model_type: s
     `num`: keep only the first num records of each split (quick demos); `chat_template` (ours): each prompt is
     the tokenizer's chat template around the instruction and input (common.hf.chat_prompt), for an instruct
     model, instead of §2.1's template (written into the jsonl too, so dev sampling uses it)."""
+    check_range("--max-prompt-length", max_prompt_length, low=1)
+    check_range("--dev-num", dev_num, low=0)
+    splits = _dolly_splits(data_dir, dev_num, num)  # every record is read and checked before the tokenizer loads
     tokenizer = _tokenizer(model_path)
     dtype = best_dtype(len(tokenizer))
     marker = split_marker(dtype)
-    for split, records in _dolly_splits(data_dir, dev_num, num).items():
+    for split, records in splits.items():
         kept, full, prompts = [], [], []
         for record in tqdm(records, desc=f"dolly {split}"):
             if chat_template:
@@ -88,6 +92,11 @@ def dolly(data_dir: str, processed_data_dir: str, model_path: str, model_type: s
 
 def pretrain(data_file: str, processed_data_dir: str, model_path: str, model_type: str, max_length: int = 512,
              dev_num: int = 1000, train_num: int = 22870, train_num_name: str = None):
+    check_range("--max-length", max_length, low=1)
+    check_range("--dev-num", dev_num, low=0)
+    check_range("--train-num", train_num, low=1)
+    if not os.path.isfile(data_file):
+        raise UserError(f"--data-file {data_file}: no such file (one document per line)")
     tokenizer = _tokenizer(model_path)
     dtype = best_dtype(len(tokenizer))
     with open(data_file) as f:
@@ -107,12 +116,10 @@ def standins(source: str = "../shared/data", output: str = "data/contra_kd", dev
     """Dolly train/dev stand-ins: a seeded split of the shipped Dolly **dev** set (never the test set; dev items
     whose instruction is also a test instruction are left out); OpenWebText stand-in: Dolly dev contexts and
     responses plus GSM8K train answers, one document per line."""
-    with open(os.path.join(source, "instruct", "dolly", "valid.jsonl")) as f:
-        test = {json.loads(line)["instruction"] for line in f if line.strip()}
-    with open(os.path.join(source, "instruct", "dolly", "dev.jsonl")) as f:
-        lines = [line for line in f if line.strip()]
-    overlap = [line for line in lines if json.loads(line)["instruction"] in test]
-    lines = [line for line in lines if line not in overlap]
+    for name in ("instruct/dolly/valid.jsonl", "instruct/dolly/dev.jsonl", "gsm8k/train.jsonl"):
+        if not os.path.isfile(os.path.join(source, name)):
+            raise UserError(f"--source {source}: no {name}; point --source at the shared data folder")
+    lines, overlap = dolly_dev_without_test(source)
     order = list(range(len(lines)))
     random.Random(seed).shuffle(order)
     os.makedirs(os.path.join(output, "dolly_standin"), exist_ok=True)
@@ -128,7 +135,7 @@ def standins(source: str = "../shared/data", output: str = "data/contra_kd", dev
     with open(os.path.join(output, "owt_standin.txt"), "w") as f:
         for doc in docs:
             f.write(OWT_NEWLINE.join(p for p in doc.split("\n") if p) + "\n")
-    print(f"stand-ins: dolly_standin/train.jsonl {len(lines) - dev_num}, dev.jsonl {dev_num} ({len(overlap)} dev "
+    print(f"stand-ins: dolly_standin/train.jsonl {len(lines) - dev_num}, dev.jsonl {dev_num} ({overlap} dev "
           f"items shared with the test set left out); owt_standin.txt {len(docs)} documents -> {output}")
 
 

@@ -9,7 +9,9 @@ hidden states; at each paired layer j (pairing of losses.md §4.2) the student's
 space and the field learns the straight-line velocity y_T - y_S at Y_t = (1-t)·y_S + t·y_T, one t ~ U(0, 1)
 per sequence. Projector and field train jointly (AdamW, weight decay 0.01, cosine to lr_min). Writes
 `velocity_field.safetensors` and `projector.safetensors`, each carrying the hidden sizes and layer pairing it
-was trained for. `fit_step` below is also the per-epoch re-fit of contra_kd/train.py.
+was trained for. `fit_step` below is also the per-epoch re-fit of contra_kd/train.py. A DistiLLM-2 data folder
+(holding `tgo/` and `sgo/`, contra_kd/generate_data.py) trains on the teacher- and student-output sequences
+together, as CONTRA's `lm-distillm2` field.
 """
 import os
 import random
@@ -23,12 +25,12 @@ import torch
 from tqdm import tqdm
 
 from common import hf
-from common.cli import UserError, run_cli
-from common.distributed import all_reduce_dp, print0, setup, shutdown
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES, all_reduce_dp, print0, setup, shutdown
 from common.hf_training import autocast, grad_sync, lr_schedule, optimizer_step, unwrap, wrap_ddp
 from common.losses import distill_layer_indices
-from common.training import global_count
-from contra_kd.data import InstructionSplit, collate, epoch_order, model_inputs, rank_micro_batches
+from common.training import epoch_order, global_count
+from contra_kd.data import InstructionSplit, collate, model_inputs, rank_micro_batches
 from contra_kd.flow import Flow, Projector, VelocityField, save_flow
 
 
@@ -71,6 +73,14 @@ def fit_step(flow, student, teacher, micro_batches, pairing, times, lay, dtype="
     return all_reduce_dp(total).item()
 
 
+def flow_data(data_dir: str):
+    """The `full` train split, or for a DistiLLM-2 folder the TGO items followed by the SGO items."""
+    if all(os.path.isdir(os.path.join(data_dir, k)) for k in ("tgo", "sgo")):
+        parts = [InstructionSplit(os.path.join(data_dir, k), "train") for k in ("tgo", "sgo")]
+        return [part[i] for part in parts for i in range(len(part))]
+    return InstructionSplit(data_dir, "train")
+
+
 def flow_optimizer(field, projector, lr: float, weight_decay: float = 0.01):
     return torch.optim.AdamW(list(field.parameters()) + list(projector.parameters()), lr=lr, weight_decay=weight_decay)
 
@@ -79,17 +89,31 @@ def main(model_path: str, teacher_model_path: str, data_dir: str, save: str, epo
          gradient_accumulation_steps: int = 1, lr: float = 5e-4, lr_min: float = 1e-7, seed: int = 10,
          max_length: int = 512, num_distill_layers: int = 6, velocity_width: int = 1024, velocity_blocks: int = 4,
          velocity_dropout: float = 0.1, clip_grad: float = 1.0, dtype: str = "float32"):
+    check_choice("--dtype", dtype, DTYPES)
+    for flag, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--max-length", max_length),
+                        ("--gradient-accumulation-steps", gradient_accumulation_steps),
+                        ("--num-distill-layers", num_distill_layers), ("--velocity-width", velocity_width),
+                        ("--velocity-blocks", velocity_blocks)):
+        check_range(flag, value, low=1)
+    # every input is checked before the models load: the folders, then the data
+    hf.check_model_folder(model_path, "--model-path")
+    hf.check_model_folder(teacher_model_path, "--teacher-model-path")
+    data = flow_data(data_dir)
+    if len(data) and data[0][1] is None:
+        raise UserError(f"--data-dir {data_dir} holds prompt-only items; the flow is fitted on the ground-truth "
+                        f"responses: pass the `full` variant (processed_data/dolly/full/...)")
     lay = setup(seed)
-    tokenizer = hf.load_tokenizer(model_path, flag="--model-path")
+    flags = ("--model-path", "--teacher-model-path")
+    tokenizer, teacher_tokenizer = hf.load_tokenizer(model_path, flags[0]), hf.load_tokenizer(teacher_model_path, flags[1])
+    hf.check_tokenizers(tokenizer, teacher_tokenizer, flags)
     student = hf.load_model(model_path, device=lay.device, frozen=True, flag="--model-path")
     teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher-model-path")
-    hf.check_vocab(student, teacher, tokenizer)
+    hf.check_vocab(student, teacher, tokenizer, teacher_tokenizer, flags=flags)
     pairing = layer_pairing(student, teacher, num_distill_layers)
     field = VelocityField(teacher.config.hidden_size, velocity_width, num_distill_layers, velocity_blocks,
                           velocity_dropout).to(lay.device)
     projector = Projector(student.config.hidden_size, teacher.config.hidden_size).to(lay.device)
     flow = wrap_ddp(Flow(field, projector), lay)
-    data = InstructionSplit(data_dir, "train")
     global_batch = batch_size * gradient_accumulation_steps * lay.dp_size
     steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:

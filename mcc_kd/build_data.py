@@ -26,6 +26,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.cli import check_choice, UserError, run_cli  # noqa: E402
+from common.io import read_jsonl  # noqa: E402
+
 STANDIN_SIZES = {"train": 40, "dev": 20, "test": 20}
 
 
@@ -40,11 +43,6 @@ def gsm8k_solution_to_cot(answer: str) -> tuple[str, str]:
 def read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_json(items, path: Path):
@@ -65,13 +63,13 @@ def assert_disjoint(task, train, *others):
 def build_gsm8k(src: Path, out: Path, report):
     dev, test = (read_json(src / f"mcc_kd/GSM8K/{s}.json") for s in ("dev", "test"))
     official_test = {}
-    for x in read_jsonl(src / "gsm8k/test.jsonl"):
+    for x in read_jsonl(str(src / "gsm8k/test.jsonl")):
         official_test[x["question"] + "\n"] = gsm8k_solution_to_cot(x["answer"])
     for split, items in (("dev", dev), ("test", test)):
         for i, x in enumerate(items):
             assert official_test[x["instruction"]] == (x["output"], x["label"]), f"GSM8K {split} item {i} differs"
     train = []
-    for x in read_jsonl(src / "gsm8k/train.jsonl"):
+    for x in read_jsonl(str(src / "gsm8k/train.jsonl")):
         cot, label = gsm8k_solution_to_cot(x["answer"])
         train.append({"instruction": x["question"] + "\n", "output": [cot], "label": label})
     assert_disjoint("GSM8K", train, dev, test)
@@ -137,9 +135,11 @@ def build(source: str = "../shared/data", output: str = "data", tasks: str = "GS
     """Build data/<TASK>/ files from `source` (the shared data folder) into `output`."""
     src, out = Path(source), Path(output)
     if not (src / "mcc_kd").is_dir():
-        raise FileNotFoundError(f"{src}: expected the shared data folder (with mcc_kd/, gsm8k/, svamp/, asdiv/, "
-                                f"commonsenseqa/)")
+        raise UserError(f"--source {src}: expected the shared data folder (with mcc_kd/, gsm8k/, svamp/, asdiv/, "
+                        f"commonsenseqa/)")
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    for name in names:
+        check_choice("--tasks", name, BUILDERS)
 
     def report(task, **counts):
         print(f"{task:6s} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
@@ -149,6 +149,4 @@ def build(source: str = "../shared/data", output: str = "data", tasks: str = "GS
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(build)
+    run_cli(build)

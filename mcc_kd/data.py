@@ -25,6 +25,7 @@ Token convention (§2.2 / §3.1):
 
     ex = encode_example(tok, instruction, rationale, max_seq_len)   # Example(tokens, labels, prompt_len)
     tokens, labels = collate([ex, ...], pad_id=tok.pad_id)          # right-padded LongTensors [B, S]
+IGNORE_INDEX is common.labels'.
 """
 import json
 import warnings
@@ -34,8 +35,7 @@ from pathlib import Path
 import torch
 
 from common.cli import UserError
-
-IGNORE_INDEX = -100
+from common.labels import IGNORE_INDEX, causal_lm_batch, targets_and_mask
 INDICES = ("logits", "tokens")  # the two `indices` conventions
 REQUIRED_FIELDS = ("instruction", "output", "label")
 
@@ -64,6 +64,27 @@ def prompt_ids(tokenizer, instruction: str, chat: bool = False) -> list[int]:
     return tokenizer.encode(instruction, bos=True, eos=False)
 
 
+def fit_prompt(tokenizer, instruction: str, limit: int, chat: bool = False) -> list[int]:
+    """The prompt in at most `limit` tokens, cut with a warning as the original: a plain prompt loses its tail;
+    a chat prompt loses the tail of the user text, never the template around it (the assistant header stays
+    last, so the model still answers)."""
+    prompt = prompt_ids(tokenizer, instruction, chat)
+    if len(prompt) <= limit:
+        return prompt
+    warnings.warn(f"prompt of {len(prompt)} tokens cut to {limit}: {instruction[:60]!r}...")
+    if not chat:
+        return prompt[:limit]
+    text = tokenizer.encode(instruction.strip(), bos=False, eos=False)
+    keep = len(text) - (len(prompt) - limit)
+    while keep > 0:
+        prompt = tokenizer.encode_chat([{"role": "user", "content": tokenizer.decode(text[:keep])}])
+        if len(prompt) <= limit:
+            return prompt
+        keep -= len(prompt) - limit
+    raise UserError(f"max_seq_len leaves {limit} prompt tokens, fewer than the chat template around an empty "
+                    f"user turn ({len(prompt_ids(tokenizer, '', chat))}): raise --max_seq_len")
+
+
 def logit_spans(spans, indices: str) -> list:
     """Spans in the file's convention -> the logit positions that predict the answer tokens."""
     shift = {"logits": 0, "tokens": 1}[indices]
@@ -84,12 +105,9 @@ class Example:
 def encode_example(tokenizer, instruction: str, output: str, max_seq_len: int, chat: bool = False) -> Example:
     """[BOS] + instruction + output + EOS with labels on the output and EOS only (§3.1).
 
-    Truncation as the original: an instruction longer than max_seq_len is cut (with a warning); then the
-    excess is dropped from the end of the output (the EOS may be cut)."""
-    prompt = prompt_ids(tokenizer, instruction, chat)
-    if len(prompt) > max_seq_len:
-        warnings.warn(f"instruction of {len(prompt)} tokens cut to max_seq_len={max_seq_len}")
-        prompt = prompt[:max_seq_len]
+    Truncation as the original: an instruction longer than max_seq_len is cut (with a warning; `fit_prompt`);
+    then the excess is dropped from the end of the output (the EOS may be cut)."""
+    prompt = fit_prompt(tokenizer, instruction, max_seq_len, chat)
     target = target_ids(tokenizer, output)[: max_seq_len - len(prompt)]
     tokens = prompt + target
     labels = [IGNORE_INDEX] * len(tokens)
@@ -97,15 +115,12 @@ def encode_example(tokenizer, instruction: str, output: str, max_seq_len: int, c
     return Example(tokens, labels, len(prompt))
 
 
-def collate(examples, pad_id: int, pad_to: int = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row (or `pad_to`): tokens with pad_id, labels with IGNORE_INDEX."""
-    width = max(len(e.tokens) for e in examples) if pad_to is None else pad_to
-    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for b, e in enumerate(examples):
-        tokens[b, : len(e.tokens)] = torch.tensor(e.tokens, dtype=torch.long)
-        labels[b, : len(e.labels)] = torch.tensor(e.labels, dtype=torch.long)
-    return tokens, labels
+def collate(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded to the longest row (common.labels): tokens with pad_id, labels aligned with the logits,
+    IGNORE_INDEX on the prompt and padding (each example's own `labels`)."""
+    batch = causal_lm_batch([e.tokens[:e.prompt_len] for e in examples], [e.tokens[e.prompt_len:] for e in examples],
+                            pad_id=pad_id)
+    return batch["input_ids"], targets_and_mask(batch["labels"], shift=True)[0]
 
 
 def span_bounds(tokenizer, instruction: str, rationale: str, chat: bool = False,
@@ -212,6 +227,15 @@ def write_sidecar(path, tokenizer, **info):
     with open(sidecar_path(path), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
+
+
+def sidecar_indices(path):
+    """The indices convention the file's sidecar records, or None without a sidecar."""
+    meta_file = sidecar_path(path)
+    if not meta_file.is_file():
+        return None
+    with open(meta_file) as f:
+        return json.load(f).get("indices", "logits")  # sidecars from before the option held logit positions
 
 
 def check_sidecar(path, tokenizer, chat: bool = False, indices: str = "logits"):

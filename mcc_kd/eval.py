@@ -14,7 +14,6 @@ so the folder reads data -> answers -> eval -> train -> train_mcc without a cycl
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file (torchrun mcc_kd/eval.py)
@@ -24,14 +23,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common.cli import UserError, run_cli
+from common.cli import UserError, check_range, run_cli
 from common.generation import generate
 from common.model import load_model, model_args
-from common.parallel import Layout, dp_group, print0, setup
+from common.parallel import Layout, dp_group, print0, setup, shutdown
 from common.tokenizer import load_tokenizer
 from common.training import load_weights
 from mcc_kd.answers import check_task, extract_answer, is_correct
-from mcc_kd.data import load_task_file, prompt_ids
+from mcc_kd.data import fit_prompt, load_task_file
 
 
 def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max_seq_len, max_batch_size,
@@ -44,16 +43,20 @@ def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max
     if not os.path.isdir(ckpt_dir):
         raise UserError(f"--ckpt_dir {ckpt_dir}: no such checkpoint folder (convert one with "
                         f"`python -m common.checkpoint_split --ckpt_file MODEL --save_path {ckpt_dir}`)")
+    if use_float16 and use_bfloat16:
+        raise UserError("--use_float16 and --use_bfloat16 exclude each other; pass one of them")
+    for flag, value in (("--max_seq_len", max_seq_len), ("--eval_batch_size", max_batch_size)):
+        check_range(flag, value, low=1)
     dtype = "float16" if use_float16 else "bfloat16" if use_bfloat16 else "float32"
-    lay = setup(tp_size=tp_size, seed=1 if seed is None else seed, dtype=dtype)
     if model_type is not None:
         model_args(model_type, lora_rank=lora_rank)  # a known type, and `lora-` iff lora_rank > 0
-    if lora_rank <= 0 and dtype == "float16":
-        print0("warning: full fine-tuning in fp16: Adam's eps=1e-8 underflows (the original's setting)")
     try:
         tokenizer = load_tokenizer(tokenizer_file or ckpt_dir)
-    except FileNotFoundError as e:
+    except UserError as e:
         raise UserError(f"{e}; pass --tokenizer_file" if tokenizer_file is None else str(e)) from None
+    lay = setup(tp_size=tp_size, seed=1 if seed is None else seed, dtype=dtype)
+    if lora_rank <= 0 and dtype == "float16":
+        print0("warning: full fine-tuning in fp16: Adam's eps=1e-8 underflows (the original's setting)")
     has_params = config_file is not None or os.path.exists(os.path.join(ckpt_dir, "params.json"))
     model = load_model(ckpt_dir, model_type=None if has_params else model_type, lora_rank=lora_rank, dtype=dtype,
                        max_seq_len=max_seq_len, max_batch_size=max_batch_size, lora_alpha=lora_alpha,
@@ -65,13 +68,9 @@ def build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max
 
 
 def eval_prompt(tokenizer, instruction: str, max_seq_len: int, chat: bool = False) -> list[int]:
-    """The prompt, cut to max_seq_len - 1 tokens (room for one answer token) with a warning, as the original."""
-    prompt = prompt_ids(tokenizer, instruction, chat)
-    if len(prompt) >= max_seq_len:
-        warnings.warn(f"prompt of {len(prompt)} tokens cut to {max_seq_len - 1} (max_seq_len={max_seq_len}): "
-                      f"{instruction[:60]!r}...")
-        prompt = prompt[:max_seq_len - 1]
-    return prompt
+    """The prompt, cut to max_seq_len - 1 tokens (room for one answer token) with a warning, as the original;
+    a chat prompt loses user text, never its assistant header (`fit_prompt`)."""
+    return fit_prompt(tokenizer, instruction, max_seq_len - 1, chat)
 
 
 @torch.no_grad()
@@ -131,6 +130,8 @@ def main(task: str, ckpt_dir: str, label_file: str, model_type: str = None, lora
     """Evaluate a base checkpoint, optionally with trained weights from `lora_dir` (a train.py save folder)."""
     check_task(task)
     items = load_task_file(label_file)
+    if lora_dir is not None and not os.path.isdir(lora_dir):
+        raise UserError(f"--lora_dir {lora_dir}: no such folder (an epoch-* folder of a train.py --save_dir)")
     lay, model, tokenizer = build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file,
                                         max_seq_len, eval_batch_size, tp_size, use_float16, use_bfloat16, seed,
                                         config_file)
@@ -138,6 +139,7 @@ def main(task: str, ckpt_dir: str, label_file: str, model_type: str = None, lora
         load_weights(lora_dir, model, lay)
     records, metrics = evaluate(model, tokenizer, items, task, eval_batch_size, max_seq_len, lay, chat_template)
     write_results(log_dir, task, split_name(label_file), records, metrics, lay)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ replica per rank). When the teacher's tokenizer has a chat template, the questio
 Output: `output_file` (JSONL) gets one line per question, {"index", "instruction", "label", "output": [K
 rationales]}, appended by rank 0 as soon as the question's K samples are done; rerunning the same command
 skips the questions already there (a line cut by a kill is dropped and redone), so a killed run neither
-repeats nor loses a question. At the end `train_file` (default: output_file with .json) holds the list
-{instruction, output, label} in input order, empty samples dropped: the train-file schema of prepare_data.py.
+repeats nor loses a question, and ends with the same file as an uninterrupted one: each sample's seed is keyed
+on (seed, question, sample) and questions go through in fixed batches of `batch_size`. At the end `train_file`
+(default: output_file with .json) holds the list {instruction, output, label} in input order, empty samples
+dropped: the train-file schema of prepare_data.py.
 """
 import json
 import os
@@ -28,9 +30,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common.cli import UserError, run_cli
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES, keyed_seed
 from common.generation import generate
-from common.parallel import dp_group, setup
+from common.parallel import dp_group, setup, shutdown
 from common.tokenizer import load_tokenizer
 from mcc_kd.answers import check_task
 from mcc_kd.data import load_task_file
@@ -38,6 +41,7 @@ from mcc_kd.data import load_task_file
 
 def load_teacher(teacher: str, dtype: str, max_seq_len: int, max_batch_size: int):
     """(layout, model, tokenizer): our TP model over all ranks, or a transformers model on every rank."""
+    check_choice("--dtype", dtype, DTYPES)
     if os.path.exists(os.path.join(teacher, "params.json")):
         from common.model import load_model
 
@@ -79,6 +83,9 @@ def main(task: str, input_file: str, teacher: str, output_file: str, train_file:
          instruction_suffix: str = "Let's think step by step."):
     """K = `samples` rationales per question of `input_file` (any task file: instruction, label)."""
     check_task(task)
+    for flag, value in (("--samples", samples), ("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size),
+                        ("--max_seq_len", max_seq_len)):
+        check_range(flag, value, low=1)
     items = load_task_file(input_file)
     lay, model, tokenizer = load_teacher(teacher, dtype, max_seq_len, batch_size * samples)
     chat = chat_template and tokenizer.has_chat_template
@@ -95,25 +102,30 @@ def main(task: str, input_file: str, teacher: str, output_file: str, train_file:
         todo_done = set(box[0])
     else:
         todo_done = set(done)
-    todo = [i for i in range(len(items)) if i not in todo_done]
+    # Fixed batches of consecutive questions, each generated whole even when a kill left part of it written, and
+    # one seed per question and sample: a rerun computes every rationale exactly as an uninterrupted run does.
+    batches = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
+    todo = [b for b in batches if not todo_done.issuperset(b)]
     mine = todo[lay.dp_rank::lay.dp_size]
-    steps = (len(todo) + batch_size * lay.dp_size - 1) // (batch_size * lay.dp_size)  # the same on every rank
+    steps = (len(todo) + lay.dp_size - 1) // lay.dp_size  # the same on every rank
+    n_todo = len(items) - len(todo_done)
     if lay.is_main:
         os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-        print(f"{task}: {len(items)} questions, {len(todo_done)} already in {output_file}, {len(todo)} to do; "
+        print(f"{task}: {len(items)} questions, {len(todo_done)} already in {output_file}, {n_todo} to do; "
               f"{samples} samples at T={temperature}, {'chat template' if chat else 'plain prompts'}")
-    bar = tqdm(total=len(todo), desc="rationales", disable=not lay.is_main)
+    bar = tqdm(total=n_todo, desc="rationales", disable=not lay.is_main)
     for step in range(steps):
-        idx = mine[step * batch_size:(step + 1) * batch_size]
+        idx = mine[step] if step < len(mine) else []
         records = []
         if idx:
             prompts = [prompt(items[i]["instruction"]) for i in idx for _ in range(samples)]
             out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_seq_len=max_seq_len,
-                           padding="left", seed=seed * 1_000_003 + idx[0])  # a batch's draws depend on its questions
+                           padding="left", seed=[keyed_seed(seed, i, k) for i in idx for k in range(samples)])
             texts = [tokenizer.decode(ids).strip() for ids in out]
             records = [{"index": i, "instruction": items[i]["instruction"], "label": items[i]["label"],
-                        "output": texts[k * samples:(k + 1) * samples]} for k, i in enumerate(idx)]
+                        "output": texts[k * samples:(k + 1) * samples]} for k, i in enumerate(idx)
+                       if i not in todo_done]
         if lay.dp_size > 1:
             gathered = [None] * lay.dp_size
             dist.all_gather_object(gathered, records, group=dp_group())
@@ -126,6 +138,7 @@ def main(task: str, input_file: str, teacher: str, output_file: str, train_file:
                 os.fsync(f.fileno())
             bar.update(len(records))
     bar.close()
+    shutdown()
     if lay.is_main:
         done = read_done(output_file)
         missing = [i for i in range(len(items)) if i not in done]

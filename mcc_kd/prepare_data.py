@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a file
 
 from tqdm import tqdm
 
-from common.cli import run_cli
+from common.cli import UserError, check_choice, check_range, run_cli
 from common.tokenizer import load_tokenizer
 from mcc_kd.answers import check_task, find_answer, is_correct
 from mcc_kd.data import INDICES, load_task_file, prompt_ids, rationales, write_sidecar
@@ -122,10 +122,15 @@ def filter_file(task: str, input_file: str, output_file: str, tokenizer_file: st
     """Write the MCC training file (`instruction, output, label, indices`) and its sidecar; print the report.
     `max_items` reads only the first N questions of `input_file` (a quick run)."""
     check_task(task)
-    if indices not in INDICES:
-        raise SystemExit(f"--indices must be one of {INDICES}, got {indices!r}")
-    tokenizer = load_tokenizer(tokenizer_file)
+    check_choice("--indices", indices, INDICES)
+    check_range("--max_seq_len", max_seq_len, low=2)
+    check_range("--jaccard_threshold", jaccard_threshold, 0, 1)
+    check_range("--min_rationales", min_rationales, low=1)
+    for flag, value in (("--max_rationales", max_rationales), ("--max_items", max_items)):
+        if value is not None:
+            check_range(flag, value, low=1)
     items = load_task_file(input_file, train=True)[:max_items]
+    tokenizer = load_tokenizer(tokenizer_file)
     out, per_step = [], [[] for _ in STEPS]
     for item in tqdm(items, desc=f"prepare {task}", disable=len(items) < 100):
         result, counts = prepare_item(item, task, tokenizer, jaccard_threshold, max_seq_len, max_rationales,
@@ -141,7 +146,8 @@ def filter_file(task: str, input_file: str, output_file: str, tokenizer_file: st
     for name, n1, n2, nr in rows:
         print(f"{name:32s} {n1:9d} {n2:9d} {nr:11d}")
     if not out:
-        raise SystemExit(f"{input_file}: no item kept {min_rationales} rationales; nothing written")
+        raise UserError(f"{input_file}: no item kept {min_rationales} rationales; nothing written (lower "
+                        f"--min_rationales or check the --task and the answers)")
     Path(output_file).parent.mkdir(parents=True, exist_ok=True)
     with open(output_file, "w") as f:
         json.dump(out, f, indent=4, ensure_ascii=False)

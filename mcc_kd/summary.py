@@ -21,10 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file (python mcc_kd/summary.py)
+if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.metrics import paired_test
+from common.cli import UserError, run_cli  # noqa: E402
+from common.metrics import paired_test  # noqa: E402
 
 
 def _state(save_dir: str) -> dict:
@@ -82,9 +83,14 @@ def sign_test(a: int, b: int) -> float:
 
 
 def main(out: str, task: str, label_file: str, settings: str = ""):
+    if not os.path.isdir(out):
+        raise UserError(f"--out {out}: no such folder (the OUT folder of mcc_kd/run.sh)")
     times = {}
     if os.path.exists(os.path.join(out, "times.txt")):
-        for line in open(os.path.join(out, "times.txt")):
+        for i, line in enumerate(open(os.path.join(out, "times.txt")), 1):
+            if len(line.split()) != 3:
+                raise UserError(f"{os.path.join(out, 'times.txt')}:{i}: expected `stage wall_seconds cpu_seconds`, "
+                                f"got {line.strip()!r}; delete the line or the file")
             name, wall, cpu = line.split()
             times[name] = f"{wall} s ({cpu} s CPU)"
     split = Path(label_file).stem
@@ -120,6 +126,4 @@ def main(out: str, task: str, label_file: str, settings: str = ""):
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

@@ -30,13 +30,13 @@ import torch
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from tqdm import tqdm
 
-from common.cli import UserError, run_cli
+from common.cli import check_choice, check_range, run_cli
 from common.losses import HeadLogits, cross_entropy
-from common.parallel import print0, tp_group
+from common.parallel import print0, shutdown, tp_group
 from common.training import (Throughput, average_gradients, dp_shard, global_count, load_latest_checkpoint,
                              load_weights, save_checkpoint, save_weights)
 from mcc_kd.answers import check_task
-from mcc_kd.data import IGNORE_INDEX, collate, encode_example, load_task_file, rationales
+from mcc_kd.data import IGNORE_INDEX, INDICES, collate, encode_example, load_task_file, rationales, sidecar_indices
 from mcc_kd.eval import build_model, evaluate, split_name, write_results
 
 SELECTIONS = ("best", "last")  # the weights reported on label_file: best epoch on dev (v1), or the last one
@@ -119,15 +119,21 @@ def epoch_plan(n_items: int, epoch: int, cfg, lay) -> list:
 
 def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
     check_task(cfg.task)  # --dev_file "": no dev file, the test file scored every epoch (HEAD)
-    if cfg.selection not in SELECTIONS:
-        raise UserError(f"--selection must be one of {SELECTIONS}, got {cfg.selection!r}")
+    check_choice("--selection", cfg.selection, SELECTIONS)
+    for flag in ("max_batch_size", "accumulation_steps", "epochs", "save_steps"):
+        check_range(f"--{flag}", getattr(cfg, flag), low=1)
+    if getattr(cfg, "indices", None) is not None:
+        check_choice("--indices", cfg.indices, INDICES)
     cfg.seed = 1 if cfg.seed is None else cfg.seed
     if cfg.dev_file is None:
         beside = os.path.join(os.path.dirname(cfg.label_file), "dev.json")
         cfg.dev_file = beside if os.path.exists(beside) and os.path.abspath(beside) != os.path.abspath(cfg.label_file) else None
+    if multi_cot and cfg.indices is None:  # the convention the file's sidecar records (prepare_data.py)
+        cfg.indices = sidecar_indices(cfg.train_file) or "logits"
+        print0(f"{cfg.train_file}: indices are {cfg.indices!r} positions")
     for f in (cfg.train_file, cfg.label_file, cfg.dev_file):  # a bad file fails before the model loads
         if f:
-            load_task_file(f, train=f == cfg.train_file)
+            load_task_file(f, train=f == cfg.train_file, multi_cot=multi_cot and f == cfg.train_file)
     lay, model, tokenizer = build_model(cfg.ckpt_dir, cfg.model_type, cfg.lora_rank, cfg.lora_alpha, cfg.tokenizer_file,
                                         cfg.max_seq_len, cfg.eval_batch_size, cfg.tp_size, cfg.use_float16,
                                         cfg.use_bfloat16, cfg.seed, cfg.config_file)
@@ -212,6 +218,7 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
         records, metrics = evaluate(model, tokenizer, load_task_file(cfg.label_file), cfg.task, cfg.eval_batch_size,
                                     cfg.max_seq_len, lay, cfg.chat_template)
         write_results(cfg.log_dir, cfg.task, split_name(cfg.label_file), records, metrics, lay)
+    shutdown()
 
 
 def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: str, model_type: str = None,

@@ -67,10 +67,11 @@ def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: s
          max_batch_size: int = 2, accumulation_steps: int = 2, eval_batch_size: int = 24, lr: float = 1e-5,
          epochs: int = 12, alpha: float = 0.01, T: float = 1.3, lora_rank: int = 64, lora_alpha: float = None,
          use_float16: bool = False, use_bfloat16: bool = False, seed: int = None, tp_size: int = None,
-         save_steps: int = 7200, shuffle: bool = False, chat_template: bool = False, indices: str = "logits",
+         save_steps: int = 7200, shuffle: bool = False, chat_template: bool = False, indices: str = None,
          config_file: str = None, selection: str = "best"):
     """MCC-KD; flags as the original's train_mcc.py, defaults as the author's scripts (mcc_kd.md §3.3, §4).
-    `indices` is the train file's convention ("logits" or "tokens"); its sidecar must say the same."""
+    `indices` is the train file's convention ("logits" or "tokens"): by default what its sidecar records
+    ("logits" without one); given, the sidecar must say the same."""
     run_training(SimpleNamespace(**locals()), mcc_batch, mcc_loss, multi_cot=True)
 
 

@@ -13,6 +13,8 @@ import json
 import os
 import re
 
+from common.cli import UserError, run_cli
+
 
 def _write(rows, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -22,6 +24,9 @@ def _write(rows, path):
 
 
 def main(source: str = "../shared/data", output: str = "data/rwkv_llama"):
+    for name in ("instruct/dolly/dev.jsonl", "gsm8k/train.jsonl"):
+        if not os.path.isfile(os.path.join(source, name)):
+            raise UserError(f"--source {source}: no {name}; point --source at the shared data folder")
     with open(os.path.join(source, "instruct/dolly/dev.jsonl"), encoding="utf-8") as f:
         dolly = [json.loads(line) for line in f if line.strip()]
     chats = []
@@ -43,6 +48,4 @@ def main(source: str = "../shared/data", output: str = "data/rwkv_llama"):
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_cli(main)

@@ -16,16 +16,35 @@ import math
 import os
 import sys
 import time
+from itertools import islice
 from typing import Optional
 
 import torch
 
 from common import hf
-from common.io import atomic_write_json, write_jsonl
+from common.cli import UserError, check_range, run_cli
+from common.io import atomic_write_json, iter_rows, write_jsonl
 from common.losses import cross_entropy, forward_kl
-from rwkv_llama.data import IGNORE, collate, read_rows
+from rwkv_llama.data import IGNORE, collate, encode
 from rwkv_llama.model import build_hybrid, greedy_generate, head_size_for
-from rwkv_llama.train import load_rows, load_student
+from rwkv_llama.train import data_files, data_stream, load_student
+
+
+def read_student_meta(ckpt_file: str) -> dict:
+    """The layers, mode, head size and kv layout that train.py wrote beside a student's weights."""
+    path = ckpt_file + ".json"
+    if not os.path.isfile(ckpt_file) or not os.path.isfile(path):
+        raise UserError(f"--ckpt_file {ckpt_file}: no such file, or no {os.path.basename(path)} beside it (train.py "
+                        f"writes both: student.safetensors and student.safetensors.json)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno} is not valid JSON ({e.msg}); it is written by rwkv_llama/train.py") from None
+    missing = [k for k in ("layers", "mode", "head_size", "kv_layout") if k not in meta]
+    if missing:
+        raise UserError(f"{path}: no field '{missing[0]}'; it is written by rwkv_llama/train.py")
+    return meta
 
 
 def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str = "block",
@@ -36,8 +55,7 @@ def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mod
     if teacher is None:
         teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
     if ckpt_file:
-        with open(ckpt_file + ".json") as f:
-            meta = json.load(f)
+        meta = read_student_meta(ckpt_file)
         layers, mode, head_size, kv_layout = meta["layers"], meta["mode"], meta["head_size"], meta["kv_layout"]
     if layers is None:
         return teacher
@@ -51,13 +69,15 @@ def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mod
 
 @torch.no_grad()
 def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = None, teacher=None) -> dict:
-    """Token-mean CE and perplexity over the rows' label tokens; with `teacher`, also the token-mean
-    KL(teacher || model) on the same tokens."""
+    """Token-mean CE and perplexity over the label tokens of `rows` (any iterable, consumed lazily) in
+    micro-batches, the first `max_batches` of them; with `teacher`, also the token-mean KL(teacher || model) on
+    the same tokens."""
     from tqdm import tqdm
 
     total, kl, count = 0.0, 0.0, 0
-    batches = [collate(rows[s:s + micro_bsz]) for s in range(0, len(rows), micro_bsz)][:max_batches]
-    for b in tqdm(batches, desc="perplexity", file=sys.stdout):
+    rows = iter(rows)
+    batches = (collate(chunk) for chunk in iter(lambda: list(islice(rows, micro_bsz)), []))
+    for b in tqdm(islice(batches, max_batches), total=max_batches, desc="perplexity", file=sys.stdout):
         attn = (torch.arange(b["input_ids"].shape[1])[None] < b["lengths"][:, None]).long()
         logits = model(input_ids=b["input_ids"], attention_mask=attn).logits
         mask = b["labels"] != IGNORE
@@ -76,7 +96,7 @@ def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = Non
 def chat_prompts(path: str, n: int) -> list:
     """The first user turn of each conversation, in the training format, ready for "Assistant : "."""
     out = []
-    for row in read_rows(path)[:n]:
+    for row in islice(iter_rows(path), n):
         user = row["messages"][0]["content"]
         out.append(f"User : {user}" + ("" if user.endswith("\n\n") else "\n\n") + "Assistant : ")
     return out
@@ -88,13 +108,28 @@ def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str 
          n_prompts: int = 4, max_new_tokens: int = 32, output_dir: str = "out/rwkv_llama_eval", label: str = "",
          seed: int = 42):
     if bool(val_data) == bool(c4_data):
-        raise ValueError("pass exactly one of --val_data (UltraChat-style JSONL) or --c4_data DIR (validation split)")
+        raise UserError("pass exactly one of --val_data (UltraChat-style JSONL) or --c4_data DIR (validation split)")
+    for path in data_files(val_data):
+        if not os.path.isfile(str(path)):
+            raise UserError(f"--val_data {path}: no such file (UltraChat-style JSONL, JSONL.gz, JSON or parquet)")
+    if c4_data and not os.path.isdir(c4_data):
+        raise UserError(f"--c4_data {c4_data}: no such folder (one subfolder per language with *validation* files)")
+    for flag, value in (("--max_seq_length", max_seq_length), ("--micro_bsz", micro_bsz), ("--head_size", head_size),
+                        ("--max_batches", max_batches)):
+        if value is not None:
+            check_range(flag, value, low=1)
+    if ckpt_file:
+        read_student_meta(ckpt_file)
+    hf.check_model_folder(model_id, "--model_id")
+    stream = data_stream(val_data, c4_data, languages, "validation")
+    stream.n_rows                       # every row read and checked once before the model loads
     t0 = time.perf_counter()
     tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
     tokenizer.pad_token = tokenizer.eos_token
+    stream = data_stream(val_data, c4_data, languages, "validation")  # a bad data file fails before the model loads
     teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
     model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout, seed, teacher=teacher)
-    rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
+    rows = (encode(raw, tokenizer, max_seq_length) for raw in stream)     # in file order, tokenised as consumed
     metrics = dict(label=label, **perplexity(model, rows, micro_bsz, max_batches,
                                              teacher=None if model is teacher else teacher))
     predictions = []
@@ -114,10 +149,4 @@ def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str 
 
 
 if __name__ == "__main__":
-    import fire
-
-    try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common.cli import UserError
+
 MODES = ("block", "llama_ffn", "att_only")
 
 
@@ -74,10 +76,22 @@ def wkv6_recurrent(r, k, v, log_decay, u, state=None):
 
 
 def _fla_wkv6(r, k, v, log_decay, u, state):
-    """flash-linear-attention's chunked kernel (CUDA only, opt-in with RWKV_WKV=fla; never used by tests)."""
+    """flash-linear-attention's chunked kernel (CUDA only, opt-in with RWKV_WKV=fla), on our [B, T, H, N]
+    tensors. Its layout changed across fla versions, so it is chosen from the signature: `head_first` given
+    explicitly where the function takes it (its default flipped from True to False); versions with `cu_seqlens`
+    but no `head_first` take [B, T, H, N] only (0.5 raises on head_first); the oldest (RWKVinLLAMA's vendored
+    copy) take [B, H, T, N] only."""
+    import inspect
+
     from fla.ops.rwkv6 import chunk_rwkv6
-    y, S = chunk_rwkv6(r, k, v, log_decay, u, scale=1.0, initial_state=state, output_final_state=True)
-    return y, S
+    params = inspect.signature(chunk_rwkv6).parameters
+    kw = dict(scale=1.0, initial_state=state, output_final_state=True)
+    if "head_first" in params:
+        return chunk_rwkv6(r, k, v, log_decay, u, head_first=False, **kw)
+    if "cu_seqlens" in params:
+        return chunk_rwkv6(r, k, v, log_decay, u, **kw)
+    y, S = chunk_rwkv6(*(t.transpose(1, 2) for t in (r, k, v, log_decay)), u, **kw)
+    return y.transpose(1, 2), S
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,8 +138,8 @@ class TimeMix(nn.Module):
         super().__init__()
         d, E, E2 = args.n_embd, args.mix_extra_dim, args.decay_extra_dim
         if d % args.head_size:
-            raise ValueError(f"hidden size {d} is not a multiple of head_size {args.head_size}; pass a head_size "
-                             "that divides it")
+            raise UserError(f"hidden size {d} is not a multiple of head_size {args.head_size}; pass a head_size "
+                            "that divides it")
         self.n_head, self.head_size, self.chunk_len = args.n_head, args.head_size, args.chunk_len
         rho0, rho1 = _ratios(layer_id, args.n_layer)
         e = (torch.arange(d, dtype=torch.float32) / d)[None, None]
@@ -295,8 +309,8 @@ def check_layers(layers, n_layer: int, source: str = "RWKV.layers") -> list:
     layers = sorted(set(int(i) for i in layers))
     bad = [i for i in layers if not 0 <= i < n_layer]
     if bad:
-        raise ValueError(f"{source}: layer index {bad} is outside the model (it has {n_layer} decoder layers, "
-                         f"0..{n_layer - 1}); list only indices in that range")
+        raise UserError(f"{source}: layer index {bad} is outside the model (it has {n_layer} decoder layers, "
+                        f"0..{n_layer - 1}); list only indices in that range")
     return layers
 
 
@@ -311,9 +325,9 @@ def build_hybrid(teacher, layers, mode: str = "block", *, head_size: int = 64, k
     kv_layout "tile" (original) or "interleave" (Llama's own query-to-KV pairing).
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise UserError(f"mode must be one of {MODES}, got {mode!r}")
     if kv_layout not in ("tile", "interleave"):
-        raise ValueError(f"kv_layout must be 'tile' or 'interleave', got {kv_layout!r}")
+        raise UserError(f"kv_layout must be 'tile' or 'interleave', got {kv_layout!r}")
     config = teacher.config
     layers = check_layers(layers, config.num_hidden_layers)
     args = rwkv_args_from(config, head_size, dropout, chunk_len, grad_cp)

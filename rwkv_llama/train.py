@@ -15,6 +15,7 @@ Every YAML field is also a flag (the last path component: --layers, --kl_weight,
 """
 import math
 import os
+from itertools import islice
 import sys
 import time
 from typing import Optional
@@ -23,14 +24,15 @@ import torch
 import yaml
 
 from common import hf
-from common.distributed import all_reduce_dp, print0, setup, shutdown
+from common.cli import UserError, check_choice, check_range, run_cli
+from common.distributed import DTYPES, all_reduce_dp, peer_failure, print0, set_timeout, setup, shutdown
 from common.hf_training import (autocast, grad_sync, load_checkpoint, optimizer_step, save_checkpoint, unwrap,
                                 wrap_ddp)
 from common.io import append_jsonl, atomic_write_json, read_tensors, save_tensors
 from common.losses import cross_entropy, forward_kl, hidden_mse
-from rwkv_llama.data import IGNORE, chat_dataset, collate, load_and_interleave_c4, text_dataset
+from rwkv_llama.data import IGNORE, c4_stream, chat_stream, rank_batches
 from rwkv_llama.model import all_hidden_states, build_hybrid, head_size_for, rwkv_modules
-from rwkv_llama.teacher_server import InProcessTeacher, client_for_rank
+from rwkv_llama.teacher_server import InProcessTeacher, TeacherError, client_for_rank, why_failed
 
 # YAML field -> (flag, type, default). The original's fields, plus the server's dtype and timeouts.
 FIELDS = {
@@ -66,7 +68,7 @@ def _check_type(value, kind, where: str, flag: str, from_flag: bool = False):
         want = "a list of layer indices" if kind is list else kind.__name__
         fix = f"e.g. --{flag} {'[0,2,4]' if kind is list else 'true' if kind is bool else 1}" if from_flag else \
             f"fix the file or override it with --{flag}"
-        raise ValueError(f"{where} must be {want}, got {type(value).__name__} {value!r} ({fix})")
+        raise UserError(f"{where} must be {want}, got {type(value).__name__} {value!r} ({fix})")
     return list(value) if kind is list else kind(value)
 
 
@@ -74,8 +76,18 @@ def load_config(config_file: Optional[str], flags: dict) -> dict:
     """Flat {flag: value} from the YAML (nested as the original's) and the flags, type-checked."""
     cfg = {flag: default for flag, _, default in FIELDS.values()}
     if config_file:
+        if not os.path.isfile(config_file):
+            raise UserError(f"--config_file {config_file}: no such file (a YAML like rwkv_llama/run.sh writes)")
         with open(config_file) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                raise UserError(f"{config_file}{f':{mark.line + 1}' if mark else ''} is not valid YAML "
+                                f"({getattr(e, 'problem', None) or e})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{config_file}: expected YAML fields (RWKV.layers, Llama.model_id, ...), got "
+                            f"{type(raw).__name__}")
         flat = {}
 
         def walk(d, prefix=""):
@@ -91,20 +103,22 @@ def load_config(config_file: Optional[str], flags: dict) -> dict:
                 print0(f"{config_file}: {key} is ignored ({IGNORED[key]})")
                 continue
             if key not in FIELDS:
-                raise ValueError(f"{config_file}: unknown field {key!r}; known fields: {', '.join(FIELDS)}")
+                raise UserError(f"{config_file}: unknown field {key!r}; known fields: {', '.join(FIELDS)}")
             flag, kind, _ = FIELDS[key]
             cfg[flag] = _check_type(value, kind, f"{config_file}: field {key}", flag)
     by_flag = {flag: (key, kind) for key, (flag, kind, _) in FIELDS.items()}
     for flag, value in flags.items():
         if flag not in by_flag:
-            raise ValueError(f"unknown flag --{flag}; config flags: {', '.join('--' + f for f in by_flag)}")
+            raise UserError(f"unknown flag --{flag}; config flags: {', '.join('--' + f for f in by_flag)}")
         cfg[flag] = _check_type(value, by_flag[flag][1], f"--{flag}", flag, from_flag=True)
     if cfg["model_id"] is None:
-        raise ValueError("no teacher: set Llama.model_id in --config_file or pass --model_id")
+        raise UserError("no teacher: set Llama.model_id in --config_file or pass --model_id")
     if cfg["layers"] is None:
-        raise ValueError("no layers to replace: set RWKV.layers in --config_file or pass --layers '[0,2,4]'")
+        raise UserError("no layers to replace: set RWKV.layers in --config_file or pass --layers '[0,2,4]'")
     if cfg["is_llama_ffn"] and cfg["is_rwkv_att_only"]:
-        raise ValueError("is_llama_ffn and is_rwkv_att_only exclude each other; set one of them")
+        raise UserError("is_llama_ffn and is_rwkv_att_only exclude each other; set one of them")
+    check_choice("--logits_dtype", cfg["logits_dtype"], ("fp32", "bf16"))
+    check_range("--num_groups", cfg["num_groups"], low=1)
     return cfg
 
 
@@ -147,26 +161,15 @@ def rwkv_lr(step: int, lr_init: float, lr_final: float, warmup_steps: int, total
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: the same rows on every rank, a per-epoch permutation, this rank's share in fixed-size micro-batches
+# Data: every rank reads the same stream and tokenises only its own rows (rwkv_llama/data.py)
 
-def load_rows(tokenizer, max_seq_length, chat_files, c4_data, languages, split: str):
-    """Tokenised rows of UltraChat-style files (chat_files) or of the C4 interleave (c4_data, split)."""
+def data_stream(chat_files, c4_data, languages, split: str, max_rows: Optional[int] = None):
+    """The stream of UltraChat-style files (chat_files) or of the C4 interleave (c4_data, split); None if neither."""
     if chat_files:
-        return chat_dataset([chat_files] if isinstance(chat_files, str) else list(chat_files), tokenizer,
-                            max_seq_length)
+        return chat_stream(chat_files, max_rows)
     if c4_data:
-        langs = [languages] if isinstance(languages, str) else list(languages)
-        return text_dataset(load_and_interleave_c4(c4_data, langs, split), tokenizer, max_seq_length)
-    return []
-
-
-def micro_batches(rows, epoch, seed, dp_rank, dp_size, micro_bsz):
-    """This rank's micro-batches of one epoch (drop_last: every rank and step has the same shapes, which the
-    server's lockstep needs)."""
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_rank = len(perm) // (dp_size * micro_bsz) * micro_bsz
-    mine = perm[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    return [collate([rows[i] for i in mine[s:s + micro_bsz]]) for s in range(0, per_rank, micro_bsz)]
+        return c4_stream(c4_data, languages, split, max_rows)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,11 +253,41 @@ def load_student(model, path: str) -> None:
     own = dict(model.named_parameters())
     bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
     if bad:
-        raise ValueError(f"--ckpt_file {path}: weights {bad[:3]} do not fit this student (other RWKV.layers, "
-                         "mode or teacher?); build it with the settings of the run that wrote the file")
+        raise UserError(f"--ckpt_file {path}: weights {bad[:3]} do not fit this student (other RWKV.layers, "
+                        "mode or teacher?); build it with the settings of the run that wrote the file")
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
+
+
+def data_files(paths) -> list:
+    """--train_data / --val_data as a list of files (fire gives one path as a string, several as a tuple)."""
+    return [] if not paths else [paths] if isinstance(paths, str) else list(paths)
+
+
+def check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout, max_steps, counts: dict) -> None:
+    """Flags, data files and the teacher folder, checked before anything loads."""
+    for name, value in counts.items():
+        if value is not None:
+            check_range(f"--{name}", value, low=1)
+    if max_steps is not None:
+        check_range("--max_steps", max_steps, low=0)  # 0: save the initial student
+    if dtype is not None:
+        check_choice("--dtype", dtype, DTYPES)
+    check_choice("--kv_layout", kv_layout, ("tile", "interleave"))
+    if bool(train_data) == bool(c4_data):
+        raise UserError("pass exactly one data source: --train_data (UltraChat-style JSONL/parquet files, with "
+                        "--val_data) or --c4_data DIR (its train and validation splits)")
+    for flag, paths in (("--train_data", train_data), ("--val_data", val_data)):
+        for path in data_files(paths):
+            if not os.path.isfile(str(path)):
+                raise UserError(f"{flag} {path}: no such file (UltraChat-style JSONL, JSONL.gz, JSON or parquet)")
+    if c4_data and not os.path.isdir(c4_data):
+        raise UserError(f"--c4_data {c4_data}: no such folder (one subfolder per language with *train* / "
+                        f"*validation* files)")
+    if ckpt_file and not os.path.isfile(ckpt_file):
+        raise UserError(f"--ckpt_file {ckpt_file}: no such file (the student.safetensors of an earlier stage)")
+    hf.check_model_folder(cfg["model_id"], "Llama.model_id")
 
 
 def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", max_epochs: int = 1,
@@ -262,11 +295,14 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
          max_seq_length: int = 2048, lr_init: float = 1e-4, lr_final: float = 1e-5, warmup_steps: int = 0,
          micro_bsz: int = 2, accumulate_grad_batches: int = 1, train_data=None, val_data=None,
          c4_data: Optional[str] = None,
-         languages=("en", "zh"), dropout: float = 0.0, strategy: str = "ddp", epoch_count: int = 150,
+         languages=("en", "zh"), max_rows: Optional[int] = None, shuffle_buffer: int = 10_000,
+         dropout: float = 0.0, strategy: str = "ddp", epoch_count: int = 150,
          weight_decay: float = 0.1, val_check_interval: Optional[int] = None, log_every_n_steps: int = 1000,
          ckpt_file: Optional[str] = None, seed: int = 42, head_size: int = 64, kv_layout: str = "tile",
          chunk_len: int = 32, max_val_batches: int = 16, dtype: Optional[str] = None, **config_flags):
-    """Train one stage; writes {output_dir}/student.safetensors, metrics.jsonl and resumable checkpoints."""
+    """Train one stage; writes {output_dir}/student.safetensors, metrics.jsonl and resumable checkpoints.
+    The data is streamed: `max_rows` caps the training rows (quick runs), `shuffle_buffer` rows are shuffled at
+    a time (rank_batches)."""
     from tqdm import tqdm
 
     cfg = load_config(config_file, config_flags)
@@ -274,15 +310,26 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
         print0(f"--strategy {strategy}: DeepSpeed ZeRO-2 is run as plain DDP here")
         strategy = "ddp"
     if strategy != "ddp":
-        raise ValueError(f"--strategy {strategy}: only ddp (and deepspeed_stage_2*, run as ddp) is built; FSDP "
-                         "for large students is not yet")
+        raise UserError(f"--strategy {strategy}: only ddp (and deepspeed_stage_2*, run as ddp) is built; FSDP "
+                        "for large students is not yet")
+    check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout, max_steps,
+                 dict(max_epochs=max_epochs, max_seq_length=max_seq_length, micro_bsz=micro_bsz, max_rows=max_rows,
+                      shuffle_buffer=shuffle_buffer, accumulate_grad_batches=accumulate_grad_batches,
+                      epoch_count=epoch_count, head_size=head_size,
+                      chunk_len=chunk_len, log_every_n_steps=log_every_n_steps,
+                      val_check_interval=val_check_interval, num_devices=num_devices, num_nodes=num_nodes))
     lay = setup(seed)
     if num_devices is not None and num_devices * num_nodes != lay.dp_size:
-        raise ValueError(f"--num_devices {num_devices} x --num_nodes {num_nodes} != {lay.dp_size} processes: "
-                         f"launch with torchrun --nproc_per_node {num_devices} (or drop --num_devices)")
+        raise UserError(f"--num_devices {num_devices} x --num_nodes {num_nodes} != {lay.dp_size} processes: "
+                        f"launch with torchrun --nproc_per_node {num_devices} (or drop --num_devices)")
     dtype = dtype or ("bfloat16" if lay.device.type == "cuda" else "float32")
     tokenizer = hf.load_tokenizer(cfg["model_id"], flag="Llama.model_id")
     tokenizer.pad_token = tokenizer.eos_token
+    stream = data_stream(train_data, c4_data, languages, "train", max_rows)
+    val_stream = data_stream(val_data, c4_data, languages, "validation")
+    for s in (stream, val_stream):
+        if s is not None:
+            s.n_rows                    # every row read and checked once, before the models load
     teacher_model = hf.load_model(cfg["model_id"], dtype="float32", device=lay.device, frozen=True,
                                   flag="Llama.model_id")
     mode = "att_only" if cfg["is_rwkv_att_only"] else "llama_ffn" if cfg["is_llama_ffn"] else "block"
@@ -293,7 +340,7 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
                            dropout=dropout, chunk_len=chunk_len, grad_cp=bool(grad_cp)).train()
     if ckpt_file:
         load_student(student, ckpt_file)
-    hf.check_vocab(student, teacher_model)
+    hf.check_vocab(student, teacher_model, tokenizer, tokenizer, flags=("Llama.model_id", "Llama.model_id"))
     if cfg["is_sft"]:
         teacher = None
     elif cfg["is_client"]:
@@ -309,16 +356,11 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     if teacher is None or cfg["is_client"]:
         del teacher_model
 
-    if bool(train_data) == bool(c4_data):
-        raise ValueError("pass exactly one data source: --train_data (UltraChat-style JSONL/parquet files, with "
-                         "--val_data) or --c4_data DIR (its train and validation splits)")
-    rows = load_rows(tokenizer, max_seq_length, train_data, c4_data, languages, "train")
-    val_rows = load_rows(tokenizer, max_seq_length, val_data, c4_data, languages, "validation")
-    batches_per_epoch = len(rows) // (lay.dp_size * micro_bsz)
+    batches_per_epoch = stream.n_rows // (lay.dp_size * micro_bsz)
     epoch_steps = batches_per_epoch // accumulate_grad_batches
     if epoch_steps == 0:
-        raise ValueError(f"{len(rows)} training rows give no step of {lay.dp_size} ranks x --micro_bsz {micro_bsz} x "
-                         f"--accumulate_grad_batches {accumulate_grad_batches}")
+        raise UserError(f"{stream.n_rows} training rows give no step of {lay.dp_size} ranks x --micro_bsz {micro_bsz} "
+                        f"x --accumulate_grad_batches {accumulate_grad_batches}")
     total_steps = epoch_steps * max_epochs if max_steps is None else max_steps
     if epoch_count > max_epochs:
         print0(f"note: --epoch_count {epoch_count} > --max_epochs {max_epochs}: the lr schedule spans {epoch_count} "
@@ -332,19 +374,23 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     if state["step"]:
         print0(f"resuming from step {state['step']}")
     model = wrap_ddp(student, lay)
-    val = micro_batches(val_rows, 0, seed, lay.dp_rank, lay.dp_size, micro_bsz)[:max_val_batches]
+    def epoch_batches(stream, epoch, start=0):
+        return rank_batches(stream, tokenizer, max_seq_length, micro_bsz, epoch=epoch, seed=seed, dp_rank=lay.dp_rank,
+                            dp_size=lay.dp_size, shuffle_buffer=shuffle_buffer, start=start)
+    val = list(islice(epoch_batches(val_stream, 0), max_val_batches)) if val_stream else []
     os.makedirs(output_dir, exist_ok=True)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     real_bsz = micro_bsz * accumulate_grad_batches * lay.dp_size
+    if cfg["is_client"] and lay.world_size > 1:   # a trainer that ends or stops ends the others in time too
+        set_timeout(cfg["reply_timeout_s"])
     bar = tqdm(total=total_steps, initial=state["step"], disable=not lay.is_main, desc="stage 1" if
                cfg["is_hidden_align"] else "stage 2", file=sys.stdout)
-    epoch, epoch_batches = -1, []
+    epoch, this_epoch = -1, None
     for step in range(state["step"], total_steps):
-        if step // epoch_steps != epoch:
+        if step // epoch_steps != epoch:     # a new epoch, or a resumed run: the same stream from its position
             epoch = step // epoch_steps
-            epoch_batches = micro_batches(rows, epoch, seed, lay.dp_rank, lay.dp_size, micro_bsz)
-        k = step % epoch_steps * accumulate_grad_batches
-        batches = [{n: v.to(lay.device) for n, v in b.items()} for b in epoch_batches[k:k + accumulate_grad_batches]]
+            this_epoch = epoch_batches(stream, epoch, start=step % epoch_steps * accumulate_grad_batches)
+        batches = [{n: v.to(lay.device) for n, v in b.items()} for b in islice(this_epoch, accumulate_grad_batches)]
         t0 = time.perf_counter()
         norm = step_normaliser(batches, lay)
         logged = {}
@@ -382,11 +428,24 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     return None
 
 
-if __name__ == "__main__":
-    import fire
+def end_on_fault(e: BaseException) -> None:
+    """A peer of this trainer ended or stopped: the teacher server (TeacherError) or another trainer (a failed
+    collective). One line, from the trainer of the group that reports it, then exit 1 without the interpreter's
+    teardown: gloo's threads may still hold the sockets of dead peers. Anything else is re-raised."""
+    if isinstance(e, TeacherError):
+        if e.report:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    elif peer_failure(e):
+        print(f"error: trainer rank {os.environ.get('RANK', '0')}: another trainer of this data-parallel group "
+              f"ended or stopped ({why_failed(e)})", file=sys.stderr, flush=True)
+    else:
+        raise e
+    sys.stdout.flush()
+    os._exit(1)
 
+
+if __name__ == "__main__":
     try:
-        fire.Fire(main)
-    except (ValueError, FileNotFoundError) as e:     # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        run_cli(main)
+    except RuntimeError as e:
+        end_on_fault(e)

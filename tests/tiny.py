@@ -1,6 +1,7 @@
 """Tiny random transformers models and a tokenizer built in code: the shared fixtures of every test.
 
     tok = char_tokenizer()                       # PreTrainedTokenizerFast, one id per printable character
+    other = swapped_tokenizer()                  # the same with two ids swapped: same size, another vocabulary
     model = tiny_model("gpt2" | "opt" | "llama" | "t5", seed=0)
     folder = save_tiny("t5", tmp_path / "t5")    # model + tokenizer, loadable with from_pretrained
 
@@ -23,6 +24,20 @@ def char_tokenizer():
 
     chars = list(string.printable[:95]) + ["\n"]
     vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   bos_token="<s>")
+
+
+def swapped_tokenizer(a: str = "a", b: str = "b"):
+    """The character tokenizer with the ids of `a` and `b` swapped: same size, same special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(char_tokenizer().get_vocab())
+    vocab[a], vocab[b] = vocab[b], vocab[a]
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     core.decoder = decoders.Fuse()

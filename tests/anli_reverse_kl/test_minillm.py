@@ -19,14 +19,15 @@ RESPONSES = [[t for t, m in zip(ts, ms) if m] for ts, ms in zip(TOKENS, MASK)]
 
 
 @torch.no_grad()
-def hand_log_probs(model, b):
-    """log prob of each sampled token, one prompt at a time, the decoder fed [start] + tokens by hand."""
+def hand_log_probs(model, b, tau=1.0):
+    """log prob of each sampled token at temperature tau, one prompt at a time, the decoder fed [start] + tokens
+    by hand."""
     out = []
     for prompt, tokens, mask in zip(PROMPTS, TOKENS, MASK):
         n = sum(mask)
         dec = torch.tensor([[model.config.decoder_start_token_id] + tokens[: n - 1]])
         logits = model(input_ids=torch.tensor([prompt]), decoder_input_ids=dec).logits[0].double()
-        logp = torch.log_softmax(logits, -1)
+        logp = torch.log_softmax(logits / tau, -1)
         out.append([float(logp[t, tokens[t]]) for t in range(n)])
     return out
 
@@ -65,6 +66,44 @@ def test_rollout_quantities_on_tiny_t5_match_hand_computation(alpha, gamma):
     assert (got["advantages"][1, 2:] == 0).all() and (got["weights"][1, 2:] == 1).all()
 
 
+def test_scoring_temperature_as_released_student_and_mixture_at_tau_teacher_reward_at_one():
+    """LMOps / the fork divide the scoring logits by --temperature (log q_old, the teacher inside the mixture
+    weight); the reward's teacher log p is taken from the raw logits."""
+    student, teacher = tiny_model("t5", seed=0), tiny_model("t5", seed=1)
+    tau, alpha = 0.7, 0.2
+    got = score_rollouts(student, teacher, PROMPTS, RESPONSES, pad_id=0, temperature=tau, alpha=alpha)
+    lq, lp, lp_tau = hand_log_probs(student, None, tau), hand_log_probs(teacher, None), hand_log_probs(teacher, None, tau)
+    for b, n in enumerate([4, 2]):
+        assert got["log_q_old"][b, :n].tolist() == pytest.approx(lq[b], abs=1e-5)
+        assert got["log_p"][b, :n].tolist() == pytest.approx(lp[b], abs=1e-5)
+        w = [math.exp(a) / ((1 - alpha) * math.exp(a) + alpha * math.exp(c)) for a, c in zip(lq[b], lp_tau[b])]
+        assert got["weights"][b, :n].tolist() == pytest.approx(w, rel=1e-5)
+        r = [(c - a) / 0.5 for a, c in zip(lq[b], lp[b])]
+        assert got["rewards"][b, :n].tolist() == pytest.approx(r, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("whiten", ["release", "masked"])
+def test_policy_loss_of_a_minibatch_whitens_as_chosen(whiten):
+    """First PPO epoch (q_θ = q_old, so ρ = w): L_pg = masked mean of max(-A w, -A clip(w, 0.8, 1.2)) with A the
+    raw advantages whitened over every entry of the [B, width] minibatch (release) or the store's masked ones."""
+    student, teacher = tiny_model("t5", seed=0), tiny_model("t5", seed=1)
+    store = score_rollouts(student, teacher, PROMPTS, RESPONSES, pad_id=0, alpha=0.2)
+    student.eval()
+    width = 7
+    got = minillm_loss(student, teacher, {k: store[k] for k in STORE_FIELDS}, whiten=whiten, width=width)["pg"]
+    lq, lp = hand_log_probs(student, None), hand_log_probs(teacher, None)
+    w, _, raw, masked = hand_quantities(lq, lp, 0.2, 0.95)
+    if whiten == "release":
+        flat = [a for row in raw for a in row] + [0.0] * (2 * width - 6)
+        mean = sum(flat) / len(flat)
+        std = math.sqrt(sum((a - mean) ** 2 for a in flat) / len(flat) + 1e-8)
+        adv = [[(a - mean) / std for a in row] for row in raw]
+    else:
+        adv = masked
+    terms = [max(-a * x, -a * min(max(x, 0.8), 1.2)) for ws, As in zip(w, adv) for x, a in zip(ws, As)]
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+
+
 def test_no_teacher_mix_gives_unit_weights_and_gamma_one_gives_mean_remaining_reward():
     g = torch.Generator().manual_seed(0)
     lq, lp = -torch.rand(2, 5, generator=g) * 3, -torch.rand(2, 5, generator=g) * 3
@@ -84,11 +123,13 @@ def test_rewards_are_clipped_at_the_reward_clip():
     assert q["rewards"].tolist() == [[-100.0, 100.0]]
 
 
-def test_recomputed_importance_weights_equal_those_the_sampler_recorded():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recomputed_importance_weights_equal_those_the_sampler_recorded(temperature):
     student, teacher = tiny_model("t5", seed=0), tiny_model("t5", seed=1)
     prompts = [[10, 11, 12, 13, 1], [20, 21, 1], [30, 1]]
-    generations = sample_responses(student, teacher, prompts, max_new_tokens=6, alpha=0.2, eos_id=1, seed=0)
-    store = score_rollouts(student, teacher, prompts, generations, pad_id=0, alpha=0.2)
+    generations = sample_responses(student, teacher, prompts, max_new_tokens=6, alpha=0.2, eos_id=1, seed=0,
+                                   temperature=temperature)
+    store = score_rollouts(student, teacher, prompts, generations, pad_id=0, alpha=0.2, temperature=temperature)
     for b, recorded in enumerate(generations.weights):
         assert store["weights"][b, :len(recorded)].tolist() == pytest.approx(recorded, rel=1e-4)
         assert store["mask"][b].sum() == len(recorded) == len(generations[b])

@@ -122,17 +122,17 @@ def test_row_missing_a_field_names_file_row_and_field(tmp_path, field):
     rows = [dict(uid="a", premise="P.", hypothesis="H.", label=0, reason="")] * 3
     rows = rows[:2] + [{k: v for k, v in rows[2].items() if k != field}]
     write_jsonl(tmp_path / "dev_r1.jsonl", rows)
-    with pytest.raises(ValueError, match=rf"dev_r1\.jsonl: row 2 has no '{field}'"):
+    with pytest.raises(ValueError, match=rf"dev_r1\.jsonl:3: no '{field}' field"):
         prep.read_rows(str(tmp_path / "dev_r1.jsonl"))
 
 
 @pytest.mark.parametrize("label", [3, -1, "entailment", True])
 def test_label_outside_0_to_2_is_a_clear_error(tmp_path, label):
     write_jsonl(tmp_path / "train_r2.jsonl", [dict(uid="a", premise="P.", hypothesis="H.", label=label)])
-    with pytest.raises(ValueError, match=r"train_r2\.jsonl: row 0 has label .* ANLI labels are 0"):
+    with pytest.raises(ValueError, match=r"train_r2\.jsonl:1: field 'label' is .* ANLI labels are 0"):
         prep.read_rows(str(tmp_path / "train_r2.jsonl"))
 
 
 def test_missing_split_file_says_how_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no test_r1.jsonl or test_r1-.*parquet"):
+    with pytest.raises(ValueError, match="no test_r1.jsonl or test_r1-.*parquet"):
         prep.find_split_file(str(tmp_path), "test", "r1")

@@ -44,7 +44,7 @@ def test_teacher_sources_need_the_teacher_jsonl(tmp_path):
         load_training_data(path, teacher_output=True)
     jsonl = tmp_path / "g.jsonl"
     jsonl.write_text(json.dumps({"instruction": "Human:\na \n\nAssistant:\n", "output": "b"}) + "\n")
-    with pytest.raises(DataError, match=r"g.jsonl: item 0: missing field 'teacher_output'"):
+    with pytest.raises(DataError, match=r"g.jsonl:1: missing field 'teacher_output'"):
         load_training_data(jsonl, teacher_output=True)
 
 

@@ -40,3 +40,40 @@ def test_run_sh_two_methods_two_seeds_side_by_side_with_a_paired_test(tmp_path):
         assert (out / "eval" / run / "vicuna" / "predictions.json").exists()
     assert "| student after forward (2 seeds) |" in done.stdout
     assert "- atkd - forward on vicuna:" in done.stdout and "3 items x 2 seeds" in done.stdout
+
+
+def _stub_python(tmp_path):
+    """A `python` on PATH that records its arguments instead of running them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/calls\n')
+    (bin_dir / "python").chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DATAPATH=str(tmp_path / "outputs"))
+
+
+def test_evaluation_sh_takes_the_seed_readmes_seven_arguments(tmp_path):
+    """The seed README: `bash ./script/evaluation.sh $cuda $kl $student_size $teacher_size $per_bsz $setting
+    $sample`; the run it evaluates is the one distillation.sh wrote for the same sizes, setting and source."""
+    env = _stub_python(tmp_path)
+    done = subprocess.run(["bash", "atkd/scripts/evaluation.sh", "0", "atkd", "6.7b", "1.3b", "4", "reverse", "teacher"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "outputs" / "alpaca_6.7b_vs_OPT_1.3b" / "alpaca_teacher_atkd_reverse"
+    assert (tmp_path / "calls").read_text().split()[:5] == ["atkd/eval.py", "--model_path", f"{run}/model",
+                                                          "--output_dir", f"{run}/eval"]
+    six = subprocess.run(["bash", "atkd/scripts/evaluation.sh", "0", "atkd", "6.7b", "1.3b", "vanilla", "gt"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert six.returncode == 2 and "got 6 arguments" in six.stderr
+
+
+def test_run_sh_with_the_paper_arguments_evaluates_the_run_distillation_sh_wrote(tmp_path):
+    env = _stub_python(tmp_path)
+    (tmp_path / "bin" / "torchrun").write_text(f'#!/usr/bin/env bash\necho torchrun "$@" >> {tmp_path}/calls\n')
+    (tmp_path / "bin" / "torchrun").chmod(0o755)
+    done = subprocess.run(["bash", "atkd/run.sh", "dkd", "0", "1", "29500", "6.7b", "1.3b", "2", "reverse", "gt"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    trained = calls[0].split()[calls[0].split().index("--output_dir") + 1]
+    evaluated = calls[1].split()[calls[1].split().index("--model_path") + 1]
+    assert evaluated == f"{trained}/model" and trained.endswith("alpaca_6.7b_vs_OPT_1.3b/alpaca_gt_dkd_reverse")

@@ -20,6 +20,11 @@ def _greedy(model, prompt, max_new):
     return out[0, len(prompt):].tolist()
 
 
+def _cut_at_eos(tokens):
+    """A continuation as the student source returns it: up to and including the first EOS."""
+    return tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
 def _eos_where(model, prompt, step):
     """Swap the head rows of EOS and of the token greedy decoding emits at `step`: the model now stops there."""
     token = _greedy(model, prompt, step + 1)[step]
@@ -48,8 +53,7 @@ def test_student_source_is_the_students_greedy_continuation_stopping_at_eos():
     assert origin == "student" and sources is None
     assert responses[0] == _greedy(student, prompts[0], 256) and responses[0][-1] == EOS and len(responses[0]) == 5
     # the other row runs on, capped by max_seq_len (prompt + continuation <= 120), unless it meets EOS
-    expected = _greedy(student, prompts[1], 120 - len(prompts[1]))
-    assert responses[1] == expected[:expected.index(EOS) + 1] if EOS in expected else responses[1] == expected
+    assert responses[1] == _cut_at_eos(_greedy(student, prompts[1], 120 - len(prompts[1]))) and responses[1]
 
 
 def test_on_policy_mask_is_exactly_the_generated_tokens():
@@ -81,7 +85,9 @@ def test_mix_request_draws_student_or_offline_sequence_per_micro_batch(source, f
                                                 generator=_gen(seed), eos_id=EOS, pad_id=PAD, max_seq_len=80)
         assert origin == ("student" if draw < 0.5 else fallback)
         if origin == "student":
-            assert responses[0] == _greedy(student, prompts[0], 80 - len(prompts[0]))[:len(responses[0])]
+            budget = 80 - max(map(len, prompts))  # the cap applies to the left-padded batch, as HF generate
+            for p, r in zip(prompts, responses):  # the whole greedy continuation, to EOS: never a bare prefix
+                assert r and r == _cut_at_eos(_greedy(student, p, budget))
         else:
             assert responses == (teacher if fallback == "teacher" else gt)
         seen.add(origin)

@@ -169,6 +169,22 @@ def test_sampling_with_a_fixed_seed_is_reproducible():
     assert a != generate(model, prompts, 12, temperature=1.0, top_p=0.9, seed=4)
 
 
+def test_a_seed_per_prompt_draws_each_row_as_it_would_alone():
+    model = tiny_causal_lm("llama")
+    prompts = random_prompts((6, 6, 6))                 # equal lengths: no padding, the same logits alone or batched
+    together = generate(model, prompts, 12, temperature=1.0, seed=[11, 12, 13])
+    alone = [generate(model, [p], 12, temperature=1.0, seed=[s])[0] for p, s in zip(prompts, [11, 12, 13])]
+    assert together == alone
+    swapped = generate(model, prompts[::-1], 12, temperature=1.0, seed=[13, 12, 11])
+    assert swapped == together[::-1] and together[0] != together[1]
+    mixed = generate(model, prompts, 12, temperature=1.0, teacher=tiny_causal_lm("llama", seed=1),
+                     student_token_ratio=0.5, seed=[11, 12, 13])     # the per-row source draw too
+    assert mixed[0] == generate(model, prompts[:1], 12, temperature=1.0, teacher=tiny_causal_lm("llama", seed=1),
+                                student_token_ratio=0.5, seed=[11])[0]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        generate(model, prompts, 4, temperature=1.0, seed=[1, 2])
+
+
 def test_temperature_zero_is_greedy_and_tiny_temperature_converges_to_it():
     model = tiny_causal_lm("llama")
     prompts = random_prompts()
@@ -286,6 +302,9 @@ def test_generate_cli_writes_what_generate_returns_in_input_order(tmp_path):
     cli.main(str(tmp_path / "ckpt"), sp, str(tmp_path / "p.jsonl"), str(tmp_path / "o.jsonl"), max_new_tokens=6,
              max_batch_size=3, max_seq_len=64)
     written = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    from fairscale.nn.model_parallel import initialize as fs_init
+    # it ends by tearing the process groups down: exiting with live gloo threads can abort a finished run
+    assert not torch.distributed.is_initialized() and not fs_init.model_parallel_is_initialized()
     setup()
     expected = generate(ours_from_hf(hf, max_seq_len=64, max_batch_size=4),
                         [tok.encode(t, bos=True, eos=False) for t in texts], 6, eos_id=tok.eos_id)

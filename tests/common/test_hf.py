@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common import hf
-from tests.tiny import VOCAB_SIZE, char_tokenizer, save_tiny, tiny_config, tiny_model
+from tests.tiny import VOCAB_SIZE, char_tokenizer, save_tiny, swapped_tokenizer, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "t5"])
@@ -45,13 +45,35 @@ def test_a_path_that_is_not_a_transformers_folder_gets_one_line_naming_flag_path
 
 def test_vocabulary_mismatch_names_both_sizes_and_padded_vocabularies_need_the_opt_in():
     student, teacher = tiny_model("gpt2"), tiny_model("llama", vocab_size=VOCAB_SIZE + 8)
-    assert hf.check_vocab(student, tiny_model("opt")) == VOCAB_SIZE
+    tok = char_tokenizer()
+    assert hf.check_vocab(student, tiny_model("opt"), tok, char_tokenizer()) == VOCAB_SIZE
     with pytest.raises(ValueError, match=rf"teacher outputs {VOCAB_SIZE + 8} logits .* student {VOCAB_SIZE}.*--allow_padded_vocab"):
-        hf.check_vocab(student, teacher)
-    assert hf.check_vocab(student, teacher, char_tokenizer(), allow_padded=True) == VOCAB_SIZE
+        hf.check_vocab(student, teacher, tok, tok)
+    assert hf.check_vocab(student, teacher, tok, tok, allow_padded=True) == VOCAB_SIZE
     small = tiny_model("opt", vocab_size=64)  # fewer rows than the 100-token tokenizer: not mere padding
     with pytest.raises(ValueError, match=r"tokenizer has 100 tokens, more than the smaller vocabulary \(teacher 64, student 128\)"):
-        hf.check_vocab(student, small, char_tokenizer(), allow_padded=True)
+        hf.check_vocab(student, small, tok, tok, allow_padded=True)
+
+
+def test_a_student_whose_tokenizer_differs_at_the_same_size_is_refused_with_one_line():
+    student, teacher, tok, other = tiny_model("gpt2"), tiny_model("opt"), char_tokenizer(), swapped_tokenizer()
+    assert len(other) == len(tok) and hf.vocab_width(student) == hf.vocab_width(teacher)  # sizes alone agree
+    for allow_padded in (False, True):
+        with pytest.raises(ValueError, match=r"^the student's tokenizer \(--model_path.*\) and the teacher's "
+                                             r"\(--teacher_model_path.*\) differ: 100 vs 100 tokens, 2 of the "
+                                             r"student's at other ids \(e\.g\. 'b' is 14 vs 15\); distil") as e:
+            hf.check_vocab(student, teacher, other, tok, allow_padded=allow_padded)
+        assert "\n" not in str(e.value)
+
+
+def test_same_vocabulary_with_another_eos_is_refused():
+    from transformers import PreTrainedTokenizerFast
+
+    other = PreTrainedTokenizerFast(tokenizer_object=char_tokenizer().backend_tokenizer, pad_token="<pad>",
+                                    eos_token="<s>", unk_token="<unk>", bos_token="<s>")
+    with pytest.raises(ValueError, match=r"same vocabulary but different eos_token \('</s>' vs '<s>'\)"):
+        hf.check_vocab(tiny_model("gpt2"), tiny_model("opt"), char_tokenizer(), other,
+                       flags=("--student_model_path", "--teacher_model_path"))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5"])

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from common.io import (append_jsonl, atomic_folder, atomic_write_json, atomic_write_text, read_jsonl, read_tensors,
-                       save_tensors, write_jsonl)
+from common.io import (append_jsonl, atomic_folder, atomic_write_json, atomic_write_text, iter_rows,
+                       read_jsonl, read_tensors, save_tensors, write_jsonl)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_io_imports_neither_fairscale_nor_the_tp_model():
     code = "import sys, common.io; print(sorted(m for m in sys.modules if m.startswith(('fairscale', 'common.'))))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['common.io']"
+    assert out.strip() == "['common.cli', 'common.io']"  # common.cli: UserError, no other import
 
 
 @pytest.mark.parametrize("name", ["w.safetensors", "w.pt"])
@@ -90,3 +90,20 @@ def test_read_jsonl_reads_gzip_files(tmp_path):
     with gzip.open(path, "wt") as f:
         f.write('{"id": 0}\n\n{"id": 1}\n')
     assert read_jsonl(path) == [{"id": 0}, {"id": 1}]
+
+
+def test_iter_rows_streams_jsonl_gzip_and_json_lists(tmp_path):
+    import gzip
+
+    rows = [{"text": f"row {i}"} for i in range(5)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + "\n" + json.dumps(rows[3]))
+    with gzip.open(tmp_path / "b.json.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    for name, want in (("a.jsonl", rows[:4]), ("b.json.gz", rows), ("c.json", rows)):
+        stream = iter_rows(str(tmp_path / name))
+        assert next(stream) == rows[0]                     # a generator: nothing read past what is asked
+        assert [rows[0], *stream] == want
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
+        list(iter_rows(str(tmp_path / "bad.jsonl")))

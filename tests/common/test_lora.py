@@ -39,7 +39,7 @@ def test_merged_equals_unmerged_logits(family, alpha):
     with torch.no_grad():
         unmerged = build(args, state)(tokens)
         base_args = ModelArgs(**{**vars(args), "lora_rank": -1})
-        merged = build(base_args, merge_lora(state, lora_scale(args)))(tokens)
+        merged = build(base_args, merge_lora(state, lora_scale(args.lora_rank, args.lora_alpha)))(tokens)
         base_only = build(base_args, {k: v for k, v in state.items() if "lora_" not in k})(tokens)
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
     assert (base_only - unmerged).abs().max() > 1e-2  # the adapters matter
@@ -86,7 +86,7 @@ def test_bf16_base_with_fp32_adapters_follows_the_fp32_formula():
     assert y.dtype == torch.bfloat16
     a32, b32 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     x32 = x.float()
-    y32 = x32 @ w.float().T + lora_scale(args) * (x32 @ a32.T) @ b32.T
+    y32 = x32 @ w.float().T + lora_scale(args.lora_rank, args.lora_alpha) * (x32 @ a32.T) @ b32.T
     assert (y.float() - y32).abs().max() < 2e-2 * y32.abs().max()
     g = torch.randn_like(y32)
     (y.float() * g).sum().backward()

@@ -566,6 +566,23 @@ def test_mask_or_targets_passed_positionally_raise_type_error():
 # ---------------------------------------------------------------------------------------------------------
 # ATKD specifics
 
+@pytest.mark.parametrize("chunk_size, reverse", [(None, False), (3, True)])
+def test_atkd_returns_its_split_and_parts_from_the_same_pass(chunk_size, reverse):
+    zs, zt, mask, g = make_inputs(seed=26)
+    p, q = probs(zt), probs(zs)
+    tckd, nckd = ref_tckd_nckd(p, q, g, reverse)
+    unc = (1 - p.gather(-1, g[..., None])[..., 0])[mask]
+    hard = unc >= unc.sort().values[(unc.numel() - 1) // 2]
+    loss, parts = L.atkd(zs, zt, mask=mask, target_ids=g, reverse=reverse, chunk_size=chunk_size,
+                         return_parts=True)
+    torch.testing.assert_close(loss, ref_atkd(p, q, g, mask, reverse=reverse), rtol=1e-10, atol=1e-12)
+    assert (parts["n_easy"], parts["n_hard"]) == (int((~hard).sum()), int(hard.sum())) and parts["n_easy"] > 0
+    assert parts["nckd_easy"] == pytest.approx(nckd[mask][~hard].mean().item(), rel=1e-10)
+    assert parts["tckd_hard"] == pytest.approx(tckd[mask][hard].mean().item(), rel=1e-10)
+    assert parts["nckd_hard"] == pytest.approx(nckd[mask][hard].mean().item(), rel=1e-10)
+    assert loss.item() == pytest.approx(0.2 * parts["nckd_easy"] + 0.8 * (parts["tckd_hard"] + parts["nckd_hard"]))
+
+
 def test_atkd_ties_go_to_hard_and_an_empty_easy_subset_contributes_zero():
     zs, _, mask, g = make_inputs(seed=24)
     zt = torch.zeros(B, S, V, dtype=torch.float64)  # uniform teacher: every UnC equal -> all tokens hard
@@ -612,10 +629,17 @@ def ref_mcc(za, zb, spans_a, spans_b, tau=1.0, max_seq_len=None, reduction="item
     for (sa, ea), (sb, eb), a, b in zip(spans_a, spans_b, za, zb):
         if ea == sa or (max_seq_len is not None and max(ea, eb) >= max_seq_len):
             continue
-        qa, qb = probs(a[sa:ea], tau), probs(b[sb:eb], tau)
-        if eps:
-            qa, qb = (qa + eps) / (1 + eps * qa.shape[-1]), (qb + eps) / (1 + eps * qb.shape[-1])
-        d = 0.5 * (kl(qa, qb) + kl(qb, qa))
+        if eps:  # HEAD's KLDivLoss(estimate logits, target logits, T) = KL(powmax(q_T + eps) ‖ powmax(q_1 + eps))
+            def powmax(x):
+                return x / (x.sum(-1, keepdim=True) + eps)
+
+            def head_kl(est, tgt):
+                e, t = powmax(probs(est) + eps), powmax(probs(tgt, tau) + eps)
+                return (t * (t.log() - e.log())).sum(-1)
+            d = 0.5 * (head_kl(a[sa:ea], b[sb:eb]) + head_kl(b[sb:eb], a[sa:ea]))
+        else:
+            qa, qb = probs(a[sa:ea], tau), probs(b[sb:eb], tau)
+            d = 0.5 * (kl(qa, qb) + kl(qb, qa))
         per_item.append(d.mean())
         tokens.append(d)
     if not per_item:
@@ -632,7 +656,8 @@ def mcc_inputs(seed=30):
 
 @pytest.mark.parametrize("options", [
     dict(), dict(temperature=2.0), dict(max_seq_len=6), dict(chunk_size=2, temperature=0.8),
-    dict(reduction="token"), dict(reduction="token", eps=7e-5, chunk_size=3)])
+    dict(reduction="token"), dict(reduction="token", eps=7e-5, chunk_size=3),
+    dict(reduction="token", eps=7e-5, temperature=1.3), dict(eps=0.01, temperature=0.7)])
 def test_mcc_span_kl_matches_reference_with_gradients_to_both_passes(options):
     za, zb = mcc_inputs()
     got = L.mcc_span_kl(za, zb, spans_a=SPANS_A, spans_b=SPANS_B, **options)
@@ -832,6 +857,25 @@ def test_minillm_advantages_are_length_normalised_discounted_returns():
                 assert got[b, t].item() == pytest.approx((g_t / (n - t)).item(), rel=1e-12)
     mean_remaining = L.minillm_advantages(r, mask=mask, gamma=1.0)
     assert mean_remaining[0, 2].item() == pytest.approx(r[0, 2:].mean().item(), rel=1e-12)
+
+
+def test_minillm_whiten_as_released_counts_every_padded_entry():
+    """LMOps whiten() per PPO minibatch: mean and population variance over all B x width entries of the padded
+    advantages (zeros under padding, and in the columns up to the padded width), every entry whitened."""
+    log_p, log_q_old, mask = minillm_inputs(63)
+    raw = L.minillm_advantages(L.minillm_rewards(log_p, log_q_old), mask=mask)
+    width = 8
+    padded = [[raw[b, t].item() if t < raw.shape[1] else 0.0 for t in range(width)] for b in range(3)]
+    flat = [x for row in padded for x in row]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat) + 1e-8)
+    got = L.minillm_whiten(raw, width=width)
+    want = [[(padded[b][t] - mean) / std for t in range(5)] for b in range(3)]
+    assert got.tolist() == [pytest.approx(row, rel=1e-12) for row in want]
+    masked = L.minillm_whiten(raw, mask=mask)
+    assert (got - masked)[mask].abs().max() > 0.1  # the two conventions differ on a padded batch
+    assert L.minillm_whiten(raw).tolist() == [pytest.approx(r, rel=1e-12) for r in
+                                              ((raw - raw.mean()) / (raw.var(unbiased=False) + 1e-8).sqrt()).tolist()]
 
 
 def test_minillm_whiten_and_policy_loss():

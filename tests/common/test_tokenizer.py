@@ -95,7 +95,7 @@ def test_loader_accepts_model_file_and_folders(sp_model, hf_with_bos, tmp_path):
 
 
 def test_bad_path_names_path_and_expected_files(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(ValueError) as err:
         load_tokenizer(tmp_path / "nowhere")
     assert "nowhere" in str(err.value) and "tokenizer.model" in str(err.value) and "tokenizer.json" in str(err.value)
 

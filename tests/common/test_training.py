@@ -49,3 +49,23 @@ def test_resume_restores_weights_optimizer_and_state_and_ignores_an_interrupted_
     save_checkpoint(str(tmp_path), model, optimizer, lay, {"step": 3, "epoch": 0, "position": 3})
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000002", "step-00000003"]  # older complete one pruned
     assert load_latest_checkpoint(str(tmp_path / "nothing"), fresh, fresh_opt, lay) is None
+
+
+def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    from common.training import epoch_order
+
+    a = epoch_order(50, 3, 0)
+    assert sorted(a) == list(range(50)) and a == epoch_order(50, 3, 0)
+    assert a != epoch_order(50, 3, 1) and a != epoch_order(50, 4, 0) and a != epoch_order(50, 3, "refit-0-0")
+
+
+def test_adamw_decays_matrices_only_and_skips_frozen_parameters():
+    from common.training import adamw
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    model[2].weight.requires_grad_(False)
+    opt = adamw(model, 1e-3, 0.1, betas=(0.9, 0.95))
+    decay, no_decay = opt.param_groups
+    assert [p.shape for p in decay["params"]] == [(3, 4)] and decay["weight_decay"] == 0.1
+    assert [p.shape for p in no_decay["params"]] == [(3,), (3,), (3,), (2,)] and no_decay["weight_decay"] == 0.0
+    assert decay["betas"] == (0.9, 0.95)

@@ -53,7 +53,7 @@ def sampled_item(model, ids: torch.Tensor, seed: int) -> tuple:
 
 def main(model_path: str, save_dir: str, steps: int = 6, accumulation: int = 4, lr: float = 1e-2,
          schedule: str = "cosine", warmup_steps: int = 2, min_lr: float = 1e-4, sample: bool = False,
-         save_steps: int = 2, lora_rank: int = 0, max_grad_norm: float = 1.0, seed: int = 1, sleep: float = 0.0):
+         save_steps: int = 2, lora_rank: int = 0, max_grad_norm: float = 1.0, seed: int = 1, hold_after: int = 0):
     lay = setup(seed)
     os.makedirs(save_dir, exist_ok=True)
     model = hf.load_model(model_path, dtype="float32", device=lay.device)
@@ -91,7 +91,8 @@ def main(model_path: str, save_dir: str, steps: int = 6, accumulation: int = 4, 
         print0(f"step {state['step']} loss {loss_total:.6f}")
         if state["step"] % save_steps == 0:
             save_checkpoint(save_dir, state, lay, model, optimizer, scheduler, scaler, tokenizer)
-        time.sleep(sleep)
+        while state["step"] == hold_after:  # a test kills the run here, mid-run whatever the machine's load
+            time.sleep(1)
     export_model(unwrap(ddp), tokenizer, os.path.join(save_dir, "final"), lay)
     fs = sys.modules.get("fairscale.nn.model_parallel.initialize")
     if lay.is_main:

@@ -47,7 +47,7 @@ def run(script, *args, nproc=1):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc_per_node", str(nproc)]
     done = subprocess.run(launcher + [f"contra_kd/{script}", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1200)
     return done.returncode, [line for line in done.stderr.splitlines() if line.strip()]
 
 
@@ -80,7 +80,7 @@ def case_args(ws, case):
                 f"error: --teacher-model-path {missing} is not a transformers model folder")
     if case == "generate_data.py: missing data":
         return ("generate_data.py", ["--model-path", ws / "student", "--data-dir", missing, "--save", ws / "gen"],
-                f"error: {missing}: no train_0.idx")
+                f"error: --data-dir {missing} does not exist; write it with contra_kd/prepare_data.py")
     return ("prepare_data.py", ["dolly", "--data-dir", missing, "--processed-data-dir", ws / "p", "--model-path",
                                 ws / "student", "--model-type", "tiny"], f"error: {missing}: neither train.jsonl")
 

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from contra_kd.distillm import AdaptiveSGO, ReplayBuffer
+from contra_kd.distillm import AdaptiveSGO, ReplayBuffer, distillm2_beta
 
 
 def test_threshold_rises_by_a_tenth_only_when_dev_loss_rises_by_loss_eps_over_the_last_rise():
@@ -31,11 +31,13 @@ def test_decreasing_schedule_generates_while_the_buffer_fills_then_mostly_replay
     total = 100
     # buffer not full: any r < θ generates
     assert schedule.choose(50, total, 0.49, buffer_len=2) == "generate"
-    # full buffer: r < θ·(1 - step/total) = 0.25 generates, 0.25 ≤ r < 0.5 replays, r ≥ θ uses ground truth
-    assert schedule.choose(50, total, 0.24, buffer_len=3) == "generate"
-    assert schedule.choose(50, total, 0.26, buffer_len=3) == "replay"
+    # full buffer, 50 steps done: the original's global_step is 51, so r < θ·(1 - 51/100) = 0.245 generates,
+    # 0.245 ≤ r < 0.5 replays, r ≥ θ uses ground truth
+    assert schedule.choose(50, total, 0.244, buffer_len=3) == "generate"
+    assert schedule.choose(50, total, 0.246, buffer_len=3) == "replay"
     assert schedule.choose(50, total, 0.50, buffer_len=3) == "ground_truth"
-    assert schedule.choose(0, total, 0.49, buffer_len=3) == "generate"
+    assert schedule.choose(0, total, 0.494, buffer_len=3) == "generate"  # global_step 1: 0.5·0.99 = 0.495
+    assert schedule.choose(0, total, 0.496, buffer_len=3) == "replay"
 
 
 def test_replay_ratios_give_the_spec_sampling_probabilities():
@@ -81,3 +83,12 @@ def test_buffer_sample_and_state_round_trip():
     assert list(restored.items) == list(buffer.items) and restored.items.maxlen == 3
     assert restored.sample(2, random.Random(1)) == buffer.sample(2, random.Random(1))
     assert len(buffer.sample(10, random.Random(0))) == 3
+
+
+def test_distillm2_gradual_beta_counts_steps_from_one_as_the_original():
+    """β = 1 + 0.5·min(1, 2·global_step / max_steps), global_step = 1 at the first optimiser step."""
+    assert distillm2_beta(0, 40, gradual=False) == 1.0
+    assert distillm2_beta(0, 40, gradual=True) == pytest.approx(1.025)
+    assert distillm2_beta(9, 40, gradual=True) == pytest.approx(1.25)
+    assert distillm2_beta(19, 40, gradual=True) == pytest.approx(1.5)
+    assert distillm2_beta(39, 40, gradual=True) == 1.5

@@ -14,7 +14,7 @@ def test_run_sh_runs_the_tiny_pipeline_end_to_end_and_writes_the_table(tmp_path)
     env = dict(os.environ, OUT=str(out), EPOCHS="2", NUM="16", DEV_NUM="4", EVAL_NUM="4", EVAL_SEEDS="10",
                EVAL_SETS="dolly", MAX_LEN="288", OMP_NUM_THREADS="1",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])  # this venv's python
-    done = subprocess.run(["bash", "contra_kd/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(["bash", "contra_kd/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for run in RUNS:
         results = json.load(open(out / "eval" / run / "results.json"))["results"]["dolly"]

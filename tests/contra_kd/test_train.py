@@ -5,10 +5,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.losses import skew_forward_kl
 from contra_kd.flow import Projector, VelocityField, save_flow
@@ -86,21 +88,26 @@ def _args(root, save, **extra):
 
 
 def _run(args, nproc=1, wait=True):
+    """contra_kd/train.py as a command (torchrun --standalone for 2 processes: its store binds a port the OS
+    picks, so parallel test runs cannot collide); output to a file, so a full pipe never blocks the run."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(_free_port())] if nproc > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(launcher + [os.path.join(ROOT, "contra_kd/train.py")] + args, env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     if not wait:
         return proc
-    out, _ = proc.communicate(timeout=600)
+    proc.wait(timeout=900)
+    out = _output(proc)
     assert proc.returncode == 0, out[-3000:]
     return out
 
 
-def _free_port():
-    from tests.distributed import free_port
-    return free_port()
+def _output(proc):
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def _curve(save):
@@ -115,12 +122,16 @@ def _weights(folder):
 
 
 def test_two_processes_follow_the_one_process_loss_curve_for_distillm_contra_with_refit(workspace, tmp_path):
-    # global batch 4: 1 process x batch 2 x GA 2 == 2 processes x batch 2 x GA 1. θ = 0 and a dev-loss rise
-    # that never triggers keep DistiLLM on ground truth: sampled SGOs differ with the number of processes.
-    common = {"batch-size": 2, "loss-eps": 100.0}
+    # global batch 4: 1 process x batch 2 x GA 2 == 2 processes x batch 2 x GA 1. θ = 0.5 with a buffer that
+    # never fills: about half the steps train on fresh student outputs (SGO), the rest on ground truth (replay,
+    # drawn from each rank's own buffer, is the one source that differs with the number of processes).
+    common = {"batch-size": 2, "init-threshold": 0.5, "capacity": 1000, "loss-eps": 100.0}
     _run(_args(workspace, tmp_path / "one", **common, **{"gradient-accumulation-steps": 2}))
     _run(_args(workspace, tmp_path / "two", **common), nproc=2)
     one, two = _curve(tmp_path / "one"), _curve(tmp_path / "two")
+    sources = [json.loads(line).get("source") for line in open(tmp_path / "one/metrics.jsonl")]
+    assert {"generate", "ground_truth"} <= set(sources)
+    assert sources == [json.loads(line).get("source") for line in open(tmp_path / "two/metrics.jsonl")]
     assert [u for u, _ in one] == [u for u, _ in two] and len(one) == 2 * 4 + 4  # 2 epochs x 4 steps + 4 re-fit
     for (_, a), (_, b) in zip(one, two):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
@@ -129,12 +140,17 @@ def test_two_processes_follow_the_one_process_loss_curve_for_distillm_contra_wit
 
 
 def _wait_for_unit(proc, save, unit):
+    """Until metrics.jsonl has a complete line (the run appends them: the last may be half written) of `unit`."""
     path = os.path.join(save, "metrics.jsonl")
-    while proc.poll() is None:
-        if os.path.exists(path) and any(json.loads(line)["unit"] >= unit for line in open(path) if line.strip()):
-            return
+    deadline = time.monotonic() + 900
+    while proc.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")[:-1]      # the part after the last newline may be unfinished
+            if any(json.loads(line)["unit"] >= unit for line in lines if line.strip()):
+                return
         time.sleep(0.05)
-    raise AssertionError(f"run ended before unit {unit}: {proc.stdout.read()[-2000:]}")
+    raise AssertionError(f"run ended or stalled before unit {unit}: {_output(proc)[-2000:]}")
 
 
 def test_kill_minus_nine_in_student_epoch_and_in_refit_then_rerun_gives_the_same_final_weights(workspace, tmp_path):
@@ -177,16 +193,21 @@ def test_generated_tgo_sgo_pair_up_and_train_distillm2_contra(workspace, tmp_pat
     from contra_kd.generate_data import main as generate_data
 
     src = str(workspace / "dolly/full/tiny")
-    for name, model in (("tgo", "teacher"), ("sgo", "student")):
+    from contra_kd.train_velocity_field import flow_data
+
+    for name, model, new_tokens in (("tgo", "teacher", None), ("sgo", "student", 8)):
         generate_data(str(workspace / model), src, str(tmp_path / "d2" / name), max_length=232, max_prompt_length=200,
-                      batch_size=8, seed=1)
+                      max_new_tokens=new_tokens, batch_size=8, seed=1)
     tok = char_tokenizer()
     source, tgo, sgo = (InstructionSplit(p, "train") for p in (src, tmp_path / "d2/tgo", tmp_path / "d2/sgo"))
     assert len(tgo) == len(sgo) == len(source) == 16
     for i in range(len(source)):
         assert tgo[i][0] == sgo[i][0] == source[i][0]                      # same prompts, in order
         assert 0 < len(tgo[i][1]) <= 32 and tgo.records[i]["reference"] == source.records[i]["output"]
+        assert 0 < len(sgo[i][1]) <= 8  # --max-new-tokens
         assert tgo.records[i]["output"] == tok.decode(tgo[i][1], skip_special_tokens=True).strip()
+    # the DistiLLM-2 velocity field trains on both outputs (CONTRA's lm-distillm2 batches hold chosen and rejected)
+    assert flow_data(str(tmp_path / "d2")) == [tgo[i] for i in range(16)] + [sgo[i] for i in range(16)]
     assert IndexedTokens(str(tmp_path / "d2/tgo/valid_0")).sizes.tolist() == \
         IndexedTokens(src + "/valid_0").sizes.tolist()
     out = _run(_args(workspace, tmp_path / "run", **{"type": "distillm2-v2-contra", "data-dir": tmp_path / "d2",
@@ -226,3 +247,113 @@ def test_resume_with_another_plan_is_one_clear_line(workspace, tmp_path):
     with pytest.raises(ValueError, match=r"run holds a run of .*'units': 4.* this command plans .*'units': 7") as e:
         main(epochs=2, **args)
     assert "\n" not in str(e.value)
+
+
+# ---- each objective on one fixed batch against its formula, written here in float64 ----
+
+def _reference_rows(model_dir, split_dir, max_length, hidden=False):
+    """Per sequence of the split: float64 logits at the positions that predict response tokens, the response
+    tokens, and (hidden) the hidden states at those positions. A response is cut so prompt + response fits."""
+    from transformers import AutoModelForCausalLM
+
+    from contra_kd.data import InstructionSplit
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    split = InstructionSplit(str(split_dir), "train")
+    rows = []
+    with torch.no_grad():
+        for i in range(len(split)):
+            prompt, response = split[i]
+            response = response[:max_length - len(prompt)]
+            out = model(torch.tensor([prompt + response]), output_hidden_states=hidden)
+            at = slice(len(prompt) - 1, len(prompt) - 1 + len(response))
+            rows.append(dict(logits=out.logits[0, at], targets=torch.tensor(response),
+                             hidden=[h[0, at] for h in out.hidden_states] if hidden else None))
+    return model, rows
+
+
+def _skl(p, q, a=0.1):
+    return (p * (p.log() - (a * p + (1 - a) * q).log())).sum(-1)
+
+
+def _srkl(p, q, a=0.1):
+    return (q * (q.log() - ((1 - a) * p + a * q).log())).sum(-1)
+
+
+def _pairing(n_layers, n_distill):
+    import numpy as np
+    return [int(x) for x in np.linspace(0, n_layers, n_distill + 2)[1:-1]]  # losses.md §4.2
+
+
+@pytest.mark.parametrize("type_", ["kd", "adaptive-sfkl", "adaptive-srkl", "rkl-fdd", "adaptive-srkl-contra",
+                                   "distillm2-v2"])
+def test_each_objective_on_a_fixed_batch_equals_its_formula(workspace, tmp_path, type_):
+    from contra_kd.flow import load_flow
+    from contra_kd.generate_data import main as generate_data
+
+    lam, max_length = 0.5, 232
+    data_dir, gt = workspace / "dolly/full/tiny", workspace / "dolly/full/tiny"
+    if type_ == "distillm2-v2":
+        data_dir = tmp_path / "d2"
+        for name, model in (("tgo", "teacher"), ("sgo", "student")):
+            generate_data(str(workspace / model), str(gt), str(data_dir / name), max_length=max_length,
+                          max_prompt_length=200, max_new_tokens=8, batch_size=16, seed=1)
+    main(type=type_, model_path=str(workspace / "student"), teacher_model_path=str(workspace / "teacher"),
+         data_dir=str(data_dir), gt_data_dir=str(gt), save=str(tmp_path / "run"), epochs=1, batch_size=16,
+         kd_ratio=lam, num_distill_layers=2, velocity_field=str(workspace / "vf.safetensors"),
+         projector=str(workspace / "proj.safetensors"), velocity_dropout=0.0, max_length=max_length,
+         max_prompt_length=200, eval_batch_size=8, seed=5, select_by="loss")
+    (row,) = [json.loads(line) for line in open(tmp_path / "run/metrics.jsonl") if '"step"' in line]
+    assert row["source"] == "ground_truth"
+
+    if type_ == "distillm2-v2":  # mean over pairs of the per-sequence token means; β = 1
+        terms = {}
+        for name, divergence, key in (("tgo", _skl, "loss_tgo_skl"), ("sgo", _srkl, "loss_sgo_srkl")):
+            _, s_rows = _reference_rows(workspace / "student", data_dir / name, max_length)
+            _, t_rows = _reference_rows(workspace / "teacher", data_dir / name, max_length)
+            terms[key] = sum(divergence(t["logits"].softmax(-1), s["logits"].softmax(-1)).mean()
+                             for s, t in zip(s_rows, t_rows)).item() / len(s_rows)
+        terms["loss"] = terms["loss_tgo_skl"] + terms["loss_sgo_srkl"]
+    else:
+        hidden = type_ in ("rkl-fdd", "adaptive-srkl-contra")
+        student, s_rows = _reference_rows(workspace / "student", data_dir, max_length, hidden)
+        teacher, t_rows = _reference_rows(workspace / "teacher", data_dir, max_length, hidden)
+        zs = torch.cat([r["logits"] for r in s_rows])
+        zt = torch.cat([r["logits"] for r in t_rows])
+        y = torch.cat([r["targets"] for r in s_rows])
+        q, p = zs.softmax(-1), zt.softmax(-1)
+        ce = -q.log().gather(-1, y[:, None]).mean()
+        terms = {"loss_ce": ce.item()}
+        if type_ == "kd":
+            terms["loss_kd"] = -(p * q.log()).sum(-1).mean().item()
+        elif type_ == "adaptive-sfkl":
+            terms["loss_skl"] = _skl(p, q).mean().item()
+        else:
+            terms["loss_srkl" if type_ != "rkl-fdd" else "loss_rkl"] = \
+                (_srkl(p, q) if type_ != "rkl-fdd" else (q * (q.log() - p.log())).sum(-1)).mean().item()
+        s_layers, t_layers = _pairing(2, 2), _pairing(4, 2)
+        hs = [torch.cat([r["hidden"][j] for r in s_rows]) for j in s_layers] if hidden else []
+        ht = [torch.cat([r["hidden"][j] for r in t_rows]) for j in t_layers] if hidden else []
+        if type_ == "rkl-fdd":  # τ = 2 trajectory KL(p_T ‖ q_S) + derivative cosine, through each model's own head
+            zS = [student.lm_head(h) for h in hs]
+            zT = [teacher.lm_head(h) for h in ht]
+            traj = [(F.softmax(b / 2, -1) * (F.log_softmax(b / 2, -1) - F.log_softmax(a / 2, -1))).sum(-1).mean()
+                    for a, b in zip(zS, zT)]
+            dS = F.log_softmax(zS[1], -1) - F.log_softmax(zS[0], -1)
+            dT = F.log_softmax(zT[1], -1) - F.log_softmax(zT[0], -1)
+            der = (1 - (dS * dT).sum(-1) / (dS.norm(dim=-1) * dT.norm(dim=-1))).mean()
+            terms["loss_fdd"] = (sum(traj) / 2 + der).item()
+        if type_ == "adaptive-srkl-contra":  # 1 - cos(a, a + k v(a, 0, j)), k = (epoch + 1) / E = 1
+            field, projector = load_flow(str(workspace / "vf.safetensors"), str(workspace / "proj.safetensors"),
+                                         {}, 0.0)
+            field.eval()
+            contra = []
+            with torch.no_grad():
+                for j, h in enumerate(hs):
+                    a = projector(h.float()).double()
+                    v = field(a.float(), torch.zeros(len(a)), torch.full((len(a),), j)).double()
+                    contra.append((1 - F.cosine_similarity(a, a + v, dim=-1)).mean())
+            terms["loss_contra"] = (sum(contra) / len(contra)).item()
+        distill = sum(v for k, v in terms.items() if k not in ("loss_ce", "loss_contra"))
+        terms["loss"] = (1 - lam) * ce.item() + lam * distill + lam * terms.get("loss_contra", 0.0)
+    for name, want in terms.items():
+        assert row[name] == pytest.approx(want, rel=2e-4, abs=1e-6), name

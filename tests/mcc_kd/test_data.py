@@ -212,7 +212,7 @@ def test_collate_right_pads(sp_tok):
     width = max(len(a.tokens), len(b.tokens))
     assert tokens.shape == labels.shape == (2, width)
     assert tokens[0, len(a.tokens):].eq(sp_tok.pad_id).all() and labels[0, len(a.tokens):].eq(IGNORE_INDEX).all()
-    assert collate([a], pad_id=0, pad_to=64)[0].shape == (1, 64)
+    assert labels[0, :len(a.labels)].tolist() == a.labels and labels[1].tolist() == b.labels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,3 +274,26 @@ def test_not_a_list_and_missing_file(tmp_path):
         load_task_file(_write(tmp_path, {"instruction": "x"}))
     with pytest.raises(DataError, match="nope.json"):
         load_task_file(tmp_path / "nope.json")
+
+
+def test_a_chat_prompt_over_the_limit_loses_user_text_never_the_assistant_header(smollm2_dir):
+    from common.cli import UserError
+    from mcc_kd.data import encode_example
+    from mcc_kd.eval import eval_prompt
+
+    tok = load_tokenizer(smollm2_dir)
+    instruction = "Tom has 3 apples and buys 4 more. " * 20 + "How many apples does Tom have?"
+    header = tok.encode_chat([{"role": "user", "content": "x"}])[-3:]  # "<|im_end|>\n<|im_start|>assistant\n"
+    full = tok.encode_chat([{"role": "user", "content": instruction}])
+    for limit in (len(full) - 1, 60, 33):  # SmolLM2's template (its system turn) alone takes 30 tokens
+        with pytest.warns(UserWarning, match="cut"):
+            prompt = eval_prompt(tok, instruction, limit + 1, chat=True)
+        assert len(prompt) <= limit and prompt[-3:] == header
+        kept = tok.decode(prompt).split("user\n", 1)[1].rsplit("\nassistant", 1)[0]
+        assert kept and instruction.startswith(kept.strip())
+    with pytest.warns(UserWarning, match="cut"):
+        ex = encode_example(tok, instruction, "3 + 4 = 7", 48, chat=True)
+    assert ex.tokens[ex.prompt_len - 3:ex.prompt_len] == header and len(ex.tokens) <= 48
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="raise --max_seq_len"):
+        eval_prompt(tok, instruction, 21, chat=True)
+    assert eval_prompt(tok, "short", 512, chat=True) == tok.encode_chat([{"role": "user", "content": "short"}])

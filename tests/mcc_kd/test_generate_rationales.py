@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from mcc_kd.data import load_task_file
 from tests.tiny import save_tiny
@@ -43,26 +42,72 @@ def test_real_teacher_writes_k_chat_template_samples_per_question_in_the_train_s
     assert [x["instruction"] for x in train] == [x["instruction"] for x in items]
 
 
-def test_killed_and_rerun_neither_repeats_nor_loses_a_question(tmp_path):
+def _run_killed_in_batch(kwargs, batch):
+    """main(**kwargs) in this process, which SIGKILLs itself inside the generate call of `batch` (0-based):
+    the batches before it are committed, nothing is cleaned up."""
+    from mcc_kd import generate_rationales
+    real, calls = generate_rationales.generate, []
+
+    def generate_then_die(*args, **kw):
+        calls.append(1)
+        if len(calls) == batch + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kw)
+    generate_rationales.generate = generate_then_die
+    generate_rationales.main(**kwargs)
+
+
+def test_killed_and_rerun_writes_the_file_of_an_uninterrupted_run_byte_for_byte(tmp_path):
+    """Batches of 3 questions x 2 samples; the run is SIGKILLed in its 4th batch, then the last committed line
+    is torn as a kill inside a write leaves it, so the rerun starts mid-batch. Seeds keyed per question and
+    sample (not per batch) and whole batches regenerated give the uninterrupted run's bytes."""
+    import multiprocessing as mp
+
     teacher = save_tiny("llama", tmp_path / "teacher")
-    questions(tmp_path / "q.json", 40)
+    items = questions(tmp_path / "q.json", 15)
+    flags = dict(samples=2, temperature=1.0, max_new_tokens=12, batch_size=3)
+    straight = subprocess.run(command(teacher, tmp_path / "q.json", tmp_path / "straight.jsonl", **flags),
+                              cwd=ROOT, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
     out = tmp_path / "out.jsonl"
-    cmd = command(teacher, tmp_path / "q.json", out, samples=2, temperature=1.0, max_new_tokens=12, batch_size=1)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = out.read_text().splitlines()
-    assert 3 <= len(before) < 40, "the kill must land mid-run"
-    with open(out, "a") as f:  # and a line torn by the kill
-        f.write('{"index": 39, "instruction": "cut')
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    after = [json.loads(line) for line in open(out)]
-    assert sorted(r["index"] for r in after) == list(range(40))  # each question exactly once
-    assert [json.dumps(r) for r in after[:len(before)]] == [json.dumps(json.loads(b)) for b in before]  # kept
-    by_instruction = {r["instruction"]: r for r in after}
-    for x in load_task_file(tmp_path / "out.json", train=True):  # the schema prepare_data filters
-        assert x["output"] == [o for o in by_instruction[x["instruction"]]["output"] if o.strip()]
+    kwargs = dict(task="SVAMP", input_file=str(tmp_path / "q.json"), teacher=teacher, output_file=str(out), **flags)
+    child = mp.get_context("spawn").Process(target=_run_killed_in_batch, args=(kwargs, 3))
+    child.start()
+    child.join(1200)
+    assert child.exitcode == -signal.SIGKILL
+    lines = out.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 9 and all(line.endswith(b"\n") for line in lines)  # batches 0-2 committed, no more
+    out.write_bytes(b"".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])  # question 8 torn: batch 2 half done
+    rerun = subprocess.run(command(teacher, tmp_path / "q.json", out, **flags), cwd=ROOT, capture_output=True,
+                           text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "8 already in" in rerun.stdout
+    assert out.read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
+    assert (tmp_path / "out.json").read_bytes() == (tmp_path / "straight.json").read_bytes()
+    records = [json.loads(line) for line in open(out)]
+    assert [r["index"] for r in records] == list(range(len(items)))
+    assert any(r["output"][0] != r["output"][1] for r in records)  # sampled, not greedy
+
+
+def test_teacher_prompts_are_the_chat_template_token_ids_transformers_builds(smollm2_dir, tmp_path, monkeypatch):
+    """The ids handed to the sampler are transformers' own apply_chat_template of the user turn (question + the
+    step-by-step cue) with the generation prompt, not merely a run that says "chat template"."""
+    from transformers import AutoTokenizer
+
+    from mcc_kd import generate_rationales
+    items = questions(tmp_path / "q.json", 2)
+    real, seen = generate_rationales.generate, []
+
+    def recording(model, prompts, **kw):
+        seen.extend(prompts)
+        return real(model, prompts, **kw)
+    monkeypatch.setattr(generate_rationales, "generate", recording)
+    generate_rationales.main(task="SVAMP", input_file=str(tmp_path / "q.json"), teacher=str(smollm2_dir),
+                             output_file=str(tmp_path / "out.jsonl"), samples=2, max_new_tokens=2, batch_size=2)
+    hf_tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    want = [list(hf_tok.apply_chat_template([{"role": "user", "content": f"{x['instruction'].strip()}\nLet's think "
+                                                                          "step by step."}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=False))
+            for x in items for _ in range(2)]
+    assert [list(p) for p in seen] == want

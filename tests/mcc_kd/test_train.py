@@ -14,6 +14,7 @@ import torch
 from common.checkpoint import merge_state_dicts
 from common.checkpoint_split import split
 from common.io import read_tensors
+from common.training import latest_checkpoint
 from common.model import load_model
 from common.parallel import layout, setup
 from common.tokenizer import load_tokenizer
@@ -113,15 +114,21 @@ def _plan_and_batch(tp_size, mcc_file, tok_path):
 
 
 @pytest.mark.parametrize("tp_size", [2, 1])
-def test_every_tp_rank_of_a_dp_group_gets_the_same_batch(tiny, tp_size):
-    ranks = run_distributed(_plan_and_batch, 2, tp_size, str(tiny / "mcc.json"), str(tiny / "ckpt" / "tokenizer.model"))
-    n_items = len(json.load(open(tiny / "mcc.json")))
+def test_every_tp_rank_of_a_dp_group_gets_the_same_batch(tiny, tp_size, tmp_path):
+    items = json.load(open(tiny / "mcc.json"))[:8]  # an even count: two DP ranks split it without padding
+    assert len(items) == 8
+    json.dump(items, open(tmp_path / "mcc8.json", "w"))
+    (tmp_path / "mcc8.meta.json").write_text((tiny / "mcc.meta.json").read_text())
+    ranks = run_distributed(_plan_and_batch, 2, tp_size, str(tmp_path / "mcc8.json"),
+                            str(tiny / "ckpt" / "tokenizer.model"))
     if tp_size == 2:  # one DP group of two TP ranks: identical plans and identical batches
         assert torch.equal(ranks[0]["plan"], ranks[1]["plan"]) and torch.equal(ranks[0]["tokens"], ranks[1]["tokens"])
-        assert ranks[0]["plan"].tolist() == list(range(n_items))
-    else:  # two DP ranks: each item on exactly one rank (items are padded only to equal counts)
-        assert set(ranks[0]["plan"].tolist()).isdisjoint(ranks[1]["plan"].tolist()) or n_items % 2
-        assert set(ranks[0]["plan"].tolist()) | set(ranks[1]["plan"].tolist()) == set(range(n_items))
+        assert ranks[0]["plan"].tolist() == list(range(8))
+    else:  # two DP ranks: each item on exactly one rank, and the two halves make the epoch
+        plans = [set(r["plan"].tolist()) for r in ranks]
+        assert len(ranks[0]["plan"]) == len(ranks[1]["plan"]) == 4
+        assert plans[0].isdisjoint(plans[1]) and plans[0] | plans[1] == set(range(8))
+        assert not torch.equal(ranks[0]["tokens"], ranks[1]["tokens"])
 
 
 def train_command(tiny, save_dir):
@@ -139,9 +146,10 @@ def run(cmd, env):
 
 
 def final_checkpoint(save_dir):
-    folders = sorted((save_dir / "checkpoints").glob("step-*"))
-    state = json.load(open(folders[-1] / "state.json"))
-    return state, read_tensors(str(folders[-1] / "consolidated.00.pth"))
+    """The newest committed checkpoint (the one a rerun resumes from): a kill may leave a newer folder whose
+    save never finished (no state.json)."""
+    folder, state = latest_checkpoint(str(save_dir))
+    return state, read_tensors(os.path.join(folder, "consolidated.00.pth"))
 
 
 def test_killed_training_resumes_to_the_same_final_weights(tiny, tmp_path):
@@ -151,8 +159,9 @@ def test_killed_training_resumes_to_the_same_final_weights(tiny, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_command(tiny, killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((killed / "checkpoints").glob("step-0000000[2-9]/state.json")):
+    deadline = time.monotonic() + 600
+    while not list((killed / "checkpoints").glob("step-0000000[2-9]/state.json")):  # step 2 committed
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 2"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -188,14 +197,15 @@ def test_tp2_and_dp2_training_equal_one_process(tiny, tmp_path):
     json.dump(items, open(train_file, "w"))
     (tmp_path / "mcc8.meta.json").write_text((tiny / "mcc.meta.json").read_text())
     _train_worker(train_kwargs(tiny, train_file, tmp_path / "one", max_batch_size=1, accumulation_steps=2))
+    assert not torch.distributed.is_initialized()  # train_mcc ends by tearing its process groups down
     split(str(tiny / "ckpt"), str(tmp_path / "ckpt-tp2"), n=2)
     run_distributed(_train_worker, 2, train_kwargs(tiny, train_file, tmp_path / "tp2", tp_size=2, max_batch_size=1,
                                                    accumulation_steps=2, ckpt_dir=str(tmp_path / "ckpt-tp2")))
     run_distributed(_train_worker, 2, train_kwargs(tiny, train_file, tmp_path / "dp2", tp_size=1,
                                                    max_batch_size=1, accumulation_steps=1))
     _, one = final_checkpoint(tmp_path / "one")
-    folders = sorted((tmp_path / "tp2" / "checkpoints").glob("step-*"))
-    tp2 = merge_state_dicts([read_tensors(str(folders[-1] / f"consolidated.0{r}.pth")) for r in range(2)])
+    folder, _ = latest_checkpoint(str(tmp_path / "tp2"))
+    tp2 = merge_state_dicts([read_tensors(os.path.join(folder, f"consolidated.0{r}.pth")) for r in range(2)])
     _, dp2 = final_checkpoint(tmp_path / "dp2")
     assert any(one[k].abs().sum() > 0 for k in one if "lora_b_" in k)
     for other in (tp2, dp2):
@@ -238,6 +248,16 @@ def test_each_indices_convention_trains_the_span_kl_on_the_logits_predicting_the
     with pytest.raises(DataError, match=rf"indices are '{indices}' positions but this run reads them as '{other}': "
                                         rf"pass --indices {indices}"):
         load_task_file(str(tmp_path / "mcc.json"), multi_cot=True, tokenizer=tok, indices=other)
+
+
+def test_train_mcc_reads_the_indices_convention_from_the_sidecar_by_default(tiny, tmp_path, capsys):
+    tok = load_tokenizer(str(tiny / "ckpt" / "tokenizer.model"))
+    json.dump([HAND_BUILT] * 2, open(tmp_path / "raw.json", "w"))
+    filter_file("SVAMP", str(tmp_path / "raw.json"), str(tmp_path / "mcc.json"), tok.path, indices="tokens")
+    _train_worker(train_kwargs(tiny, tmp_path / "mcc.json", tmp_path / "run", max_batch_size=2, accumulation_steps=1))
+    assert "indices are 'tokens' positions" in capsys.readouterr().out
+    with pytest.raises(DataError, match="pass --indices tokens"):  # a flag that contradicts the sidecar
+        _train_worker(train_kwargs(tiny, tmp_path / "mcc.json", tmp_path / "run2", indices="logits"))
 
 
 def test_config_file_gives_the_architecture_as_the_originals_flag(tiny, tmp_path):

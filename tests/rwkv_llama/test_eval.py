@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_llama import eval as rwkv_eval
-from rwkv_llama.data import chat_dataset
+from rwkv_llama.data import chat_stream, encode
 from rwkv_llama.model import build_hybrid
 from rwkv_llama.train import save_student
 from tests.tiny import char_tokenizer, save_tiny, tiny_model
@@ -19,8 +19,8 @@ VAL = os.path.join(ROOT, "data/rwkv_llama/ultrachat_standin/validation.jsonl")
 def test_perplexity_is_exp_of_torch_cross_entropy_on_the_pre_shifted_labels():
     model, tok = tiny_model("llama"), char_tokenizer()
     tok.pad_token = tok.eos_token
-    rows = chat_dataset(VAL, tok, 96)[:6]
-    got = rwkv_eval.perplexity(model, rows, micro_bsz=4)
+    rows = [encode(raw, tok, 96) for raw in chat_stream(VAL)][:6]
+    got = rwkv_eval.perplexity(model, iter(rows), micro_bsz=4)   # consumed lazily
     ids = torch.stack([r["input_ids"] for r in rows])
     labels = torch.stack([r["labels"] for r in rows])
     attn = (torch.arange(96)[None] < torch.tensor([r["length"] for r in rows])[:, None]).long()

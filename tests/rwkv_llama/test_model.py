@@ -162,3 +162,49 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad for p in student.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def _fake_fla(monkeypatch, style):
+    """A stand-in `fla.ops.rwkv6.chunk_rwkv6` with the signature and layout of one fla generation, computing
+    with the reference recurrence: "vendored" (RWKVinLLAMA's copy: [B, H, T, N] only), "head_first" (the
+    parameter, default True), "time_first" (0.5: [B, T, H, N] only, head_first refused)."""
+    import sys
+    import types
+
+    def compute(r, k, v, w, u, initial_state, time_first):
+        if not time_first:
+            r, k, v, w = (t.transpose(1, 2) for t in (r, k, v, w))
+        y, S = reference_wkv6(r, k, v, w, u, initial_state)
+        return (y if time_first else y.transpose(1, 2)).float(), S.float()
+
+    if style == "vendored":
+        def chunk_rwkv6(r, k, v, g, u, scale=None, initial_state=None, output_final_state=False, checkpoint_level=0,
+                        training=True):
+            return compute(r, k, v, g, u, initial_state, time_first=False)
+    elif style == "head_first":
+        def chunk_rwkv6(r, k, v, g, u, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                        head_first=True):
+            return compute(r, k, v, g, u, initial_state, time_first=not head_first)
+    else:
+        def chunk_rwkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                        cu_seqlens_cpu=None, **kwargs):
+            if "head_first" in kwargs:
+                raise DeprecationWarning("head_first has been removed")
+            return compute(r, k, v, w, u, initial_state, time_first=True)
+    module = types.ModuleType("fla.ops.rwkv6")
+    module.chunk_rwkv6 = chunk_rwkv6
+    for name in ("fla", "fla.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.rwkv6", module)
+
+
+@pytest.mark.parametrize("style", ["vendored", "head_first", "time_first"])
+def test_fla_call_passes_the_layout_each_fla_version_expects(monkeypatch, style):
+    from rwkv_llama.model import _fla_wkv6
+
+    _fake_fla(monkeypatch, style)
+    r, k, v, log_decay, u, state = random_inputs(T=7, H=2, N=4)  # T != H, so a swapped layout cannot pass
+    y, S = _fla_wkv6(r, k, v, log_decay, u, state)
+    y_ref, S_ref = reference_wkv6(r, k, v, log_decay, u, state)
+    torch.testing.assert_close(y, y_ref.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(S, S_ref.float(), atol=1e-4, rtol=1e-4)

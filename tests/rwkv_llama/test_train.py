@@ -63,6 +63,12 @@ def test_stage1_then_stage2_reduce_their_losses(setup_dir, tmp_path):
     assert set(read_tensors(str(tmp_path / "s2/student.safetensors"))) == set(w1)
 
 
+# 24 rows in shuffle windows of 10: 6 micro-batches of 4 per epoch, so the 8 steps cross an epoch boundary and a
+# resumed run must continue the stream mid-window and mid-epoch
+STREAM_FLAGS = dict(max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1, max_rows=24,
+                    shuffle_buffer=10)
+
+
 def _killed_run(d, out):
     """Stage 2 that SIGKILLs itself after its 5th optimiser step (checkpoint at 3): no cleanup of any kind."""
     real = train.optimizer_step
@@ -75,20 +81,22 @@ def _killed_run(d, out):
             os.kill(os.getpid(), signal.SIGKILL)
         return norm
     train.optimizer_step = step_then_die
-    run(d, out, max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1)
-    os._exit(0)
+    run(d, out, **STREAM_FLAGS)
 
+
+# Children are spawned, not forked: a fresh interpreter inherits no process group from the tests before.
 
 def test_kill_9_during_stage_2_then_rerun_gives_the_weights_of_an_uninterrupted_run(setup_dir, tmp_path):
     import multiprocessing as mp
-    run(setup_dir, tmp_path / "whole", max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1)
-    child = mp.get_context("fork").Process(target=_killed_run, args=(setup_dir, tmp_path / "cut"))
+    whole = run(setup_dir, tmp_path / "whole", **STREAM_FLAGS)
+    child = mp.get_context("spawn").Process(target=_killed_run, args=(setup_dir, tmp_path / "cut"))
     child.start()
-    child.join(300)
+    child.join(1200)
     assert child.exitcode == -signal.SIGKILL
     assert not (tmp_path / "cut/student.safetensors").exists()
     assert os.path.exists(tmp_path / "cut/checkpoints/step-00000003/state.json")
-    run(setup_dir, tmp_path / "cut", max_steps=8, is_hidden_align=False, log_every_n_steps=3, dropout=0.1)
+    cut = run(setup_dir, tmp_path / "cut", **STREAM_FLAGS)
+    assert [r["loss"] for r in cut[-5:]] == [r["loss"] for r in whole[-5:]]     # steps 4-8 on the same batches
     a = read_tensors(str(tmp_path / "whole/student.safetensors"))
     b = read_tensors(str(tmp_path / "cut/student.safetensors"))
     assert a.keys() == b.keys()
@@ -96,19 +104,18 @@ def test_kill_9_during_stage_2_then_rerun_gives_the_weights_of_an_uninterrupted_
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
-def _trainer(d, out, rank, port, served=True):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    run(d, out, max_steps=4, is_client=served, is_hidden_align=True, connect_timeout_s=120, reply_timeout_s=60)
-    os._exit(0)
+def _trainer(d, out, rank, env, served=True):
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    run(d, out, max_steps=4, is_client=served, is_hidden_align=True, connect_timeout_s=300, reply_timeout_s=300)
 
 
 def _server(d, id_file):
     from transformers import AutoModelForCausalLM
     from rwkv_llama.teacher_server import serve
-    model = AutoModelForCausalLM.from_pretrained(str(d / "teacher")).eval()
-    os._exit(serve(model, batch=4, length=32, size=3, nccl_id_file=id_file, output_all_hiddens=True, pad_id=1,
-                   backend="gloo", connect_timeout_s=120, request_timeout_s=60))
+    code = serve(lambda: (AutoModelForCausalLM.from_pretrained(str(d / "teacher")).eval(), 1), batch=4, length=32,
+                 size=3, nccl_id_file=id_file, output_all_hiddens=True, backend="gloo", connect_timeout_s=300,
+                 request_timeout_s=300)
+    os._exit(code)
 
 
 def _run_all(procs):
@@ -116,7 +123,7 @@ def _run_all(procs):
         for p in procs:
             p.start()
         for p in procs:
-            p.join(300)
+            p.join(900)
         assert [p.exitcode for p in procs] == [0] * len(procs)
     finally:
         for p in procs:            # nothing is left running
@@ -127,13 +134,14 @@ def _run_all(procs):
 
 def test_two_ddp_trainers_on_a_teacher_server_train_as_with_the_in_process_teacher(setup_dir, tmp_path):
     import multiprocessing as mp
-    from tests.distributed import free_port
-    fork = mp.get_context("fork")
-    port = free_port()
-    _run_all([fork.Process(target=_server, args=(setup_dir, str(setup_dir / "nccl.txt_0")))] +
-             [fork.Process(target=_trainer, args=(setup_dir, tmp_path / "served", r, port)) for r in range(2)])
-    port = free_port()
-    _run_all([fork.Process(target=_trainer, args=(setup_dir, tmp_path / "local", r, port, False)) for r in range(2)])
+    from tests.distributed import rendezvous_env
+    spawn = mp.get_context("spawn")
+    with rendezvous_env(2) as env:
+        _run_all([spawn.Process(target=_server, args=(setup_dir, str(setup_dir / "nccl.txt_0")))] +
+                 [spawn.Process(target=_trainer, args=(setup_dir, tmp_path / "served", r, env)) for r in range(2)])
+    with rendezvous_env(2) as env:
+        _run_all([spawn.Process(target=_trainer, args=(setup_dir, tmp_path / "local", r, env, False))
+                  for r in range(2)])
     served = read_tensors(str(tmp_path / "served/student.safetensors"))
     local = read_tensors(str(tmp_path / "local/student.safetensors"))
     for k in served:   # the server's batched forward over both trainers' rows differs from each rank's own in ulps
@@ -203,3 +211,51 @@ def test_eval_hybrid_before_distillation_is_the_student_training_starts_from(set
     assert start and all(torch.equal(params[k], v) for k, v in start.items())
     other = dict(build_model(str(setup_dir / "teacher"), layers=[0, 1], head_size=8, seed=8).named_parameters())
     assert not all(torch.equal(other[k], v) for k, v in start.items())
+
+
+class _FixedTeacher:
+    def __init__(self, logits):
+        self.logits = logits
+
+    def forward(self, ids, lengths):
+        return self.logits, None
+
+
+@pytest.mark.parametrize("all_labels", [False, True])
+def test_stage2_loss_equals_the_hand_formula(all_labels):
+    """kl_weight·FKL(p ‖ q) + ce_weight·CE(labels[t] from logits[t]) (spec §4): FKL a token mean over
+    labels != -100, or with is_all_labels_kl summed over every position and the vocabulary and divided by B."""
+    from tests.tiny import tiny_model
+    student = tiny_model("llama", seed=3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 100, (2, 6), generator=g)
+    labels = torch.tensor([[-100, 5, 6, 7, -100, -100], [-100, -100, 8, 9, 10, 11]])
+    t_logits = 3 * torch.randn(2, 6, student.config.vocab_size, generator=g)
+    batch = dict(input_ids=ids, labels=labels, lengths=torch.tensor([4, 6]))
+    cfg = dict(is_sft=False, is_hidden_align=False, is_all_labels_kl=all_labels, kl_weight=0.1, ce_weight=1.0)
+    loss, parts = train.step_losses(student, batch, _FixedTeacher(t_logits), cfg,
+                                    dict(tokens=7.0, sequences=2.0, batches=1))
+    with torch.no_grad():
+        attn = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+        z = student(input_ids=ids, attention_mask=attn).logits.double()
+    p, logq = t_logits.double().softmax(-1), z.log_softmax(-1)
+    kl_all = (p * (p.log() - logq)).sum(-1)
+    counted = labels != -100
+    kl = kl_all.sum() / 2 if all_labels else kl_all[counted].sum() / 7
+    ce = -logq[counted].gather(-1, labels[counted][:, None]).sum() / 7
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.1 * kl.item() + ce.item(), rel=1e-5)
+
+
+def test_each_step_logs_the_originals_quantities(setup_dir, tmp_path):
+    """loss, the KL and the student CE, lr, Kt/s = max_seq_length·real_bsz / step time / 1000, tokens seen; with a
+    validation check, the student's and the teacher's validation CE (spec §6 logging)."""
+    s1 = run(setup_dir, tmp_path / "s1", max_steps=2)
+    rows = run(setup_dir, tmp_path / "s2", max_steps=2, is_hidden_align=False, val_check_interval=2,
+               ckpt_file=str(tmp_path / "s1/student.safetensors"))
+    assert {"loss", "hidden_mse", "lr", "kt_per_s", "tokens"} <= set(s1[0])
+    assert {"step", "loss", "kl", "ce", "lr", "grad_norm", "kt_per_s", "tokens"} <= set(rows[0])
+    assert rows[0]["loss"] == pytest.approx(0.1 * rows[0]["kl"] + rows[0]["ce"], rel=1e-6)
+    assert [r["tokens"] for r in rows] == [32 * 4, 2 * 32 * 4]  # max_seq_length x real_bsz per step
+    assert {"val_ce", "val_teacher_ce", "val_kl"} <= set(rows[1]) and "val_ce" not in rows[0]
