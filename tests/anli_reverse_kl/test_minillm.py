@@ -214,6 +214,25 @@ def test_causal_importance_weights_equal_those_the_left_padded_sampler_recorded(
     assert any(w != 1.0 for ws in generations.weights for w in ws)
 
 
+
+def test_causal_policy_loss_whitens_the_response_entries_as_released():
+    """The release whitens LMOps' [B, width] response tensor (padding zeros included); a causal store lays the
+    responses after their prompts, and the loss packs them back: the same hand value as the T5 layout."""
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    store = score_rollouts(student, teacher, PROMPTS, RESPONSES, pad_id=0, alpha=0.2)
+    student.eval()
+    width = 7
+    got = minillm_loss(student, teacher, {k: store[k] for k in store_fields(store)}, whiten="release", width=width)
+    lq, lp = hand_causal_log_probs(student, PROMPTS, RESPONSES), hand_causal_log_probs(teacher, PROMPTS, RESPONSES)
+    w, _, raw, _ = hand_quantities(lq, lp, 0.2, 0.95)
+    flat = [a for row in raw for a in row] + [0.0] * (2 * width - 6)
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((a - mean) ** 2 for a in flat) / len(flat) + 1e-8)
+    terms = [max(-a * x, -a * min(max(x, 0.8), 1.2)) for ws, row in zip(w, raw) for x, a in
+             zip(ws, [(v - mean) / std for v in row])]
+    assert got["pg"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+
+
 @torch.no_grad()
 def exact_causal_reverse_kl(student, teacher, prompts, vocab=128):
     """KL[q ‖ p] over all two-token continuations, exactly (the causal twin of exact_reverse_kl)."""
