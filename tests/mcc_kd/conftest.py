@@ -25,3 +25,23 @@ def tiny(tmp_path_factory):
                 max_seq_len=192)
     json.dump(json.load(open(os.path.join(DATA, "dev_standin.json")))[:3], open(root / "dev.json", "w"))
     return root
+
+
+def sharp_tiny_model(root):
+    """(tokenizer, the filtered MCC items, the tiny model with weights ~ N(0, 0.3)): sharper than the 0.02 init,
+    so span KLs between rationales are not ~0."""
+    import torch
+
+    from common.model import load_model
+    from common.parallel import setup
+    from common.tokenizer import load_tokenizer
+    from mcc_kd.data import load_task_file
+
+    setup()
+    tok = load_tokenizer(str(root / "ckpt" / "tokenizer.model"))
+    items = load_task_file(str(root / "mcc.json"), multi_cot=True, tokenizer=tok)
+    model = load_model(str(root / "ckpt"), lora_rank=-1, max_seq_len=192, max_batch_size=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return tok, items, model

@@ -6,11 +6,10 @@ import json
 import pytest
 import torch
 
-from common.model import load_model
-from common.parallel import layout, setup
-from common.tokenizer import load_tokenizer
+from common.parallel import layout
 from mcc_kd import consistency
-from mcc_kd.data import collate, encode_example, load_task_file
+from mcc_kd.data import collate, encode_example
+from tests.mcc_kd.conftest import sharp_tiny_model
 
 
 def span_kl(za, zb, T):
@@ -20,13 +19,7 @@ def span_kl(za, zb, T):
 
 
 def test_per_question_consistency_is_the_mean_span_kl_over_its_rationale_pairs(tiny):
-    setup()
-    tok = load_tokenizer(str(tiny / "ckpt" / "tokenizer.model"))
-    items = load_task_file(str(tiny / "mcc.json"), multi_cot=True, tokenizer=tok)
-    model = load_model(str(tiny / "ckpt"), lora_rank=-1, max_seq_len=192, max_batch_size=8)
-    with torch.no_grad():
-        for p in model.parameters():  # sharper than the 0.02 init, so the KL is not ~0
-            p.normal_(0, 0.3)
+    tok, items, model = sharp_tiny_model(tiny)
     records = consistency.span_consistency(model, tok, items, T=1.3, max_seq_len=192, batch_size=4,
                                            lay=layout(), max_rationales=3)
     assert [r["index"] for r in records] == list(range(len(items))) and len(items) >= 3

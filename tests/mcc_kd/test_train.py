@@ -23,6 +23,7 @@ from mcc_kd.prepare_data import filter_file
 from mcc_kd.train import choose, epoch_plan
 from mcc_kd.train_mcc import mcc_batch, mcc_loss
 from tests.distributed import run_distributed
+from tests.mcc_kd.conftest import sharp_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "data", "SVAMP")
@@ -57,13 +58,7 @@ def reference_losses(logits, labels, spans_a, spans_b, T):
 
 
 def test_span_kl_and_ce_inside_train_mcc_match_the_formula(tiny):
-    setup()
-    tok = load_tokenizer(str(tiny / "ckpt" / "tokenizer.model"))
-    items = load_task_file(str(tiny / "mcc.json"), multi_cot=True, tokenizer=tok)
-    model = load_model(str(tiny / "ckpt"), lora_rank=-1, max_seq_len=192, max_batch_size=8)
-    with torch.no_grad():
-        for p in model.parameters():  # a sharper random model than the 0.02 init, so the KL is not ~0
-            p.normal_(0, 0.3)
+    tok, items, model = sharp_tiny_model(tiny)
     c = cfg()
     batch = mcc_batch(items, [0, 1, 2], epoch=0, tokenizer=tok, cfg=c)
     # hand check of the convention: the logit positions in `indices` predict the answer tokens
