@@ -147,6 +147,21 @@ def final_checkpoint(save_dir):
     return state, read_tensors(os.path.join(folder, "consolidated.00.pth"))
 
 
+
+@pytest.mark.parametrize("script", ["train.py", "train_mcc.py"])
+def test_selection_last_scores_only_the_last_epoch_and_reads_no_dev_file(tiny, tmp_path, script):
+    """--selection last (the main job's): no per-epoch evaluation even with a dev file given, only the last
+    epoch's weights kept, and they alone are scored on label_file."""
+    save = tmp_path / "run"
+    cmd = train_command(tiny, save) + ["--selection", "last", "--label_file", str(tiny / "dev.json")]
+    cmd[1] = f"mcc_kd/{script}"
+    run(cmd, dict(os.environ, OMP_NUM_THREADS="1"))
+    state, _ = final_checkpoint(save)
+    assert state["best_epoch"] == 2 and state["history"] == []
+    assert sorted(p.name for p in save.glob("epoch-*")) == ["epoch-002"]
+    assert sorted(p.name for p in (save / "log").iterdir()) == ["SVAMP-dev-metrics.json", "SVAMP-dev-predictions.json"]
+
+
 def test_killed_training_resumes_to_the_same_final_weights(tiny, tmp_path):
     env = dict(os.environ)
     run(train_command(tiny, tmp_path / "straight"), env)
