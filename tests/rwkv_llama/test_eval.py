@@ -34,7 +34,7 @@ def test_perplexity_is_exp_of_torch_cross_entropy_on_the_pre_shifted_labels():
 def test_kl_to_teacher_is_torch_kl_div_over_the_label_tokens():
     student, teacher, tok = tiny_model("llama", seed=1), tiny_model("llama", seed=2), char_tokenizer()
     tok.pad_token = tok.eos_token
-    rows = chat_dataset(VAL, tok, 96)[:6]
+    rows = [encode(raw, tok, 96) for raw in chat_stream(VAL)][:6]
     got = rwkv_eval.perplexity(student, rows, micro_bsz=4, teacher=teacher)
     ids = torch.stack([r["input_ids"] for r in rows])
     mask = torch.stack([r["labels"] for r in rows]) != -100
