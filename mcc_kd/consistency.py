@@ -12,6 +12,7 @@ predictions.json ({index, instruction, label, pairs, kl} per question) and -cons
 ({N, mean_kl, T}).
 """
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -23,12 +24,12 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 from tqdm import tqdm
 
-from common.cli import run_cli
+from common.cli import UserError, check_choice, check_range, run_cli
 from common.losses import mcc_span_kl
-from common.parallel import Layout, dp_group
+from common.parallel import Layout, dp_group, shutdown
 from common.training import load_weights
 from mcc_kd.answers import check_task
-from mcc_kd.data import collate, encode_example, load_task_file, logit_spans
+from mcc_kd.data import INDICES, collate, encode_example, load_task_file, logit_spans
 from mcc_kd.eval import build_model, split_name, write_results
 
 
@@ -75,6 +76,13 @@ def main(task: str, ckpt_dir: str, file: str, model_type: str = None, lora_dir: 
     """Held-out consistency of a base checkpoint, or with trained weights from `lora_dir`, on an MCC file of
     questions the model was not trained on (`file`, with `indices` made for this tokenizer and prompt format)."""
     check_task(task)
+    check_choice("--indices", indices, INDICES)
+    check_range("--max_rationales", max_rationales, low=2)  # a pair at least
+    for flag, value in (("--eval_batch_size", eval_batch_size), ("--max_seq_len", max_seq_len)):
+        check_range(flag, value, low=1)
+    load_task_file(file, multi_cot=True)  # a bad file fails before the model loads
+    if lora_dir is not None and not os.path.isdir(lora_dir):
+        raise UserError(f"--lora_dir {lora_dir}: no such folder (an epoch-* folder of a train.py --save_dir)")
     lay, model, tokenizer = build_model(ckpt_dir, model_type, lora_rank, lora_alpha, tokenizer_file, max_seq_len,
                                         eval_batch_size, tp_size, use_float16, use_bfloat16, seed, config_file)
     items = load_task_file(file, multi_cot=True, tokenizer=tokenizer, chat=chat_template, indices=indices)
@@ -86,6 +94,7 @@ def main(task: str, ckpt_dir: str, file: str, model_type: str = None, lora_dir: 
                "max_rationales": max_rationales}
     write_results(log_dir, task, f"{split_name(file)}-consistency", records, metrics, lay,
                   summary=f"mean span KL (T {T}) {metrics['mean_kl']:.4f}")
+    shutdown()
 
 
 if __name__ == "__main__":

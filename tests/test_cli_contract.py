@@ -127,6 +127,15 @@ def table(ws: Path) -> list:
     add(e, "malformed file", ["--task", "SVAMP", "--ckpt_dir", no, "--label_file", bad_json], rf"{bad_json}: not valid JSON")
     add(e, "wrong type", ["--task", "SVAMP", "--ckpt_dir", no, "--label_file", svamp, "--eval_batch_size", "x"],
         r"--eval_batch_size 'x': expected an integer")
+    e = "mcc_kd/consistency.py"
+    co = ["--task", "SVAMP", "--ckpt_dir", no, "--file", ws / "mcc" / "heldout.json"]
+    add(e, "unknown choice", [*co, "--indices", "chars"], r"--indices 'chars' is not one of")
+    add(e, "out of range", [*co, "--max_rationales", "1"], r"--max_rationales 1: must be >= 2")
+    add(e, "missing file", ["--task", "SVAMP", "--ckpt_dir", no, "--file", no], rf"{no}: no such task file")
+    add(e, "missing field", ["--task", "SVAMP", "--ckpt_dir", no, "--file", ws / "mcc" / "multi.json"],
+        r"multi\.json: item 0: field 'indices': missing field")
+    add(e, "missing folder", [*co, "--lora_dir", no], rf"--lora_dir {no}: no such folder")
+    add(e, "missing model folder", co, rf"--ckpt_dir {no}: no such checkpoint folder")
     e = "mcc_kd/prepare_data.py"
     filt = ["filter", "--task", "SVAMP", "--output_file", ws / "o.json", "--tokenizer_file", t5]
     add(e, "filter: unknown choice", [*filt, "--input_file", svamp, "--indices", "chars"], r"--indices 'chars' is not one of")
@@ -393,6 +402,7 @@ def ws(tmp_path_factory):
     (ws / "mcc").mkdir()
     (ws / "mcc" / "nolabel.json").write_text(json.dumps([item, {k: v for k, v in item.items() if k != "label"}]))
     (ws / "mcc" / "multi.json").write_text(json.dumps([{k: v for k, v in item.items() if k != "indices"}]))
+    (ws / "mcc" / "heldout.json").write_text(json.dumps([item]))
     (ws / "mcc" / "times.txt").write_text("base 10 9\nsft 20\n")
     row = {"uid": "a", "premise": "P.", "hypothesis": "H.", "label": 0, "reason": "Because."}
     write_jsonl(ws / "anli_bad" / "train_r1.jsonl", [row, '{"premise": '])
