@@ -17,7 +17,8 @@ reverse KL over the vocabulary; optional, the fork ran without it).
 As released (LMOps / the fork): the student's log-probabilities (log q_old, log q_θ), the teacher's inside the
 mixture weight and both sides of L_reg are taken at the sampling temperature τ (logits / τ); the teacher's
 log p in the reward at τ = 1. Whitening (`whiten="release"`) runs per PPO micro-batch inside the loss, over
-every entry of its [B, width] advantages (padding zeros included, width = the padded response length);
+every entry of its [B, width] advantages (padding zeros included, width = the padded response length; a causal
+LM's response entries are first packed to the left, as the release holds them);
 `whiten="masked"` whitens once per store over the response tokens of all data-parallel ranks.
 """
 import torch
@@ -101,20 +102,6 @@ def score_rollouts(student, teacher, prompts, responses, *, pad_id, batch_size=N
     return store
 
 
-def causal_release_whiten(raw_advantages, mask, *, width=None, group=None):
-    """The release's per-minibatch whitening (common.losses.minillm_whiten over [B, width], padding zeros
-    included) for a causal store, which lays each response out after its prompt: the response entries are
-    packed to the left of a [B, longest response] tensor (LMOps' response tensor), whitened there, put back."""
-    counts = mask.sum(1)
-    packed_mask = torch.arange(int(counts.max()), device=mask.device)[None] < counts[:, None]
-    packed = raw_advantages.new_zeros(packed_mask.shape)
-    packed[packed_mask] = raw_advantages[mask]
-    whitened = minillm_whiten(packed, width=width, group=group)
-    out = torch.zeros_like(raw_advantages)
-    out[mask] = whitened[packed_mask]
-    return out
-
-
 def minillm_loss(student, teacher, batch: dict, *, clip_range=0.2, single_step_reg=False, normalizer=None,
                  temperature=1.0, whiten="release", width=None, group=None) -> dict:
     """L_pg (+ L_reg) on one minibatch of the store (`batch` has its store_fields). Returns the terms and `loss`,
@@ -125,12 +112,8 @@ def minillm_loss(student, teacher, batch: dict, *, clip_range=0.2, single_step_r
         raise ValueError(f"whiten must be one of {WHITEN}, got {whiten!r}")
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     log_q, logits = sampled_log_probs(student, inputs, batch["targets"], batch["mask"], temperature)
-    if whiten == "masked":
-        advantages = batch["advantages"]
-    elif "decoder_input_ids" in batch:  # T5: the decoder positions are the response
-        advantages = minillm_whiten(batch["raw_advantages"], width=width, group=group)
-    else:
-        advantages = causal_release_whiten(batch["raw_advantages"], batch["mask"].bool(), width=width, group=group)
+    advantages = release_whiten(batch["raw_advantages"], batch["mask"], "decoder_input_ids" in batch, width, group) \
+        if whiten == "release" else batch["advantages"]
     terms = dict(pg=minillm_policy_loss(log_q, batch["log_q_old"], batch["weights"], advantages,
                                         mask=batch["mask"], clip_range=clip_range, normalizer=normalizer))
     if single_step_reg:
@@ -140,3 +123,18 @@ def minillm_loss(student, teacher, batch: dict, *, clip_range=0.2, single_step_r
                                   temperature=temperature)
     terms["loss"] = sum(terms.values())
     return terms
+
+
+def release_whiten(raw, mask, seq2seq: bool, width, group):
+    """The release's per-minibatch whitening of [B, width] response advantages. A T5 store holds them so; a
+    causal LM's sit after each row's prompt, so they are packed to the left first and put back after (the
+    entries off the mask are 0 and never count in the loss)."""
+    if seq2seq:
+        return minillm_whiten(raw, width=width, group=group)
+    lengths = mask.sum(1)
+    packed_mask = torch.arange(max(1, int(lengths.max())), device=raw.device) < lengths[:, None]
+    packed = raw.new_zeros(packed_mask.shape)
+    packed[packed_mask] = raw[mask]
+    out = torch.zeros_like(raw)
+    out[mask] = minillm_whiten(packed, width=width, group=group)[packed_mask]
+    return out

@@ -68,18 +68,18 @@ DEFAULTS = {
 DEFAULTS["kd"] = DEFAULTS["seqkd"] = DEFAULTS["sft"]
 
 
-def check_model_kinds(model_path: str, teacher_model_path: str = None) -> bool:
-    """Student and teacher folders of one kind, read from their config.json before any weights load: True for
-    encoder-decoder (the fork's T5), False for causal LMs (LMOps' setting)."""
-    student = hf.load_config(model_path, "--model_path")
-    if teacher_model_path is not None:
-        teacher = hf.load_config(teacher_model_path, "--teacher_model_path")
-        if bool(teacher.is_encoder_decoder) != bool(student.is_encoder_decoder):
-            kind = {True: "an encoder-decoder", False: "a decoder-only"}
-            raise UserError(f"--teacher_model_path {teacher_model_path} is {kind[bool(teacher.is_encoder_decoder)]} "
-                            f"model and --model_path {model_path} {kind[bool(student.is_encoder_decoder)]} one: give "
-                            f"both of one kind (T5 / Flan-T5, or causal LMs sharing a tokenizer)")
-    return bool(student.is_encoder_decoder)
+def is_seq2seq(path: str, flag: str) -> bool:
+    """Whether a model folder holds an encoder-decoder (read from its config.json, before any weights load)."""
+    return bool(hf.load_config(path, flag).is_encoder_decoder)
+
+
+def check_same_kind(model_path: str, teacher_path: str) -> None:
+    """Teacher and student both encoder-decoder or both causal (one scoring layout for the rollouts and KD)."""
+    kind = {True: "an encoder-decoder", False: "a decoder-only"}
+    student, teacher = is_seq2seq(model_path, "--model_path"), is_seq2seq(teacher_path, "--teacher_model_path")
+    if student != teacher:
+        raise UserError(f"--teacher_model_path {teacher_path} is {kind[teacher]} model and --model_path "
+                        f"{model_path} {kind[student]} one: give both of one kind")
 
 
 def check_flags(cfg: dict, dtype: str, ratios: dict, counts: dict) -> None:
@@ -96,8 +96,8 @@ def check_flags(cfg: dict, dtype: str, ratios: dict, counts: dict) -> None:
         check_range(f"--{name}", value, low=1)
 
 
-def load_items(data_dir: str, max_prompt_length: int, max_len: int, prompt_eos: int = None,
-               flag: str = "--data_dir") -> list:
+def load_items(data_dir: str, max_prompt_length: int, max_len: int, flag: str = "--data_dir",
+               prompt_eos: int = None) -> list:
     """(prompt, target) token lists of the train split; prompts over max_prompt_length are dropped (MiniLLM),
     targets cut to max_len tokens. `prompt_eos`: an id to take off the end of each prompt (a causal LM's)."""
     items = read_items(data_dir, "train", flag)
@@ -201,14 +201,16 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
                 dict(max_prompt_length=max_prompt_length, ppo_epochs=ppo_epochs, num_rollouts=num_rollouts,
                      chunk_size=chunk_size, max_new_tokens=max_new_tokens, save_interval=save_interval))
     # every input is checked before any weights load: the model folders by their configs, then the data
-    seq2seq = check_model_kinds(model_path, teacher_model_path if type in ("kd", "minillm") else None)
+    seq2seq = is_seq2seq(model_path, "--model_path")
+    if type in ("kd", "minillm"):
+        check_same_kind(model_path, teacher_model_path)
     if type == "seqkd" and not os.path.exists(os.path.join(data_dir, "seqkd.json")):
         raise UserError(f"--type seqkd: {data_dir} holds no teacher outputs (no seqkd.json); write them with "
                         f"anli_reverse_kl/generate_data.py and pass its --save folder as --data_dir")
     flags = SimpleNamespace(**{k: v for k, v in locals().items() if k != "cfg"})
     prompt_eos = None if seq2seq else hf.load_tokenizer(model_path).eos_token_id
-    items = load_items(data_dir, max_prompt_length, cfg["max_len"], prompt_eos)
-    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"], prompt_eos, "--lm_data_dir") \
+    items = load_items(data_dir, max_prompt_length, cfg["max_len"], prompt_eos=prompt_eos)
+    lm_items = load_items(lm_data_dir, max_prompt_length, cfg["max_len"], "--lm_data_dir", prompt_eos) \
         if lm_data_dir else None
     run = start_run(flags, cfg)
     if type == "minillm":
@@ -280,7 +282,7 @@ class Run:
         self.ddp = wrap_ddp(self.model, lay)
 
     def batch(self, pairs) -> dict:
-        start_id = self.model.config.decoder_start_token_id if self.flags.seq2seq else None  # None: causal
+        start_id = self.model.config.decoder_start_token_id if self.flags.seq2seq else None
         return to_batch(pairs, self.tok, start_id, self.lay.device)
 
     def backward(self, micro: list, loss_fn) -> dict:
@@ -309,7 +311,7 @@ class Run:
         print0(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
     def checkpoint(self, total_steps: int) -> None:
-        """The resumable checkpoint, and the weights so far to --save/step-N (the last ones go to --save/model)."""
+        """A resume checkpoint; the weights also to --save/step-N unless this is the last step (--save/model)."""
         save_checkpoint(self.flags.save, self.state, self.lay, self.model, self.opt, self.scheduler, self.scaler,
                         self.tok)
         if self.state["step"] < total_steps:

@@ -160,14 +160,16 @@ def _child(ctx: dict, fn, args, log: Path, result: Path):
         sys.stdout = sys.stderr = open(log, "a", buffering=1)  # Python's writers (tqdm, print) ...
         os.dup2(sys.stdout.fileno(), 1)  # ... and the C library's
         os.dup2(sys.stdout.fileno(), 2)
-        atomic_write_json(fn(*args), str(result))
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        out.update(wall_s=time.perf_counter() - wall, cpu_s_total=time.process_time() - cpu)
+        atomic_write_json(out, str(result))
         code = 0
     except BaseException:  # noqa: BLE001 - the parent reads the log
         traceback.print_exc()
         code = 1
     sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # never the parent's exit handlers (pytest's, atexit)
+    sys.exit(code)  # multiprocessing's own exit: its finalizers release tqdm's lock
 
 
 def run_forked(name: str, result: Path, fn, *args) -> dict:
@@ -184,16 +186,18 @@ def run_forked(name: str, result: Path, fn, *args) -> dict:
     proc = FORK_SERVER.Process(target=_child, args=(dict(CTX), fn, args, log, result))
     proc.start()
     proc.join()
-    if proc.exitcode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise RuntimeError(f"{name} failed (exit code {proc.exitcode}); {log} ends:\n{tail}")
+    code = proc.exitcode
+    proc.close()
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:]) if log.exists() else "(no log: it failed to start)"
+        raise RuntimeError(f"{name} failed (exit code {code}); {log} ends:\n{tail}")
     return json.loads(result.read_text())
 
 
 CTX = {}  # the run's settings and paths
 FORK_SERVER = multiprocessing.get_context("forkserver")
 FORK_SERVER.set_forkserver_preload(["torch", "transformers", "transformers.models.llama.modeling_llama",
-                                    "benchmarks.objectives", "atkd.train", "contra_kd.train", "contra_kd.generate_data",
+                                    "atkd.train", "contra_kd.train", "contra_kd.generate_data",
                                     "contra_kd.train_velocity_field", "anli_reverse_kl.train"])
 
 
@@ -389,7 +393,8 @@ def seed_data(seed: int, folder: str) -> Path:
     from anli_reverse_kl.train import item_order
     from common import hf
     from common.io import atomic_folder
-    from contra_kd.data import InstructionSplit, epoch_order
+    from common.training import epoch_order
+    from contra_kd.data import InstructionSplit
 
     out = _path("data", f"seed-{seed}", folder)
     if out.exists():
@@ -522,6 +527,8 @@ def summarise(results: dict, refs: dict) -> dict:
                 entry[metric][f"vs_{base}"] = dict(diff=float(np.mean(diffs)), p=sign_flip_p(diffs), pairs=len(diffs))
         for key in ("steps_per_s", "cpu_s_per_step", "peak_mib"):
             entry[key] = float(np.mean([seeds[s][key] for s in seeds]))
+        units = [seeds[s]["wall_s"] for s in seeds if "wall_s" in seeds[s]]  # training + evaluation
+        entry["unit_s"] = float(np.mean(units)) if units else None
         start = float(np.mean(refs["start"]["fwd_kl"]))
         points = [k for k, _ in seeds[min(seeds)]["curve"]]
         entry["curve"] = [[0, start]] + [[k, float(np.mean([dict(seeds[s]["curve"])[k] for s in seeds]))]
@@ -633,9 +640,8 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
     clock = {}
 
     def stage(name, *args, fn):
-        t0 = time.perf_counter()
         result = run_forked(name, _path("prep", f"{name}.json"), fn, *args)
-        clock[name] = time.perf_counter() - t0
+        clock[name] = result.get("wall_s")
         return result
 
     folders = {ROWS[r][1] for r in rows}
@@ -649,7 +655,8 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
         stage("velocity_field", fn=stage_velocity_field)
     stage("teacher_logits", fn=stage_teacher_logits)
     refs = {name: stage(f"reference-{name}", name, fn=stage_reference) for name in ("teacher", "start")}
-    print(f"prepared {out} ({', '.join(f'{k} {v:.0f} s' for k, v in clock.items())}); rows of {sorted(folders)}")
+    print(f"prepared {out} ({', '.join(f'{k} {v:.0f} s' for k, v in clock.items() if v is not None)}); rows of "
+          f"{sorted(folders)}")
 
     results, failed = {}, []
     units = [(row, seed) for seed in range(seeds) for row in rows]

@@ -477,9 +477,8 @@ class Run:
             lr = self.scheduler.get_last_lr()[0]
             self.log({"kind": "step", "unit": u, "step": step, "epoch": epoch, "source": source, **values, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens / (time.time() - clock)})
-            f = self.f
-            if f.save_interval > 0 and (step + 1) % f.save_interval == 0 and step + 1 < self.total_iters:
-                export_model(self.student, self.tokenizer, os.path.join(f.save, f"step-{step + 1}"), self.lay)
+            if self.f.save_interval > 0 and (step + 1) % self.f.save_interval == 0 and step + 1 < self.total_iters:
+                export_model(self.student, self.tokenizer, os.path.join(self.f.save, f"step-{step + 1}"), self.lay)
             return dict(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", src=source[:3])
         elif kind == "epoch_end":
             self.end_epoch(u, epoch)

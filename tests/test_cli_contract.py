@@ -96,6 +96,9 @@ def table(ws: Path) -> list:
     add("benchmarks/train_step.py", "wrong type", ["--batch", "x"], r"--batch 'x': expected an integer")
     add("benchmarks/train_step.py", "unknown choice", ["--device", "tpu"], r"--device 'tpu' is not one of: cpu, cuda")
     add("benchmarks/losses.py", "unknown choice", ["--loss", "kl"], r"--loss 'kl' is not one of: forward_kl,")
+    add("benchmarks/objectives.py", "unknown choice", ["--rows", "sft,ppo", "--out", ws / "o"],
+        r"--rows ppo: not a row; choose from sft,")
+    add("benchmarks/objectives.py", "wrong type", ["--seeds", "x", "--out", ws / "o"], r"--seeds 'x': expected an integer")
     add("benchmarks/losses.py", "wrong type", ["--tokens", "many"], r"--tokens 'many': expected an integer")
     add("benchmarks/on_policy.py", "wrong type", ["--batch", "x"], r"--batch 'x': expected an integer")
     add("benchmarks/on_policy.py", "out of range", ["--steps", "0"], r"--steps 0: must be >= 1")
@@ -168,8 +171,9 @@ def table(ws: Path) -> list:
         rf"--data_dir {no} does not exist; write it with anli_reverse_kl/prepare_data\.py")
     add(e, "missing model folder", ["--model_path", no, "--data_dir", ws / "anli" / "r1", "--save", ws / "o"],
         rf"--model_path {no} {folder_error}")
-    add(e, "teacher of the other kind", [*tr, "--type", "kd", "--teacher_model_path", gpt2],
-        rf"--teacher_model_path {gpt2} is a decoder-only model and --model_path {t5} an encoder-decoder one")
+    add(e, "GPT-2 teacher", [*tr, "--type", "kd", "--teacher_model_path", gpt2],
+        rf"--teacher_model_path {gpt2} is a decoder-only model and --model_path {t5} an encoder-decoder one: give "
+        r"both of one kind")
     e = "anli_reverse_kl/prepare_data.py"
     prep = ["--tokenizer", t5, "--save", ws / "o", "--rounds", "r1", "--splits", "train"]
     add(e, "missing file", [*prep, "--data_dir", no], rf"--data_dir {no}: no train_r1\.jsonl or train_r1-\*\.parquet")

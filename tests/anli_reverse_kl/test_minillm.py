@@ -215,24 +215,6 @@ def test_causal_importance_weights_equal_those_the_left_padded_sampler_recorded(
 
 
 
-def test_causal_policy_loss_whitens_the_response_entries_as_released():
-    """The release whitens LMOps' [B, width] response tensor (padding zeros included); a causal store lays the
-    responses after their prompts, and the loss packs them back: the same hand value as the T5 layout."""
-    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-    store = score_rollouts(student, teacher, PROMPTS, RESPONSES, pad_id=0, alpha=0.2)
-    student.eval()
-    width = 7
-    got = minillm_loss(student, teacher, {k: store[k] for k in store_fields(store)}, whiten="release", width=width)
-    lq, lp = hand_causal_log_probs(student, PROMPTS, RESPONSES), hand_causal_log_probs(teacher, PROMPTS, RESPONSES)
-    w, _, raw, _ = hand_quantities(lq, lp, 0.2, 0.95)
-    flat = [a for row in raw for a in row] + [0.0] * (2 * width - 6)
-    mean = sum(flat) / len(flat)
-    std = math.sqrt(sum((a - mean) ** 2 for a in flat) / len(flat) + 1e-8)
-    terms = [max(-a * x, -a * min(max(x, 0.8), 1.2)) for ws, row in zip(w, raw) for x, a in
-             zip(ws, [(v - mean) / std for v in row])]
-    assert got["pg"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)
-
-
 @torch.no_grad()
 def exact_causal_reverse_kl(student, teacher, prompts, vocab=128):
     """KL[q ‖ p] over all two-token continuations, exactly (the causal twin of exact_reverse_kl)."""
@@ -269,3 +251,21 @@ def test_minillm_updates_lower_the_exact_reverse_kl_of_a_causal_student(single_s
             optimizer.step()
     after = exact_causal_reverse_kl(student, teacher, prompts)
     assert after < 0.75 * before, (before, after)  # 0.60 -> 0.42 (policy gradient alone) / 0.27 (with L_reg)
+
+
+def test_causal_policy_loss_whitens_the_response_entries_as_the_release_holds_them():
+    """The release whitens [B, width] response advantages; a causal store holds them after each prompt, and its
+    L_pg must equal the hand formula over the responses alone (prompt positions do not count)."""
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    store = score_rollouts(student, teacher, PROMPTS, RESPONSES, pad_id=0, alpha=0.2)
+    student.eval()
+    width = 7
+    got = minillm_loss(student, teacher, {k: store[k] for k in store_fields(store)}, width=width)["pg"]
+    lq, lp = hand_causal_log_probs(student, PROMPTS, RESPONSES), hand_causal_log_probs(teacher, PROMPTS, RESPONSES)
+    w, _, raw, _ = hand_quantities(lq, lp, 0.2, 0.95)
+    flat = [a for row in raw for a in row] + [0.0] * (2 * width - 6)
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((a - mean) ** 2 for a in flat) / len(flat) + 1e-8)
+    terms = [max(-(a - mean) / std * x, -(a - mean) / std * min(max(x, 0.8), 1.2))
+             for ws, As in zip(w, raw) for x, a in zip(ws, As)]
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)

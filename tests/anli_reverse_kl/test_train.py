@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from anli_reverse_kl.prepare_data import write_tokenized
-from anli_reverse_kl.train import check_model_kinds, kd_loss, load_items, model_inputs, sft_loss, to_batch, train
-from common.cli import UserError
+from anli_reverse_kl.train import check_same_kind, kd_loss, load_items, model_inputs, sft_loss, to_batch, train
 from common.io import read_tensors
 from tests.tiny import char_tokenizer, save_tiny, tiny_model
 
@@ -104,13 +103,10 @@ def test_sft_and_kd_micro_batches_with_the_whole_step_counts_sum_to_the_full_bat
 
 def test_a_teacher_of_the_other_kind_is_refused_from_the_configs_with_one_clear_line(tmp_path):
     t5, opt = save_tiny("t5", tmp_path / "t5"), save_tiny("opt", tmp_path / "opt-folder")
-    with pytest.raises(UserError, match=r"--teacher_model_path .*opt-folder is a decoder-only model and --model_path "
-                                        r".*t5 an encoder-decoder one"):
-        check_model_kinds(t5, opt)
-    assert check_model_kinds(t5, save_tiny("t5", tmp_path / "t5-2", seed=1)) is True
-    llama = save_tiny("llama", tmp_path / "llama")
-    assert check_model_kinds(llama, save_tiny("llama", tmp_path / "llama-2", seed=1)) is False  # one kind: fine
-    assert check_model_kinds(llama) is False
+    with pytest.raises(ValueError, match=r"--teacher_model_path .*opt-folder is a decoder-only model and --model_path "
+                                         r".*t5 an encoder-decoder one"):
+        check_same_kind(t5, opt)
+    check_same_kind(save_tiny("llama", tmp_path / "S"), save_tiny("llama", tmp_path / "T", seed=1))  # one kind
 
 
 def test_causal_batches_score_the_target_after_the_prompt_and_weight_its_first_token():

@@ -57,7 +57,8 @@ def test_every_row_runs_on_a_tiny_pair_and_a_rerun_redoes_only_what_is_missing(t
     # every folder meets the same items in the same order (its own shuffle undone by the file's order)
     from anli_reverse_kl.prepare_data import read_items
     from anli_reverse_kl.train import item_order
-    from contra_kd.data import InstructionSplit, epoch_order
+    from common.training import epoch_order
+    from contra_kd.data import InstructionSplit
 
     data = out / "data" / "seed-0"
     tok = char_tokenizer()
