@@ -47,8 +47,9 @@ from anli_reverse_kl.prepare_data import read_items
 from common import hf
 from common.cli import UserError, check_choice, check_range, run_cli
 from common.distributed import DTYPES, all_reduce_dp, dp_group, print0, rank_seed, setup, shutdown
-from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
-                                optimizer_step, save_checkpoint, unwrap, wrap_ddp)
+from common.hf_training import (autocast, export_model, gathered, grad_scaler, grad_sync, load_checkpoint,
+                                load_device, lr_schedule, optimizer_step, save_checkpoint, sharding_from_flag, unwrap,
+                                wrap_model)
 from common.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from common.labels import causal_lm_batch, seq2seq_batch, targets_and_mask
 from common.losses import cross_entropy, soft_cross_entropy
@@ -183,7 +184,7 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
           length_norm: bool = True, single_step_reg: bool = False, whiten: str = "release",
           reason_mean: str = "fork", lm_data_dir: str = None, lm_coef: float = 1.0,
           max_new_tokens: int = 180, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-          dtype: str = "float32", save_interval: int = 500, seed: int = 10):
+          dtype: str = "float32", save_interval: int = 500, seed: int = 10, fsdp=None):
     check_choice("--type", type, TYPES)
     check_choice("--whiten", whiten, WHITEN)
     check_choice("--reason_mean", reason_mean, REASON_MEANS)
@@ -200,6 +201,10 @@ def train(type: str = "sft", model_path: str = None, teacher_model_path: str = N
     check_flags(cfg, dtype, dict(loss_ratio=loss_ratio, kd_ratio=kd_ratio, teacher_mixed_alpha=teacher_mixed_alpha),
                 dict(max_prompt_length=max_prompt_length, ppo_epochs=ppo_epochs, num_rollouts=num_rollouts,
                      chunk_size=chunk_size, max_new_tokens=max_new_tokens, save_interval=save_interval))
+    sharding = sharding_from_flag(fsdp, "--fsdp", dtype)  # --fsdp [offload]: student and teacher sharded (FSDP)
+    if sharding != "ddp" and cfg["optimizer"] == "adafactor":
+        raise UserError("--fsdp with --optimizer adafactor: transformers' Adafactor keeps factored statistics that "
+                        "do not shard; pass --optimizer adamw with --fsdp, or train without --fsdp")
     # every input is checked before any weights load: the model folders by their configs, then the data
     seq2seq = is_seq2seq(model_path, "--model_path")
     if type in ("kd", "minillm"):
@@ -265,6 +270,9 @@ class Run:
         """Optimiser, schedule and scaler for `total_steps`, restored from the last checkpoint when there is one;
         args.json; the log cut back to the restored step (a resumed run redoes the steps after it)."""
         f, cfg, lay = self.flags, self.cfg, self.lay
+        # DDP, or the student sharded in place before its optimiser exists (and before a sharded checkpoint loads)
+        self.ddp = wrap_model(self.model, lay, f.sharding, f.dtype)
+        self.teacher = wrap_model(self.teacher, lay, f.sharding) if self.teacher is not None else None
         self.opt = make_optimizer(self.model, cfg["optimizer"], cfg["lr"], cfg["weight_decay"])
         self.scheduler = lr_schedule(self.opt, cfg["lr_decay_style"], cfg["warmup_iters"], total_steps)
         self.scaler = grad_scaler(f.dtype, lay.device)
@@ -279,7 +287,6 @@ class Run:
                              if r["step"] <= self.state["step"]], self.log_path)
         print0(f"{f.type}: {total_steps} optimiser steps, {len(items)} items, dp {lay.dp_size}, resuming at step "
                f"{self.state['step']}")
-        self.ddp = wrap_ddp(self.model, lay)
 
     def batch(self, pairs) -> dict:
         start_id = self.model.config.decoder_start_token_id if self.flags.seq2seq else None
@@ -328,9 +335,10 @@ def start_run(flags, cfg) -> Run:
     if flags.type in ("kd", "minillm"):  # one tokenizer for both: the rollouts and KD compare token by token
         teacher_tok = hf.load_tokenizer(flags.teacher_model_path, flag="--teacher_model_path")
         hf.check_tokenizers(tok, teacher_tok)
-    model = hf.load_model(flags.model_path, dtype="float32", device=lay.device)
+    model = hf.load_model(flags.model_path, dtype="float32", device=load_device(lay, flags.sharding))
     if flags.type in ("kd", "minillm"):
-        teacher = hf.load_model(flags.teacher_model_path, device=lay.device, frozen=True, flag="--teacher_model_path")
+        teacher = hf.load_model(flags.teacher_model_path, device=load_device(lay, flags.sharding), frozen=True,
+                                flag="--teacher_model_path")
         hf.check_vocab(model, teacher, tok, teacher_tok)
     model.train()
     return Run(flags, cfg, lay, tok, model, model, teacher)
@@ -370,12 +378,13 @@ def rollouts(run: Run, items: list, iteration: int) -> tuple:
     order = item_order(len(items), iteration * f.num_rollouts, f.num_rollouts, f.seed)
     prompts = [items[i][0] for i in dp_shard(order, lay.dp_rank, lay.dp_size)]
     t0, responses = time.perf_counter(), []
-    for c in range(0, len(prompts), f.chunk_size):
-        responses += sample_responses(unwrap(run.ddp), run.teacher, prompts[c:c + f.chunk_size],
-                                      max_new_tokens=f.max_new_tokens, alpha=f.teacher_mixed_alpha,
-                                      temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                                      eos_id=run.tok.eos_token_id, pad_id=run.tok.pad_token_id,
-                                      seed=rank_seed(f.seed, iteration * 100003 + c, lay.dp_rank))
+    with gathered(run.ddp, run.teacher):  # FSDP: whole weights while ranks sample different lengths
+        for c in range(0, len(prompts), f.chunk_size):
+            responses += sample_responses(unwrap(run.ddp), run.teacher, prompts[c:c + f.chunk_size],
+                                          max_new_tokens=f.max_new_tokens, alpha=f.teacher_mixed_alpha,
+                                          temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                                          eos_id=run.tok.eos_token_id, pad_id=run.tok.pad_token_id,
+                                          seed=rank_seed(f.seed, iteration * 100003 + c, lay.dp_rank))
     elapsed = time.perf_counter() - t0
     store = score_rollouts(unwrap(run.ddp), run.teacher, prompts, responses, pad_id=run.tok.pad_token_id,
                            batch_size=f.chunk_size, group=run.group, temperature=f.temperature,

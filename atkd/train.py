@@ -28,8 +28,9 @@ from common import hf, losses  # noqa: E402
 from common.cli import UserError, check_choice, check_range, run_cli  # noqa: E402
 from common.distributed import all_reduce_dp, print0, rank_seed, setup, shutdown  # noqa: E402
 from common.generation import generate  # noqa: E402
-from common.hf_training import (autocast, enable_gradient_checkpointing, export_model, grad_sync,  # noqa: E402
-                                load_checkpoint, lr_schedule, optimizer_step, save_checkpoint, wrap_ddp)
+from common.hf_training import (autocast, compute_device, enable_gradient_checkpointing, export_model,  # noqa: E402
+                                gathered, grad_sync, load_checkpoint, load_device, lr_schedule, optimizer_step,
+                                save_checkpoint, sharding_from_flag, wrap_model)
 from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
 from common.labels import IGNORE_INDEX, causal_lm_batch, targets_and_mask  # noqa: E402
 from common.training import adamw, epoch_order  # noqa: E402
@@ -133,7 +134,7 @@ def micro_batch_loss(student, teacher, batch: dict, kl_method: str, *, dtype="fl
     """Teacher logits (no_grad), student logits, the kl_method loss -> (loss, student_logits, teacher_logits,
     targets); targets are aligned with the logits (position t predicts token t + 1). `vocab`: compare the first
     `vocab` logits only (vocabularies padded to different widths, e.g. Pythia sizes)."""
-    device = next(student.parameters()).device
+    device = compute_device(student)
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
     targets, _ = targets_and_mask(batch["labels"].to(device), shift=True)
     teacher_logits = None
@@ -195,7 +196,7 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
          gradient_checkpointing: bool = False, seed: int = 42, logging_steps: int = 1, save_strategy: str = "no",
          save_steps: int = 500, lazy_preprocess: bool = True, allow_padded_vocab: bool = False,
          max_propose_num: int = 5, evaluation_strategy: str = "no", per_device_eval_batch_size: int = 1,
-         run_name: str = None, chat_template: bool = False):
+         run_name: str = None, chat_template: bool = False, fsdp: str = ""):
     """Distil `teacher_model_path` into `student_model_path` (flags and defaults of the release, atkd.md §6).
 
     output_dir gets model/ (the student, from_pretrained), metrics.jsonl, checkpoints/ (resume; the last one);
@@ -206,6 +207,8 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     --chat_template (prompts in the tokenizer's chat template: dataset prompts rendered in it, a teacher JSONL
     made by generate_data.py --chat_template True; no special tokens added to them).
     Accepted for compatibility, no effect: --max_propose_num (OSD's draft length), --per_device_eval_batch_size.
+    --fsdp "full_shard auto_wrap" (HF Trainer's flag, as the release's launcher offered): student and teacher
+    sharded with PyTorch FSDP (common/hf_training.py); add "offload" for CPU offload.
     """
     _check_flags(task, setting, sample_source, kl_method, mode, evaluation_strategy, save_strategy,
                  lr_scheduler_type, dict(alpha=alpha, gjsd_beta=gjsd_beta, student_request_ratio=student_request_ratio,
@@ -218,6 +221,7 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     hf.check_model_folder(student_model_path, "--student_model_path")
     if needs_teacher:
         hf.check_model_folder(teacher_model_path, "--teacher_model_path")
+    sharding = sharding_from_flag(fsdp)
     lay = setup(seed)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,16 +263,19 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
         total_steps = min(total_steps, max_steps)
 
     # models: the student in fp32 (bf16 autocast with --bf16); the teacher frozen, in bf16 with --bf16
-    student = hf.load_model(student_model_path, dtype="float32", device=lay.device, flag="--student_model_path")
+    student = hf.load_model(student_model_path, dtype="float32", device=load_device(lay, sharding),
+                            flag="--student_model_path")
     teacher, vocab = None, None
     if needs_teacher:
-        teacher = hf.load_model(teacher_model_path, dtype=dtype, device=lay.device, frozen=True,
+        teacher = hf.load_model(teacher_model_path, dtype=dtype, device=load_device(lay, sharding), frozen=True,
                                 flag="--teacher_model_path")
         vocab = hf.check_vocab(student, teacher, student_tokenizer, teacher_tokenizer,
                                allow_padded=allow_padded_vocab, flags=flags)
     student.config.use_cache = False
     if gradient_checkpointing:
         enable_gradient_checkpointing(student)
+    model = wrap_model(student, lay, sharding, dtype)  # DDP, or student sharded in place (before its optimizer)
+    teacher = wrap_model(teacher, lay, sharding) if teacher is not None else None
     optimizer = adamw(student, learning_rate, weight_decay, betas=(0.9, 0.999))
     scheduler = lr_schedule(optimizer, lr_scheduler_type, math.ceil(warmup_ratio * total_steps), total_steps)
     state = load_checkpoint(str(out), lay, student, optimizer, scheduler) or dict(step=0)
@@ -278,10 +285,11 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     if lay.is_main and metrics_path.exists():  # records after the checkpoint are about to be redone
         write_jsonl([r for r in read_jsonl(str(metrics_path), drop_partial_last=True) if r["step"] <= state["step"]],
                     str(metrics_path))
-    model = wrap_ddp(student, lay)
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"{kl_method}/{sample_source}", disable=not lay.is_main)
     loss_options = dict(alpha=alpha, beta=beta, gjsd_beta=gjsd_beta, setting=setting, vocab=vocab)
+    on_policy = sample_source not in ("gt", "teacher")  # the models that generate (FSDP gathers them whole)
+    generators = (student, teacher if sample_source == "mix_token" else None) if on_policy else ()
 
     for step in range(state["step"], total_steps):
         t0 = time.perf_counter()
@@ -296,11 +304,12 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
             g0 = time.perf_counter()
             generator = torch.Generator().manual_seed(rank_seed(seed, step * gradient_accumulation_steps + m,
                                                                 lay.dp_rank))
-            responses, origin, _ = sample_responses(
-                sample_source, prompts, gt=[r[1] for r in rows], teacher_outputs=[r[2] for r in rows],
-                student=student, teacher=teacher, generator=generator, eos_id=eos, pad_id=pad,
-                max_seq_len=model_max_length, student_request_ratio=student_request_ratio,
-                student_token_ratio=student_token_ratio)
+            with gathered(*generators):  # FSDP: whole weights while ranks generate different lengths
+                responses, origin, _ = sample_responses(
+                    sample_source, prompts, gt=[r[1] for r in rows], teacher_outputs=[r[2] for r in rows],
+                    student=student, teacher=teacher, generator=generator, eos_id=eos, pad_id=pad,
+                    max_seq_len=model_max_length, student_request_ratio=student_request_ratio,
+                    student_token_ratio=student_token_ratio)
             generating += time.perf_counter() - g0
             micro_batches.append((collate(prompts, responses, pad, model_max_length), origin))
         # 2. the whole step's target count (all micro-batches, all ranks) normalises every micro-batch loss

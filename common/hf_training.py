@@ -34,12 +34,40 @@ e.g. LoRA init, so the restored RNG states continue the interrupted run exactly)
                                       rng-00.pt ...  every rank's torch CPU / CUDA, Python and numpy RNG states
                                       state.json     written last by rank 0: the commit marker (step, data
                                                      position, anything else; DP size and model identity)
+
+Fully sharded data parallel (PyTorch FSDP2) is the same loop with one switch, `wrap_model(..., sharding)`:
+
+    sharding = sharding_from_flag(cfg.fsdp)                 # "ddp", "fsdp" or "fsdp_offload"
+    model = wrap_model(student, lay, sharding, cfg.dtype)   # before the optimizer: FSDP replaces the parameters
+    teacher = wrap_model(teacher, lay, sharding)            # frozen: sharded too, blocks resharded after forward
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    state = load_checkpoint(cfg.save_dir, lay, model, optimizer, scheduler, scaler) or {"step": 0}
+    ... the loop above, unchanged (grad_sync, optimizer_step, save_checkpoint, export_model) ...
+    with gathered(model, teacher):                          # generation / uneven evaluation on whole weights
+        responses = generate(unwrap(model), prompts, ...)
+
+`fully_shard` goes on every block (the members of the outermost ModuleLists: decoder layers, T5
+blocks) and on the root. bf16 runs all-gather bf16 parameters and reduce gradients in fp32 (the sharded
+master weights and AdamW states stay fp32); "fsdp_offload" keeps parameters, gradients and optimiser
+states on the CPU (DeepSpeed ZeRO-3 offload's layout; the optimiser steps on the CPU). Gradients are
+summed over ranks (the loss carries the whole-step normaliser, as under DDP). Between micro-batches FSDP
+accumulates unsharded gradients without communication; with offload every micro-batch reduce-scatters
+into the CPU shards instead (whole unsharded gradients would not fit where offload is needed).
+Checkpoints of a sharded model are torch.distributed.checkpoint folders (each rank writes its shards of the
+trainable weights and of the optimiser states); export gathers the whole model to rank 0:
+
+    save_dir/checkpoints/step-00000120/sharded/         DCP: __0_0.distcp, __1_0.distcp, .metadata
+                                      trainer.pt        scheduler, grad-scaler states; whether the optimiser had any
+                                      rng-00.pt ...     every rank's RNG states
+                                      state.json        the commit marker, written last (sharding: "fsdp")
 """
 import contextlib
+import copy
 import glob
 import os
 import random
 import shutil
+import sys
 from typing import Optional
 
 import numpy as np
@@ -79,9 +107,163 @@ def wrap_ddp(model, lay: Layout, **ddp_kwargs):
 def grad_sync(model, sync: bool):
     """Context for one micro-batch's forward and backward: DDP all-reduces only where `sync` (the last
     micro-batch of a step); elsewhere gradients accumulate locally (no_sync)."""
+    if is_fsdp(model):  # takes effect at this micro-batch's backward; offload reduces every micro-batch
+        model.set_requires_gradient_sync(sync or model.kdzoo_sharding == "fsdp_offload")
+        return contextlib.nullcontext()
     if sync or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+# ---------------------------------------------------------------------------- fully sharded data parallel
+
+SHARDINGS = ("ddp", "fsdp", "fsdp_offload")
+
+
+def sharding_from_flag(value, flag: str = "--fsdp", dtype="float32") -> str:
+    """The sharding a --fsdp flag asks for: off (None, False, "") -> "ddp"; on (True, or HF Trainer's
+    "full_shard auto_wrap") -> "fsdp"; with the word "offload" -> "fsdp_offload". Checked before anything
+    loads, with the run's compute dtype (FSDP trains in float32 or bfloat16)."""
+    if value is None or value is False or value == "":
+        return "ddp"
+    words = {"full_shard"} if value is True else set(str(value).replace(",", " ").split())
+    unknown = words - {"full_shard", "auto_wrap", "offload"}
+    if unknown:
+        raise UserError(f"{flag} {value!r}: {' '.join(sorted(unknown))} is not built; FSDP here shards parameters, "
+                        f"gradients and optimiser states of every block: pass {flag} \"full_shard auto_wrap\" "
+                        f"(or {flag} alone), adding \"offload\" to keep them on the CPU")
+    if to_dtype(dtype) == torch.float16:
+        raise UserError(f"{flag} with float16: fp16 loss scaling of sharded gradients is not built; train in "
+                        "bfloat16 (or float16 without FSDP)")
+    return "fsdp_offload" if "offload" in words else "fsdp"
+
+
+def _trainable(model) -> bool:
+    return any(p.requires_grad for p in model.parameters())
+
+
+def is_fsdp(model) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is sharded before someone imported FSDP
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def fsdp_blocks(model) -> list:
+    """The blocks FSDP shards one by one: the members of every outermost ModuleList (decoder layers, T5's
+    encoder and decoder blocks, a hybrid student's mix of block classes; a block's own lists stay inside it)."""
+    lists, inner = [], set()
+    for module in model.modules():  # parents come before their children
+        if isinstance(module, torch.nn.ModuleList) and id(module) not in inner:
+            lists.append(module)
+            inner.update(id(m) for m in module.modules() if m is not module)
+    if not lists:
+        raise ValueError(f"{type(model).__name__} holds no ModuleList of blocks, so FSDP would gather it whole: "
+                         "train it with DDP")
+    return [block for blocks in lists for block in blocks]
+
+
+def shard_model(model, lay: Layout, *, offload: bool = False, dtype="float32"):
+    """FSDP2 in place: `fully_shard` on each block, then on the root, over the data-parallel ranks; returns
+    the model (now also an FSDPModule). A trainable model in bf16 all-gathers bf16 parameters and reduces fp32
+    gradients; a frozen one (a teacher) keeps its dtype. Blocks reshard after their forward; the root (embeddings,
+    head) is not resharded after forward (FSDP's default): a trainable model's is after backward, a teacher's
+    stays gathered (so its head's weights can be read after a forward, as chunked losses do)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    trainable = _trainable(model)
+    dtype = to_dtype(dtype)
+    if trainable and dtype == torch.float16:
+        raise UserError("FSDP trains in bfloat16 or float32: fp16 loss scaling of sharded gradients is not built; "
+                        "use --dtype bfloat16 (or DDP for float16)")
+    options = dict(mesh=init_device_mesh(lay.device.type, (lay.dp_size,)))
+    if trainable and dtype != torch.float32:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=lay.device.type == "cuda")
+    for block in fsdp_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):  # sum, not average: the loss already carries the whole-step normaliser
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    model.kdzoo_sharding, model.kdzoo_device = "fsdp_offload" if offload else "fsdp", lay.device
+    # FSDP takes the first module to run forward for its root; generation may call the encoder of an
+    # encoder-decoder first (on gathered weights), so the root is settled now (torch 2.13's private call)
+    model._get_fsdp_state()._lazy_init()
+    return model
+
+
+def wrap_model(model, lay: Layout, sharding: str = "ddp", dtype="float32"):
+    """The model a train.py runs: under "ddp" the DDP wrapper of a trainable model (a frozen one as it is);
+    under "fsdp" / "fsdp_offload" the model sharded in place (shard_model), trainable or frozen. Build the
+    optimiser from the returned model's parameters, after this call."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    if sharding != "ddp":
+        return shard_model(model, lay, offload=sharding == "fsdp_offload", dtype=dtype)
+    return wrap_ddp(model, lay) if _trainable(model) else model
+
+
+def load_device(lay: Layout, sharding: str = "ddp") -> torch.device:
+    """Where a train.py loads a model before wrap_model: the CPU under FSDP (fully_shard moves each block's
+    shards to the rank's device, so no GPU ever holds a whole model), else the rank's device."""
+    return torch.device("cpu") if sharding != "ddp" else lay.device
+
+
+def compute_device(model) -> torch.device:
+    """The device a model computes on (its inputs go there): a sharded model's rank device, even where its
+    shards are offloaded to the CPU; else its parameters' device."""
+    return model.kdzoo_device if is_fsdp(model) else next(unwrap(model).parameters()).device
+
+
+@contextlib.contextmanager
+def gathered(*models):
+    """Whole weights on every rank inside the block, for loops whose forward count differs between ranks
+    (generation, an evaluation split unevenly): sharded blocks would wait on each other's all-gathers.
+    Costs the whole model's memory meanwhile; a no-op for unsharded models (and None)."""
+    roots = [m for m in models if m is not None and is_fsdp(m)]
+    modules = [(m, m is not root) for root in roots for m in root.modules() if is_fsdp(m)]
+    for module, _ in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module, reshard_after_forward in modules:
+            module.set_reshard_after_forward(reshard_after_forward, recurse=False)
+            module.reshard()
+
+
+def full_state_dict(model) -> dict:
+    """Every weight whole, on the CPU of rank 0 ({} on the other ranks); every rank calls it. Unsharded
+    models give their own state_dict (on every rank)."""
+    if not is_fsdp(model):
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _plain_class(module) -> type:
+    """The module's own class (fully_shard swaps in a subclass of it and FSDPModule)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return next(c for c in type(module).__mro__ if fsdp is None or not issubclass(c, fsdp.FSDPModule))
+
+
+def _unsharded_copy(model, state: dict):
+    """A plain transformers (or peft) model of the FSDP `model`'s class holding `state`, built on the meta
+    device and filled by assignment (no second initialisation, no copy of the weights)."""
+    base = model.get_base_model() if hf.is_lora(model) else model
+    with torch.device("meta"):
+        plain = _plain_class(base)(copy.deepcopy(base.config))
+        if hf.is_lora(model):
+            from peft import get_peft_model
+
+            plain = get_peft_model(plain, copy.deepcopy(model.peft_config[model.active_adapter]))
+    plain.load_state_dict(state, strict=True, assign=True)
+    (plain.get_base_model() if hf.is_lora(plain) else plain).tie_weights()
+    return plain.eval()
 
 
 # ---------------------------------------------------------------------------- precision and optimiser step
@@ -111,7 +293,8 @@ def clip_gradients(optimizer, max_norm: Optional[float], scaler: Optional[torch.
         scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     limit = float("inf") if max_norm is None or max_norm <= 0 else max_norm
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)  # FSDP: over the shards of every rank, a DTensor
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def optimizer_step(optimizer, scheduler=None, scaler: Optional[torch.amp.GradScaler] = None,
@@ -156,7 +339,7 @@ def model_signature(model) -> dict:
     """What a resume checks: the architecture class, LoRA or not, and the (trainable) parameter counts."""
     model = unwrap(model)
     base = model.get_base_model() if hf.is_lora(model) else model
-    return {"class": type(base).__name__, "lora": hf.is_lora(model),
+    return {"class": _plain_class(base).__name__, "lora": hf.is_lora(model),
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
@@ -198,22 +381,46 @@ def save_checkpoint(save_dir: str, state: dict, lay: Layout, model, optimizer, s
         shutil.rmtree(folder, ignore_errors=True)  # an earlier, interrupted save of this step
         os.makedirs(folder)
     _barrier()
+    sharding = model.kdzoo_sharding if is_fsdp(model) else "ddp"
+    if sharding != "ddp":  # every rank writes its shards
+        import torch.distributed.checkpoint as dcp
+
+        shards = _sharded_state(model, optimizer, with_optimizer=bool(optimizer.state))
+        dcp.save(shards, checkpoint_id=os.path.join(folder, "sharded"))
     if lay.is_main:
-        # in-memory parameter names (no conversion back to the hub layout), so resume loads them 1:1
-        unwrap(model).save_pretrained(os.path.join(folder, "model"), save_original_format=False)
+        if sharding == "ddp":  # in-memory parameter names (no conversion back to the hub layout): resume loads 1:1
+            unwrap(model).save_pretrained(os.path.join(folder, "model"), save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(folder, "model"))
-        atomic_save({"optimizer": optimizer.state_dict(),
+        atomic_save({"optimizer": optimizer.state_dict() if sharding == "ddp" else bool(optimizer.state),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "scaler": scaler.state_dict() if scaler is not None else None}, os.path.join(folder, "trainer.pt"))
     atomic_save(rng_state(), os.path.join(folder, f"rng-{lay.rank:02d}.pt"))
     _barrier()
     if lay.is_main:
-        atomic_write_json(dict(state, dp_size=lay.dp_size, model=model_signature(model)), os.path.join(folder, "state.json"))
+        atomic_write_json(dict(state, dp_size=lay.dp_size, model=model_signature(model), sharding=sharding),
+                          os.path.join(folder, "state.json"))
         for old in complete_checkpoints(save_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return folder
+
+
+def _sharded_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)  # frozen weights (a LoRA base) come from the model folder
+
+
+def _sharded_state(model, optimizer, with_optimizer: bool) -> dict:
+    """This rank's shards of the trainable weights and of their optimiser states, keyed by parameter name.
+    An optimiser that has not stepped yet has no states to save (torch would make some with a dummy step)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model, options=_sharded_options())}
+    if with_optimizer:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=_sharded_options())
+    return state
 
 
 def _load_weights(model, folder: str) -> None:
@@ -250,9 +457,25 @@ def load_checkpoint(save_dir: str, lay: Layout, model, optimizer, scheduler=None
         raise UserError(f"{folder} was saved from another model ({_describe(state['model'])}), this run trains "
                         f"{_describe(model_signature(model))}: resume with the same model and LoRA settings, or "
                         "start afresh with another --save_dir")
-    _load_weights(model, os.path.join(folder, "model"))
+    saved_sharded, sharded = state.get("sharding", "ddp") != "ddp", is_fsdp(model)
+    if saved_sharded != sharded:
+        how = {False: "DDP", True: "FSDP"}
+        raise UserError(f"{folder} was saved by a {how[saved_sharded]} run, this run uses {how[sharded]} (the two "
+                        f"write different checkpoints): resume with the same --fsdp / --strategy setting, or start "
+                        "afresh with another --save_dir")
     saved = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        shards = _sharded_state(model, optimizer, saved["optimizer"])  # whether the optimiser had stepped
+        dcp.load(shards, checkpoint_id=os.path.join(folder, "sharded"))
+        set_model_state_dict(model, shards["model"], options=_sharded_options())
+        if "optimizer" in shards:
+            set_optimizer_state_dict(model, optimizer, shards["optimizer"], options=_sharded_options())
+    else:
+        _load_weights(model, os.path.join(folder, "model"))
+        optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved["scaler"] is not None:
@@ -263,7 +486,12 @@ def load_checkpoint(save_dir: str, lay: Layout, model, optimizer, scheduler=None
 
 def export_model(model, tokenizer, out_dir: str, lay: Optional[Layout] = None) -> str:
     """A folder `from_pretrained` loads (LoRA merged into the weights), written by rank 0 beside `out_dir`
-    and swapped in whole; every rank calls it."""
+    and swapped in whole; every rank calls it. A sharded model is gathered whole to rank 0's CPU first."""
+    if is_fsdp(model):
+        state = full_state_dict(model)
+        model = _unsharded_copy(model, state) if lay is None or lay.is_main else None
+        if hf.is_lora(model):
+            model = model.merge_and_unload()  # a private copy: merged in place
     if lay is None or lay.is_main:
         with atomic_folder(out_dir) as tmp:
             hf.merge_lora(unwrap(model)).save_pretrained(tmp)

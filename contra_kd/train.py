@@ -50,8 +50,9 @@ from common import hf
 from common.cli import UserError, check_choice, check_range, run_cli
 from common.distributed import DTYPES, all_reduce_dp, print0, rank_seed, setup, shutdown
 from common.generation import generate
-from common.hf_training import (autocast, export_model, grad_scaler, grad_sync, load_checkpoint, lr_schedule,
-                                optimizer_step, save_checkpoint, unwrap, wrap_ddp)
+from common.hf_training import (autocast, export_model, gathered, grad_scaler, grad_sync, load_checkpoint,
+                                load_device, lr_schedule, optimizer_step, save_checkpoint, sharding_from_flag, unwrap,
+                                wrap_ddp, wrap_model)
 from common.io import append_jsonl, atomic_save, read_jsonl, write_jsonl
 from common.losses import (contra_loss, cross_entropy, fdd_loss, reverse_kl, skew_forward_kl, skew_reverse_kl,
                            soft_cross_entropy)
@@ -124,7 +125,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
          velocity_dropout: float = 0.1, gradual_beta: bool = False, peft: str = None, peft_lora_r: int = 16,
          peft_lora_alpha: float = 64, peft_lora_dropout: float = 0.1, select_by: str = "rougeL",
          save_steps: int = 0, save_interval: int = -1, clip_grad: float = 1.0, dtype: str = "float32",
-         eval_batch_size: int = 8):
+         eval_batch_size: int = 8, fsdp=None):
     base, contra, loss = parse_type(type, loss)
     for flag, value in (("--model-path", model_path), ("--data-dir", data_dir), ("--save", save)):
         if not value:
@@ -143,6 +144,7 @@ def main(type: str = "sft", loss: str = "srkl", model_path: str = None, teacher_
     if fdd_mask not in ("response", "attention"):
         raise UserError(f"--fdd-mask {fdd_mask!r}: use response (ours) or attention (the original)")
     check_choice("--dtype", dtype, DTYPES)
+    sharding = sharding_from_flag(fsdp, "--fsdp", dtype)  # --fsdp [offload]: student and teacher sharded (FSDP)
     for flag, value in (("--batch-size", batch_size), ("--gradient-accumulation-steps", gradient_accumulation_steps),
                         ("--epochs", epochs), ("--max-prompt-length", max_prompt_length),
                         ("--num-distill-layers", num_distill_layers), ("--eval-batch-size", eval_batch_size),
@@ -200,10 +202,12 @@ class Run:
         if self.needs_teacher:  # one vocabulary: every loss compares the two distributions token by token
             teacher_tokenizer = hf.load_tokenizer(f.teacher_model_path, flag=flags[1])
             hf.check_tokenizers(self.tokenizer, teacher_tokenizer, flags)
-        self.student = hf.load_model(f.model_path, dtype="float32", device=lay.device, flag="--model-path")
+        self.student = hf.load_model(f.model_path, dtype="float32", device=load_device(lay, f.sharding),
+                                     flag="--model-path")
         self.teacher = None
         if self.needs_teacher:
-            self.teacher = hf.load_model(f.teacher_model_path, device=lay.device, frozen=True, flag=flags[1])
+            self.teacher = hf.load_model(f.teacher_model_path, device=load_device(lay, f.sharding), frozen=True,
+                                         flag=flags[1])
             hf.check_vocab(self.student, self.teacher, self.tokenizer, teacher_tokenizer, flags=flags)
         if f.peft:
             self.student = add_lora(self.student, f.peft_lora_r, f.peft_lora_alpha, f.peft_lora_dropout, f.model_path)
@@ -251,6 +255,9 @@ class Run:
         self.refit_steps = f.velocity_epochs * (len(self.refit_data) // self.global_batch) if self.contra else 0
         self.units = plan_units(f.epochs, self.steps_per_epoch, self.refit_steps, self.refit_epochs)
 
+        # DDP, or the student (and the teacher) sharded in place before the optimiser and a sharded checkpoint
+        self.ddp = wrap_model(self.student, lay, f.sharding, f.dtype)
+        self.teacher = wrap_model(self.teacher, lay, f.sharding) if self.teacher is not None else None
         self.optimizer = adamw(self.student, f.lr, f.weight_decay)
         self.scheduler = lr_schedule(self.optimizer, "cosine", 0, self.total_iters, min_lr=f.lr_min)
         self.scaler = grad_scaler(f.dtype, lay.device)
@@ -290,7 +297,6 @@ class Run:
                              if r["unit"] < state["step"]], self.metrics_path)
             print0(f"resumed {f.save} at unit {state['step']} of {len(self.units)}")
         self.state = state
-        self.ddp = wrap_ddp(self.student, lay)
         self.flow_ddp = wrap_ddp(self.flow, lay) if self.contra else None  # wrapped while trainable; frozen outside
         if self.contra:                                                    # re-fits
             self.flow.eval().requires_grad_(False)
@@ -337,7 +343,7 @@ class Run:
         student.eval()
         total, count = torch.zeros((), device=lay.device), 0
         mine = list(range(lay.dp_rank, len(self.dev), lay.dp_size))
-        with torch.no_grad():
+        with torch.no_grad(), gathered(student):  # FSDP: ranks run different numbers of batches
             for i in range(0, len(mine), f.eval_batch_size):
                 batch = collate([self.dev[j] for j in mine[i:i + f.eval_batch_size]], self.pad_id, f.max_length,
                                 lay.device)
@@ -350,7 +356,7 @@ class Run:
 
     def dev_rouge(self) -> float:
         f = self.f
-        with autocast(f.dtype, self.lay.device):
+        with autocast(f.dtype, self.lay.device), gathered(self.student):
             preds = sample_responses(unwrap(self.student), self.tokenizer, [r["prompt"] for r in self.dev.records],
                                      lay=self.lay, seed=f.seed, batch_size=f.eval_batch_size,
                                      max_prompt_length=f.max_prompt_length,
@@ -387,7 +393,7 @@ class Run:
         for offset, idx in micro:  # seeded by the micro-batch's place in the global batch: any process count
             gen = torch.Generator(device=lay.device).manual_seed(rank_seed(f.seed, step, offset))  # draws the same
             prompts = [train[i][0][-f.max_prompt_length:] for i in idx]
-            with autocast(f.dtype, lay.device):
+            with autocast(f.dtype, lay.device), gathered(self.student):
                 responses = generate(unwrap(self.student), prompts, f.max_length - f.max_prompt_length,
                                      temperature=1.0, top_p=f.gen_top_p, top_k=0, eos_id=self.eos_id,
                                      pad_id=self.pad_id, padding="left", generator=gen)

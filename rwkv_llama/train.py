@@ -26,8 +26,8 @@ import yaml
 from common import hf
 from common.cli import UserError, check_choice, check_range, run_cli
 from common.distributed import DTYPES, all_reduce_dp, peer_failure, print0, set_timeout, setup, shutdown
-from common.hf_training import (autocast, grad_sync, load_checkpoint, optimizer_step, save_checkpoint, unwrap,
-                                wrap_ddp)
+from common.hf_training import (autocast, full_state_dict, grad_sync, load_checkpoint, load_device, optimizer_step,
+                                save_checkpoint, unwrap, wrap_model)
 from common.io import append_jsonl, atomic_write_json, read_tensors, save_tensors
 from common.losses import cross_entropy, forward_kl, hidden_mse
 from rwkv_llama.data import IGNORE, c4_stream, chat_stream, rank_batches
@@ -53,6 +53,9 @@ FIELDS = {
     "is_rwkv_att_only": ("is_rwkv_att_only", bool, False),
     "is_all_labels_kl": ("is_all_labels_kl", bool, False),
 }
+# --strategy -> common.hf_training sharding; the original's DeepSpeed stages run as DDP (ZeRO-2) or FSDP (ZeRO-3)
+STRATEGIES = {"ddp": "ddp", "fsdp": "fsdp", "fsdp_offload": "fsdp_offload", "deepspeed_stage_2": "ddp",
+              "deepspeed_stage_3": "fsdp", "deepspeed_stage_3_offload": "fsdp_offload"}
 IGNORED = {"RWKV.grad_cp": "the --grad_cp flag decides (as in the original)", "RWKV.grap_cp": "a typo of grad_cp",
            "RWKV.pad_id": "unused; padding is the tokenizer's EOS"}
 
@@ -239,11 +242,14 @@ def evaluate(student, batches, teacher, cfg, lay) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Student weights (only the replaced layers: everything else is the teacher's)
 
-def save_student(model, path: str, cfg: dict) -> None:
+def save_student(model, path: str, cfg: dict, weights: Optional[dict] = None) -> None:
+    """The replaced layers' weights, from `weights` (a whole state dict: common.hf_training.full_state_dict of a
+    sharded model) or the model's own."""
     model = unwrap(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    state = {names[id(p)]: p.detach().cpu() for m in rwkv_modules(model) for p in m.parameters()}
-    save_tensors(state, path)
+    weights = weights if weights is not None else {n: p.detach() for n, p in model.named_parameters()}
+    save_tensors({names[id(p)]: weights[names[id(p)]].cpu() for m in rwkv_modules(model) for p in m.parameters()},
+                 path)
     atomic_write_json(dict(layers=model.config.rwkv_layers, mode=model.config.rwkv_mode, model_id=cfg["model_id"],
                            head_size=cfg["head_size"], kv_layout=cfg["kv_layout"]), path + ".json")
 
@@ -306,12 +312,14 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     from tqdm import tqdm
 
     cfg = load_config(config_file, config_flags)
-    if strategy.startswith("deepspeed_stage_2"):
-        print0(f"--strategy {strategy}: DeepSpeed ZeRO-2 is run as plain DDP here")
-        strategy = "ddp"
-    if strategy != "ddp":
-        raise UserError(f"--strategy {strategy}: only ddp (and deepspeed_stage_2*, run as ddp) is built; FSDP "
-                        "for large students is not yet")
+    sharding = STRATEGIES.get("deepspeed_stage_2" if strategy.startswith("deepspeed_stage_2") else strategy)
+    if sharding is None:
+        raise UserError(f"--strategy {strategy}: use one of {', '.join(STRATEGIES)} (deepspeed_stage_2* too)")
+    if strategy.startswith("deepspeed"):
+        print0(f"--strategy {strategy}: DeepSpeed ZeRO-{strategy[len('deepspeed_stage_')]} is run as "
+               + {"ddp": "plain DDP", "fsdp": "PyTorch FSDP (parameters, gradients and optimiser states sharded)",
+                  "fsdp_offload": "PyTorch FSDP with CPU offload (parameters, gradients and optimiser states sharded, "
+                                  "kept on the CPU; the optimiser steps there)"}[sharding])
     check_inputs(cfg, train_data, val_data, c4_data, ckpt_file, dtype, kv_layout, max_steps,
                  dict(max_epochs=max_epochs, max_seq_length=max_seq_length, micro_bsz=micro_bsz, max_rows=max_rows,
                       shuffle_buffer=shuffle_buffer, accumulate_grad_batches=accumulate_grad_batches,
@@ -330,7 +338,7 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     for s in (stream, val_stream):
         if s is not None:
             s.n_rows                    # every row read and checked once, before the models load
-    teacher_model = hf.load_model(cfg["model_id"], dtype="float32", device=lay.device, frozen=True,
+    teacher_model = hf.load_model(cfg["model_id"], dtype="float32", device=load_device(lay, sharding), frozen=True,
                                   flag="Llama.model_id")
     mode = "att_only" if cfg["is_rwkv_att_only"] else "llama_ffn" if cfg["is_llama_ffn"] else "block"
     head_size = head_size_for(teacher_model.config.hidden_size, head_size)
@@ -352,7 +360,7 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
                                   device=lay.device, connect_timeout_s=cfg["connect_timeout_s"],
                                   reply_timeout_s=cfg["reply_timeout_s"])
     else:
-        teacher = InProcessTeacher(teacher_model, output_all_hiddens=cfg["is_hidden_align"])
+        teacher = InProcessTeacher(wrap_model(teacher_model, lay, sharding), output_all_hiddens=cfg["is_hidden_align"])
     if teacher is None or cfg["is_client"]:
         del teacher_model
 
@@ -366,6 +374,7 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
         print0(f"note: --epoch_count {epoch_count} > --max_epochs {max_epochs}: the lr schedule spans {epoch_count} "
                f"epochs (RWKV-LM style), so this run stays near lr_init {lr_init}")
 
+    model = wrap_model(student, lay, sharding, dtype)  # DDP, or the student sharded in place (before its optimizer)
     optimizer = torch.optim.AdamW(param_groups(student, weight_decay), betas=(0.9, 0.95), eps=1e-8)
     schedule_steps = epoch_count * epoch_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -373,7 +382,7 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
     state = load_checkpoint(output_dir, lay, student, optimizer, scheduler) or {"step": 0}
     if state["step"]:
         print0(f"resuming from step {state['step']}")
-    model = wrap_ddp(student, lay)
+
     def epoch_batches(stream, epoch, start=0):
         return rank_batches(stream, tokenizer, max_seq_length, micro_bsz, epoch=epoch, seed=seed, dp_rank=lay.dp_rank,
                             dp_size=lay.dp_size, shuffle_buffer=shuffle_buffer, start=start)
@@ -418,8 +427,9 @@ def main(config_file: Optional[str] = None, output_dir: str = "out/rwkv_llama", 
             save_checkpoint(output_dir, state, lay, student, optimizer, scheduler, keep=2)
     bar.close()
     final = evaluate(model, val, teacher, cfg, lay) if val else {}
+    weights = full_state_dict(student)  # every rank: a sharded student is gathered to rank 0
     if lay.is_main:
-        save_student(student, os.path.join(output_dir, "student.safetensors"), cfg)
+        save_student(student, os.path.join(output_dir, "student.safetensors"), cfg, weights)
         atomic_write_json(dict(step=state["step"], **final), os.path.join(output_dir, "final_metrics.json"))
         print0(f"done: {state['step']} steps; " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     if teacher is not None:

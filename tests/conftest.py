@@ -1,8 +1,11 @@
 """Every test runs tiny models: one thread each (a second OpenMP thread only adds waiting, badly so on a
-busy 2-core machine); subprocesses and spawned workers inherit it through OMP_NUM_THREADS."""
+busy 2-core machine); subprocesses and spawned workers inherit it through OMP_NUM_THREADS. The run.sh scripts
+call `python`: the interpreter running the tests comes first on PATH, so they use its packages."""
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 import torch  # noqa: E402
 

@@ -71,6 +71,10 @@ def table(ws: Path) -> list:
     add(e, "unknown choice", ["--ckpt_dir", no, "--prompts_file", bad_jsonl, "--dtype", "fp8", *gen],
         r"--dtype 'fp8' is not one of: float32, float16, bfloat16")
     add(e, "missing required flag", ["--ckpt_dir", no], r"common/generate\.py: --tokenizer is required")
+    e = "common/memory_plan.py"
+    add(e, "unknown choice", ["--folder", "mcc_kd"],
+        r"--folder 'mcc_kd' is not one of: anli_reverse_kl, atkd, contra_kd, rwkv_llama")
+    add(e, "wrong type", ["--details", "maybe"], r"--details 'maybe': expected True or False")
     e = "common/hf.py"
     add(e, "keep_layers: missing model folder", ["keep_layers", "--model_path", no, "--save_path", ws / "o",
                                                  "--layers", "0"], rf"--model_path {no} {folder_error}")

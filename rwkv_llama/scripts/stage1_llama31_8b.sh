@@ -2,8 +2,9 @@
 # Stage 1 of the original README: hidden-state alignment of a pure RWKV student (all 32 layers) on C4 en+zh,
 # 6 trainers on GPUs 1-6 served by the two servers of servers_llama31_8b.sh (start those first).
 #   MODEL_ID=/models/Meta-Llama-3.1-8B-Instruct C4=/data/c4 bash rwkv_llama/scripts/stage1_llama31_8b.sh
-# The original ran DeepSpeed ZeRO-3 with CPU offload; our FSDP path is not built yet, so this stops with that
-# message until it is (an 8B student with fp32 AdamW state does not fit one 80 GB GPU under plain DDP).
+# The original ran DeepSpeed ZeRO-3 with CPU offload: --strategy deepspeed_stage_3_offload runs as PyTorch FSDP
+# with CPU offload (an 8B student with fp32 AdamW states does not fit an 80 GB GPU under plain DDP;
+# python -m common.memory_plan --folder rwkv_llama gives the per-GPU memory of each mode).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${MODEL_ID:?set MODEL_ID}" "${C4:?set C4 to the local C4 folder with en/ and zh/}"

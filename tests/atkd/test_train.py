@@ -176,20 +176,40 @@ def test_torchrun_with_the_released_flags_matches_one_process(tmp_path):
                     lazy_preprocess=True, run_name="distillation_gt_atkd", mode="offline", sample_source="gt",
                     kl_method="atkd")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    ddp = _run_cmd(student, teacher, data, str(tmp_path / "ddp"), per_device_train_batch_size=1,
-                   gradient_accumulation_steps=2, **released)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + ddp[1:],
-                   check=True, env=env, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    runs = {name: subprocess.Popen(torchrun + _run_cmd(student, teacher, data, str(tmp_path / name),
+                                                       per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                                                       **released, **extra)[1:],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for name, extra in (("ddp", {}), ("fsdp", {"fsdp": "full_shard auto_wrap"}))}  # the HF Trainer flag
     single = _run_cmd(student, teacher, data, str(tmp_path / "one"), per_device_train_batch_size=1,
                       gradient_accumulation_steps=4, **released)
     subprocess.run(single, check=True, env=env, capture_output=True)
-    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("ddp", "one"))
-    # equal up to float summation order (Adam turns 1e-7 gradient differences into ~1e-6 weight differences)
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
-    ra, rb = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "one")
-    for x, y in zip(ra, rb):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["targets"] == y["targets"]
-        assert (x["n_easy"], x["n_hard"]) == (y["n_easy"], y["n_hard"])
+    for proc in runs.values():
+        assert proc.wait(600) == 0, proc.stderr.read()[-3000:]
+    b = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    for name in runs:
+        a = load_file(tmp_path / name / "model" / "model.safetensors")
+        # equal up to float summation order (Adam turns 1e-7 gradient differences into ~1e-6 weight differences)
+        assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+        ra, rb = _metrics(tmp_path / name), _metrics(tmp_path / "one")
+        for x, y in zip(ra, rb):
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["targets"] == y["targets"]
+            assert (x["n_easy"], x["n_hard"]) == (y["n_easy"], y["n_hard"])
+
+
+def test_fsdp_generates_mix_token_samples_on_gathered_weights_and_trains_as_ddp(tmp_path):
+    student, teacher = _models(tmp_path)
+    data = _data(tmp_path, n=8)
+    flags = dict(sample_source="mix_token", kl_method="atkd", per_device_train_batch_size=2, max_steps=3,
+                 learning_rate=1e-2, save_steps=2, model_max_length=40)
+    train.main(student, teacher, data, str(tmp_path / "ddp"), **flags)
+    train.main(student, teacher, data, str(tmp_path / "fsdp"), fsdp="full_shard auto_wrap offload", **flags)
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("ddp", "fsdp"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    losses = [[r["loss"] for r in _metrics(tmp_path / run)] for run in ("ddp", "fsdp")]
+    assert losses[1] == pytest.approx(losses[0])
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-00000002" / "sharded" / ".metadata").exists()
 
 
 # ---- bad input: one clear line ----

@@ -121,22 +121,35 @@ def _weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
-def test_two_processes_follow_the_one_process_loss_curve_for_distillm_contra_with_refit(workspace, tmp_path):
-    # global batch 4: 1 process x batch 2 x GA 2 == 2 processes x batch 2 x GA 1. θ = 0.5 with a buffer that
-    # never fills: about half the steps train on fresh student outputs (SGO), the rest on ground truth (replay,
-    # drawn from each rank's own buffer, is the one source that differs with the number of processes).
-    common = {"batch-size": 2, "init-threshold": 0.5, "capacity": 1000, "loss-eps": 100.0}
-    _run(_args(workspace, tmp_path / "one", **common, **{"gradient-accumulation-steps": 2}))
-    _run(_args(workspace, tmp_path / "two", **common), nproc=2)
-    one, two = _curve(tmp_path / "one"), _curve(tmp_path / "two")
-    sources = [json.loads(line).get("source") for line in open(tmp_path / "one/metrics.jsonl")]
+# global batch 4: 1 process x batch 2 x GA 2 == 2 processes x batch 2 x GA 1. θ = 0.5 with a buffer that never
+# fills: about half the steps train on fresh student outputs (SGO), the rest on ground truth (replay, drawn from
+# each rank's own buffer, is the one source that differs with the number of processes).
+TWO_PROCESSES = {"batch-size": 2, "init-threshold": 0.5, "capacity": 1000, "loss-eps": 100.0}
+
+
+@pytest.fixture(scope="module")
+def one_process(workspace, tmp_path_factory):
+    save = tmp_path_factory.mktemp("contra_one")
+    _run(_args(workspace, save, **TWO_PROCESSES, **{"gradient-accumulation-steps": 2}))
+    return save
+
+
+@pytest.mark.parametrize("fsdp", [False, True])  # DDP; FSDP (dev evaluation and sampling on gathered weights)
+def test_two_processes_follow_the_one_process_loss_curve_for_distillm_contra_with_refit(workspace, one_process,
+                                                                                        tmp_path, fsdp):
+    _run(_args(workspace, tmp_path / "two", **TWO_PROCESSES, **({"fsdp": True} if fsdp else {})), nproc=2)
+    one, two = _curve(one_process), _curve(tmp_path / "two")
+    sources = [json.loads(line).get("source") for line in open(one_process / "metrics.jsonl")]
     assert {"generate", "ground_truth"} <= set(sources)
     assert sources == [json.loads(line).get("source") for line in open(tmp_path / "two/metrics.jsonl")]
     assert [u for u, _ in one] == [u for u, _ in two] and len(one) == 2 * 4 + 4  # 2 epochs x 4 steps + 4 re-fit
     for (_, a), (_, b) in zip(one, two):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    for name, w in _weights(tmp_path / "one/final").items():
+    for name, w in _weights(one_process / "final").items():
         assert torch.allclose(w, _weights(tmp_path / "two/final")[name], atol=1e-5), name
+    rouge = [[r["dev_rougeL"] for r in map(json.loads, open(d / "metrics.jsonl")) if "dev_rougeL" in r]
+             for d in (one_process, tmp_path / "two")]
+    assert len(rouge[1]) == 2 and all(r >= 0 for r in rouge[1])
 
 
 def _wait_for_unit(proc, save, unit):

@@ -104,9 +104,10 @@ def test_kill_9_during_stage_2_then_rerun_gives_the_weights_of_an_uninterrupted_
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
-def _trainer(d, out, rank, env, served=True):
+def _trainer(d, out, rank, env, served=True, strategy="ddp"):
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
-    run(d, out, max_steps=4, is_client=served, is_hidden_align=True, connect_timeout_s=300, reply_timeout_s=300)
+    run(d, out, max_steps=4, is_client=served, is_hidden_align=True, connect_timeout_s=300, reply_timeout_s=300,
+        strategy=strategy, nccl_file=str(out / "nccl.txt"))
 
 
 def _server(d, id_file):
@@ -132,18 +133,33 @@ def _run_all(procs):
                 p.join()
 
 
-def test_two_ddp_trainers_on_a_teacher_server_train_as_with_the_in_process_teacher(setup_dir, tmp_path):
+@pytest.fixture(scope="module")
+def two_local_trainers(setup_dir, tmp_path_factory):
+    """Two DDP trainers with in-process teachers (the reference of the served runs)."""
+    import multiprocessing as mp
+    from tests.distributed import rendezvous_env
+    out = tmp_path_factory.mktemp("local")
+    with rendezvous_env(2) as env:
+        _run_all([mp.get_context("spawn").Process(target=_trainer, args=(setup_dir, out, r, env, False))
+                  for r in range(2)])
+    return out
+
+
+# ddp; the 8B scripts' deepspeed_stage_3_offload, run as FSDP with CPU offload of the hybrid student
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_3_offload"])
+def test_two_trainers_on_a_teacher_server_train_as_with_the_in_process_teacher(setup_dir, two_local_trainers,
+                                                                                tmp_path, strategy):
     import multiprocessing as mp
     from tests.distributed import rendezvous_env
     spawn = mp.get_context("spawn")
+    (tmp_path / "served").mkdir()
     with rendezvous_env(2) as env:
-        _run_all([spawn.Process(target=_server, args=(setup_dir, str(setup_dir / "nccl.txt_0")))] +
-                 [spawn.Process(target=_trainer, args=(setup_dir, tmp_path / "served", r, env)) for r in range(2)])
-    with rendezvous_env(2) as env:
-        _run_all([spawn.Process(target=_trainer, args=(setup_dir, tmp_path / "local", r, env, False))
+        _run_all([spawn.Process(target=_server, args=(setup_dir, str(tmp_path / "served" / "nccl.txt_0")))] +
+                 [spawn.Process(target=_trainer, args=(setup_dir, tmp_path / "served", r, env, True, strategy))
                   for r in range(2)])
     served = read_tensors(str(tmp_path / "served/student.safetensors"))
-    local = read_tensors(str(tmp_path / "local/student.safetensors"))
+    local = read_tensors(str(two_local_trainers / "student.safetensors"))
+    assert served.keys() == local.keys()
     for k in served:   # the server's batched forward over both trainers' rows differs from each rank's own in ulps
         torch.testing.assert_close(served[k], local[k], atol=1e-4, rtol=1e-4)
     rows = [json.loads(line) for line in open(tmp_path / "served/metrics.jsonl")]
@@ -259,3 +275,37 @@ def test_each_step_logs_the_originals_quantities(setup_dir, tmp_path):
     assert rows[0]["loss"] == pytest.approx(0.1 * rows[0]["kl"] + rows[0]["ce"], rel=1e-6)
     assert [r["tokens"] for r in rows] == [32 * 4, 2 * 32 * 4]  # max_seq_length x real_bsz per step
     assert {"val_ce", "val_teacher_ce", "val_kl"} <= set(rows[1]) and "val_ce" not in rows[0]
+
+def script_flags(name: str) -> dict:
+    """The rwkv_llama.train flags of one of scripts/*.sh (its torchrun command, continuation lines joined), each
+    value parsed as fire parses it."""
+    import shlex
+
+    from fire.parser import DefaultParseValue
+    text = open(os.path.join(ROOT, "rwkv_llama/scripts", name)).read().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if "-m rwkv_llama.train" in x)
+    words = shlex.split(line.split("-m rwkv_llama.train", 1)[1])
+    return {k.lstrip("-"): DefaultParseValue(v) for k, v in zip(words[::2], words[1::2])}
+
+
+def test_the_8b_scripts_flags_reach_the_fsdp_offload_path_on_a_tiny_model(setup_dir, tmp_path, capsys):
+    """The stage 1 and stage 2 commands of scripts/*_llama31_8b.sh with the tiny teacher's sizes, data, one
+    process and an in-process teacher: --strategy deepspeed_stage_3_offload runs as FSDP with CPU offload."""
+    tiny = dict(config_file=str(setup_dir / "hybrid.yaml"), c4_data=C4, languages=["en", "gsm8k"], max_seq_length=32,
+                num_devices=1, head_size=8, chunk_len=8, max_val_batches=2)
+    stage1 = dict(script_flags("stage1_llama31_8b.sh"), **tiny, output_dir=str(tmp_path / "s1"), max_steps=2)
+    assert stage1["strategy"] == "deepspeed_stage_3_offload" and stage1["grad_cp"] == 1
+    train.main(**stage1)
+    assert "DeepSpeed ZeRO-3 is run as PyTorch FSDP with CPU offload" in capsys.readouterr().out
+    stage2 = dict(script_flags("stage2_llama31_8b.sh"), **tiny, output_dir=str(tmp_path / "s2"), max_steps=2,
+                  ckpt_file=str(tmp_path / "s1/student.safetensors"), micro_bsz=2, accumulate_grad_batches=2,
+                  log_every_n_steps=1)
+    assert stage2["strategy"] == "deepspeed_stage_3_offload" and stage2["is_hidden_align"] == "false"
+    train.main(**stage2)
+    rows = [json.loads(line) for line in open(tmp_path / "s2/metrics.jsonl")]
+    assert len(rows) == 2 and {"kl", "ce"} <= set(rows[0])
+    with open(tmp_path / "s2/checkpoints/step-00000001/state.json") as f:
+        assert json.load(f)["sharding"] == "fsdp_offload"
+    assert set(read_tensors(str(tmp_path / "s2/student.safetensors"))) == \
+        set(read_tensors(str(tmp_path / "s1/student.safetensors")))
+
