@@ -38,7 +38,7 @@ def test_merged_equals_unmerged_logits(family, alpha):
     tokens = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         unmerged = build(args, state)(tokens)
-        base_args = ModelArgs(**{**vars(args), "lora_rank": -1})
+        base_args = ModelArgs(**{**vars(args), "lora_rank": -1, "lora_alpha": None})  # no adapters, no alpha
         merged = build(base_args, merge_lora(state, lora_scale(args.lora_rank, args.lora_alpha)))(tokens)
         base_only = build(base_args, {k: v for k, v in state.items() if "lora_" not in k})(tokens)
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
