@@ -6,12 +6,17 @@ ANLI (HF `facebook/anli`, CC BY-NC 4.0) cannot be downloaded on our machines. Th
 items in ANLI's schema `{uid, premise, hypothesis, label, reason}` as `{split}_{round}.jsonl` (the names of
 the parquet files `plain_text/{split}_{round}-00000-of-00001.parquet`, as JSONL), made from SVAMP
 (`svamp/SVAMP.json`, MIT): premise = the problem body; per problem three hypotheses,
-  0 entailment:    "The answer to the question "<Question>" is <Answer>."
-  1 neutral:       the same sentence for *another* problem's question and answer (the premise cannot settle it)
-  2 contradiction: "... is <a wrong number>."
+  0 entailment:    one of the premise's sentences that states a number ("Jessie weighed 92 kilograms.")
+  1 neutral:       such a sentence of *another* problem (the premise cannot settle it)
+  2 contradiction: the entailed sentence with its number changed ("Jessie weighed 95 kilograms.")
 with a one-sentence reason. Some train reasons are emptied or carry an "output:" prefix so that the
 train-split cleaning of prepare_data.py has work to do. Every uid starts with "standin-". Numbers obtained
 on these files are pipeline checks, never ANLI results.
+
+The hypotheses are premise facts, not answers to the problem: deciding the label takes reading, not arithmetic
+(is the sentence in the premise, with the same number, or about something else), so a small model can learn
+it and a teacher fine-tuned on it has something to pass on (an earlier version asked for SVAMP's answers,
+which no model here could compute: every row, the teacher's included, sat at chance).
 """
 import json
 import random
@@ -25,31 +30,43 @@ if __package__ in (None, ""):  # run as a file
 from common.cli import UserError, run_cli  # noqa: E402
 
 ROUNDS = ("r1", "r2", "r3")
-PROBLEMS = {"train": 60, "dev": 10, "test": 10}  # per round; three rows per problem
+PROBLEMS = {"train": 100, "dev": 20, "test": 20}  # per round; three rows per problem
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def wrong_answer(answer: float, rng: random.Random) -> str:
-    delta = rng.choice([d for d in range(-10, 11) if d and answer + d >= 0])
-    return number(answer + delta)
+def facts(body: str) -> list:
+    """The premise's sentences that state a number, as stand-alone sentences (a leading "If" dropped)."""
+    out = []
+    for sentence in re.split(r"(?<=[.?!])\s+", body.strip()):
+        sentence = re.sub(r"^(if|and)\s+", "", sentence.strip().rstrip(".?!,"), flags=re.IGNORECASE)
+        if NUMBER.search(sentence) and len(sentence) <= 120:
+            out.append(sentence[0].upper() + sentence[1:] + ".")
+    return out
+
+
+def changed(sentence: str, rng: random.Random) -> tuple:
+    """The sentence with its first number replaced by a different one: (sentence, old, new)."""
+    match = NUMBER.search(sentence)
+    old = float(match.group())
+    new = number(old + rng.choice([d for d in range(-9, 10) if d and old + d >= 0]))
+    return sentence[:match.start()] + new + sentence[match.end():], match.group(), new
 
 
 def rows_for(problem: dict, other: dict, rng: random.Random) -> list:
-    answer, question = number(problem["Answer"]), problem["Question"].strip()
-    equation = re.sub(r"(\d+)\.0\b", r"\1", problem["Equation"].strip())
-    wrong = wrong_answer(float(problem["Answer"]), rng)
-    sentence = 'The answer to the question "{}" is {}.'
+    """Entailment: a number-stating sentence of the premise; contradiction: that sentence with its number
+    changed; neutral: such a sentence of another problem (the premise cannot settle it)."""
+    fact = rng.choice(facts(problem["Body"]))
+    wrong, old, new = changed(fact, rng)
+    premise = problem["Body"].strip()
     return [
-        dict(premise=problem["Body"].strip(), hypothesis=sentence.format(question, answer), label=0,
-             reason=f"Working it out from the premise, {equation} gives {answer}."),
-        dict(premise=problem["Body"].strip(), hypothesis=sentence.format(other["Question"].strip(),
-                                                                         number(other["Answer"])), label=1,
-             reason="The premise describes a different situation and says nothing about that question."),
-        dict(premise=problem["Body"].strip(), hypothesis=sentence.format(question, wrong), label=2,
-             reason=f"The premise gives {equation} = {answer}, not {wrong}."),
+        dict(premise=premise, hypothesis=fact, label=0, reason=f"The premise states this, with {old}."),
+        dict(premise=premise, hypothesis=rng.choice(facts(other["Body"])), label=1,
+             reason="The premise describes a different situation and says nothing about that."),
+        dict(premise=premise, hypothesis=wrong, label=2, reason=f"The premise says {old}, not {new}."),
     ]
 
 
@@ -57,7 +74,7 @@ def build(source: str = "../shared/data", output: str = "data/anli_standin", see
     path = Path(source) / "svamp" / "SVAMP.json"
     if not path.is_file():
         raise UserError(f"--source {source}: no svamp/SVAMP.json; point --source at the shared data folder")
-    problems = json.load(open(path))
+    problems = [p for p in json.load(open(path)) if facts(p["Body"])]
     rng = random.Random(seed)
     order = list(range(len(problems)))
     rng.shuffle(order)

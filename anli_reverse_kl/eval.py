@@ -4,16 +4,18 @@
     python anli_reverse_kl/eval.py compare --sft runs/eval_sft --minillm runs/eval_minillm     # one table
 
 * label-constrained: for each label word, Σ_t log q(word_t | prompt, word_<t) teacher-forced from the decoder
-  start (no ":" and no EOS); the prediction is the most likely of the three;
+  start (a causal LM: right after the prompt; no ":" and no EOS); the prediction is the most likely of the three;
 * generation: greedy decoding by default (the fork's sampling: --do_sample --top_p 0.9 --temperature 0.7
   --repetition_penalty 1.15); lowercase, the text before the first ":" (all of it when there is none), its
   first word without punctuation; a word that is no label counts as wrong and as `invalid`;
-* token-level (the fork's): argmax at the first decoder position == first gold target token;
+* token-level (the fork's): argmax at the first decoder position (a causal LM: the prompt's last) == first gold
+  target token;
 * Rouge-L F (rouge-score, stemming) of the generated reason (text after ":") against the gold reason, over
   items that have one.
 
 Writes `{save}/{round}-{split}-predictions.json` per round and split, `{save}/metrics.json`, and prints a
-table with one row per round and split.
+table with one row per round and split. A causal LM reads each prompt without the EOS prepare_data.py closes
+it with (as train.py) and generates after it, left-padded.
 """
 import json
 import os
@@ -28,13 +30,12 @@ import torch
 from tqdm import tqdm
 
 from anli_reverse_kl.prepare_data import LABEL_WORDS, ROUNDS, SPLITS
-from anli_reverse_kl.train import check_seq2seq
 from common import hf
 from common.cli import UserError, check_range, run_cli
 from common.distributed import gather_object, print0, rank_seed, setup, shutdown
 from common.generation import generate
 from common.io import atomic_write_json, atomic_write_text, read_jsonl
-from common.labels import seq2seq_batch, targets_and_mask
+from common.labels import causal_lm_batch, seq2seq_batch, targets_and_mask
 from common.losses import token_log_probs
 from common.metrics import rouge_l
 from common.training import dp_shard
@@ -55,6 +56,8 @@ def label_scores(model, prompts, word_ids, pad_id: int, batch_size: int = 16) ->
     the decoder start) and the argmax at the first decoder position [N] (the fork's token-level prediction).
     The encoder runs once per prompt; its output is shared by the K words."""
     device, k = next(model.parameters()).device, len(word_ids)
+    if not hf.is_seq2seq(model):
+        return causal_label_scores(model, prompts, word_ids, pad_id, batch_size)
     start = model.config.decoder_start_token_id
     scores, first = [], []
     for s in tqdm(range(0, len(prompts), batch_size), desc="label scores", leave=False):
@@ -70,6 +73,28 @@ def label_scores(model, prompts, word_ids, pad_id: int, batch_size: int = 16) ->
         targets, _ = targets_and_mask(batch["labels"], shift=False)
         scores.append(token_log_probs(logits, target_ids=targets).sum(-1).view(-1, k).cpu())
         first.append(logits[::k, 0].argmax(-1).cpu())
+    return torch.cat(scores), torch.cat(first)
+
+
+@torch.no_grad()
+def causal_label_scores(model, prompts, word_ids, pad_id: int, batch_size: int = 16) -> tuple:
+    """label_scores for a causal LM: prompt + word as one sequence, the word's tokens scored where they follow
+    the prompt; the token-level prediction is the argmax at the prompt's last position."""
+    device, k = next(model.parameters()).device, len(word_ids)
+    scores, first = [], []
+    for s in tqdm(range(0, len(prompts), batch_size), desc="label scores", leave=False):
+        chunk = prompts[s:s + batch_size]
+        batch = causal_lm_batch([p for p in chunk for _ in range(k)], list(word_ids) * len(chunk), pad_id=pad_id)
+        targets, mask = targets_and_mask(batch.pop("labels"), shift=True)
+        # the head only where a word token is predicted: full [B, S, V] logits of a 49k vocabulary are GBs
+        hidden = model.base_model(**{name: t.to(device) for name, t in batch.items()}).last_hidden_state
+        head = model.get_output_embeddings()
+        rows = mask.nonzero()[:, 0].to(device)
+        logp = token_log_probs(head(hidden[mask.to(device)]), target_ids=targets[mask].to(device))
+        scores.append(torch.zeros(len(batch["input_ids"]), device=device).index_add_(0, rows, logp.float())
+                      .view(-1, k).cpu())
+        last = torch.tensor([len(p) - 1 for p in chunk], device=device)  # predicts the first target token
+        first.append(head(hidden[::k][torch.arange(len(chunk), device=device), last]).argmax(-1).cpu())
     return torch.cat(scores), torch.cat(first)
 
 
@@ -136,7 +161,7 @@ def main(model_path: str = None, data_dir: str = None, save: str = None, rounds:
     rounds = rounds.split(",") if isinstance(rounds, str) else list(rounds)
     splits = splits.split(",") if isinstance(splits, str) else list(splits)
     # every input is checked before the model loads: its config, then each round's records
-    check_seq2seq(model_path, "--model_path")
+    hf.load_config(model_path)
     data = {}
     for r in rounds:
         for split in splits:
@@ -150,6 +175,7 @@ def main(model_path: str = None, data_dir: str = None, save: str = None, rounds:
     os.makedirs(save, exist_ok=True)
     tok = hf.load_tokenizer(model_path)
     model = hf.load_model(model_path, device=lay.device, frozen=True)
+    causal = not hf.is_seq2seq(model)
     word_ids = [tok.encode(w, add_special_tokens=False) for w in LABEL_WORDS]
     processor = repetition_penalty_processor(repetition_penalty) if repetition_penalty != 1.0 else None
     all_metrics = {}
@@ -158,13 +184,16 @@ def main(model_path: str = None, data_dir: str = None, save: str = None, rounds:
             records = data[r, split]
             mine = dp_shard(list(range(len(records))), lay.dp_rank, lay.dp_size)
             prompts = [records[i]["prompt_tokens"] for i in mine]
+            if causal:  # the prompt's closing EOS (the T5 encoder's end) is not part of a causal LM's input
+                prompts = [p[:-1] if p[-1:] == [tok.eos_token_id] else p for p in prompts]
             scores, first = label_scores(model, prompts, word_ids, tok.pad_token_id, batch_size)
             texts = []
             for s in tqdm(range(0, len(prompts), batch_size), desc=f"{r} {split} generate", leave=False,
                           disable=not lay.is_main):
                 gens = generate(model, prompts[s:s + batch_size], max_new_tokens, temperature if do_sample else 0.0,
                                 top_p if do_sample else 1.0, tok.eos_token_id, logits_processor=processor,
-                                seed=rank_seed(seed, s, lay.dp_rank))
+                                seed=rank_seed(seed, s, lay.dp_rank), pad_id=tok.pad_token_id,
+                                padding="left" if causal else "right")
                 texts += [tok.decode(g, skip_special_tokens=True) for g in gens]
             parts = gather_object([(i, scores[k], first[k], texts[k]) for k, i in enumerate(mine)], lay)
             if lay.is_main:

@@ -6,7 +6,8 @@
 
 Writes `{save}/train_0.{bin,idx}` + `train.jsonl` in prepare_data.py's format with each target replaced by
 the teacher's sampled decoder tokens (EOS kept when produced), and `{save}/seqkd.json` (the settings;
-`train.py --type seqkd` checks for it). Sampling: temperature 1, top-p 1, top-k 0, seeded per rank.
+`train.py --type seqkd` checks for it). Sampling: temperature 1, top-p 1, top-k 0, seeded per rank. A causal
+teacher continues each prompt without its closing EOS (as train.py reads it), left-padded.
 """
 import os
 import sys
@@ -18,7 +19,6 @@ if __package__ in (None, ""):  # run as a file
 from tqdm import tqdm
 
 from anli_reverse_kl.prepare_data import FIELDS, read_items, write_tokenized
-from anli_reverse_kl.train import check_seq2seq
 from common import hf
 from common.cli import UserError, check_range, run_cli
 from common.distributed import gather_object, print0, rank_seed, setup, shutdown
@@ -34,17 +34,22 @@ def main(teacher_model_path: str = None, data_dir: str = None, save: str = None,
             raise UserError(f"{flag} is required")
     for flag, value in (("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size)):
         check_range(flag, value, low=1)
-    check_seq2seq(teacher_model_path, "--teacher_model_path")
+    hf.load_config(teacher_model_path, "--teacher_model_path")  # before the weights load
     items = read_items(data_dir, "train")
     lay = setup(seed)
     tok = hf.load_tokenizer(teacher_model_path, flag="--teacher_model_path")
     teacher = hf.load_model(teacher_model_path, device=lay.device, frozen=True, flag="--teacher_model_path")
+    causal = not hf.is_seq2seq(teacher)
     mine = dp_shard(list(range(len(items))), lay.dp_rank, lay.dp_size)
     out = []
     for s in tqdm(range(0, len(mine), batch_size), desc="teacher outputs", disable=not lay.is_main):
         rows = mine[s:s + batch_size]
-        gens = generate(teacher, [items[i]["prompt"] for i in rows], max_new_tokens, temperature, top_p,
-                        tok.eos_token_id, top_k=top_k, seed=rank_seed(seed, s, lay.dp_rank))
+        prompts = [items[i]["prompt"] for i in rows]
+        if causal:
+            prompts = [p[:-1] if p[-1:] == [tok.eos_token_id] else p for p in prompts]
+        gens = generate(teacher, prompts, max_new_tokens, temperature, top_p, tok.eos_token_id, top_k=top_k,
+                        seed=rank_seed(seed, s, lay.dp_rank), pad_id=tok.pad_token_id,
+                        padding="left" if causal else "right")
         out += [(i, list(g)) for i, g in zip(rows, gens)]
     gathered = gather_object(out, lay)
     if lay.is_main:

@@ -14,7 +14,9 @@ with EOS closing prompt and target, plus `{save}/{r}/{split}.jsonl` with
 `{uid, prompt, target, label, reason, prompt_tokens, target_tokens}` (label = the label word, reason the
 cleaned reason or "") for evaluation. The train split is cleaned (§2.3: rows without a usable reason are
 dropped; prompts over `max_prompt_length` tokens are dropped, as MiniLLM drops them); dev/test keep every
-row, with target = the label word when the reason is empty or unusable.
+row, with target = the label word when the reason is empty or unusable. `--chat_template True` (ours, for a
+causal instruct model such as SmolLM2-Instruct) puts each prompt in the tokenizer's chat template as one user
+turn (common.hf.chat_prompt); the target is then the assistant's reply.
 """
 import glob
 import os
@@ -170,8 +172,9 @@ def read_items(folder: str, split: str, flag: str = "--data_dir") -> list:
 
 
 def main(data_dir: str = "data/anli_standin", tokenizer: str = None, save: str = "processed_data/anli",
-         rounds: str = "r1,r2,r3", splits: str = "train,dev,test", max_prompt_length: int = 320):
-    from common.hf import load_tokenizer
+         rounds: str = "r1,r2,r3", splits: str = "train,dev,test", max_prompt_length: int = 320,
+         chat_template: bool = False):
+    from common.hf import chat_prompt, load_tokenizer
 
     if tokenizer is None:
         raise UserError("--tokenizer: give a tokenizer folder (the teacher's; teacher and student must share it)")
@@ -191,6 +194,8 @@ def main(data_dir: str = "data/anli_standin", tokenizer: str = None, save: str =
         for split in splits:
             path, rows = found[r, split], rows_of[r, split]
             items, dropped = make_items(rows, split, r)
+            if chat_template:
+                items = [dict(item, prompt=chat_prompt(tok, item["prompt"])) for item in items]
             overlong = write_split(items, tok, os.path.join(save, r), split, max_prompt_length)
             print(f"{r} {split}: {len(rows)} rows from {path} -> {len(items) - overlong} items "
                   f"({dropped} without a usable reason, {overlong} prompts over {max_prompt_length} tokens)")

@@ -73,16 +73,6 @@ DEFAULTS = {
 DEFAULTS["kd"] = DEFAULTS["seqkd"] = DEFAULTS["sft"]
 
 
-def check_seq2seq(path: str, flag: str) -> None:
-    """An encoder-decoder model folder (read from its config.json, before any weights load): eval.py and
-    generate_data.py take only these."""
-    config = hf.load_config(path, flag)
-    if not config.is_encoder_decoder:
-        name = (config.architectures or [config.model_type])[0]
-        raise UserError(f"{flag} {path} is a decoder-only model ({name}); anli_reverse_kl evaluates and "
-                        f"generates with encoder-decoder models: pass a T5 / Flan-T5 folder")
-
-
 def is_seq2seq(path: str, flag: str) -> bool:
     """Whether a model folder holds an encoder-decoder (read from its config.json, before any weights load)."""
     return bool(hf.load_config(path, flag).is_encoder_decoder)

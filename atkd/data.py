@@ -11,11 +11,15 @@ Templates (kept as released; training and evaluation differ):
     training   "Human:\n{instruction} {input}\n\nAssistant:\n" + output + EOS   (the space stays when input is "")
     evaluation "Human:\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\nAssistant:\n"
                (the "### Input" block dropped when input is empty or absent)
+    chat       (--chat_template True, ours: for an instruct model) both are the tokenizer's chat template around
+               one user turn "{instruction}\n\n{input}" (common.hf.chat_prompt), tokenised without adding
+               special tokens (the template writes its own)
 """
 import json
 from pathlib import Path
 
 from common.cli import UserError
+from common.hf import chat_prompt
 from common.io import numbered_jsonl
 
 TRAIN_PROMPT = "Human:\n{input}\n\nAssistant:\n"
@@ -59,10 +63,11 @@ def train_prompt(instruction: str, input: str = "") -> str:
     return TRAIN_PROMPT.format(input=f"{instruction} {input}")
 
 
-def load_training_data(path, *, teacher_output: bool = False) -> list:
+def load_training_data(path, *, teacher_output: bool = False, chat_tokenizer=None) -> list:
     """Records -> [{prompt, output[, teacher_output]}].
 
-    `.json`: Alpaca-GPT4 `{instruction, input, output}` (input optional), rendered with the training template.
+    `.json`: Alpaca-GPT4 `{instruction, input, output}` (input optional), rendered with the training template
+    (with `chat_tokenizer`: in its chat template).
     `.jsonl`: the offline teacher file of generate_data.py, whose `instruction` is already the rendered prompt.
     teacher_output=True (sources teacher, mix_*) requires the teacher file.
     """
@@ -86,7 +91,9 @@ def load_training_data(path, *, teacher_output: bool = False) -> list:
             extra = r.get("input") or ""
             if not isinstance(extra, str):
                 raise DataError(f"{at}: field 'input' must be str, got {type(extra).__name__}")
-            item = dict(prompt=train_prompt(instruction, extra), output=output)
+            prompt = (chat_prompt(chat_tokenizer, instruction, extra) if chat_tokenizer is not None
+                      else train_prompt(instruction, extra))
+            item = dict(prompt=prompt, output=output)
         items.append(item)
     return items
 
@@ -97,25 +104,27 @@ def eval_prompt(instruction: str, input: str = "") -> str:
     return EVAL_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def load_eval_set(path) -> list:
-    """Evaluation JSONL -> [{instruction, input, prompt, references: [str, ...]}] (prompt in the eval form)."""
+def load_eval_set(path, chat_tokenizer=None) -> list:
+    """Evaluation JSONL -> [{instruction, input, prompt, references: [str, ...]}] (prompt in the eval form, or
+    in `chat_tokenizer`'s chat template)."""
     items = []
     for r, at in zip(*_read_records(path)):
         instruction = _field(at, r, "instruction")
         extra = r.get("input") or ""
         output = _field(at, r, "output", (str, list))
         references = [output] if isinstance(output, str) else [str(x) for x in output]
-        items.append(dict(instruction=instruction, input=extra, prompt=eval_prompt(instruction, extra),
-                          references=references))
+        prompt = chat_prompt(chat_tokenizer, instruction, extra) if chat_tokenizer is not None else eval_prompt(instruction, extra)
+        items.append(dict(instruction=instruction, input=extra, prompt=prompt, references=references))
     return items
 
 
-def encode(tokenizer, prompt: str, response: str) -> tuple:
-    """(prompt ids with the tokenizer's own special tokens, e.g. OPT's leading </s>; response ids + EOS).
+def encode(tokenizer, prompt: str, response: str, chat: bool = False) -> tuple:
+    """(prompt ids with the tokenizer's own special tokens, e.g. OPT's leading </s>, or none for a chat prompt
+    that holds its template's; response ids + EOS).
 
     Tokenised apart so that the prompt length is explicit (the release searched for the first EOS, which OPT's
     leading </s> defeats); the EOS ending the response is a target (atkd.md, What we build 3).
     """
-    prompt_ids = tokenizer(prompt).input_ids
+    prompt_ids = tokenizer(prompt, add_special_tokens=not chat).input_ids
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return prompt_ids, response_ids

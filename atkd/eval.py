@@ -132,9 +132,10 @@ def load_model(model_path: str, bf16: bool, flag: str = "--model_path"):
 
 
 def predict(model, tokenizer, prompts: list, *, max_new_tokens: int = 256, batch_size: int = 16,
-            desc: str | None = "generate") -> tuple:
+            desc: str | None = "generate", chat: bool = False) -> tuple:
     """Greedy continuations, left-padded batches, cut at EOS and stripped. Prompts longer than the model's
-    context minus max_new_tokens keep their last tokens (their count is returned). desc=None: no progress bar."""
+    context minus max_new_tokens keep their last tokens (their count is returned). desc=None: no progress bar.
+    chat: the prompts are chat-template text (no special tokens added)."""
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     room = None if limit is None else limit - max_new_tokens
     if room is not None and room < 1:
@@ -143,7 +144,7 @@ def predict(model, tokenizer, prompts: list, *, max_new_tokens: int = 256, batch
     eos = tokenizer.eos_token_id
     predictions, truncated = [], 0
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
-        ids = [tokenizer(p).input_ids for p in prompts[start:start + batch_size]]
+        ids = [tokenizer(p, add_special_tokens=not chat).input_ids for p in prompts[start:start + batch_size]]
         if room is not None:
             truncated += sum(len(x) > room for x in ids)
             ids = [x[-room:] for x in ids]
@@ -166,8 +167,9 @@ def _results_table(results: dict) -> str:
 
 def main(model_path: str = None, output_dir: str = "runs/atkd/eval", data_dir: str = "data/instruct",
          sets: str = ",".join(EVAL_SETS), max_new_tokens: int = 256, batch_size: int = 16, max_items: int = None,
-         bf16: bool = False, judge: str = None, judge_model: str = JUDGE_MODEL):
-    """Evaluate `model_path` (skip it to re-score predictions already in output_dir) on `sets` (comma list)."""
+         bf16: bool = False, judge: str = None, judge_model: str = JUDGE_MODEL, chat_template: bool = False):
+    """Evaluate `model_path` (skip it to re-score predictions already in output_dir) on `sets` (comma list).
+    chat_template (ours): prompts in the model's chat template instead of the release's evaluation template."""
     names = sets.split(",") if isinstance(sets, str) else list(sets)
     unknown = [s for s in names if s not in EVAL_SETS]
     if unknown:
@@ -180,7 +182,9 @@ def main(model_path: str = None, output_dir: str = "runs/atkd/eval", data_dir: s
     judge_fn = load_judge(judge) if judge else None
     if model_path is not None:
         hf.check_model_folder(model_path, "--model_path")
-        eval_sets = {name: load_eval_set(Path(data_dir) / name / "valid.jsonl")[:max_items] for name in names}
+        chat_tokenizer = hf.load_tokenizer(model_path) if chat_template else None
+        eval_sets = {name: load_eval_set(Path(data_dir) / name / "valid.jsonl", chat_tokenizer)[:max_items]
+                     for name in names}
     else:
         for name in names:
             if not (out / name / "predictions.json").exists():
@@ -195,7 +199,8 @@ def main(model_path: str = None, output_dir: str = "runs/atkd/eval", data_dir: s
         if model is not None:
             items = eval_sets[name]
             preds, truncated = predict(model, tokenizer, [x["prompt"] for x in items],
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size, desc=name)
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size, desc=name,
+                                       chat=chat_template)
             scores = [100 * rouge_l(p, x["references"]) for p, x in zip(preds, items)]
             records = [dict(instruction=x["instruction"], input=x["input"], reference=x["references"][0],
                             prediction=p, rougeL=s) for x, p, s in zip(items, preds, scores)]

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a file
 
 from atkd.data import DataError, load_training_data  # noqa: E402
 from atkd.eval import load_model, predict  # noqa: E402
+from common import hf  # noqa: E402
 from common.cli import check_range, run_cli  # noqa: E402
 from common.io import append_jsonl, read_jsonl, write_jsonl  # noqa: E402
 
@@ -41,11 +42,13 @@ def _done_lines(path: Path, items: list, data_path) -> int:
 
 
 def main(teacher_model_path: str, data_path: str, output_path: str, max_new_tokens: int = 256,
-         batch_size: int = 16, max_items: int = None, bf16: bool = False):
+         batch_size: int = 16, max_items: int = None, bf16: bool = False, chat_template: bool = False):
+    """chat_template (ours): prompts in the teacher's chat template (train.py --chat_template True reads them)."""
     for flag, value in (("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size), ("--max_items", max_items)):
         if value is not None:
             check_range(flag, value, low=1)
-    items = load_training_data(data_path)[:max_items]
+    chat_tokenizer = hf.load_tokenizer(teacher_model_path, "--teacher_model_path") if chat_template else None
+    items = load_training_data(data_path, chat_tokenizer=chat_tokenizer)[:max_items]
     path = Path(output_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = _done_lines(path, items, data_path)
@@ -57,7 +60,7 @@ def main(teacher_model_path: str, data_path: str, output_path: str, max_new_toke
     for begin in range(start, len(items), batch_size):
         batch = items[begin:begin + batch_size]
         outputs, _ = predict(model, tokenizer, [x["prompt"] for x in batch], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, desc=None)
+                             batch_size=batch_size, desc=None, chat=chat_template)
         append_jsonl(str(path), *(dict(instruction=x["prompt"], teacher_output=o, output=x["output"])
                                    for x, o in zip(batch, outputs)))
         bar.update(len(batch))

@@ -215,7 +215,7 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
          gradient_checkpointing: bool = False, seed: int = 42, logging_steps: int = 1, save_strategy: str = "no",
          save_steps: int = 500, lazy_preprocess: bool = True, allow_padded_vocab: bool = False,
          max_propose_num: int = 5, evaluation_strategy: str = "no", per_device_eval_batch_size: int = 1,
-         run_name: str = None, fsdp: str = "", fast_kd: bool = True):
+         run_name: str = None, chat_template: bool = False, fsdp: str = "", fast_kd: bool = True):
     """Distil `teacher_model_path` into `student_model_path` (flags and defaults of the release, atkd.md §6).
 
     output_dir gets model/ (the student, from_pretrained), metrics.jsonl, checkpoints/ (resume; the last one);
@@ -223,7 +223,9 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     Extras of ours: --gjsd_beta, --student_request_ratio / --student_token_ratio (the release's hidden 0.5s),
     --max_steps, --max_grad_norm, --seed, --save_steps (resume checkpoints), --allow_padded_vocab (teacher and
     student vocabularies padded to different widths: the first min(widths) logits are compared), --fast_kd
-    (default; false: the release's full-logits step, see micro_batch_loss).
+    (default; false: the release's full-logits step, see micro_batch_loss),
+    --chat_template (prompts in the tokenizer's chat template: dataset prompts rendered in it, a teacher JSONL
+    made by generate_data.py --chat_template True; no special tokens added to them).
     Accepted for compatibility, no effect: --max_propose_num (OSD's draft length), --per_device_eval_batch_size.
     --fsdp "full_shard auto_wrap" (HF Trainer's flag, as the release's launcher offered): student and teacher
     sharded with PyTorch FSDP (common/hf_training.py); add "offload" for CPU offload.
@@ -251,20 +253,22 @@ def main(student_model_path: str, teacher_model_path: str, data_path: str, outpu
     dtype = "bfloat16" if bf16 else "float32"
 
     # data: the teacher JSONL for the offline teacher sources; prompts that leave no room for a target left out
-    items = load_training_data(data_path, teacher_output=sample_source in ("teacher", "mix_request_teacher"))
     flags = ("--student_model_path", "--teacher_model_path")
     student_tokenizer = hf.load_tokenizer(student_model_path, flags[0])
     teacher_tokenizer = hf.load_tokenizer(teacher_model_path, flags[1]) if needs_teacher else None
     if needs_teacher:  # one vocabulary: the losses compare the two distributions token by token
         hf.check_tokenizers(student_tokenizer, teacher_tokenizer, flags)
     tokenizer = student_tokenizer if kl_method == "seqkd" else teacher_tokenizer
+    items = load_training_data(data_path, teacher_output=sample_source in ("teacher", "mix_request_teacher"),
+                               chat_tokenizer=tokenizer if chat_template else None)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def encoded(item):
-        prompt, gt = encode(tokenizer, item["prompt"], item["output"])
-        teacher_out = encode(tokenizer, item["prompt"], item["teacher_output"])[1] if "teacher_output" in item else None
+        prompt, gt = encode(tokenizer, item["prompt"], item["output"], chat_template)
+        teacher_out = (encode(tokenizer, item["prompt"], item["teacher_output"], chat_template)[1]
+                       if "teacher_output" in item else None)
         return prompt, gt, teacher_out
-    prompt_lengths = [len(x) for x in tokenizer([x["prompt"] for x in items]).input_ids]
+    prompt_lengths = [len(x) for x in tokenizer([x["prompt"] for x in items], add_special_tokens=not chat_template).input_ids]
     kept = [x for x, n in zip(items, prompt_lengths) if n < model_max_length]
     if len(kept) < len(items):
         print0(f"{data_path}: {len(items) - len(kept)} of {len(items)} prompts fill --model_max_length "

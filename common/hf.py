@@ -112,6 +112,17 @@ def load_tokenizer(path, flag: str = "--model_path", model_folder: bool = True):
     return tokenizer
 
 
+def chat_prompt(tokenizer, instruction: str, input: str = "") -> str:
+    """One user turn (the instruction, then its input after a blank line) in the tokenizer's chat template, up
+    to the assistant's header: the prompt an instruct model was tuned on. The text holds the template's own
+    special tokens, so tokenise it with add_special_tokens=False."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{tokenizer.name_or_path}: the tokenizer has no chat template; leave the chat-template "
+                        "flag off (the plain instruction template is used)")
+    user = f"{instruction}\n\n{input}" if input else instruction
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+
+
 def _first_line(error) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 

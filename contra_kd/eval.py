@@ -5,13 +5,15 @@
         [--metrics runs/x/metrics.jsonl] [--paper-pair gpt2]
     torchrun --nproc_per_node 2 contra_kd/eval.py ...         # prompts sharded over processes
 
-Per set and seed: the `prompt` field, left-truncated to `max_prompt_length` (256) tokens and left-padded;
+Per set and seed: the `prompt` field (with --chat-template: the model's chat template around the instruction
+and input, common.hf.chat_prompt), left-truncated to `max_prompt_length` (256) tokens and left-padded;
 sampling at temperature 1, top-p 1, top-k 0, no repeated 6-gram (test time only), at most
 max_length - max_prompt_length (256) new tokens, EOS = pad; per-rank seed = seed + rank. Each response is
 decoded without special tokens, cut at the first EOS text and stripped, then scored by Rouge-L F (rouge-score,
 stemming) against each reference (S-NI has several: the max counts) and exact match. Writes
 `predictions.json`, `results.json` (mean, std and per-seed values per set) and `results.md` (our numbers beside
-the paper's, §8); with `--metrics`, `curves.png` of the run's training log.
+the paper's, §8); with `--metrics`, `curves.png` of the run's training log. predictions.json keeps each
+item's Rouge-L, so runs can be compared item by item (paired tests).
 """
 import json
 import os
@@ -125,10 +127,11 @@ def read_set(data_dir: str, name: str, num=None) -> list:
     return records[:num] if num else records
 
 
-def score(predictions, records) -> dict:
-    rouge = [rouge_l(p, references(r)) for p, r in zip(predictions, records)]
+def score(predictions, records) -> tuple:
+    """(mean Rouge-L and exact match x 100, per-item Rouge-L x 100)."""
+    rouge = [100 * rouge_l(p, references(r)) for p, r in zip(predictions, records)]
     em = [exact_match(p, references(r)) for p, r in zip(predictions, records)]
-    return {"rougeL": round(100 * sum(rouge) / len(rouge), 4), "exact_match": round(100 * sum(em) / len(em), 4)}
+    return {"rougeL": round(sum(rouge) / len(rouge), 4), "exact_match": round(100 * sum(em) / len(em), 4)}, rouge
 
 
 def _mean_std(values):
@@ -160,6 +163,38 @@ def table(paths, labels, paper_pair=None) -> str:
         with open(path) as f:
             runs[label] = json.load(f)["results"]
     return results_markdown(runs, paper_pair)
+
+
+def item_rouge(eval_dir: str) -> dict:
+    """{set: per-item Rouge-L, the mean over the run's sampling seeds} from an eval folder's predictions.json."""
+    with open(os.path.join(eval_dir, "predictions.json")) as f:
+        predictions = json.load(f)
+    return {name: [statistics.fmean(items) for items in zip(*([p["rougeL"] for p in per_seed] for per_seed in
+                                                                  seeds.values()))]
+            for name, seeds in predictions.items()}
+
+
+def paired_comparison(groups: dict) -> str:
+    """{label: [eval folders, one per training seed]} -> the paired difference of every pair of labels per set:
+    the mean over training seeds and items of per-item Rouge-L (each item's mean over sampling seeds), and the
+    p-value of a sign-flip permutation test over items (common.metrics.paired_test; all training seeds of an
+    item flip together). A label with one folder (a shared start) is paired with every seed of the other."""
+    from common.metrics import paired_test
+
+    scores = {label: [item_rouge(d) for d in dirs] for label, dirs in groups.items()}
+    labels = list(groups)
+    lines = ["Paired differences (Rouge-L; mean over training seeds and items; p: sign-flip test over items):"]
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            for name in scores[a][0]:
+                xa, xb = [r[name] for r in scores[a]], [r[name] for r in scores[b]]
+                if len(xa) == 1 or len(xb) == 1:
+                    xa, xb = xa * (len(xb) if len(xa) == 1 else 1), xb * (len(xa) if len(xb) == 1 else 1)
+                diff, p = paired_test(xa, xb)
+                per_seed = " ".join(f"{statistics.fmean(x) - statistics.fmean(y):+.2f}" for x, y in zip(xa, xb))
+                lines.append(f"- {a} - {b} on {name}: {diff:+.2f} (p {p:.3g}; {len(xa[0])} items x {len(xa)} seeds; "
+                             f"per seed {per_seed})")
+    return "\n".join(lines) + "\n"
 
 
 def curve_rows(metrics_path: str) -> tuple:
@@ -202,8 +237,9 @@ def plot_curves(metrics_path: str, png_path: str) -> str:
 def main(model_path: str, save: str, data_dir: str = "data/instruct", sets="dolly,self-inst,vicuna,sinst",
          seeds="10,20,30,40,50", batch_size: int = 8, max_prompt_length: int = 256, max_length: int = 512,
          no_repeat_ngram_size: int = 6, num: int = None, label: str = None, paper_pair: str = None,
-         metrics: str = None, dtype: str = "float32"):
+         metrics: str = None, dtype: str = "float32", chat_template: bool = False):
     from common import hf
+    from common.hf import chat_prompt
     from common.distributed import print0, setup, shutdown
     from common.io import atomic_write_json, atomic_write_text
 
@@ -231,15 +267,19 @@ def main(model_path: str, save: str, data_dir: str = "data/instruct", sets="doll
     results, predictions = {}, {}
     for name in sets:
         records = records_of[name]
+        prompts = [chat_prompt(tokenizer, r["instruction"], r.get("input", "")) if chat_template else r["prompt"]
+                   for r in records]
         per_seed = []
         for seed in seeds:
-            preds = sample_responses(model, tokenizer, [r["prompt"] for r in records], lay=lay, seed=seed,
+            preds = sample_responses(model, tokenizer, prompts, lay=lay, seed=seed,
                                      batch_size=batch_size, max_prompt_length=max_prompt_length,
                                      max_new_tokens=max_length - max_prompt_length,
                                      no_repeat_ngram_size=no_repeat_ngram_size, desc=f"{name} seed {seed}")
-            per_seed.append(score(preds, records))
+            summary, item_rouge = score(preds, records)
+            per_seed.append(summary)
             predictions.setdefault(name, {})[str(seed)] = [
-                {"prompt": r["prompt"], "references": references(r), "prediction": p} for r, p in zip(records, preds)]
+                {"prompt": q, "references": references(r), "prediction": p, "rougeL": s}
+                for q, r, p, s in zip(prompts, records, preds, item_rouge)]
             print0(f"{name} seed {seed}: Rouge-L {per_seed[-1]['rougeL']:.4f}  EM {per_seed[-1]['exact_match']:.2f}")
         mean, std = _mean_std([s["rougeL"] for s in per_seed])
         results[name] = {"items": len(records), "rougeL_mean": round(mean, 4), "rougeL_std": round(std, 4),

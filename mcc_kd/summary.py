@@ -8,6 +8,11 @@ the step count and the selected epoch) and times.txt (`stage seconds` lines writ
 On a small test set a few points of accuracy are noise, so each trained row also gives the paired count
 against the base model on the same items: +questions it answers and base did not / -the reverse, and the
 two-sided sign-test p-value of that split (exact binomial, p = 1/2).
+
+Where consistency.py ran (NAME/log/*-consistency-predictions.json), a column gives each model's held-out inconsistency:
+the mean span KL between its answer distributions under two teacher rationales of questions it was never
+trained on, with the paired difference against the base model (and MCC-KD's against Std-CoT, below the
+table) and its sign-flip permutation p-value over the questions (common.metrics.paired_test).
 """
 import glob
 import json
@@ -20,6 +25,7 @@ if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import UserError, run_cli  # noqa: E402
+from common.metrics import paired_test  # noqa: E402
 
 
 def _state(save_dir: str) -> dict:
@@ -54,6 +60,19 @@ def versus(predictions: str, base_predictions: str) -> str:
     return f"+{gained} / -{lost} (p {sign_test(gained, lost):.2f})"
 
 
+def consistency(out: str, stage: str):
+    """{question index: mean span KL} of one model's held-out consistency run, or None."""
+    found = sorted(glob.glob(os.path.join(out, stage, "log", "*-consistency-predictions.json")))
+    return {r["index"]: r["kl"] for r in json.load(open(found[0]))} if found else None
+
+
+def kl_versus(mine: dict, other: dict) -> str:
+    """'-0.0123 (p 0.01)': mean paired difference of span KL (negative = more consistent) and its p-value."""
+    common = sorted(mine.keys() & other.keys())
+    diff, p = paired_test([mine[i] for i in common], [other[i] for i in common])
+    return f"{diff:+.4f} (p {p:.2g})"
+
+
 def sign_test(a: int, b: int) -> float:
     """Two-sided exact sign test of a successes against b failures."""
     n = a + b
@@ -76,8 +95,12 @@ def main(out: str, task: str, label_file: str, settings: str = ""):
             times[name] = f"{wall} s ({cpu} s CPU)"
     split = Path(label_file).stem
     print(f"settings: {settings}")
-    print(f"| {task} ({split}) | accuracy | correct / N | vs base | missing | steps | wall time (CPU time) | predictions |")
-    print("|---|---|---|---|---|---|---|---|")
+    kls = {stage: consistency(out, stage) for stage in ("base", "sft", "mcc")}
+    with_kl = any(kls.values())
+    kl_head = " held-out span KL | vs base |" if with_kl else ""
+    print(f"| {task} ({split}) | accuracy | correct / N | vs base |{kl_head} missing | steps | wall time (CPU time) "
+          f"| predictions |")
+    print("|---|---|---|---|" + "---|---|" * with_kl + "---|---|---|---|")
     base = row(out, "base", task, split)
     for stage, name in (("base", "base (zero-shot)"), ("sft", "Std-CoT (train.py)"), ("mcc", "MCC-KD (train_mcc.py)")):
         found = row(out, stage, task, split)
@@ -86,8 +109,20 @@ def main(out: str, task: str, label_file: str, settings: str = ""):
         m, steps, predictions = found
         wall = times.get(stage, "-")
         paired = versus(predictions, base[2]) if base is not None and stage != "base" else "-"
-        print(f"| {name} | {100 * m['accuracy']:.1f} | {m['correct']} / {m['N']} | {paired} | {m['missing']} | {steps} "
-              f"| {wall} | {predictions} |")
+        kl = ""
+        if with_kl:
+            mine = kls[stage]
+            kl = (f" {sum(mine.values()) / len(mine):.4f} | "
+                  f"{kl_versus(mine, kls['base']) if kls['base'] and stage != 'base' else '-'} |") if mine else " - | - |"
+        print(f"| {name} | {100 * m['accuracy']:.1f} | {m['correct']} / {m['N']} | {paired} |{kl} {m['missing']} "
+              f"| {steps} | {wall} | {predictions} |")
+    sft, mcc = row(out, "sft", task, split), row(out, "mcc", task, split)
+    if sft and mcc:
+        line = f"MCC-KD vs Std-CoT: accuracy {versus(mcc[2], sft[2])}"
+        if kls["sft"] and kls["mcc"]:
+            n = len(kls["sft"].keys() & kls["mcc"].keys())
+            line += f"; held-out span KL {kl_versus(kls['mcc'], kls['sft'])} on {n} questions"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ This file holds the whole loop; `train_mcc.py` reuses it with its own batch and 
      ranks (item-mean CE, v1): splitting a step into micro-batches never changes it;
   3. Adam with a constant lr, no warmup, no clipping, no loss scaling (v1); DP gradients are summed.
 After each epoch the dev file is evaluated and the best epoch kept; at the end the best weights are
-reloaded and `label_file` (the test set) evaluated. Checkpoints every `save_steps` steps and each epoch;
+reloaded and `label_file` (the test set) evaluated. `--selection last` skips the per-epoch evaluation and
+scores the last epoch's weights on `label_file` (no choice made on any evaluated file). Checkpoints every `save_steps` steps and each epoch;
 re-running the same command resumes from the last one.
 """
 import contextlib
@@ -39,8 +40,7 @@ from mcc_kd.answers import check_task
 from mcc_kd.data import IGNORE_INDEX, INDICES, collate, encode_example, load_task_file, rationales, sidecar_indices
 from mcc_kd.eval import build_model, evaluate, split_name, write_results
 
-
-
+SELECTIONS = ("best", "last")  # the weights reported on label_file: best epoch on dev (v1), or the last one
 CHUNK_SIZE = 128  # rows of [V] logits at a time in the losses
 
 
@@ -124,6 +124,7 @@ def epoch_plan(n_items: int, epoch: int, cfg, lay) -> list:
 
 def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
     check_task(cfg.task)  # --dev_file "": no dev file, the test file scored every epoch (HEAD)
+    check_choice("--selection", cfg.selection, SELECTIONS)
     for flag in ("max_batch_size", "accumulation_steps", "epochs", "save_steps"):
         check_range(f"--{flag}", getattr(cfg, flag), low=1)
     if getattr(cfg, "indices", None) is not None:
@@ -143,7 +144,7 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
                                         cfg.use_bfloat16, cfg.seed, cfg.config_file)
     items = load_task_file(cfg.train_file, multi_cot=multi_cot, train=True, tokenizer=tokenizer if multi_cot else None,
                            chat=cfg.chat_template, indices=getattr(cfg, "indices", "logits"))
-    dev = load_task_file(cfg.dev_file) if cfg.dev_file else None
+    dev = load_task_file(cfg.dev_file) if cfg.dev_file and cfg.selection == "best" else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     device = next(model.parameters()).device
@@ -186,9 +187,16 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
             if state["step"] % cfg.save_steps == 0 and state["position"] < len(plan):
                 save_checkpoint(cfg.save_dir, model, optimizer, lay, state)
 
-        # end of epoch: select on dev (or score the test file every epoch when there is no dev file)
+        # end of epoch: select on dev (or score the test file every epoch when there is no dev file), or keep
+        # the last epoch unscored (selection "last")
         weights_dir = os.path.join(cfg.save_dir, f"epoch-{epoch + 1:03d}")
         save_weights(weights_dir, model, lay)
+        if cfg.selection == "last":
+            if lay.is_main and state["best_epoch"] is not None:
+                shutil.rmtree(os.path.join(cfg.save_dir, f"epoch-{state['best_epoch']:03d}"), ignore_errors=True)
+            state["best_epoch"], state["epoch"], state["position"] = epoch + 1, epoch + 1, 0
+            save_checkpoint(cfg.save_dir, model, optimizer, lay, state)
+            continue
         eval_file, eval_items = (cfg.dev_file, dev) if dev else (cfg.label_file, load_task_file(cfg.label_file))
         records, metrics = evaluate(model, tokenizer, eval_items, cfg.task, cfg.eval_batch_size, cfg.max_seq_len, lay,
                                     cfg.chat_template)
@@ -205,9 +213,12 @@ def run_training(cfg, make_batch, batch_loss, multi_cot: bool):
         save_checkpoint(cfg.save_dir, model, optimizer, lay, state)
 
     best_dir = os.path.join(cfg.save_dir, f"epoch-{state['best_epoch']:03d}")
-    print0(f"best epoch {state['best_epoch']} ({100 * state['best_accuracy']:.2f} on "
-           f"{'dev' if dev else split_name(cfg.label_file)}); its weights: {best_dir}")
-    if dev:
+    if cfg.selection == "last":
+        print0(f"last epoch {state['best_epoch']} (no selection); its weights: {best_dir}")
+    else:
+        print0(f"best epoch {state['best_epoch']} ({100 * state['best_accuracy']:.2f} on "
+               f"{'dev' if dev else split_name(cfg.label_file)}); its weights: {best_dir}")
+    if dev or cfg.selection == "last":
         load_weights(best_dir, model, lay)
         records, metrics = evaluate(model, tokenizer, load_task_file(cfg.label_file), cfg.task, cfg.eval_batch_size,
                                     cfg.max_seq_len, lay, cfg.chat_template)
@@ -220,8 +231,9 @@ def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: s
          max_batch_size: int = 1, accumulation_steps: int = 4, eval_batch_size: int = 24, lr: float = 1e-5,
          epochs: int = 12, lora_rank: int = 64, lora_alpha: float = None, use_float16: bool = False,
          use_bfloat16: bool = False, seed: int = None, tp_size: int = None, save_steps: int = 7200,
-         shuffle: bool = False, chat_template: bool = False, config_file: str = None):
-    """Std-CoT fine-tuning; flags as the original's train.py, defaults as the author's SFT script (mcc_kd.md §3.3)."""
+         shuffle: bool = False, chat_template: bool = False, config_file: str = None, selection: str = "best"):
+    """Std-CoT fine-tuning; flags as the original's train.py, defaults as the author's SFT script (mcc_kd.md §3.3).
+    selection "last" (ours): no per-epoch evaluation, the last epoch's weights scored on label_file."""
     run_training(SimpleNamespace(**locals()), sft_batch, sft_loss, multi_cot=False)
 
 

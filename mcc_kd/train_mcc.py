@@ -68,7 +68,7 @@ def main(task: str, ckpt_dir: str, save_dir: str, train_file: str, label_file: s
          epochs: int = 12, alpha: float = 0.01, T: float = 1.3, lora_rank: int = 64, lora_alpha: float = None,
          use_float16: bool = False, use_bfloat16: bool = False, seed: int = None, tp_size: int = None,
          save_steps: int = 7200, shuffle: bool = False, chat_template: bool = False, indices: str = None,
-         config_file: str = None):
+         config_file: str = None, selection: str = "best"):
     """MCC-KD; flags as the original's train_mcc.py, defaults as the author's scripts (mcc_kd.md §3.3, §4).
     `indices` is the train file's convention ("logits" or "tokens"): by default what its sidecar records
     ("logits" without one); given, the sidecar must say the same."""

@@ -5,8 +5,11 @@
     python -m rwkv_llama.eval --model_id TEACHER --layers '[0,2]' ...   # the hybrid before distillation
     python -m rwkv_llama.eval --model_id TEACHER ...                      # the teacher itself
 
-Writes {output_dir}/metrics.json (perplexity, CE, tokens, seconds) and predictions.jsonl (prompt, greedy
-continuation). Perplexity is exp of the token-mean CE over the rows' pre-shifted labels (no second shift).
+Writes {output_dir}/metrics.json (perplexity, CE, tokens, seconds; for a hybrid also kl_to_teacher) and
+predictions.jsonl (prompt, greedy continuation). Perplexity is exp of the token-mean CE over the rows'
+pre-shifted labels (no second shift). kl_to_teacher is the token mean of KL(teacher || model) over the same
+label tokens (what stage 2's KL term trains): perplexity can fall below the teacher's by fitting the data's
+format while the student drifts from the teacher, and this column shows the drift.
 """
 import json
 import math
@@ -21,7 +24,7 @@ import torch
 from common import hf
 from common.cli import UserError, check_range, run_cli
 from common.io import atomic_write_json, iter_rows, write_jsonl
-from common.losses import cross_entropy
+from common.losses import cross_entropy, forward_kl
 from rwkv_llama.data import IGNORE, collate, encode
 from rwkv_llama.model import build_hybrid, greedy_generate, head_size_for
 from rwkv_llama.train import data_files, data_stream, load_student
@@ -45,11 +48,12 @@ def read_student_meta(ckpt_file: str) -> dict:
 
 
 def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str = "block",
-                head_size: int = 64, kv_layout: str = "tile", seed: int = 42):
+                head_size: int = 64, kv_layout: str = "tile", seed: int = 42, teacher=None):
     """The teacher (no layers, no ckpt_file), a freshly initialised hybrid (layers; with train.py's --seed it is
     the student training starts from), or a trained student (ckpt_file; its layers and mode come from the .json
-    written beside it)."""
-    teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
+    written beside it). `teacher`: the already loaded teacher (build_hybrid copies it; it stays unchanged)."""
+    if teacher is None:
+        teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
     if ckpt_file:
         meta = read_student_meta(ckpt_file)
         layers, mode, head_size, kv_layout = meta["layers"], meta["mode"], meta["head_size"], meta["kv_layout"]
@@ -64,11 +68,13 @@ def build_model(model_id: str, ckpt_file: Optional[str] = None, layers=None, mod
 
 
 @torch.no_grad()
-def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = None) -> dict:
-    """Over `rows` (any iterable, consumed lazily) in micro-batches, the first `max_batches` of them."""
+def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = None, teacher=None) -> dict:
+    """Token-mean CE and perplexity over the label tokens of `rows` (any iterable, consumed lazily) in
+    micro-batches, the first `max_batches` of them; with `teacher`, also the token-mean KL(teacher || model) on
+    the same tokens."""
     from tqdm import tqdm
 
-    total, count = 0.0, 0
+    total, kl, count = 0.0, 0.0, 0
     rows = iter(rows)
     batches = (collate(chunk) for chunk in iter(lambda: list(islice(rows, micro_bsz)), []))
     for b in tqdm(islice(batches, max_batches), total=max_batches, desc="perplexity", file=sys.stdout):
@@ -76,9 +82,15 @@ def perplexity(model, rows, micro_bsz: int = 4, max_batches: Optional[int] = Non
         logits = model(input_ids=b["input_ids"], attention_mask=attn).logits
         mask = b["labels"] != IGNORE
         total += float(cross_entropy(logits, target_ids=b["labels"].clamp(min=0), mask=mask, normalizer=1.0))
+        if teacher is not None:
+            t_logits = teacher(input_ids=b["input_ids"], attention_mask=attn).logits
+            kl += float(forward_kl(logits, t_logits, mask=mask, normalizer=1.0))
         count += int(mask.sum())
     ce = total / max(count, 1)
-    return dict(perplexity=math.exp(ce), ce=ce, tokens=count)
+    out = dict(perplexity=math.exp(ce), ce=ce, tokens=count)
+    if teacher is not None:
+        out["kl_to_teacher"] = kl / max(count, 1)
+    return out
 
 
 def chat_prompts(path: str, n: int) -> list:
@@ -115,9 +127,11 @@ def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str 
     tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
     tokenizer.pad_token = tokenizer.eos_token
     stream = data_stream(val_data, c4_data, languages, "validation")  # a bad data file fails before the model loads
-    model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout, seed)
+    teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
+    model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout, seed, teacher=teacher)
     rows = (encode(raw, tokenizer, max_seq_length) for raw in stream)     # in file order, tokenised as consumed
-    metrics = dict(label=label, **perplexity(model, rows, micro_bsz, max_batches))
+    metrics = dict(label=label, **perplexity(model, rows, micro_bsz, max_batches,
+                                             teacher=None if model is teacher else teacher))
     predictions = []
     if val_data and n_prompts:
         for prompt in chat_prompts(val_data, n_prompts):
@@ -129,7 +143,8 @@ def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str 
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_json(metrics, os.path.join(output_dir, "metrics.json"))
     write_jsonl(predictions, os.path.join(output_dir, "predictions.jsonl"))
-    print(f"{label or model_id}: perplexity {metrics['perplexity']:.3f} over {metrics['tokens']} tokens "
+    kl = f", KL(teacher || model) {metrics['kl_to_teacher']:.4f}" if "kl_to_teacher" in metrics else ""
+    print(f"{label or model_id}: perplexity {metrics['perplexity']:.3f}{kl} over {metrics['tokens']} tokens "
           f"({metrics['seconds']:.1f}s)", flush=True)
 
 

@@ -9,7 +9,8 @@
 #                                    teacher; in layers 2 7 12 17 22 27 of its 30 the attention is replaced by
 #                                    the RWKV-6 time-mix (is_rwkv_att_only: the Llama norms and MLP stay), the
 #                                    UltraChat stand-in (Dolly conversations), stage 1 then stage 2, one server
-#                                    + 1 trainer; one table with the times (9 CPU-minutes: 5-10 min on 2 idle cores).
+#                                    + 1 trainer; one table (held-out perplexity and KL(teacher || model)) with the
+#                                    times (9-12 CPU-minutes: 5-10 min on 2 idle cores).
 # Settings can be overridden from the environment (STEPS1=50 LAYERS='[0,1]' MODE=block bash rwkv_llama/run.sh).
 # MODE: block (full RWKV block, fresh LayerNorms), llama_ffn, att_only (spec §1.1).
 set -euo pipefail
@@ -95,7 +96,7 @@ stage stage1 true "$STEPS1" "$LR1"
 echo "== stage 2: 0.1 KL + 1 CE from stage 1 -> $OUT/stage2"
 stage stage2 false "$STEPS2" "$LR2" --ckpt_file "$OUT/stage1/student.safetensors"
 
-echo "== held-out perplexity (one process: teacher, hybrid before distillation, after stage 1, after stage 2)"
+echo "== held-out perplexity and KL to the teacher (one process: teacher, hybrid before distillation, after stage 1, after stage 2)"
 python - "$OUT" "$TEACHER" "$LAYERS" "$MODE" "$LEN" "$BSZ" "$EVAL_BATCHES" "$HEAD_SIZE" "${EVAL_DATA[@]}" <<'PY'
 import json, os, sys
 from rwkv_llama.eval import main as evaluate
@@ -106,12 +107,13 @@ if "languages" in data:
 runs = [("teacher", "teacher", {}), ("init", "hybrid before distillation", dict(layers=json.loads(layers), mode=mode)),
         ("stage1", "after stage 1", dict(ckpt_file=f"{out}/stage1/student.safetensors")),
         ("stage2", "after stage 2", dict(ckpt_file=f"{out}/stage2/student.safetensors"))]
-lines = ["| model | held-out perplexity | training time | eval time |", "|---|---|---|---|"]
+lines = ["| model | held-out perplexity | held-out KL(teacher ‖ model) | training time | eval time |", "|---|---|---|---|---|"]
 for name, label, extra in runs:
     evaluate(teacher, **extra, **data, max_seq_length=int(length), micro_bsz=int(bsz), max_batches=int(batches),
              head_size=int(head_size), label=label, output_dir=f"{out}/eval/{name}")
     m = json.load(open(f"{out}/eval/{name}/metrics.json"))
     secs = open(f"{out}/{name}/seconds").read().strip() + " s" if name.startswith("stage") else "-"
-    lines.append(f"| {label} | {m['perplexity']:,.3f} | {secs} | {m['seconds']:.0f} s |")
+    kl = f"{m['kl_to_teacher']:.4f}" if "kl_to_teacher" in m else "-"
+    lines.append(f"| {label} | {m['perplexity']:,.3f} | {kl} | {secs} | {m['seconds']:.0f} s |")
 print(f"\nlayers {layers} ({mode}), {m['tokens']} held-out label tokens\n" + "\n".join(lines))
 PY

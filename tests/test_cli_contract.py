@@ -100,6 +100,9 @@ def table(ws: Path) -> list:
     add("benchmarks/train_step.py", "wrong type", ["--batch", "x"], r"--batch 'x': expected an integer")
     add("benchmarks/train_step.py", "unknown choice", ["--device", "tpu"], r"--device 'tpu' is not one of: cpu, cuda")
     add("benchmarks/losses.py", "unknown choice", ["--loss", "kl"], r"--loss 'kl' is not one of: forward_kl,")
+    add("benchmarks/objectives.py", "unknown choice", ["--rows", "sft,ppo", "--out", ws / "o"],
+        r"--rows ppo: not a row; choose from sft,")
+    add("benchmarks/objectives.py", "wrong type", ["--seeds", "x", "--out", ws / "o"], r"--seeds 'x': expected an integer")
     add("benchmarks/losses.py", "wrong type", ["--tokens", "many"], r"--tokens 'many': expected an integer")
     add("benchmarks/on_policy.py", "wrong type", ["--batch", "x"], r"--batch 'x': expected an integer")
     add("benchmarks/on_policy.py", "out of range", ["--steps", "0"], r"--steps 0: must be >= 1")
@@ -131,6 +134,15 @@ def table(ws: Path) -> list:
     add(e, "malformed file", ["--task", "SVAMP", "--ckpt_dir", no, "--label_file", bad_json], rf"{bad_json}: not valid JSON")
     add(e, "wrong type", ["--task", "SVAMP", "--ckpt_dir", no, "--label_file", svamp, "--eval_batch_size", "x"],
         r"--eval_batch_size 'x': expected an integer")
+    e = "mcc_kd/consistency.py"
+    co = ["--task", "SVAMP", "--ckpt_dir", no, "--file", ws / "mcc" / "heldout.json"]
+    add(e, "unknown choice", [*co, "--indices", "chars"], r"--indices 'chars' is not one of")
+    add(e, "out of range", [*co, "--max_rationales", "1"], r"--max_rationales 1: must be >= 2")
+    add(e, "missing file", ["--task", "SVAMP", "--ckpt_dir", no, "--file", no], rf"{no}: no such task file")
+    add(e, "missing field", ["--task", "SVAMP", "--ckpt_dir", no, "--file", ws / "mcc" / "multi.json"],
+        r"multi\.json: item 0: field 'indices': missing field")
+    add(e, "missing folder", [*co, "--lora_dir", no], rf"--lora_dir {no}: no such folder")
+    add(e, "missing model folder", co, rf"--ckpt_dir {no}: no such checkpoint folder")
     e = "mcc_kd/prepare_data.py"
     filt = ["filter", "--task", "SVAMP", "--output_file", ws / "o.json", "--tokenizer_file", t5]
     add(e, "filter: unknown choice", [*filt, "--input_file", svamp, "--indices", "chars"], r"--indices 'chars' is not one of")
@@ -185,8 +197,6 @@ def table(ws: Path) -> list:
         r"r1/dev\.jsonl:1: no field 'prompt_tokens' \(rows need uid, prompt_tokens.*re-run anli_reverse_kl/prepare_data")
     add(e, "run: missing model folder", ["run", "--model_path", no, "--save", ws / "o", "--data_dir", no],
         rf"--model_path {no} {folder_error}")
-    add(e, "run: decoder-only model", ["run", "--model_path", gpt2, "--save", ws / "o", "--data_dir", no],
-        r"is a decoder-only model \(GPT2LMHeadModel\)")
     add(e, "run: wrong type", [*ev, "--data_dir", no, "--batch_size", "x"], r"--batch_size 'x': expected an integer")
     add(e, "compare: missing folder", ["compare", "--sft", no], rf"--sft {no}: no metrics\.json; pass a --save folder")
     e = "anli_reverse_kl/generate_data.py"
@@ -194,8 +204,6 @@ def table(ws: Path) -> list:
         rf"--data_dir {no} does not exist")
     add(e, "missing model folder", ["--teacher_model_path", no, "--data_dir", no, "--save", ws / "o"],
         rf"--teacher_model_path {no} {folder_error}")
-    add(e, "GPT-2 teacher", ["--teacher_model_path", gpt2, "--data_dir", no, "--save", ws / "o"],
-        r"is a decoder-only model")
     add(e, "wrong type", ["--teacher_model_path", t5, "--data_dir", no, "--save", ws / "o", "--max_new_tokens", "x"],
         r"--max_new_tokens 'x': expected an integer")
     add("anli_reverse_kl/build_standin.py", "missing folder", ["--source", no, "--output", ws / "o"],
@@ -402,6 +410,7 @@ def ws(tmp_path_factory):
     (ws / "mcc").mkdir()
     (ws / "mcc" / "nolabel.json").write_text(json.dumps([item, {k: v for k, v in item.items() if k != "label"}]))
     (ws / "mcc" / "multi.json").write_text(json.dumps([{k: v for k, v in item.items() if k != "indices"}]))
+    (ws / "mcc" / "heldout.json").write_text(json.dumps([item]))
     (ws / "mcc" / "times.txt").write_text("base 10 9\nsft 20\n")
     row = {"uid": "a", "premise": "P.", "hypothesis": "H.", "label": 0, "reason": "Because."}
     write_jsonl(ws / "anli_bad" / "train_r1.jsonl", [row, '{"premise": '])

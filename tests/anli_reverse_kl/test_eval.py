@@ -1,5 +1,6 @@
 """anli_reverse_kl/eval.py: generation parser, label-constrained scoring, Rouge-L, per-split metrics."""
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 from anli_reverse_kl.eval import label_scores, parse_generation, rouge_l, split_metrics
 from anli_reverse_kl.prepare_data import LABEL_WORDS
 from tests.tiny import char_tokenizer, tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("text, word, reason", [
@@ -79,3 +82,41 @@ def test_split_metrics_count_invalid_generations_and_rouge_over_items_with_a_rea
     assert m["generation_accuracy"] == pytest.approx(2 / 3) and m["invalid"] == 1
     assert m["n_with_reason"] == 2 and m["rougeL"] == pytest.approx(0.5)  # 1.0 and 0.0 (empty generated reason)
     assert preds[1]["generation_pred"] == "maybe"
+
+
+@torch.no_grad()
+def test_causal_label_scores_are_the_words_log_likelihood_after_the_prompt():
+    """A causal LM scores each word right after the prompt: the sum of its tokens' log-probs equals
+    -len(word) x transformers' own mean loss on prompt + word with the prompt masked; the token-level
+    prediction is the argmax at the prompt's last position. Padding in the batch changes nothing."""
+    tok = char_tokenizer()
+    words = [tok.encode(w) for w in LABEL_WORDS]
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20]]
+    model = tiny_model("llama", seed=3)
+    scores, first = label_scores(model, prompts, words, pad_id=0, batch_size=2)
+    for i, p in enumerate(prompts):
+        for k, w in enumerate(words):
+            ids = torch.tensor([p + w])
+            labels = torch.tensor([[-100] * len(p) + w])
+            expected = -model(input_ids=ids, labels=labels).loss.item() * len(w)
+            assert scores[i, k].item() == pytest.approx(expected, abs=1e-4)
+        assert first[i].item() == model(input_ids=torch.tensor([p])).logits[0, -1].argmax().item()
+    alone = torch.cat([label_scores(model, [p], words, pad_id=0)[0] for p in prompts])
+    assert torch.allclose(scores, alone, atol=1e-5)
+
+
+def test_eval_runs_a_causal_model_on_a_prepared_round(tmp_path):
+    from anli_reverse_kl import prepare_data
+    from anli_reverse_kl.eval import main
+    from tests.tiny import save_tiny
+
+    model_dir = save_tiny("llama", tmp_path / "model", seed=1, max_position_embeddings=1024)
+    prepare_data.main(data_dir=str(ROOT / "data" / "anli_standin"), tokenizer=str(model_dir), save=str(tmp_path / "data"),
+                      rounds="r1", splits="dev", max_prompt_length=512)
+    main(model_path=str(model_dir), data_dir=str(tmp_path / "data"), save=str(tmp_path / "eval"), rounds="r1",
+         splits="dev", max_new_tokens=4)
+    import json
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))["r1/dev"]
+    assert metrics["n"] == 60 and 0 <= metrics["label_accuracy"] <= 1 and metrics["invalid"] <= 60
+    predictions = json.load(open(tmp_path / "eval" / "r1-dev-predictions.json"))
+    assert len(predictions) == 60 and "generation" in predictions[0]

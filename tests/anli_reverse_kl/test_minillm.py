@@ -214,6 +214,7 @@ def test_causal_importance_weights_equal_those_the_left_padded_sampler_recorded(
     assert any(w != 1.0 for ws in generations.weights for w in ws)
 
 
+
 @torch.no_grad()
 def exact_causal_reverse_kl(student, teacher, prompts, vocab=128):
     """KL[q ‖ p] over all two-token continuations, exactly (the causal twin of exact_reverse_kl)."""

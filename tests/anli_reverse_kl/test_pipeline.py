@@ -42,6 +42,33 @@ def test_teacher_outputs_replace_the_targets_and_train_seqkd_then_eval_writes_pr
     assert "| r1/dev |" in (run_dir / "eval" / "metrics.md").read_text()
 
 
+def test_a_causal_teacher_continues_each_prompt_without_its_closing_eos(tmp_path):
+    """Greedy teacher outputs of a causal LM equal transformers' own generate on the prompt minus its EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from anli_reverse_kl.prepare_data import write_tokenized
+    from tests.tiny import char_tokenizer, save_tiny
+
+    tok = char_tokenizer()
+    teacher = save_tiny("llama", tmp_path / "teacher", seed=3)
+    prompts = [tok.encode(f"premise {i} and a hypothesis{'!' * i}?") + [tok.eos_token_id] for i in range(5)]
+    records = [dict(uid=str(i), prompt="", target="", label="", reason="", prompt_tokens=p, target_tokens=[])
+               for i, p in enumerate(prompts)]
+    write_tokenized(str(tmp_path / "data"), "train", [p + [-1] + tok.encode("yes") + [1] + [-1] * 4 for p in prompts],
+                    records, len(tok))
+    generate_data.main(teacher_model_path=str(teacher), data_dir=str(tmp_path / "data"), save=str(tmp_path / "out"),
+                       max_new_tokens=5, temperature=0.0, batch_size=3)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    for prompt, item in zip(prompts, read_items(str(tmp_path / "out"), "train")):
+        ids = torch.tensor([prompt[:-1]])
+        want = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in want:
+            want = want[:want.index(tok.eos_token_id) + 1]
+        assert item["target"] == want and item["prompt"] == prompt
+
+
 @torch.no_grad()
 def independent_metrics(model_dir, dev_jsonl, max_new_tokens):
     """The split's metrics from transformers alone: the label word with the lowest summed NLL (its own loss x

@@ -136,3 +136,22 @@ def test_label_outside_0_to_2_is_a_clear_error(tmp_path, label):
 def test_missing_split_file_says_how_to_get_it(tmp_path):
     with pytest.raises(ValueError, match="no test_r1.jsonl or test_r1-.*parquet"):
         prep.find_split_file(str(tmp_path), "test", "r1")
+
+
+def test_chat_template_prompts_are_the_tokenizers_own_user_turn_then_eos(tmp_path, smollm2_dir):
+    """--chat_template True (the REAL=1 causal pair): each prompt's ids are transformers' apply_chat_template of
+    one user turn with the generation prompt, closed by EOS as every prompt (a causal model reads it without)."""
+    from transformers import AutoTokenizer
+
+    prep.main(data_dir=STANDIN, tokenizer=smollm2_dir, save=str(tmp_path), rounds="r1", splits="dev",
+              chat_template=True)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    rows = [json.loads(line) for line in open(os.path.join(STANDIN, "dev_r1.jsonl"))]
+    items = prep.make_items(rows, "dev", "r1")[0]
+    records = [json.loads(line) for line in open(tmp_path / "r1" / "dev.jsonl")]
+    assert len(records) == len(items) > 0
+    for item, rec in zip(items, records):
+        want = tok.apply_chat_template([{"role": "user", "content": item["prompt"]}], tokenize=True,
+                                       add_generation_prompt=True)["input_ids"]
+        assert rec["prompt_tokens"] == want + [tok.eos_token_id]
+        assert rec["target_tokens"] == tok.encode(item["target"], add_special_tokens=False) + [tok.eos_token_id]

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from anli_reverse_kl.prepare_data import write_tokenized
-from anli_reverse_kl.train import (check_same_kind, check_seq2seq, kd_loss, load_items, model_inputs, sft_loss,
-                                   to_batch, train)
+from anli_reverse_kl.train import check_same_kind, kd_loss, load_items, model_inputs, sft_loss, to_batch, train
 from common.io import read_tensors
 from tests.tiny import char_tokenizer, save_tiny, tiny_model
 
@@ -167,15 +166,6 @@ def test_minillm_trains_a_causal_student_and_exports_the_weights_at_each_save_in
     a, b = weights(tmp_path / "student"), weights(tmp_path / "run" / "model")
     assert not all(torch.equal(a[k], b[k]) for k in a)  # it trained
     assert load_items(str(tmp_path / "data"), 512, 360, prompt_eos=1)[0][0] == prompts[0][:-1]  # EOS left off
-
-
-def test_eval_and_generate_data_refuse_a_decoder_only_model_from_its_config(tmp_path):
-    gpt2, opt = save_tiny("gpt2", tmp_path / "gpt2-folder"), save_tiny("opt", tmp_path / "opt-folder")
-    with pytest.raises(ValueError, match=r"--model_path .*gpt2-folder is a decoder-only model \(GPT2LMHeadModel\).*T5"):
-        check_seq2seq(gpt2, "--model_path")
-    with pytest.raises(ValueError, match=r"--teacher_model_path .*opt-folder is a decoder-only model"):
-        check_seq2seq(opt, "--teacher_model_path")
-    check_seq2seq(save_tiny("t5", tmp_path / "t5"), "--model_path")  # an encoder-decoder: fine
 
 
 def test_seqkd_without_teacher_outputs_says_to_run_generate_data(run_dir):

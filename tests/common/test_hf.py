@@ -192,3 +192,12 @@ def test_head_logits_refuse_a_model_that_changes_its_heads_output():
     with pytest.raises(UserError, match="transforms its head's output.*--fast_kd false"):
         hf.head_logits(model, input_ids=torch.randint(4, 100, (1, 4)))
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
+def test_chat_prompt_is_the_tokenizers_template_of_one_user_turn(smollm2_dir):
+    tok = hf.load_tokenizer(smollm2_dir)
+    text = hf.chat_prompt(tok, "Name a colour.", "Think of the sky.")
+    assert text == tok.apply_chat_template([{"role": "user", "content": "Name a colour.\n\nThink of the sky."}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nName a colour." in text
+    assert hf.chat_prompt(tok, "Name a colour.").count("\n\n") == 0  # no input: no blank line
+    with pytest.raises(hf.UserError, match="no chat template"):
+        hf.chat_prompt(char_tokenizer(), "x")

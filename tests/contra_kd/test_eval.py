@@ -84,3 +84,24 @@ def test_curves_need_something_to_plot(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"kind": "epoch", "unit": 0, "epoch": -1}\n')
     with pytest.raises(ValueError, match="no 'loss\\*' step rows"):
         plot_curves(str(tmp_path / "m.jsonl"), str(tmp_path / "c.png"))
+
+
+def test_paired_comparison_pairs_items_over_training_seeds_and_averages_sampling_seeds(tmp_path):
+    from common.metrics import paired_test
+    from contra_kd.eval import item_rouge, paired_comparison
+
+    def run(name, per_sampling_seed):  # {sampling seed: per-item Rouge-L}
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "predictions.json").write_text(json.dumps(
+            {"dolly": {seed: [{"rougeL": x} for x in xs] for seed, xs in per_sampling_seed.items()}}))
+        return str(folder)
+    a = [run("a1", {"10": [10, 20, 30], "20": [20, 20, 10]}), run("a2", {"10": [5, 25, 35], "20": [15, 15, 5]})]
+    b = [run("b1", {"10": [0, 10, 30], "20": [10, 10, 10]}), run("b2", {"10": [5, 5, 5], "20": [5, 5, 5]})]
+    init = [run("init", {"10": [1, 2, 3], "20": [1, 2, 3]})]
+    assert item_rouge(a[0]) == {"dolly": [15, 20, 20]}  # mean over sampling seeds, item by item
+    text = paired_comparison({"A": a, "B": b, "init": init})
+    diff, p = paired_test([[15, 20, 20], [10, 20, 20]], [[5, 10, 20], [5, 5, 5]])
+    assert f"- A - B on dolly: {diff:+.2f} (p {p:.3g}; 3 items x 2 seeds; per seed +6.67 +11.67)" in text
+    diff, p = paired_test([[15, 20, 20], [10, 20, 20]], [[1, 2, 3], [1, 2, 3]])  # the shared start, for every seed
+    assert f"- A - init on dolly: {diff:+.2f} (p {p:.3g}; 3 items x 2 seeds" in text and "- B - init on dolly" in text

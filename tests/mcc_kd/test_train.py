@@ -12,35 +12,21 @@ import pytest
 import torch
 
 from common.checkpoint import merge_state_dicts
-from common.checkpoint_split import init, split
+from common.checkpoint_split import split
 from common.io import read_tensors
 from common.training import latest_checkpoint
 from common.model import load_model
 from common.parallel import layout, setup
-from common.tokenizer import load_tokenizer, train_sentencepiece
+from common.tokenizer import load_tokenizer
 from mcc_kd.data import IGNORE_INDEX, DataError, load_task_file
 from mcc_kd.prepare_data import filter_file
 from mcc_kd.train import choose, epoch_plan
 from mcc_kd.train_mcc import mcc_batch, mcc_loss
 from tests.distributed import run_distributed
+from tests.mcc_kd.conftest import sharp_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "data", "SVAMP")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tokenizer trained on shipped SVAMP rationales, a random tiny llama, a filtered 10-item MCC file."""
-    root = tmp_path_factory.mktemp("mcc")
-    items = json.load(open(os.path.join(DATA, "train.json")))
-    tok_path = train_sentencepiece([t for it in items for t in [it["instruction"], *it["output"]]],
-                                   str(root / "tokenizer"), vocab_size=1000)
-    init("tiny-llama", str(root / "ckpt"), tokenizer=tok_path, seed=0)
-    json.dump(json.load(open(os.path.join(DATA, "train_standin.json")))[:10], open(root / "raw.json", "w"))
-    filter_file("SVAMP", str(root / "raw.json"), str(root / "mcc.json"), str(root / "ckpt" / "tokenizer.model"),
-                max_seq_len=192)
-    json.dump(json.load(open(os.path.join(DATA, "dev_standin.json")))[:3], open(root / "dev.json", "w"))
-    return root
 
 
 def cfg(**kw):
@@ -72,13 +58,7 @@ def reference_losses(logits, labels, spans_a, spans_b, T):
 
 
 def test_span_kl_and_ce_inside_train_mcc_match_the_formula(tiny):
-    setup()
-    tok = load_tokenizer(str(tiny / "ckpt" / "tokenizer.model"))
-    items = load_task_file(str(tiny / "mcc.json"), multi_cot=True, tokenizer=tok)
-    model = load_model(str(tiny / "ckpt"), lora_rank=-1, max_seq_len=192, max_batch_size=8)
-    with torch.no_grad():
-        for p in model.parameters():  # a sharper random model than the 0.02 init, so the KL is not ~0
-            p.normal_(0, 0.3)
+    tok, items, model = sharp_tiny_model(tiny)
     c = cfg()
     batch = mcc_batch(items, [0, 1, 2], epoch=0, tokenizer=tok, cfg=c)
     # hand check of the convention: the logit positions in `indices` predict the answer tokens
@@ -165,6 +145,21 @@ def final_checkpoint(save_dir):
     save never finished (no state.json)."""
     folder, state = latest_checkpoint(str(save_dir))
     return state, read_tensors(os.path.join(folder, "consolidated.00.pth"))
+
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_mcc.py"])
+def test_selection_last_scores_only_the_last_epoch_and_reads_no_dev_file(tiny, tmp_path, script):
+    """--selection last (the main job's): no per-epoch evaluation even with a dev file given, only the last
+    epoch's weights kept, and they alone are scored on label_file."""
+    save = tmp_path / "run"
+    cmd = train_command(tiny, save) + ["--selection", "last", "--label_file", str(tiny / "dev.json")]
+    cmd[1] = f"mcc_kd/{script}"
+    run(cmd, dict(os.environ, OMP_NUM_THREADS="1"))
+    state, _ = final_checkpoint(save)
+    assert state["best_epoch"] == 2 and state["history"] == []
+    assert sorted(p.name for p in save.glob("epoch-*")) == ["epoch-002"]
+    assert sorted(p.name for p in (save / "log").iterdir()) == ["SVAMP-dev-metrics.json", "SVAMP-dev-predictions.json"]
 
 
 def test_killed_training_resumes_to_the_same_final_weights(tiny, tmp_path):
