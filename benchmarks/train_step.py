@@ -180,7 +180,6 @@ def main_job_batch(vocab, seed):
 
 
 def lora_main_job(device, repeats, seed, timer):
-    import transformers
     from peft import LoraConfig, get_peft_model
 
     from common.model import mark_only_lora_trainable
