@@ -43,7 +43,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import fire
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_step import PeakMemory, release_freed_memory  # noqa: E402
 from common import hf, losses  # noqa: E402
+from common.cli import check_choice, run_cli  # noqa: E402
 from common.distributed import to_dtype  # noqa: E402
 from common.hf_training import KD_CHUNK_SIZE, autocast, lm_logits  # noqa: E402
 
@@ -274,6 +274,7 @@ def load_average():
 def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, repeats=3, clock="wall",
          model_dir=str(MODEL_DIR)):
     """The table and the one-line summary (ratios of the fast row against fp32, bf16 and TRL)."""
+    check_choice("--clock", clock, ("wall", "cpu"))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = to_dtype(dtype or "bfloat16")
     if device.type == "cpu":
@@ -432,5 +433,5 @@ def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=2
 
 
 if __name__ == "__main__":
-    fire.Fire({"main": main, "accuracy": accuracy} if len(sys.argv) > 1 and sys.argv[1] in ("main", "accuracy")
-              else main)
+    run_cli({"main": main, "accuracy": accuracy} if len(sys.argv) > 1 and sys.argv[1] in ("main", "accuracy")
+            else main)

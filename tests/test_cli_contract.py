@@ -105,6 +105,11 @@ def table(ws: Path) -> list:
     add("benchmarks/objectives.py", "wrong type", ["--seeds", "x", "--out", ws / "o"], r"--seeds 'x': expected an integer")
     add("benchmarks/losses.py", "wrong type", ["--tokens", "many"], r"--tokens 'many': expected an integer")
     add("benchmarks/on_policy.py", "wrong type", ["--batch", "x"], r"--batch 'x': expected an integer")
+    add("benchmarks/kd_step.py", "wrong type", ["--batch", "x"], r"--batch 'x': expected an integer")
+    add("benchmarks/kd_step.py", "unknown choice", ["--clock", "x"], r"--clock 'x' is not one of: wall, cpu")
+    add("benchmarks/kd_step.py", "missing model folder", ["--model_dir", no], rf"--model_dir {no} {folder_error}")
+    add("benchmarks/kd_step.py", "accuracy: missing model folder", ["accuracy", "--model_dir", no],
+        rf"--model_dir {no} {folder_error}")
     add("benchmarks/on_policy.py", "out of range", ["--steps", "0"], r"--steps 0: must be >= 1")
 
     # ---- mcc_kd ----
