@@ -292,8 +292,8 @@ class Run:
                 raise UserError(f"{f.save} holds a run of {state.get('plan')}, this command plans {plan}: resume with "
                                  f"the same type, epochs, data and batch settings, or pass another --save")
             if self.contra:
-                saved = torch.load(os.path.join(self.extras(state["step"]), "flow.pt"), map_location=lay.device,
-                                   weights_only=True)
+                flow_pt = os.path.join(self.extras(state["step"]), "flow.pt")
+                saved = torch.load(flow_pt, map_location=lay.device, weights_only=True)
                 self.flow.load_state_dict(saved["flow"])
                 self.flow_opt.load_state_dict(saved["optimizer"])
                 self.flow_sched.load_state_dict(saved["scheduler"])

@@ -87,8 +87,8 @@ def test_two_sharded_ranks_train_what_one_process_trains(runs, name):
     assert set(a) == set(b) and not any("lora" in k for k in a)  # LoRA merged on export
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-5)
-    logits_one = torch.load(out / "one" / reference / "logits.pt")
-    logits_two = torch.load(out / "two" / name / "logits.pt")
+    logits_one = torch.load(out / "one" / reference / "logits.pt", weights_only=True)
+    logits_two = torch.load(out / "two" / name / "logits.pt", weights_only=True)
     torch.testing.assert_close(logits_two, logits_one, atol=1e-4, rtol=1e-5)
 
 
@@ -100,7 +100,7 @@ def test_the_exported_folder_loads_with_from_pretrained_and_gives_the_training_m
     loaded = auto.from_pretrained(str(out / "two" / name / "final"), local_files_only=True).eval()
     with torch.no_grad():
         logits = loaded(**probe(seq2seq)).logits
-    torch.testing.assert_close(logits, torch.load(out / "two" / name / "logits.pt"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, torch.load(out / "two" / name / "logits.pt", weights_only=True), atol=1e-5, rtol=1e-5)
     assert hf.load_tokenizer(str(out / "two" / name / "final")).pad_token == "<pad>"
 
 
