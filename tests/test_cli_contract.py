@@ -119,7 +119,7 @@ def table(ws: Path) -> list:
         add(e, "missing file", [*base, "--train_file", no], rf"{no}: no such task file")
         add(e, "malformed file", [*base, "--train_file", bad_json], rf"{bad_json}: not valid JSON")
         add(e, "missing field", [*base, "--train_file", ws / "mcc" / "nolabel.json"],
-            rf"nolabel\.json: item 1: field 'label': missing field")
+            r"nolabel\.json: item 1: field 'label': missing field")
         add(e, "unknown choice", [*base, "--train_file", svamp, "--task", "SVAMPP"],
             r"unknown task 'SVAMPP': --task must be one of GSM8K, SVAMP, ASDiv, CSQA")
         add(e, "wrong type", [*base, "--train_file", svamp, "--lr", "fast"], r"--lr 'fast': expected a number")

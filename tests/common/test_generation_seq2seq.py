@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from common.generation import generate, pad_rollouts, sampling_probs
+from common.generation import generate, pad_rollouts
 from tests.common.test_generation import assert_stop_ids_end_rows, chi_square_p_value, cut_at, random_prompts
 from tests.tiny import tiny_model
 

@@ -5,14 +5,13 @@ import json
 import os
 import subprocess
 import sys
-from itertools import islice
 
 import pytest
 import torch
 
 from common.cli import UserError
 from common.io import iter_rows
-from rwkv_llama.data import (IGNORE, Stream, c4_stream, chat_example, chat_stream, collate, encode, rank_batches,
+from rwkv_llama.data import (IGNORE, c4_stream, chat_example, chat_stream, collate, encode, rank_batches,
                              text_batch)
 from tests.tiny import char_tokenizer
 
