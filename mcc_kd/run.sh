@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 TASK=${TASK:-SVAMP}
 NPROC=${NPROC:-1}
 : "${CHAT:=}" "${DEV_FILE:=}" "${BASE_EVAL:=}" "${N_TRAIN:=}" "${N_TEST:=}" "${FINAL_EVAL:=}" "${SIDE_BY_SIDE:=}"
-: "${N_HELDOUT:=}" "${SELECTION:=best}"
+: "${N_HELDOUT:=}" "${SELECTION:=}"
 if [ -n "${TINY:-}" ]; then  # tiny demo
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model gains nothing from a second thread, only waiting
   OUT=${OUT:-runs/mcc_kd-tiny}
@@ -76,7 +76,7 @@ else  # the paper: LLaMA-7B, LoRA r 64 (scale 1), lr 1e-5 constant, 12 epochs, a
   FINAL_EVAL=1
 fi
 
-: "${MCC_EPOCHS:=$EPOCHS}"
+: "${MCC_EPOCHS:=$EPOCHS}" "${SELECTION:=best}"  # the main job's default (last) is set above
 
 launch() {  # one process without torchrun, else torchrun on this node
   if [ "$NPROC" = 1 ]; then python "$@"; else torchrun --standalone --nproc_per_node "$NPROC" "$@"; fi
@@ -89,15 +89,14 @@ COMMON=(--task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lr "$LR" --label
 [ -n "$DEV_FILE" ] && COMMON+=(--dev_file "$DEV_FILE")
 TIMES=$OUT/times.txt
 : > "$TIMES" 2>/dev/null || { mkdir -p "$OUT"; : > "$TIMES"; }
-child_cpu() {  # CPU seconds of this shell's finished children -> CPU_NOW (`times` must run in this shell)
-  times > "$TIMES.cpu"
-  CPU_NOW=$(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.cpu")
-}
 timed() {  # timed NAME command...: wall and CPU seconds of one stage -> $TIMES (CPU shows how loaded the machine was);
-           # returns the command's status (also where a caller's || turns errexit off)
-  local start=$SECONDS cpu status=0
-  child_cpu; cpu=$CPU_NOW; "${@:2}" || status=$?; child_cpu
-  echo "$1 $((SECONDS - start)) $(awk -v a="$cpu" -v b="$CPU_NOW" 'BEGIN { printf "%.0f", b - a }')" >> "$TIMES"
+           # returns the command's status (also where a caller's || turns errexit off). The stage runs in a
+           # subshell whose `times` counts its processes only: in the side-by-side mode the main shell's own
+           # count would also take in the other side's processes once it reaps them.
+  local start=$SECONDS status=0
+  ( "${@:2}"; code=$?; times > "$TIMES.$1.cpu"; exit $code ) || status=$?
+  echo "$1 $((SECONDS - start)) $(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m");
+    printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.$1.cpu")" >> "$TIMES"
   return "$status"
 }
 
@@ -173,5 +172,6 @@ fi
 echo "== summary ($TASK, test items from $LABEL_FILE; train: $MCC_FILE)"
 python mcc_kd/summary.py --out "$OUT" --task "$TASK" --label_file "$LABEL_FILE" \
   --settings "N_TRAIN=${N_TRAIN:-all} N_HELDOUT=${N_HELDOUT:-0} N_TEST=${N_TEST:-all} SELECTION=$SELECTION MAX_SEQ_LEN=$MAX_SEQ_LEN LORA_RANK=$LORA_RANK LR=$LR EPOCHS=$EPOCHS MCC_EPOCHS=$MCC_EPOCHS SFT=${SFT_BATCH}x${SFT_ACCUM} MCC=${MCC_BATCH}x${MCC_ACCUM} ALPHA=$ALPHA T=$T ${PRECISION:-fp32} ${CHAT}"
-child_cpu
-echo "run.sh: $SECONDS s wall, $CPU_NOW s CPU in its processes"
+times > "$TIMES.cpu"  # this shell's children: every process of the run, all reaped by now
+echo "run.sh: $SECONDS s wall, $(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m");
+  printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.cpu") s CPU in its processes"

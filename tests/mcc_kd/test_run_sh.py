@@ -1,6 +1,7 @@
 """`TINY=1 bash mcc_kd/run.sh`: the whole tiny pipeline, as a user on a fresh machine runs it."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -22,8 +23,11 @@ def test_run_sh_runs_prepare_train_train_mcc_eval(tmp_path, side_by_side):
         assert f"== {step}" in done.stdout
     if side_by_side:  # Std-CoT's result lines come back from its log
         assert any(line.startswith("| SVAMP test_standin") and "/sft/log/" in line for line in done.stdout.splitlines())
-    times = dict(line.split()[:2] for line in open(out / "times.txt"))
+    times = {name: (int(wall), int(cpu)) for name, wall, cpu in (line.split() for line in open(out / "times.txt"))}
     assert {"sft", "mcc"} <= times.keys()
+    # each stage's CPU seconds are its own processes' (side by side, MCC-KD's once counted Std-CoT's too)
+    total_cpu = int(re.search(r"^run\.sh: \d+ s wall, (\d+) s CPU", done.stdout, re.MULTILINE).group(1))
+    assert sum(cpu for _, cpu in times.values()) <= total_cpu + len(times), (times, total_cpu)
     for folder in ("sft/log", "mcc/log", "eval"):
         metrics = json.load(open(out / folder / "SVAMP-test_standin-metrics.json"))
         assert metrics["N"] == 20 and 0 <= metrics["accuracy"] <= 1
