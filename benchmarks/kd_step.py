@@ -28,8 +28,9 @@ Rows (one process, the same initial student weights, the same batch):
 Every row steps one shared student with AdamW at lr 0 (same work, unchanged weights: the rows' loss values
 must agree, and are printed). Columns: seconds per step (median of `repeats` interleaved rounds after one
 warm-up each; `--clock cpu` takes the process's CPU time instead of the wall clock, which a loaded machine
-inflates far less at --threads 1), tokens/s, the peak memory rise of one more step (CPU: sampled resident set,
-large blocks unmapped when freed; CUDA: max_memory_allocated) and its share of the memory limit (the GPU's
+inflates far less at --threads 1; CPU: glibc's default allocator, as in the methods' train.py), tokens/s, the
+peak memory rise of one more step, taken after all timings (CPU: sampled resident set, large blocks unmapped when
+freed, which costs each step page faults: up to a third of its time; CUDA: max_memory_allocated) and its share of the memory limit (the GPU's
 memory; on CPU the cgroup's limit, else the machine's RAM), matmul-only time / step time.
 A quick check: `--repeats 1` (one timed step per row after the warm-up); `--batch 2` for a smaller step.
 The machine's load average is printed: on a shared machine only ratios from one run mean anything.
@@ -48,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_step import PeakMemory, release_freed_memory  # noqa: E402
+from benchmarks.train_step import PeakMemory  # noqa: E402
 from common import hf, losses  # noqa: E402
 from common.cli import check_choice, run_cli  # noqa: E402
 from common.distributed import to_dtype  # noqa: E402
@@ -277,9 +278,8 @@ def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, r
     check_choice("--clock", clock, ("wall", "cpu"))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = to_dtype(dtype or "bfloat16")
-    if device.type == "cpu":
-        torch.set_num_threads(int(threads))
-        release_freed_memory()  # from here on, freed large blocks leave the resident set (honest peaks)
+    if device.type == "cpu":  # the timings run under glibc's default allocator, as the methods' train.py do;
+        torch.set_num_threads(int(threads))  # the peaks are taken last (PeakMemory unmaps freed blocks from then on)
     torch.manual_seed(0)
     tokenizer = hf.load_tokenizer(model_dir, flag="--model_dir")
     teacher32, student0 = load_pair(model_dir, device, lora)
@@ -317,11 +317,6 @@ def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, r
             sync(device)
             times[name].append(timer() - start)
     seconds = {name: statistics.median(t) for name, t in times.items()}
-    peak = {}
-    for name, step in steps.items():
-        with PeakMemory(device) as mem:
-            step()
-        peak[name] = mem.peak
 
     def fast_forward_backward():  # the fast step without the optimiser, for the matmul record
         mask = next_token_mask(ids)
@@ -335,6 +330,11 @@ def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, r
     seen = record_matmuls(fast_forward_backward)
     matmul_s = matmul_only_seconds(seen, device, timer)
     flops = sum(linear_flops(func, args) for func, args in seen)
+    peak = {}
+    for name, step in steps.items():
+        with PeakMemory(device) as mem:
+            step()
+        peak[name] = mem.peak
     print(f"load average after: {load_average()}", flush=True)
     limit = memory_limit(device)
 
@@ -380,7 +380,6 @@ def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=2
     dtype = to_dtype(dtype or "bfloat16")
     if device.type == "cpu":
         torch.set_num_threads(int(threads))
-        release_freed_memory()
     tokenizer = hf.load_tokenizer(model_dir, flag="--model_dir")
     train_rows = token_rows(tokenizer, "train", steps * batch, seq_len).to(device)
     eval_ids = token_rows(tokenizer, "validation", eval_rows, seq_len).to(device)
