@@ -428,10 +428,11 @@ def save_checkpoint(save_dir: str, state: dict, lay: Layout, model, optimizer, s
     return folder
 
 
-def _sharded_options():
+def _sharded_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)  # frozen weights (a LoRA base) come from the model folder
+    # frozen weights (a LoRA base) come from the model folder; ignore_frozen_params filters saving only
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 def _sharded_state(model, optimizer, with_optimizer: bool) -> dict:
@@ -492,7 +493,14 @@ def load_checkpoint(save_dir: str, lay: Layout, model, optimizer, scheduler=None
 
         shards = _sharded_state(model, optimizer, saved["optimizer"])  # whether the optimiser had stepped
         dcp.load(shards, checkpoint_id=os.path.join(folder, "sharded"))
-        set_model_state_dict(model, shards["model"], options=_sharded_options())
+        # the frozen weights (a LoRA base) are not in the checkpoint: the load may miss those and nothing else
+        missing, unexpected = set_model_state_dict(model, shards["model"], options=_sharded_options(strict=False))
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        wrong = sorted(set(missing) - frozen) + sorted(unexpected)
+        if wrong:
+            raise UserError(f"{folder}: the checkpoint does not fit the model ({len(wrong)} trainable weights "
+                            f"missing or unknown, e.g. {wrong[0]}): resume with the same model and LoRA "
+                            "settings, or start afresh with another --save_dir")
         if "optimizer" in shards:
             set_optimizer_state_dict(model, optimizer, shards["optimizer"], options=_sharded_options())
     else:

@@ -162,6 +162,25 @@ def test_kill_9_mid_step_of_a_sharded_run_then_the_same_command_gives_the_same_w
         load_checkpoint(str(tmp_path), two_ranks, student, torch.optim.AdamW(student.parameters()))
 
 
+def _lora_run_run_again(folder: str, out: str) -> dict:
+    """A sharded LoRA run of 4 steps, then the same command again: it resumes from its step-4 checkpoint, which
+    holds the adapters and their optimiser states but not the frozen base weights, and trains no more."""
+    lay = setup(1)
+    flags = dict(lora_rank=4, lora_dropout=0.0, steps=4, accumulation=1, save_steps=2, warmup_steps=1,
+                 sharding="fsdp")
+    whole = train(lay, f"{folder}/llama", out, **flags)
+    logits = torch.load(f"{out}/logits.pt", weights_only=True)
+    again = train(lay, f"{folder}/llama", out, **flags)
+    return {"whole": whole["losses"], "again": again["losses"], "logits": logits,
+            "again_logits": torch.load(f"{out}/logits.pt", weights_only=True)}
+
+
+def test_a_sharded_lora_run_resumes_from_a_checkpoint_without_the_frozen_base(models, tmp_path):
+    result = run_distributed(_lora_run_run_again, 2, str(models), str(tmp_path / "run"))[0]
+    assert len(result["whole"]) == 4 and result["again"] == []
+    assert torch.equal(result["logits"], result["again_logits"])
+
+
 def test_the_users_fsdp_flags_map_onto_the_sharding_and_bad_ones_name_the_fix():
     assert sharding_from_flag(None) == sharding_from_flag(False) == sharding_from_flag("") == "ddp"
     assert sharding_from_flag(True) == sharding_from_flag("full_shard auto_wrap") == "fsdp"
