@@ -349,7 +349,7 @@ def start_run(flags, cfg) -> Run:
         teacher = hf.load_model(flags.teacher_model_path, device=load_device(lay, flags.sharding), frozen=True,
                                 flag="--teacher_model_path")
         hf.check_vocab(model, teacher, tok, teacher_tok)
-        if flags.fast_kd and flags.dtype != "float32":
+        if flags.fast_kd and flags.dtype != "float32" and (flags.type == "kd" or flags.lm_data_dir):
             teacher.to(to_dtype(flags.dtype))  # the fast step's teacher: in the autocast dtype, never cast per forward
     model.train()
     return Run(flags, cfg, lay, tok, model, model, teacher)
@@ -398,10 +398,11 @@ def rollouts(run: Run, items: list, iteration: int) -> tuple:
                                           eos_id=run.tok.eos_token_id, pad_id=run.tok.pad_token_id,
                                           seed=rank_seed(f.seed, iteration * 100003 + c, lay.dp_rank))
     elapsed = time.perf_counter() - t0
-    store = score_rollouts(unwrap(run.ddp), run.teacher, prompts, responses, pad_id=run.tok.pad_token_id,
-                           batch_size=f.chunk_size, group=run.group, temperature=f.temperature,
-                           alpha=f.teacher_mixed_alpha, gamma=f.gamma, reward_scaling=f.reward_scaling,
-                           reward_clip=f.cliprange_reward, length_norm=f.length_norm)
+    with autocast(f.dtype, lay.device):  # log q_old at the PPO loss's precision, so that the ratio is 1 at θ_old
+        store = score_rollouts(unwrap(run.ddp), run.teacher, prompts, responses, pad_id=run.tok.pad_token_id,
+                               batch_size=f.chunk_size, group=run.group, temperature=f.temperature,
+                               alpha=f.teacher_mixed_alpha, gamma=f.gamma, reward_scaling=f.reward_scaling,
+                               reward_clip=f.cliprange_reward, length_norm=f.length_norm)
     mask = store["mask"]
     reward_and_count = all_reduce_dp(torch.stack([(store["rewards"] * mask).sum(), mask.sum().float()]))
     w = store["weights"][mask]
