@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.train_step import PeakMemory  # noqa: E402
 from common import hf, losses  # noqa: E402
-from common.cli import check_choice, run_cli  # noqa: E402
+from common.cli import check_choice, check_range, run_cli  # noqa: E402
+from common.io import atomic_write_json  # noqa: E402
 from common.distributed import to_dtype  # noqa: E402
 from common.hf_training import KD_CHUNK_SIZE, autocast, lm_logits  # noqa: E402
 
@@ -376,6 +377,9 @@ def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=2
     every `eval_every` steps both are scored on `eval_rows` held-out sequences (the validation split) by the
     token-mean forward KL to the teacher, fp32 throughout. Prints each path's mean and the paired difference
     with its standard error over the sequences (the noise of the held-out estimate); `out`: a JSON of it all."""
+    for flag, value in (("--steps", steps), ("--batch", batch), ("--seq_len", seq_len), ("--eval_rows", eval_rows),
+                        ("--eval_every", eval_every), ("--micro_batches", micro_batches)):
+        check_range(flag, value, low=1)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = to_dtype(dtype or "bfloat16")
     if device.type == "cpu":
@@ -424,11 +428,10 @@ def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=2
     print(f"\nkd_step accuracy: after {steps} steps held-out KL plain {last['plain']:.4f}, fast {last['fast']:.4f}, "
           f"difference {last['diff']:+.4f} ± {last['se']:.4f} (paired SE), from {summary[0]['plain']:.4f} at step 0")
     if out:
-        with open(out, "w") as f:
-            json.dump({"settings": dict(steps=steps, lr=lr, batch=batch, seq_len=seq_len, eval_rows=eval_rows,
-                                        plain_dtype=plain_dtype, dtype=str(dtype)),
-                       "summary": summary, "per_sequence": {p: {k: v.tolist() for k, v in c.items()}
-                                                            for p, c in results.items()}}, f, indent=1)
+        atomic_write_json({"settings": dict(steps=steps, lr=lr, batch=batch, seq_len=seq_len, eval_rows=eval_rows,
+                                            plain_dtype=plain_dtype, dtype=str(dtype)),
+                           "summary": summary, "per_sequence": {p: {k: v.tolist() for k, v in c.items()}
+                                                                for p, c in results.items()}}, out)
 
 
 if __name__ == "__main__":

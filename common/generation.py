@@ -428,8 +428,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[i
     produced. temperature 0 is greedy; otherwise softmax(logits / T) filtered by top_k then top_p, drawn
     with `generator` (or one seeded with `seed`; by default seeded from the global RNG plus the
     data-parallel rank, so the ranks of a TP group draw the same tokens and DP ranks differ). A list of
-    seeds, one per prompt, gives each row its own generator: a row then draws the same tokens whatever
-    else is in its batch (up to the batch's effect on the logits' rounding).
+    seeds, one per prompt, gives each row its own generator: with left padding (or prompts of one length) a
+    row then draws the same tokens whatever else is in its batch (up to the batch's effect on the logits'
+    rounding); with right padding a row also draws at the columns of longer prompts, so its draws depend on
+    the batch's shortest prompt.
     `logits_processor(logits [B, V] fp32, tokens [B, cur]) -> logits` runs on each model's logits before
     sampling; `tokens` is the grid so far (prompt and generated tokens; left pads first with
     padding="left"; for an encoder-decoder, the decoder tokens from its start token). `max_seq_len` caps

@@ -364,7 +364,7 @@ class Attention(nn.Module):
             mask = attention_mask(n, 0, n, window, q.device) if window and n > window else None
             out.append(self.attend(q_row.transpose(0, 1)[None], k_row.transpose(0, 1)[None], v_row.transpose(0, 1)[None],
                                    mask)[0].transpose(0, 1))
-        return torch.cat(out)
+        return torch.cat(out) if out else q.new_zeros(q.shape)  # every row empty: nothing to attend
 
     def attend(self, q, k, v, mask):
         """softmax(q kᵀ / √hd + mask) v on [B, H, S, hd]; causal without a mask. GQA: query head h reads KV head

@@ -20,8 +20,8 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
                      "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-OWT_NEWLINE = "<@x(x!>"
-FIX = "write it with contra_kd/prepare_data.py (or point it at MiniLLM / DistiLLM processed data)"  # the extraction step writes one document per line with this in place of newline runs
+OWT_NEWLINE = "<@x(x!>"  # the extraction step writes one document per line with this in place of newline runs
+FIX = "write it with contra_kd/prepare_data.py (or point it at MiniLLM / DistiLLM processed data)"
 
 
 def build_prompt(instruction: str, input: str = "") -> str:

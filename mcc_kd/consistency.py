@@ -29,7 +29,7 @@ from common.losses import mcc_span_kl
 from common.parallel import Layout, dp_group, shutdown
 from common.training import load_weights
 from mcc_kd.answers import check_task
-from mcc_kd.data import INDICES, collate, encode_example, load_task_file, logit_spans
+from mcc_kd.data import INDICES, collate, encode_example, load_task_file, logit_spans, sidecar_indices
 from mcc_kd.eval import build_model, split_name, write_results
 
 
@@ -72,10 +72,11 @@ def main(task: str, ckpt_dir: str, file: str, model_type: str = None, lora_dir: 
          lora_alpha: float = None, tokenizer_file: str = None, T: float = 1.3, max_rationales: int = 3,
          eval_batch_size: int = 24, max_seq_len: int = 512, log_dir: str = "log", tp_size: int = None,
          use_float16: bool = False, use_bfloat16: bool = False, seed: int = None, chat_template: bool = False,
-         indices: str = "logits", config_file: str = None):
+         indices: str = None, config_file: str = None):
     """Held-out consistency of a base checkpoint, or with trained weights from `lora_dir`, on an MCC file of
     questions the model was not trained on (`file`, with `indices` made for this tokenizer and prompt format)."""
     check_task(task)
+    indices = indices or sidecar_indices(file) or "logits"  # as train_mcc: the file's own convention
     check_choice("--indices", indices, INDICES)
     check_range("--max_rationales", max_rationales, low=2)  # a pair at least
     for flag, value in (("--eval_batch_size", eval_batch_size), ("--max_seq_len", max_seq_len)):

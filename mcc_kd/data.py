@@ -76,7 +76,7 @@ def fit_prompt(tokenizer, instruction: str, limit: int, chat: bool = False) -> l
         return prompt[:limit]
     text = tokenizer.encode(instruction.strip(), bos=False, eos=False)
     keep = len(text) - (len(prompt) - limit)
-    while keep > 0:
+    while keep >= 0:  # keep 0: the template around an empty user turn
         prompt = tokenizer.encode_chat([{"role": "user", "content": tokenizer.decode(text[:keep])}])
         if len(prompt) <= limit:
             return prompt

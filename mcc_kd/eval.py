@@ -11,7 +11,6 @@ correct / N over all N items; items with no extractable answer count as wrong an
 `build_model` (process setup, tokenizer, model shard) lives here and train.py imports it with `evaluate`,
 so the folder reads data -> answers -> eval -> train -> train_mcc without a cycle.
 """
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from common.cli import UserError, check_range, run_cli
 from common.generation import generate
+from common.io import atomic_write_json
 from common.model import load_model, model_args
 from common.parallel import Layout, dp_group, print0, setup, shutdown
 from common.tokenizer import load_tokenizer
@@ -110,10 +110,8 @@ def write_results(log_dir: str, task: str, split: str, records: list, metrics: d
         return
     os.makedirs(log_dir, exist_ok=True)
     stem = os.path.join(log_dir, f"{task}-{split}")
-    with open(f"{stem}-predictions.json", "w") as f:
-        json.dump(records, f, indent=2, ensure_ascii=False)
-    with open(f"{stem}-metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    atomic_write_json(records, f"{stem}-predictions.json")  # the summary reads these: never a torn file
+    atomic_write_json(metrics, f"{stem}-metrics.json")
     summary = summary or (f"correct {metrics['correct']} | missing {metrics['missing']} | accuracy "
                           f"{100 * metrics['accuracy']:.2f}")
     print0(f"| {task} {split} | N {metrics['N']} | {summary} |  -> {stem}-predictions.json")

@@ -54,7 +54,7 @@ elif [ -z "${CKPT_DIR:-}" ]; then  # the main job: a real 135M instruct model on
   : "${N_TRAIN:=600}" "${N_HELDOUT:=100}" "${N_TEST:=150}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}"
   : "${EPOCHS:=1}" "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=50}" "${PRECISION:=--use_bfloat16 True}"
   : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=4}" "${MCC_ACCUM:=1}" "${SIDE_BY_SIDE:=1}" "${SELECTION:=last}"
-  HELDOUT_START=$N_TRAIN
+  HELDOUT_START=$N_TRAIN HELDOUT_SOURCE=$TRAIN_FILE
   CHAT="--chat_template True" BASE_EVAL=1
   echo "== model: SmolLM2-135M-Instruct -> $MODEL_DIR (Hugging Face) -> $CKPT_DIR (ours)"
   python -m common.pretrained fetch --name smollm2-135m-instruct --save_path "$MODEL_DIR"
@@ -94,9 +94,10 @@ timed() {  # timed NAME command...: wall and CPU seconds of one stage -> $TIMES 
            # subshell whose `times` counts its processes only: in the side-by-side mode the main shell's own
            # count would also take in the other side's processes once it reaps them.
   local start=$SECONDS status=0
+  rm -f "$TIMES.$1.cpu"
   ( "${@:2}"; code=$?; times > "$TIMES.$1.cpu"; exit $code ) || status=$?
-  echo "$1 $((SECONDS - start)) $(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m");
-    printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.$1.cpu")" >> "$TIMES"
+  echo "$1 $((SECONDS - start)) $( [ -s "$TIMES.$1.cpu" ] && awk 'NR == 2 { split($1, u, "m"); split($2, s, "m");
+    printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.$1.cpu" || echo -)" >> "$TIMES"
   return "$status"
 }
 
@@ -108,11 +109,16 @@ python mcc_kd/prepare_data.py filter --task "$TASK" --input_file "$TRAIN_FILE" -
 
 HELDOUT_MCC=""
 if [ -n "$N_HELDOUT" ]; then
+  if [ -z "${HELDOUT_START:-}" ]; then  # the paper's setting: the questions after the first N_TRAIN of TRAIN_FILE
+    [ -n "$N_TRAIN" ] || { echo "run.sh: N_HELDOUT needs N_TRAIN (the held-out questions are those after the first N_TRAIN of $TRAIN_FILE, which no run trains on)" >&2; exit 2; }
+    HELDOUT_START=$N_TRAIN HELDOUT_SOURCE=$TRAIN_FILE
+  fi
+  HELDOUT_SOURCE=${HELDOUT_SOURCE:-data/$TASK/train.json}  # the tiny stand-in is the first 40 questions of it
   HELDOUT_MCC=$OUT/heldout-multi-cots.json
-  echo "== held-out questions $HELDOUT_START..$((HELDOUT_START + N_HELDOUT)) of data/$TASK/train.json (never trained on), filtered -> $HELDOUT_MCC"
+  echo "== held-out questions $HELDOUT_START..$((HELDOUT_START + N_HELDOUT)) of $HELDOUT_SOURCE (never trained on), filtered -> $HELDOUT_MCC"
   mkdir -p "$OUT/data"
   python -c "import json, sys; json.dump(json.load(open(sys.argv[1]))[$HELDOUT_START:$HELDOUT_START + $N_HELDOUT], open(sys.argv[2], 'w'))" \
-    "data/$TASK/train.json" "$OUT/data/heldout.json"
+    "$HELDOUT_SOURCE" "$OUT/data/heldout.json"
   # shellcheck disable=SC2086
   python mcc_kd/prepare_data.py filter --task "$TASK" --input_file "$OUT/data/heldout.json" --output_file "$HELDOUT_MCC" \
     --tokenizer_file "$CKPT_DIR" --max_seq_len "$MAX_SEQ_LEN" $CHAT

@@ -126,7 +126,6 @@ def main(model_id: str, ckpt_file: Optional[str] = None, layers=None, mode: str 
     t0 = time.perf_counter()
     tokenizer = hf.load_tokenizer(model_id, flag="--model_id")
     tokenizer.pad_token = tokenizer.eos_token
-    stream = data_stream(val_data, c4_data, languages, "validation")  # a bad data file fails before the model loads
     teacher = hf.load_model(model_id, dtype="float32", frozen=True, flag="--model_id")
     model = build_model(model_id, ckpt_file, layers, mode, head_size, kv_layout, seed, teacher=teacher)
     rows = (encode(raw, tokenizer, max_seq_length) for raw in stream)     # in file order, tokenised as consumed

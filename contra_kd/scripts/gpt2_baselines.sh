@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NPROC=${NPROC:-1}
+: "${GPT2_BASE:?set GPT2_BASE to the pretrained GPT-2 (base) folder the KD baseline starts from}"
 run() { torchrun --standalone --nproc_per_node "$NPROC" "$@"; }
 T=results/gpt2/sft/xlarge/best
 S=results/gpt2/init/base/best
