@@ -29,6 +29,7 @@ if [ -z "${REAL:-}" ]; then
   OUT=${OUT:-runs/anli_reverse_kl-tiny}
   : "${EPOCHS:=2}" "${TEACHER_EPOCHS:=$EPOCHS}" "${BATCH:=8}" "${LR:=3e-3}" "${TEACHER_LR:=$LR}" "${MINILLM_LR:=1e-3}"
   : "${MAX_PROMPT:=512}" "${MAX_NEW:=48}" "${TOTAL_ITERS:=8}" "${ROLLOUTS:=16}" "${DTYPE:=float32}" "${WARMUP:=5}"
+  : "${REASON_MEAN:=fork}"
   CHAT=()
   TEACHER_INIT=$OUT/teacher STUDENT_INIT=$OUT/student
   if [ ! -f "$OUT/student/config.json" ]; then
@@ -47,6 +48,10 @@ else
   MODEL_DIR=${MODEL_DIR:-${KDZOO_CACHE:-$HOME/.cache/kdzoo}/models/smollm2-135m-instruct}
   : "${EPOCHS:=1}" "${TEACHER_EPOCHS:=1}" "${BATCH:=8}" "${LR:=2e-4}" "${TEACHER_LR:=$LR}" "${MINILLM_LR:=5e-5}"
   : "${MAX_PROMPT:=320}" "${MAX_NEW:=32}" "${TOTAL_ITERS:=4}" "${ROLLOUTS:=32}" "${DTYPE:=bfloat16}" "${WARMUP:=3}"
+  # SmolLM2's tokenizer splits "entailment" and "contradiction" into 3 tokens each: the fork's weighting (the first
+  # target token 0.8, every other 0.2 / (items x 349)) never teaches a label word past its first piece, and the
+  # teacher collapses to the one-token "neutral" (README "REAL=1"); the reason mean over tokens teaches them
+  : "${REASON_MEAN:=tokens}"
   : "${STUDENT_LAYERS:=0,1,2,3,21,23,25,27,28,29}"
   CHAT=(--chat_template True)  # the instruct teacher's own prompt format (the student is cut from it)
   echo "== teacher: SmolLM2-135M-Instruct -> $MODEL_DIR"
@@ -64,7 +69,7 @@ python anli_reverse_kl/prepare_data.py --data_dir "$SRC" --tokenizer "$TEACHER_I
   --rounds "$ROUND" --max_prompt_length "$MAX_PROMPT" "${CHAT[@]}"
 
 SFT=(--type sft --data_dir "$DATA/$ROUND" --batch_size "$BATCH" --gradient_accumulation_steps 1 --warmup_iters "$WARMUP"
-     --max_prompt_length "$MAX_PROMPT" --save_interval 1000 --dtype "$DTYPE")
+     --max_prompt_length "$MAX_PROMPT" --save_interval 1000 --dtype "$DTYPE" --reason_mean "$REASON_MEAN")
 EVAL=(--data_dir "$DATA" --rounds "$ROUND" --max_new_tokens "$MAX_NEW")
 echo "== teacher SFT ($TEACHER_EPOCHS epochs, lr $TEACHER_LR) -> $OUT/teacher_sft"
 launch anli_reverse_kl/train.py "${SFT[@]}" --epochs "$TEACHER_EPOCHS" --lr "$TEACHER_LR" --model_path "$TEACHER_INIT" \
