@@ -29,9 +29,10 @@ Every row steps one shared student with AdamW at lr 0 (same work, unchanged weig
 must agree, and are printed). Columns: seconds per step (median of `repeats` interleaved rounds after one
 warm-up each; `--clock cpu` takes the process's CPU time instead of the wall clock, which a loaded machine
 inflates far less at --threads 1; CPU: glibc's default allocator, as in the methods' train.py), tokens/s, the
-peak memory rise of one more step, taken after all timings (CPU: sampled resident set, large blocks unmapped when
-freed, which costs each step page faults: up to a third of its time; CUDA: max_memory_allocated) and its share of the memory limit (the GPU's
-memory; on CPU the cgroup's limit, else the machine's RAM), matmul-only time / step time.
+peak memory rise of one more step, taken after all timings (CPU: sampled resident set, large blocks unmapped
+when freed, which costs each step page faults: up to a third of its time; CUDA: max_memory_allocated) and its
+share of the memory limit (the GPU's memory; on CPU the cgroup's limit, else the machine's RAM), matmul-only
+time / step time.
 A quick check: `--repeats 1` (one timed step per row after the warm-up); `--batch 2` for a smaller step.
 The machine's load average is printed: on a shared machine only ratios from one run mean anything.
 """

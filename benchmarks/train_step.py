@@ -39,26 +39,32 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
-def release_freed_memory():
-    gc.collect()
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def _malloc_settings(*settings, trim=False):
+    """glibc mallopt(option, value) for each pair, then malloc_trim when asked; nothing off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: fixed, so large blocks are unmapped when freed
-        libc.malloc_trim(0)
+        for option, value in settings:
+            libc.mallopt(option, value)
+        if trim:
+            libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def release_freed_memory():
+    """A fixed 64 KiB mmap threshold: from here on large blocks are unmapped when freed (honest peaks)."""
+    gc.collect()
+    _malloc_settings((M_MMAP_THRESHOLD, 1 << 16), trim=True)
 
 
 def keep_freed_memory():
     """Undo release_freed_memory for the timings that follow: glibc's default steady state (its dynamic mmap
     threshold at its 32 MiB ceiling, trimming above twice that). At 64 KiB every step re-faults its pages: up to
     a third of a KD step's time on these CPUs."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    _malloc_settings((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20))
 
 
 class PeakMemory:

@@ -89,6 +89,9 @@ COMMON=(--task "$TASK" "${MODEL[@]}" --lora_rank "$LORA_RANK" --lr "$LR" --label
 [ -n "$DEV_FILE" ] && COMMON+=(--dev_file "$DEV_FILE")
 TIMES=$OUT/times.txt
 : > "$TIMES" 2>/dev/null || { mkdir -p "$OUT"; : > "$TIMES"; }
+cpu_seconds() {  # the children's user + sys seconds in a file written by bash's `times` (its second line)
+  awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$1"
+}
 timed() {  # timed NAME command...: wall and CPU seconds of one stage -> $TIMES (CPU shows how loaded the machine was);
            # returns the command's status (also where a caller's || turns errexit off). The stage runs in a
            # subshell whose `times` counts its processes only: in the side-by-side mode the main shell's own
@@ -96,8 +99,7 @@ timed() {  # timed NAME command...: wall and CPU seconds of one stage -> $TIMES 
   local start=$SECONDS status=0
   rm -f "$TIMES.$1.cpu"
   ( "${@:2}"; code=$?; times > "$TIMES.$1.cpu"; exit $code ) || status=$?
-  echo "$1 $((SECONDS - start)) $( [ -s "$TIMES.$1.cpu" ] && awk 'NR == 2 { split($1, u, "m"); split($2, s, "m");
-    printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.$1.cpu" || echo -)" >> "$TIMES"
+  echo "$1 $((SECONDS - start)) $( [ -s "$TIMES.$1.cpu" ] && cpu_seconds "$TIMES.$1.cpu" || echo -)" >> "$TIMES"
   return "$status"
 }
 
@@ -179,5 +181,4 @@ echo "== summary ($TASK, test items from $LABEL_FILE; train: $MCC_FILE)"
 python mcc_kd/summary.py --out "$OUT" --task "$TASK" --label_file "$LABEL_FILE" \
   --settings "N_TRAIN=${N_TRAIN:-all} N_HELDOUT=${N_HELDOUT:-0} N_TEST=${N_TEST:-all} SELECTION=$SELECTION MAX_SEQ_LEN=$MAX_SEQ_LEN LORA_RANK=$LORA_RANK LR=$LR EPOCHS=$EPOCHS MCC_EPOCHS=$MCC_EPOCHS SFT=${SFT_BATCH}x${SFT_ACCUM} MCC=${MCC_BATCH}x${MCC_ACCUM} ALPHA=$ALPHA T=$T ${PRECISION:-fp32} ${CHAT}"
 times > "$TIMES.cpu"  # this shell's children: every process of the run, all reaped by now
-echo "run.sh: $SECONDS s wall, $(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m");
-  printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$TIMES.cpu") s CPU in its processes"
+echo "run.sh: $SECONDS s wall, $(cpu_seconds "$TIMES.cpu") s CPU in its processes"
