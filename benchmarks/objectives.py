@@ -157,6 +157,9 @@ def _child(ctx: dict, fn, args, log: Path, result: Path):
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: end with the fork server (and the run)
         CTX.update(ctx)
+        import torch
+
+        torch.set_num_threads(ctx["threads"])
         sys.stdout = sys.stderr = open(log, "a", buffering=1)  # Python's writers (tqdm, print) ...
         os.dup2(sys.stdout.fileno(), 1)  # ... and the C library's
         os.dup2(sys.stdout.fileno(), 2)
@@ -192,6 +195,20 @@ def run_forked(name: str, result: Path, fn, *args) -> dict:
         tail = "\n".join(log.read_text().splitlines()[-15:]) if log.exists() else "(no log: it failed to start)"
         raise RuntimeError(f"{name} failed (exit code {code}); {log} ends:\n{tail}")
     return json.loads(result.read_text())
+
+
+def run_parallel(call, items: list, jobs: int) -> dict:
+    """call(item) for each item, `jobs` at a time -> {item: its result, or the RuntimeError it raised}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(item):
+        try:
+            return call(item)
+        except RuntimeError as e:
+            return e
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return dict(zip(items, pool.map(attempt, items)))
 
 
 CTX = {}  # the run's settings and paths
@@ -424,6 +441,11 @@ def seed_data(seed: int, folder: str) -> Path:
     return out
 
 
+def stage_seed_data(seed: int, folder: str) -> dict:
+    seed_data(seed, folder)
+    return {}
+
+
 def train_atkd(flags: dict, seed: int, save: Path) -> Path:
     from atkd import train
 
@@ -611,8 +633,11 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
          eval_items: int = None, batch_size: int = 8, lr: float = 2e-4, warmup_steps: int = 32,
          max_length: int = 256, max_prompt_length: int = 128, curve_points: int = 4, dev_items: int = 4,
          eval_batch_size: int = 8, model_dir: str = None, student_layers: str = STUDENT_LAYERS,
-         num_distill_layers: int = 4, velocity_width: int = 384):
-    """Train and evaluate each of `rows` (default: all of ROWS) for seeds 0..seeds-1; print and write the table."""
+         num_distill_layers: int = 4, velocity_width: int = 384, jobs: int = 2):
+    """Train and evaluate each of `rows` (default: all of ROWS) for seeds 0..seeds-1; print and write the table.
+
+    `jobs` stages or (row, seed) runs at a time, each with cores / jobs threads (OMP_NUM_THREADS if set): on 2
+    cores two one-thread processes beat one two-thread process (no synchronisation between the cores)."""
     from common.pretrained import cache_dir
 
     quick = quick or os.environ.get("QUICK", "") not in ("", "0")
@@ -637,43 +662,57 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
         changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
         raise UserError(f"{out} holds a run with other settings ({changed}): pass another --out or the same settings")
     atomic_write_json(settings, str(saved))
-    CTX.update(settings, out=out, default_model_dir=default_model_dir)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // jobs))
+    CTX.update(settings, out=out, default_model_dir=default_model_dir, threads=threads)
 
     clock = {}
 
-    def stage(name, *args, fn):
-        result = run_forked(name, _path("prep", f"{name}.json"), fn, *args)
-        clock[name] = result.get("wall_s")
-        return result
+    def stages(calls):  # [(name, fn, *args)] -> {name: result}, `jobs` at a time
+        def call(c):
+            return run_forked(c[0], _path("prep", f"{c[0]}.json"), *c[1:])
+
+        done = run_parallel(call, calls, jobs)
+        for (name, *_), result in done.items():
+            if isinstance(result, RuntimeError):
+                raise result
+            clock[name] = result.get("wall_s")
+        return {name: result for (name, *_), result in done.items()}
 
     folders = {ROWS[r][1] for r in rows}
-    stage("models", fn=stage_models)
-    stage("data", fn=stage_data)
-    stage("warmup", fn=stage_warmup)
+    for name, fn in (("models", stage_models), ("data", stage_data), ("warmup", stage_warmup)):
+        stages([(name, fn)])
+    needs = [("teacher_logits", stage_teacher_logits)]
     if {"seqkd", "distillm2"} & set(rows):
-        stage("tgo", CTX["model_dir"], "tgo", fn=stage_generate)
-        stage("sgo", start_model(), "sgo", fn=stage_generate)
+        needs += [("tgo", stage_generate, CTX["model_dir"], "tgo"), ("sgo", stage_generate, start_model(), "sgo")]
     if "contra" in rows:
-        stage("velocity_field", fn=stage_velocity_field)
-    stage("teacher_logits", fn=stage_teacher_logits)
-    refs = {name: stage(f"reference-{name}", name, fn=stage_reference) for name in ("teacher", "start")}
+        needs.append(("velocity_field", stage_velocity_field))
+    stages(needs)
+    refs = {name[len("reference-"):]: r for name, r in
+            stages([(f"reference-{name}", stage_reference, name) for name in ("teacher", "start")]).items()}
+    stages([(f"data-seed{seed}-{folder}", stage_seed_data, seed, folder)
+            for seed in range(seeds) for folder in sorted(folders)])
     print(f"prepared {out} ({', '.join(f'{k} {v:.0f} s' for k, v in clock.items() if v is not None)}); rows of "
-          f"{sorted(folders)}")
+          f"{sorted(folders)}; {jobs} at a time, {threads} thread(s) each")
 
-    results, failed = {}, []
-    units = [(row, seed) for seed in range(seeds) for row in rows]
-    bar = tqdm(units, desc="rows x seeds")
-    for row, seed in bar:
-        bar.set_postfix(row=row, seed=seed)
-        try:
-            r = run_forked(f"{row}-seed{seed}", _path("results", row, f"seed-{seed}.json"), run_row, row, seed)
-        except RuntimeError as e:
-            failed.append(f"{row} seed {seed}")
-            tqdm.write(str(e))
-            continue
-        results.setdefault(row, {})[seed] = r
+    bar = tqdm(total=seeds * len(rows), desc="rows x seeds")
+
+    def unit(row_seed):
+        row, seed = row_seed
+        r = run_forked(f"{row}-seed{seed}", _path("results", row, f"seed-{seed}.json"), run_row, row, seed)
+        bar.update()
         tqdm.write(f"{row} seed {seed}: fwd KL {np.mean(r['fwd_kl']):.3f}, rev KL {np.mean(r['rev_kl']):.3f}, "
                    f"Rouge-L {np.mean(r['rouge_l']):.2f}, {r['steps_per_s']:.3f} steps/s, {r['peak_mib']:.0f} MiB")
+        return r
+
+    done = run_parallel(unit, [(row, seed) for seed in range(seeds) for row in rows], jobs)
+    bar.close()
+    results, failed = {}, []
+    for (row, seed), r in sorted(done.items(), key=lambda kv: rows.index(kv[0][0])):  # the table in --rows order
+        if isinstance(r, RuntimeError):
+            failed.append(f"{row} seed {seed}")
+            tqdm.write(str(r))
+        else:
+            results.setdefault(row, {})[seed] = r
     summary = summarise(results, refs)
     text = table(summary, refs, dict(settings, seeds=seeds))
     atomic_write_text(text + "\n", str(out / "objectives.md"))
