@@ -175,7 +175,7 @@ def _child(ctx: dict, fn, args, log: Path, result: Path):
     sys.exit(code)  # multiprocessing's own exit: its finalizers release tqdm's lock
 
 
-def run_forked(name: str, result: Path, fn, *args) -> dict:
+def run_forked(name: str, result: Path, fn, *args, threads: int = None) -> dict:
     """fn(*args) -> dict in a forked process (output to OUT/logs/name.log) unless `result` holds it already.
 
     Forked from a fork server that imported torch, transformers and the folders once and computed nothing:
@@ -186,7 +186,8 @@ def run_forked(name: str, result: Path, fn, *args) -> dict:
     result.parent.mkdir(parents=True, exist_ok=True)
     log = _path("logs", f"{name}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = FORK_SERVER.Process(target=_child, args=(dict(CTX), fn, args, log, result))
+    ctx = dict(CTX, threads=threads or CTX["threads"] or len(os.sched_getaffinity(0)))
+    proc = FORK_SERVER.Process(target=_child, args=(ctx, fn, args, log, result))
     proc.start()
     proc.join()
     code = proc.exitcode
@@ -198,12 +199,15 @@ def run_forked(name: str, result: Path, fn, *args) -> dict:
 
 
 def run_parallel(call, items: list, jobs: int) -> dict:
-    """call(item) for each item, `jobs` at a time -> {item: its result, or the RuntimeError it raised}."""
+    """call(item, threads) for each item, `jobs` at a time -> {item: its result, or the RuntimeError it raised}.
+    The processes running at once share the cores (OMP_NUM_THREADS, if set, is each one's count)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    threads = CTX["threads"] or max(1, len(os.sched_getaffinity(0)) // max(1, min(jobs, len(items))))
 
     def attempt(item):
         try:
-            return call(item)
+            return call(item, threads)
         except RuntimeError as e:
             return e
 
@@ -636,8 +640,8 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
          num_distill_layers: int = 4, velocity_width: int = 384, jobs: int = 2):
     """Train and evaluate each of `rows` (default: all of ROWS) for seeds 0..seeds-1; print and write the table.
 
-    `jobs` stages or (row, seed) runs at a time, each with cores / jobs threads (OMP_NUM_THREADS if set): on 2
-    cores two one-thread processes beat one two-thread process (no synchronisation between the cores)."""
+    `jobs` stages or (row, seed) runs at a time, sharing the cores (OMP_NUM_THREADS, if set: each one's threads):
+    on 2 cores two one-thread processes beat one two-thread process (no synchronisation between the cores)."""
     from common.pretrained import cache_dir
 
     quick = quick or os.environ.get("QUICK", "") not in ("", "0")
@@ -662,14 +666,14 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
         changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
         raise UserError(f"{out} holds a run with other settings ({changed}): pass another --out or the same settings")
     atomic_write_json(settings, str(saved))
-    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // jobs))
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or None
     CTX.update(settings, out=out, default_model_dir=default_model_dir, threads=threads)
 
     clock = {}
 
     def stages(calls):  # [(name, fn, *args)] -> {name: result}, `jobs` at a time
-        def call(c):
-            return run_forked(c[0], _path("prep", f"{c[0]}.json"), *c[1:])
+        def call(c, threads):
+            return run_forked(c[0], _path("prep", f"{c[0]}.json"), *c[1:], threads=threads)
 
         done = run_parallel(call, calls, jobs)
         for (name, *_), result in done.items():
@@ -692,13 +696,14 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
     stages([(f"data-seed{seed}-{folder}", stage_seed_data, seed, folder)
             for seed in range(seeds) for folder in sorted(folders)])
     print(f"prepared {out} ({', '.join(f'{k} {v:.0f} s' for k, v in clock.items() if v is not None)}); rows of "
-          f"{sorted(folders)}; {jobs} at a time, {threads} thread(s) each")
+          f"{sorted(folders)}; {jobs} at a time" + (f", {threads} thread(s) each" if threads else ""))
 
     bar = tqdm(total=seeds * len(rows), desc="rows x seeds")
 
-    def unit(row_seed):
+    def unit(row_seed, threads):
         row, seed = row_seed
-        r = run_forked(f"{row}-seed{seed}", _path("results", row, f"seed-{seed}.json"), run_row, row, seed)
+        r = run_forked(f"{row}-seed{seed}", _path("results", row, f"seed-{seed}.json"), run_row, row, seed,
+                       threads=threads)
         bar.update()
         tqdm.write(f"{row} seed {seed}: fwd KL {np.mean(r['fwd_kl']):.3f}, rev KL {np.mean(r['rev_kl']):.3f}, "
                    f"Rouge-L {np.mean(r['rouge_l']):.2f}, {r['steps_per_s']:.3f} steps/s, {r['peak_mib']:.0f} MiB")
