@@ -46,7 +46,9 @@ EOF
 else
   OUT=${OUT:-runs/anli_reverse_kl-smollm2}
   MODEL_DIR=${MODEL_DIR:-${KDZOO_CACHE:-$HOME/.cache/kdzoo}/models/smollm2-135m-instruct}
-  : "${EPOCHS:=1}" "${TEACHER_EPOCHS:=1}" "${BATCH:=8}" "${LR:=2e-4}" "${TEACHER_LR:=$LR}" "${MINILLM_LR:=5e-5}"
+  # 3 epochs: after 1 (33 steps) the teacher answered "neutral" to 59 of 60 dev items, after 3 it is right on 58
+  # (README "REAL=1"; chosen on dev, the split the teacher is checked on; test is never looked at before the table)
+  : "${EPOCHS:=3}" "${TEACHER_EPOCHS:=3}" "${BATCH:=8}" "${LR:=2e-4}" "${TEACHER_LR:=$LR}" "${MINILLM_LR:=5e-5}"
   : "${MAX_PROMPT:=320}" "${MAX_NEW:=32}" "${TOTAL_ITERS:=4}" "${ROLLOUTS:=32}" "${DTYPE:=bfloat16}" "${WARMUP:=3}"
   # SmolLM2's tokenizer splits "entailment" and "contradiction" into 3 tokens each: the fork's weighting (the first
   # target token 0.8, every other 0.2 / (items x 349)) never teaches a label word past its first piece, and the
