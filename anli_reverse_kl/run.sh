@@ -16,7 +16,6 @@
 # Every setting can be overridden from the environment, e.g. OUT=/tmp/x EPOCHS=1 NPROC=2 bash anli_reverse_kl/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model gains nothing from a second thread, only waiting
 
 SRC=${SRC:-data/anli_standin}  # ANLI rows ({split}_{round}.jsonl or the release's parquet files)
 NPROC=${NPROC:-1}
@@ -26,6 +25,7 @@ launch() {  # one process without torchrun, else torchrun on this node
 }
 
 if [ -z "${REAL:-}" ]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model gains nothing from a second thread, only waiting
   OUT=${OUT:-runs/anli_reverse_kl-tiny}
   : "${EPOCHS:=2}" "${TEACHER_EPOCHS:=$EPOCHS}" "${BATCH:=8}" "${LR:=3e-3}" "${TEACHER_LR:=$LR}" "${MINILLM_LR:=1e-3}"
   : "${MAX_PROMPT:=512}" "${MAX_NEW:=48}" "${TOTAL_ITERS:=8}" "${ROLLOUTS:=16}" "${DTYPE:=float32}" "${WARMUP:=5}"
