@@ -2,6 +2,7 @@
 
     python -m benchmarks.kd_step                          # CPU, 2 threads, full fine-tuning rows
     python -m benchmarks.kd_step --lora                   # a LoRA (peft) student
+    python -m benchmarks.kd_step --compile_models         # + the fast step with torch.compile'd models
     python -m benchmarks.kd_step --device cuda --dtype bfloat16
     python -m benchmarks.kd_step accuracy --steps 50      # fast vs plain: held-out KL to the teacher after training
 
@@ -20,6 +21,7 @@ Rows (one process, the same initial student weights, the same batch):
               KD_CHUNK_SIZE rows at a time (common.losses.HeadLogits), so no [B, S, V] logits exist, each
               chunk's divergence and its gradient compiled (common.losses.compiled_chunks)
   fast, eager chunks   the same without compiling
+  fast, compiled models   (--compile_models) the fast step with both models' bodies under torch.compile
   trl         TRL's GKDTrainer.training_step (lmbda 0: offline; beta 0) with bf16=True (accelerate's autocast),
               the bf16 teacher, then the same AdamW step
   matmul-only every matmul of one fast step (forward and backward, both models; recorded with a dispatch
@@ -275,8 +277,11 @@ def load_average():
 
 
 def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, repeats=3, clock="wall",
-         model_dir=str(MODEL_DIR)):
-    """The table and the one-line summary (ratios of the fast row against fp32, bf16 and TRL)."""
+         compile_models=False, model_dir=str(MODEL_DIR)):
+    """The table and the one-line summary (ratios of the fast row against fp32, bf16 and TRL).
+
+    compile_models: one more row, the fast step with both models' bodies under torch.compile (copies of the
+    student, its optimiser and the bf16 teacher; the compile happens in the warm-up step)."""
     check_choice("--clock", clock, ("wall", "cpu"))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = to_dtype(dtype or "bfloat16")
@@ -299,6 +304,12 @@ def main(device=None, dtype=None, threads=2, lora=False, batch=8, seq_len=256, r
         "trl": lambda: trl(ids),
     }
     trl = trl_step_fn(student0, teacher16, optimizer, tokenizer, dtype, device)
+    if compile_models:
+        student_c, teacher_c = copy.deepcopy(student0), copy.deepcopy(teacher16)
+        optimizer_c = optimizer_for(student_c, lr=0.0)
+        for model in (student_c, teacher_c):
+            model.model.compile(dynamic=False)
+        steps["fast, compiled models"] = lambda: kd_step(student_c, teacher_c, optimizer_c, ids, dtype, fast=True)
     trainable = sum(p.numel() for p in student0.parameters() if p.requires_grad)
     print(f"teacher SmolLM2-135M-Instruct (30 blocks), student its blocks {','.join(map(str, STUDENT_LAYERS))} "
           f"({'LoRA r 16, ' if lora else 'full fine-tuning, '}{trainable / 1e6:.1f}M trainable), batch {batch} x "
@@ -372,14 +383,18 @@ def held_out_kl(student, teacher, rows, batch):
 
 
 def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=25, plain_dtype="float32",
-             micro_batches=1, device=None, dtype=None, threads=2, model_dir=str(MODEL_DIR), out=None):
+             micro_batches=1, seeds=1, device=None, dtype=None, threads=2, model_dir=str(MODEL_DIR), out=None):
     """Train the student `steps` AdamW steps (constant lr) twice from the same cut on the same batches of the
     train split, by the plain path (full logits, `plain_dtype`) and by the fast path (bf16), one after the other;
     every `eval_every` steps both are scored on `eval_rows` held-out sequences (the validation split) by the
     token-mean forward KL to the teacher, fp32 throughout. Prints each path's mean and the paired difference
-    with its standard error over the sequences (the noise of the held-out estimate); `out`: a JSON of it all."""
+    with its standard error over the sequences (the noise of the held-out estimate); `out`: a JSON of it all.
+
+    seeds > 1 repeats both runs on other orders of the same training rows (seed 0: file order; seed s: a
+    permutation drawn from s). Then the paths' difference stands beside the training noise: how far two plain
+    runs that differ only in data order end apart (the sd over seeds of the plain path's final KL)."""
     for flag, value in (("--steps", steps), ("--batch", batch), ("--seq_len", seq_len), ("--eval_rows", eval_rows),
-                        ("--eval_every", eval_every), ("--micro_batches", micro_batches)):
+                        ("--eval_every", eval_every), ("--micro_batches", micro_batches), ("--seeds", seeds)):
         check_range(flag, value, low=1)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = to_dtype(dtype or "bfloat16")
@@ -390,6 +405,36 @@ def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=2
     eval_ids = token_rows(tokenizer, "validation", eval_rows, seq_len).to(device)
     print(f"{steps} steps of {batch} x {seq_len} tokens, lr {lr}; held-out: {eval_rows} validation sequences; "
           f"plain path {plain_dtype}, fast path {dtype}; load average {load_average()}", flush=True)
+    runs = [train_both(train_rows[order_of(seed, train_rows.shape[0])], eval_ids, steps, lr, batch,
+                       eval_every, plain_dtype, dtype, micro_batches, model_dir, device, f"seed {seed} ")
+             for seed in range(seeds)]
+    summaries = [print_accuracy(results, steps, f"seed {seed}: " if seeds > 1 else "")
+                 for seed, results in enumerate(runs)]
+    last = [s[steps] for s in summaries]
+    if seeds > 1:
+        diffs = torch.tensor([x["diff"] for x in last])
+        plain, fast = torch.tensor([x["plain"] for x in last]), torch.tensor([x["fast"] for x in last])
+        print(f"\nover {seeds} data orders after {steps} steps: plain {plain.mean():.4f} (sd {plain.std():.4f}), "
+              f"fast {fast.mean():.4f} (sd {fast.std():.4f}); fast - plain per order "
+              + ", ".join(f"{d:+.4f}" for d in diffs.tolist())
+              + f", mean {diffs.mean():+.4f}: {abs(diffs.mean()) / plain.std():.2f} sd of the plain path's "
+              f"order-to-order spread")
+    if out:
+        atomic_write_json({"settings": dict(steps=steps, lr=lr, batch=batch, seq_len=seq_len, eval_rows=eval_rows,
+                                            plain_dtype=plain_dtype, dtype=str(dtype), seeds=seeds),
+                           "summary": summaries,
+                           "per_sequence": [{p: {k: v.tolist() for k, v in c.items()} for p, c in results.items()}
+                                            for results in runs]}, out)
+
+
+def order_of(seed, n_rows):
+    """The training rows' order for seed `seed`: file order for 0, else a permutation drawn from the seed."""
+    return torch.arange(n_rows) if seed == 0 else torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+
+
+def train_both(train_rows, eval_ids, steps, lr, batch, eval_every, plain_dtype, dtype, micro_batches, model_dir,
+               device, label=""):
+    """{path: {step: per-sequence held-out KL}} for the plain and the fast path trained on `train_rows` in order."""
     results = {}
     for path in ("plain", "fast"):
         torch.manual_seed(0)
@@ -406,7 +451,7 @@ def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=2
                     student.eval()
                     curve[step] = held_out_kl(student, teacher32, eval_ids, batch)
                     student.train()
-                print(f"{path} step {step}: held-out KL {curve[step].mean():.4f} "
+                print(f"{label}{path} step {step}: held-out KL {curve[step].mean():.4f} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
             if step == steps:
                 break
@@ -415,7 +460,12 @@ def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=2
                     fast=path == "fast", micro_batches=micro_batches)
         results[path] = curve
         del teacher32, teacher, student, optimizer
-    print()
+    return results
+
+
+def print_accuracy(results, steps, label="") -> dict:
+    """The table of one data order and its summary line; {step: plain, fast, diff, se}."""
+    print(f"\n{label}" if label else "")
     print("| step | plain held-out KL | fast held-out KL | fast - plain (paired) | its standard error |")
     print("|---|---|---|---|---|")
     summary = {}
@@ -426,13 +476,9 @@ def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=2
         summary[step] = dict(plain=a.mean().item(), fast=b.mean().item(), diff=diff.mean().item(), se=se)
         print(f"| {step} | {a.mean():.4f} | {b.mean():.4f} | {diff.mean():+.4f} | {se:.4f} |")
     last = summary[steps]
-    print(f"\nkd_step accuracy: after {steps} steps held-out KL plain {last['plain']:.4f}, fast {last['fast']:.4f}, "
+    print(f"\n{label}kd_step accuracy: after {steps} steps held-out KL plain {last['plain']:.4f}, fast {last['fast']:.4f}, "
           f"difference {last['diff']:+.4f} ± {last['se']:.4f} (paired SE), from {summary[0]['plain']:.4f} at step 0")
-    if out:
-        atomic_write_json({"settings": dict(steps=steps, lr=lr, batch=batch, seq_len=seq_len, eval_rows=eval_rows,
-                                            plain_dtype=plain_dtype, dtype=str(dtype)),
-                           "summary": summary, "per_sequence": {p: {k: v.tolist() for k, v in c.items()}
-                                                                for p, c in results.items()}}, out)
+    return summary
 
 
 if __name__ == "__main__":
