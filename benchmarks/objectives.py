@@ -418,11 +418,16 @@ def seed_data(seed: int, folder: str) -> Path:
     from contra_kd.data import InstructionSplit
 
     out = _path("data", f"seed-{seed}", folder)
-    if out.exists():
-        return out
     pool = _path("data", "pool", "full", MODEL_TYPE)
     n = CTX["steps"] * CTX["batch_size"]
     order = seed_order(n, seed)
+    responses = folder == "contra_kd" and _path("prep", "tgo").exists()  # teacher / student responses: SeqKD, DistiLLM-2
+    if out.exists():
+        if responses and not (out / "distillm2").exists():  # written by a run without those rows: add them
+            with atomic_folder(str(out / "distillm2")) as tmp:
+                for name in ("tgo", "sgo"):
+                    reorder_split(_path("prep", name), Path(tmp) / name, file_order(order, epoch_order(n, seed, 0)))
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(str(out)) as tmp:
         tmp = Path(tmp)
@@ -433,7 +438,7 @@ def seed_data(seed: int, folder: str) -> Path:
         elif folder == "contra_kd":  # slot j of epoch 0 reads file position epoch_order(n, seed, 0)[j]
             at = file_order(order, epoch_order(n, seed, 0))
             reorder_split(pool, tmp / "gt", at)
-            if _path("prep", "tgo").exists():  # teacher / student responses: SeqKD, DistiLLM-2
+            if responses:
                 for name in ("tgo", "sgo"):
                     reorder_split(_path("prep", name), tmp / "distillm2" / name, at)
         else:  # anli_reverse_kl: iteration i's prompts are item_order(n, i * b, b, seed); prompt ⟂ target ⟂ 4 empty
@@ -693,7 +698,8 @@ def main(out: str = None, quick: bool = False, rows: str = None, seeds: int = No
     stages(needs)
     refs = {name[len("reference-"):]: r for name, r in
             stages([(f"reference-{name}", stage_reference, name) for name in ("teacher", "start")]).items()}
-    stages([(f"data-seed{seed}-{folder}", stage_seed_data, seed, folder)
+    responses = "+responses" if {"seqkd", "distillm2"} & set(rows) else ""  # a folder first run without them
+    stages([(f"data-seed{seed}-{folder}{responses if folder == 'contra_kd' else ''}", stage_seed_data, seed, folder)
             for seed in range(seeds) for folder in sorted(folders)])
     print(f"prepared {out} ({', '.join(f'{k} {v:.0f} s' for k, v in clock.items() if v is not None)}); rows of "
           f"{sorted(folders)}; {jobs} at a time" + (f", {threads} thread(s) each" if threads else ""))

@@ -82,3 +82,18 @@ def test_every_row_runs_on_a_tiny_pair_and_a_rerun_redoes_only_what_is_missing(t
     assert report["summary"]["fkl"]["fwd_kl"]["vs_sft"]["pairs"] == 2 * 3
     with pytest.raises(ValueError, match=r"holds a run with other settings \(steps 2 -> 3\)"):
         objectives.main(out=str(out), model_dir=teacher, seeds=1, **dict(SETTINGS, steps=3))
+
+
+def test_rows_that_need_responses_added_to_a_folder_first_run_without_them(teacher, tmp_path):
+    from common.training import epoch_order
+    from contra_kd.data import InstructionSplit
+
+    out = tmp_path / "run"
+    objectives.main(out=str(out), model_dir=teacher, seeds=1, rows="sft", **SETTINGS)
+    data = out / "data" / "seed-0" / "contra_kd"
+    assert not (data / "distillm2").exists() and not (out / "prep" / "tgo").exists()
+    objectives.main(out=str(out), model_dir=teacher, seeds=1, rows="sft,seqkd", **SETTINGS)
+    assert (out / "results" / "seqkd" / "seed-0.json").exists()
+    gt, tgo = InstructionSplit(str(data / "gt"), "train"), InstructionSplit(str(data / "distillm2" / "tgo"), "train")
+    order = epoch_order(len(gt), 0, 0)
+    assert [tgo[i][0] for i in order] == [gt[i][0] for i in order]  # the teacher's responses to the same prompts
