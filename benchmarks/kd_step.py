@@ -429,7 +429,9 @@ def accuracy(steps=50, lr=1e-4, batch=8, seq_len=256, eval_rows=32, eval_every=2
 
 def order_of(seed, n_rows):
     """The training rows' order for seed `seed`: file order for 0, else a permutation drawn from the seed."""
-    return torch.arange(n_rows) if seed == 0 else torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+    if seed == 0:
+        return torch.arange(n_rows)
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
 
 
 def train_both(train_rows, eval_ids, steps, lr, batch, eval_every, plain_dtype, dtype, micro_batches, model_dir,
@@ -476,8 +478,9 @@ def print_accuracy(results, steps, label="") -> dict:
         summary[step] = dict(plain=a.mean().item(), fast=b.mean().item(), diff=diff.mean().item(), se=se)
         print(f"| {step} | {a.mean():.4f} | {b.mean():.4f} | {diff.mean():+.4f} | {se:.4f} |")
     last = summary[steps]
-    print(f"\n{label}kd_step accuracy: after {steps} steps held-out KL plain {last['plain']:.4f}, fast {last['fast']:.4f}, "
-          f"difference {last['diff']:+.4f} ± {last['se']:.4f} (paired SE), from {summary[0]['plain']:.4f} at step 0")
+    print(f"\n{label}kd_step accuracy: after {steps} steps held-out KL plain {last['plain']:.4f}, "
+          f"fast {last['fast']:.4f}, difference {last['diff']:+.4f} ± {last['se']:.4f} (paired SE), "
+          f"from {summary[0]['plain']:.4f} at step 0")
     return summary
 
 

@@ -421,33 +421,38 @@ def seed_data(seed: int, folder: str) -> Path:
     pool = _path("data", "pool", "full", MODEL_TYPE)
     n = CTX["steps"] * CTX["batch_size"]
     order = seed_order(n, seed)
-    responses = folder == "contra_kd" and _path("prep", "tgo").exists()  # teacher / student responses: SeqKD, DistiLLM-2
-    if out.exists():
-        if responses and not (out / "distillm2").exists():  # written by a run without those rows: add them
-            with atomic_folder(str(out / "distillm2")) as tmp:
-                for name in ("tgo", "sgo"):
-                    reorder_split(_path("prep", name), Path(tmp) / name, file_order(order, epoch_order(n, seed, 0)))
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(str(out)) as tmp:
-        tmp = Path(tmp)
-        if folder == "atkd":  # --mode online reads the file in order; `instruction` holds the rendered prompt
-            records = [json.loads(line) for line in open(pool / "train.jsonl")]
-            write_jsonl([dict(instruction=records[i]["prompt"], output=records[i]["output"]) for i in order],
-                        str(tmp / "train.jsonl"))
-        elif folder == "contra_kd":  # slot j of epoch 0 reads file position epoch_order(n, seed, 0)[j]
-            at = file_order(order, epoch_order(n, seed, 0))
-            reorder_split(pool, tmp / "gt", at)
-            if responses:
-                for name in ("tgo", "sgo"):
-                    reorder_split(_path("prep", name), tmp / "distillm2" / name, at)
-        else:  # anli_reverse_kl: iteration i's prompts are item_order(n, i * b, b, seed); prompt ⟂ target ⟂ 4 empty
-            split = InstructionSplit(str(pool), "train")
-            items = [split[i] for i in file_order(order, item_order(n, 0, n, seed))]
-            write_tokenized(str(tmp), "train", [p + [-1] + r + [-1] * 4 for p, r in items],
-                            [dict(prompt_tokens=p, target_tokens=r) for p, r in items],
-                            len(hf.load_tokenizer(CTX["model_dir"])))
+    if folder == "contra_kd":  # slot j of epoch 0 reads file position epoch_order(n, seed, 0)[j]
+        at = file_order(order, epoch_order(n, seed, 0))
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(str(out)) as tmp:
+            tmp = Path(tmp)
+            if folder == "atkd":  # --mode online reads the file in order; `instruction` holds the rendered prompt
+                records = [json.loads(line) for line in open(pool / "train.jsonl")]
+                write_jsonl([dict(instruction=records[i]["prompt"], output=records[i]["output"]) for i in order],
+                            str(tmp / "train.jsonl"))
+            elif folder == "contra_kd":
+                reorder_split(pool, tmp / "gt", at)
+            else:  # anli_reverse_kl: iteration i's prompts: item_order(n, i * b, b, seed); prompt ⟂ target ⟂ 4 empty
+                split = InstructionSplit(str(pool), "train")
+                items = [split[i] for i in file_order(order, item_order(n, 0, n, seed))]
+                write_tokenized(str(tmp), "train", [p + [-1] + r + [-1] * 4 for p, r in items],
+                                [dict(prompt_tokens=p, target_tokens=r) for p, r in items],
+                                len(hf.load_tokenizer(CTX["model_dir"])))
+    if folder == "contra_kd":
+        add_responses(out, at)
     return out
+
+
+def add_responses(out: Path, at: list) -> None:
+    """The teacher / student responses (SeqKD, DistiLLM-2) in the file order `at`, once the prep has drawn them:
+    also into a seed folder written by a run without those rows."""
+    from common.io import atomic_folder
+
+    if _path("prep", "tgo").exists() and not (out / "distillm2").exists():
+        with atomic_folder(str(out / "distillm2")) as tmp:
+            for name in ("tgo", "sgo"):
+                reorder_split(_path("prep", name), Path(tmp) / name, at)
 
 
 def stage_seed_data(seed: int, folder: str) -> dict:
